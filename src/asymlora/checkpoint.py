@@ -1,0 +1,386 @@
+"""Adapter files: our own format, and Hugging Face PEFT's.
+
+Our format (a folder):
+  ``adapter_config.json``        the AsymLoraConfig, and per layer its shape, rank, scaling and,
+                                 for each factor, its init, whether it trained, whether it is
+                                 stored, and a fingerprint (``asymlora.init.fingerprint``).
+  ``adapter_model.safetensors``  ``<layer>.lora_A`` / ``<layer>.lora_B`` for stored factors and
+                                 ``saved.<parameter>`` for the modules kept trainable.
+
+A frozen factor drawn from the seed (orthogonal, gaussian, kaiming) is not stored by default:
+it is rebuilt from (seed, layer name, init) on load and checked against its fingerprint, which
+halves a B-only file. ``svd`` factors depend on the base weights and are always stored. Only
+safetensors is read or written — nothing is ever unpickled.
+
+PEFT's format: ``export_peft`` writes ``adapter_config.json`` (peft_type LORA) and
+``adapter_model.safetensors`` with keys ``base_model.model.<layer>.lora_A.weight`` that
+``peft.PeftModel.from_pretrained`` loads; ``import_peft`` reads such a folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .config import AsymLoraConfig, atomic_write_text
+from .init import SEED_REPRODUCIBLE, fingerprint, fingerprints_match, init_factor
+from .inject import _modules_to_save, get_config, lora_layers, wrap
+from .layer import is_conv1d, linear_shape
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "asymlora-adapter"
+FORMAT_VERSION = 1
+SAVED_PREFIX = "saved."
+PEFT_PREFIX = "base_model.model."
+
+
+def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _saved_parameters(model: nn.Module, config: AsymLoraConfig) -> dict[str, torch.Tensor]:
+    """Full-name -> tensor for the parameters of ``modules_to_save``."""
+    modules = _modules_to_save(model, config.modules_to_save)
+    out: dict[str, torch.Tensor] = {}
+    for mod_name, module in modules.items():
+        for p_name, p in module.named_parameters():
+            out[f"{mod_name}.{p_name}"] = p
+    return out
+
+
+# ---------------------------------------------------------------------------- our format
+def save_adapter(model: nn.Module, directory: str | os.PathLike, store_frozen: bool = False) -> str:
+    """Save the adapter of ``model`` to ``directory`` (created if needed) and return its path.
+
+    ``store_frozen``: also store seed-reproducible frozen factors (otherwise rebuilt on load).
+    The weights file is written before the config, each through a temp file and a rename, so a
+    crash never leaves a config that points at missing or half-written weights.
+    """
+    config = get_config(model)
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    layers_meta: dict[str, Any] = {}
+    for name, layer in lora_layers(model).items():
+        entry: dict[str, Any] = {
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "r": layer.r,
+            "scaling": layer.scaling,
+            "conv1d": is_conv1d(layer.base),
+        }
+        for factor, init_name in (("A", config.init_A), ("B", config.init_B)):
+            value = getattr(layer, f"lora_{factor}")
+            trained = getattr(layer, f"train_{factor}")
+            stored = trained or store_frozen or init_name not in SEED_REPRODUCIBLE
+            if stored:
+                tensors[f"{name}.lora_{factor}"] = value
+            entry[factor] = {
+                "init": init_name,
+                "trained": trained,
+                "stored": stored,
+                "fingerprint": fingerprint(value),
+            }
+        layers_meta[name] = entry
+    for p_name, p in _saved_parameters(model, config).items():
+        tensors[SAVED_PREFIX + p_name] = p
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "asymlora_version": __version__,
+        "base_model": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "base_class": type(model).__name__,
+        "config": config.to_dict(),
+        "layers": layers_meta,
+    }
+    _atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), {"format": FORMAT})
+    atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(meta, indent=2))
+    return directory
+
+
+def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    directory = os.fspath(directory)
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not an adapter folder")
+    with open(path, encoding="utf-8") as fh:
+        meta = json.load(fh)
+    if meta.get("format") != FORMAT:
+        hint = " (a PEFT adapter: use asymlora.checkpoint.import_peft)" if meta.get("peft_type") else ""
+        raise ValueError(f"{path} is not an asymlora adapter (format={meta.get('format')!r}){hint}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {meta['format_version']}, this asymlora reads <= {FORMAT_VERSION}; upgrade asymlora"
+        )
+    return meta
+
+
+def _read_factors(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Read an adapter folder: (meta, {layer: (A, B)}, {saved param: tensor}).
+
+    Stored factors are checked against their recorded shape; rebuilt ones are drawn from the
+    stored seed and must match the recorded fingerprint.
+    """
+    directory = os.fspath(directory)
+    meta = read_adapter_meta(directory)
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"{weights_path} is missing (only safetensors files are read)")
+    tensors = load_file(weights_path)
+    config = AsymLoraConfig.from_dict(meta["config"])
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, entry in meta["layers"].items():
+        r, d_in, d_out = int(entry["r"]), int(entry["in_features"]), int(entry["out_features"])
+        pair = []
+        for factor, shape in (("A", (r, d_in)), ("B", (d_out, r))):
+            info = entry[factor]
+            key = f"{name}.lora_{factor}"
+            if info["stored"]:
+                if key not in tensors:
+                    raise ValueError(f"{weights_path} lacks {key!r}, which {CONFIG_NAME} says is stored")
+                value = tensors[key]
+                if tuple(value.shape) != shape:
+                    raise ValueError(
+                        f"stored {key} has shape {tuple(value.shape)} but {CONFIG_NAME} says layer {name!r} "
+                        f"is {d_in}->{d_out} at r={r}, which needs {shape}"
+                    )
+            else:
+                value = init_factor(info["init"], shape, factor, config.seed, name)
+                if not fingerprints_match(info["fingerprint"], fingerprint(value)):
+                    raise ValueError(
+                        f"factor {factor} of layer {name!r}, rebuilt from seed={config.seed} init={info['init']!r} "
+                        f"shape={shape}, does not match the fingerprint recorded at save time: the seed, init, "
+                        f"rank or layer name in {CONFIG_NAME} was changed after saving"
+                    )
+            pair.append(value)
+        factors[name] = (pair[0], pair[1])
+    saved = {k[len(SAVED_PREFIX):]: v for k, v in tensors.items() if k.startswith(SAVED_PREFIX)}
+    return meta, factors, saved
+
+
+def load_factors(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Layer name -> (A, B) from an adapter folder, without needing the base model."""
+    factors = _read_factors(directory)[1]
+    return {n: (a.float(), b.float()) for n, (a, b) in factors.items()}
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Put the adapter saved in ``directory`` onto ``model`` and return the model.
+
+    A plain model is wrapped with the saved config first; an already wrapped model must have
+    exactly the saved layers. Every shape is checked before any weight is written.
+    """
+    meta, factors, saved = _read_factors(directory)
+    config = AsymLoraConfig.from_dict(meta["config"])
+    layer_names = list(meta["layers"])
+    modules = dict(model.named_modules())
+    for name, entry in meta["layers"].items():
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"adapter layer {name!r} does not exist in {type(model).__name__}: wrong base model?")
+        shape = linear_shape(module)
+        if shape != (entry["in_features"], entry["out_features"]):
+            raise ValueError(
+                f"adapter layer {name!r} was saved for a {entry['in_features']}->{entry['out_features']} layer, "
+                f"the model's is {shape[0]}->{shape[1]}: wrong base model?"
+            )
+    own_params = dict(model.named_parameters())
+    for p_name, value in saved.items():
+        target = own_params.get(p_name)
+        if target is None or target.shape != value.shape:
+            where = "missing" if target is None else f"of shape {tuple(target.shape)}"
+            raise ValueError(f"saved parameter {p_name!r} {tuple(value.shape)} is {where} in the model")
+    existing = lora_layers(model)
+    if existing:
+        if sorted(existing) != sorted(layer_names):
+            raise ValueError(
+                f"model is wrapped with layers {sorted(existing)[:3]}... but the adapter has {sorted(layer_names)[:3]}..."
+            )
+        if get_config(model).train != config.train:
+            raise ValueError(f"model trains {get_config(model).train!r}, adapter was saved with train={config.train!r}")
+    else:
+        ranks = {re.escape(n): int(e["r"]) for n, e in meta["layers"].items() if int(e["r"]) != config.r}
+        wrap_config = config.replace(target_modules=layer_names, rank_pattern=ranks)
+        wrap(model, _without_svd(wrap_config))
+        model.asymlora_config = config  # type: ignore[assignment]
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for name, (a, b) in factors.items():
+            layer = layers[name]
+            layer.lora_A.copy_(a.to(layer.lora_A.dtype))
+            layer.lora_B.copy_(b.to(layer.lora_B.dtype))
+            layer.scaling = float(meta["layers"][name]["scaling"])
+        for p_name, value in saved.items():
+            own_params[p_name].copy_(value.to(own_params[p_name].dtype))
+    return model
+
+
+def _without_svd(config: AsymLoraConfig) -> AsymLoraConfig:
+    """svd factors are overwritten from the file right after wrapping: skip their SVDs."""
+    changes = {f: "gaussian" for f in ("init_A", "init_B") if getattr(config, f) == "svd"}
+    return config.replace(**changes) if changes else config
+
+
+# ---------------------------------------------------------------------------- PEFT format
+def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> str:
+    """Write the adapter in Hugging Face PEFT's LoRA format (frozen factors included).
+
+    ``PeftModel.from_pretrained(base, directory)`` then reproduces this model's outputs: PEFT
+    computes base(x) + (alpha/r)·B·A·x (alpha/sqrt(r) with use_rslora), the same function.
+    """
+    config = get_config(model)
+    layers = lora_layers(model)
+    conv = {is_conv1d(layer.base) for layer in layers.values()}
+    if len(conv) > 1:
+        raise ValueError("PEFT needs one fan_in_fan_out for all layers; this adapter mixes Linear and Conv1D layers")
+    rank_pattern = {n: layer.r for n, layer in layers.items() if layer.r != config.r}
+    alpha_pattern = {n: config.alpha_for(n) for n in layers if config.alpha_for(n) != config.alpha}
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path
+        or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.scaling == "rslora",
+        "target_modules": sorted(layers),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "fan_in_fan_out": conv == {True},
+        "modules_to_save": list(config.modules_to_save) or None,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B
+    for p_name, p in _saved_parameters(model, config).items():
+        tensors[PEFT_PREFIX + p_name] = p
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    _atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), {"format": "pt"})
+    atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(peft_config, indent=2))
+    return directory
+
+
+_PEFT_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "lora_bias": (False, None),
+    "layers_to_transform": (None,),
+    "layer_replication": (None,),
+    "target_parameters": (None, []),
+    "use_qalora": (False, None),
+}
+
+
+def _peft_pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT resolves a pattern key k against a module name n by re.match(f"(.*\\.)?({k})$", n)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike, train: str = "AB") -> nn.Module:
+    """Load a PEFT LoRA adapter folder onto a plain ``model`` (wrapping it) and return it.
+
+    All factors come from the file; ``train`` chooses which ones train from here on (e.g.
+    ``"B"`` to continue a PEFT LoRA run with A frozen).
+    """
+    directory = os.fspath(directory)
+    cfg_path = os.path.join(directory, CONFIG_NAME)
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(
+            f"{weights_path} is missing; only safetensors PEFT adapters are read (never adapter_model.bin)"
+        )
+    with open(cfg_path, encoding="utf-8") as fh:
+        pc = json.load(fh)
+    if pc.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path} has peft_type={pc.get('peft_type')!r}; only 'LORA' adapters can be imported")
+    for key, allowed in _PEFT_UNSUPPORTED.items():
+        if pc.get(key) not in allowed:
+            raise ValueError(f"PEFT adapter uses {key}={pc.get(key)!r}, which asymlora cannot represent")
+    tensors = load_file(weights_path)
+    a_keys = {}
+    for key, value in tensors.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_A(?:\.[^.]+)?\.weight", key)
+        if m:
+            a_keys[m.group(1)] = value
+    if not a_keys:
+        raise ValueError(f"{weights_path} holds no lora_A weights")
+    factors = {}
+    for name, a in a_keys.items():
+        b_key = next((k for k in tensors if re.fullmatch(rf"(?:base_model\.model\.)?{re.escape(name)}\.lora_B(?:\.[^.]+)?\.weight", k)), None)
+        if b_key is None:
+            raise ValueError(f"{weights_path} has lora_A but no lora_B for layer {name!r}")
+        factors[name] = (a, tensors[b_key])
+    r0, alpha0 = int(pc["r"]), float(pc["lora_alpha"])
+    ranks = {name: int(a.shape[0]) for name, (a, _) in factors.items()}
+    alphas = {name: float(_peft_pattern_value(pc.get("alpha_pattern") or {}, name, alpha0)) for name in factors}
+    trains = {"AB": ("AB", "kaiming", "zero"), "A": ("A", "zero", "gaussian"), "B": ("B", "gaussian", "zero")}
+    if train not in trains:
+        raise ValueError(f"train must be one of {list(trains)}, got {train!r}")
+    train_mode, init_a, init_b = trains[train]
+    saved_modules = list(pc.get("modules_to_save") or [])
+    config = AsymLoraConfig(
+        r=r0,
+        alpha=alpha0,
+        scaling="rslora" if pc.get("use_rslora") else "standard",
+        dropout=float(pc.get("lora_dropout") or 0.0),
+        train=train_mode,
+        init_A=init_a,
+        init_B=init_b,
+        target_modules=sorted(factors),
+        modules_to_save=saved_modules,
+        rank_pattern={re.escape(n): v for n, v in ranks.items() if v != r0},
+        alpha_pattern={re.escape(n): v for n, v in alphas.items() if v != alpha0},
+    )
+    modules = dict(model.named_modules())
+    for name, (a, b) in factors.items():
+        if name not in modules:
+            raise ValueError(f"PEFT layer {name!r} does not exist in {type(model).__name__}: wrong base model?")
+        d_in, d_out = linear_shape(modules[name])
+        if tuple(a.shape) != (ranks[name], d_in) or tuple(b.shape) != (d_out, ranks[name]):
+            raise ValueError(
+                f"PEFT factors of {name!r} are A{tuple(a.shape)} B{tuple(b.shape)}, the model's layer is {d_in}->{d_out}"
+            )
+    wrap(model, config)
+    layers = lora_layers(model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, (a, b) in factors.items():
+            layers[name].lora_A.copy_(a.to(layers[name].lora_A.dtype))
+            layers[name].lora_B.copy_(b.to(layers[name].lora_B.dtype))
+        for key, value in tensors.items():
+            if ".lora_A" in key or ".lora_B" in key:
+                continue
+            p_name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            p_name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", p_name)
+            if p_name in params:
+                params[p_name].copy_(value.to(params[p_name].dtype))
+            else:
+                raise ValueError(f"PEFT tensor {key!r} matches no parameter of the model")
+    return model
