@@ -1,0 +1,182 @@
+"""Adapter files: round trip through a fresh process, seed-only frozen factors, tamper checks,
+PEFT export that PEFT itself loads with the same outputs, and PEFT import."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import asymlora
+from asymlora import AsymLoraConfig, load_adapter, save_adapter, wrap
+from asymlora.checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_peft, import_peft, load_factors
+from conftest import MODEL_BUILDERS, perturb_trained_factors, tiny_bert
+
+_CHILD = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+import asymlora
+from conftest import MODEL_BUILDERS
+model = MODEL_BUILDERS[{arch!r}](seed=0)
+asymlora.load_adapter(model, {path!r})
+tokens = torch.load({tokens!r})
+with torch.no_grad():
+    torch.save(model(tokens).logits, {out!r})
+"""
+
+
+@pytest.mark.parametrize("arch,preset", [("bert", "b-only"), ("gpt2", "a-only"), ("llama", "lora")])
+def test_save_fresh_process_load_identical(tmp_path, tokens, arch, preset):
+    extra = {"modules_to_save": ["classifier"]} if arch == "bert" else {}
+    model = wrap(MODEL_BUILDERS[arch](seed=0), AsymLoraConfig.preset(preset, r=4, seed=5, **extra))
+    perturb_trained_factors(model)
+    if arch == "bert":
+        with torch.no_grad():
+            model.classifier.weight.mul_(3.0)
+    with torch.no_grad():
+        want = model(tokens).logits
+    save_adapter(model, tmp_path / "ad")
+    torch.save(tokens, tmp_path / "tokens.pt")
+    code = _CHILD.format(tests=os.path.dirname(__file__), arch=arch, path=str(tmp_path / "ad"),
+                         tokens=str(tmp_path / "tokens.pt"), out=str(tmp_path / "out.pt"))
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert torch.equal(torch.load(tmp_path / "out.pt"), want)
+
+
+def test_seed_only_A_not_stored_and_file_half_size(tmp_path):
+    torch.manual_seed(0)
+    model = wrap(MODEL_BUILDERS["llama"](), AsymLoraConfig.preset("b-only", r=8, target_modules="all-linear"))
+    perturb_trained_factors(model)
+    save_adapter(model, tmp_path / "seed")
+    save_adapter(model, tmp_path / "full", store_frozen=True)
+    meta = json.loads((tmp_path / "seed" / CONFIG_NAME).read_text())
+    assert all(not e["A"]["stored"] and e["B"]["stored"] for e in meta["layers"].values())
+    small = os.path.getsize(tmp_path / "seed" / WEIGHTS_NAME)
+    big = os.path.getsize(tmp_path / "full" / WEIGHTS_NAME)
+    # the llama's linear layers have d_in ≈ d_out on average here, so A and B are about the same size
+    assert 0.40 < small / big < 0.60
+    a_seed = load_factors(tmp_path / "seed")
+    a_full = load_factors(tmp_path / "full")
+    for name in a_seed:
+        assert torch.equal(a_seed[name][0], a_full[name][0]) and torch.equal(a_seed[name][1], a_full[name][1])
+
+
+def _tamper(path, fn):
+    meta = json.loads(path.read_text())
+    fn(meta)
+    path.write_text(json.dumps(meta))
+
+
+def test_tampered_seed_refused(tmp_path):
+    model = wrap(tiny_bert(), AsymLoraConfig.preset("b-only", r=4, seed=1))
+    save_adapter(model, tmp_path / "ad")
+    _tamper(tmp_path / "ad" / CONFIG_NAME, lambda m: m["config"].__setitem__("seed", 2))
+    with pytest.raises(ValueError, match="does not match the fingerprint recorded at save time"):
+        load_adapter(tiny_bert(), tmp_path / "ad")
+
+
+def test_tampered_shape_refused(tmp_path):
+    model = wrap(tiny_bert(), AsymLoraConfig.preset("lora", r=4))
+    save_adapter(model, tmp_path / "ad")
+    name = next(iter(asymlora.lora_layers(model)))
+    _tamper(tmp_path / "ad" / CONFIG_NAME, lambda m: m["layers"][name].__setitem__("r", 3))
+    with pytest.raises(ValueError, match=r"stored .*lora_A has shape \(4, 32\)"):
+        load_adapter(tiny_bert(), tmp_path / "ad")
+    save_adapter(model, tmp_path / "ad2")
+    _tamper(tmp_path / "ad2" / CONFIG_NAME, lambda m: m["layers"][name].__setitem__("in_features", 16))
+    with pytest.raises(ValueError):
+        load_adapter(tiny_bert(), tmp_path / "ad2")
+
+
+def test_wrong_base_model_refused(tmp_path):
+    save_adapter(wrap(tiny_bert(), AsymLoraConfig.preset("b-only", r=4)), tmp_path / "ad")
+    with pytest.raises(ValueError, match="does not exist in LlamaForCausalLM"):
+        load_adapter(MODEL_BUILDERS["llama"](), tmp_path / "ad")
+
+
+def test_never_unpickles(tmp_path):
+    save_adapter(wrap(tiny_bert(), AsymLoraConfig.preset("b-only", r=4)), tmp_path / "ad")
+    os.remove(tmp_path / "ad" / WEIGHTS_NAME)
+    torch.save({}, tmp_path / "ad" / "adapter_model.bin")
+    with pytest.raises(FileNotFoundError, match="only safetensors"):
+        load_adapter(tiny_bert(), tmp_path / "ad")
+
+
+def test_svd_factor_is_stored(tmp_path, tokens):
+    model = wrap(tiny_bert(), AsymLoraConfig(r=4, train="B", init_A="svd", init_B="zero"))
+    perturb_trained_factors(model)
+    save_adapter(model, tmp_path / "ad")
+    meta = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
+    assert all(e["A"]["stored"] for e in meta["layers"].values())
+    fresh = load_adapter(tiny_bert(), tmp_path / "ad")
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens).logits, model(tokens).logits)
+
+
+def test_load_onto_already_wrapped_model(tmp_path, tokens):
+    model = wrap(tiny_bert(), AsymLoraConfig.preset("b-only", r=4))
+    perturb_trained_factors(model)
+    save_adapter(model, tmp_path / "ad")
+    other = wrap(tiny_bert(), AsymLoraConfig.preset("b-only", r=4))
+    load_adapter(other, tmp_path / "ad")
+    with torch.no_grad():
+        assert torch.equal(other(tokens).logits, model(tokens).logits)
+
+
+def test_rank_pattern_round_trip(tmp_path, tokens):
+    cfg = AsymLoraConfig.preset("b-only", r=4, rank_pattern={r"layer\.0": 2})
+    model = wrap(tiny_bert(), cfg)
+    perturb_trained_factors(model)
+    save_adapter(model, tmp_path / "ad")
+    fresh = load_adapter(tiny_bert(), tmp_path / "ad")
+    assert {l.r for l in asymlora.lora_layers(fresh).values()} == {2, 4}
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens).logits, model(tokens).logits)
+
+
+# ------------------------------------------------------------------------------------ PEFT
+peft = pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("preset,scaling", [("b-only", "standard"), ("lora", "rslora")])
+def test_export_loads_in_peft_with_same_outputs(tmp_path, tokens, arch, preset, scaling):
+    extra = {"modules_to_save": ["classifier"]} if arch == "bert" else {}
+    cfg = AsymLoraConfig.preset(preset, r=4, scaling=scaling, rank_pattern={r"(layers?|h)\.1": 2}, **extra)
+    model = wrap(MODEL_BUILDERS[arch](seed=0), cfg)
+    perturb_trained_factors(model)
+    if arch == "bert":
+        with torch.no_grad():
+            model.classifier.bias.add_(1.0)
+    with torch.no_grad():
+        want = model(tokens).logits
+    export_peft(model, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(MODEL_BUILDERS[arch](seed=0), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        got = loaded(tokens).logits
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_import_peft_adapter(tmp_path, tokens, arch):
+    targets = ["query", "value"] if arch == "bert" else ["c_attn"]
+    extra = {"modules_to_save": ["classifier"]} if arch == "bert" else {}
+    lcfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, rank_pattern={targets[-1]: 2} if arch == "bert" else {},
+                           fan_in_fan_out=arch == "gpt2", **extra)
+    pm = peft.get_peft_model(MODEL_BUILDERS[arch](seed=0), lcfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.eval()
+    with torch.no_grad():
+        want = pm(tokens).logits
+    pm.save_pretrained(tmp_path / "peft")
+    model = import_peft(MODEL_BUILDERS[arch](seed=0), tmp_path / "peft", train="B")
+    with torch.no_grad():
+        got = model(tokens).logits
+    assert (got - want).abs().max().item() <= 1e-5
+    assert all(not l.train_A and l.train_B for l in asymlora.lora_layers(model).values())

@@ -1,0 +1,185 @@
+"""GLUE/RoBERTa recipe end to end on a tiny config-built RobertaForSequenceClassification.
+
+The fixture data is written in the original GLUE TSV layout (SST-2 with header, CoLA
+without header, STS-B regression, MNLI matched/mismatched) and as a `datasets` saved dir.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from asymlora.cli import main  # noqa: E402
+from asymlora.tasks import glue  # noqa: E402
+
+WORDS = "the movie was good bad great awful plot actors fun boring a an is it not very".split()
+
+
+def _sentences(n: int, seed: int) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(3, 8, (1,), generator=g))
+        out.append(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (k,), generator=g)))
+    return out
+
+
+def make_tokenizer(texts: list[str], path: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", mask_token="<mask>")
+    fast.save_pretrained(path)
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta(tmp_path_factory) -> Path:
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    path = tmp_path_factory.mktemp("roberta")
+    tok = make_tokenizer(_sentences(200, 0), path)
+    cfg = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=80, pad_token_id=1, bos_token_id=0,
+                        eos_token_id=2, type_vocab_size=1)
+    torch.manual_seed(0)
+    RobertaForSequenceClassification(cfg).save_pretrained(path)
+    return path
+
+
+def _write_tsv(path: Path, header: list[str] | None, rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        if header:
+            fh.write("\t".join(header) + "\n")
+        for r in rows:
+            fh.write("\t".join(r) + "\n")
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("glue")
+    s = _sentences(60, 1)
+    for split, lo, hi in (("train", 0, 40), ("dev", 40, 60)):
+        _write_tsv(root / "SST-2" / f"{split}.tsv", ["sentence", "label"],
+                   [[x, str(int("good" in x or "great" in x))] for x in s[lo:hi]])
+        # CoLA: no header; source, label, original label, sentence (a quote char must not break parsing)
+        _write_tsv(root / "CoLA" / f"{split}.tsv", None,
+                   [["gj04", str(i % 2), "*" if i % 2 == 0 else "", x + ' "'] for i, x in enumerate(s[lo:hi])])
+        _write_tsv(root / "STS-B" / f"{split}.tsv",
+                   ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1",
+                    "sentence2", "score"],
+                   [[str(i), "g", "f", "y", "0", "a", "b", x, s[(i + 7) % 60], f"{(i % 6) * 0.9:.1f}"]
+                    for i, x in enumerate(s[lo:hi])])
+    mnli_header = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+                   "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"]
+    labels = ["entailment", "neutral", "contradiction"]
+
+    def mnli_rows(lo, hi):
+        return [[str(i), "0", "0", "g", "(", "(", "(", "(", x, s[(i + 3) % 60], labels[i % 3], labels[i % 3]]
+                for i, x in enumerate(s[lo:hi], start=lo)]
+
+    _write_tsv(root / "MNLI" / "train.tsv", mnli_header, mnli_rows(0, 40))
+    _write_tsv(root / "MNLI" / "dev_matched.tsv", mnli_header, mnli_rows(40, 50))
+    _write_tsv(root / "MNLI" / "dev_mismatched.tsv", mnli_header, mnli_rows(50, 60))
+    return root
+
+
+def test_read_tsv_formats(glue_dir):
+    sst = glue.read_tsv(glue_dir / "SST-2" / "dev.tsv", glue.TASK_SPECS["sst2"])
+    assert len(sst) == 20 and set(ex["label"] for ex in sst) <= {0, 1} and len(sst[0]["text"]) == 1
+    cola = glue.read_tsv(glue_dir / "CoLA" / "train.tsv", glue.TASK_SPECS["cola"])
+    assert [ex["label"] for ex in cola[:4]] == [0, 1, 0, 1] and cola[0]["text"][0].endswith('"')
+    sts = glue.read_tsv(glue_dir / "STS-B" / "train.tsv", glue.TASK_SPECS["stsb"])
+    assert isinstance(sts[1]["label"], float) and sts[1]["label"] == pytest.approx(0.9) and len(sts[0]["text"]) == 2
+    m = glue.load_split("mnli", glue_dir, "mm")
+    assert len(m) == 10 and [ex["label"] for ex in m[:3]] == [2, 0, 1]  # 50 % 3 = 2 -> contradiction = 2
+
+
+def test_saved_dataset_layout(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"sentence1": ["a b", "c d"], "sentence2": ["e", "f"], "label": [0, 1]}),
+        "validation": datasets.Dataset.from_dict({"sentence1": ["x"], "sentence2": ["y"], "label": [1]}),
+    })
+    dd.save_to_disk(str(tmp_path / "rte"))
+    tr = glue.load_split("rte", tmp_path, "train")
+    assert tr == [{"text": ("a b", "e"), "label": 0}, {"text": ("c d", "f"), "label": 1}]
+    assert glue.load_split("rte", tmp_path, "")[0]["label"] == 1
+
+
+def test_missing_data_message(tmp_path, tiny_roberta, capsys):
+    rc = main(["run", "glue-roberta-large", "--model", str(tiny_roberta), "--data", str(tmp_path),
+               "--tasks", "rte", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "RTE" in err and "train.tsv" in err
+    assert not (tmp_path / "out").exists()  # failed before any work
+
+
+def test_missing_model_message(tmp_path, glue_dir, capsys):
+    rc = main(["run", "glue-roberta-large", "--model", str(tmp_path / "nope"), "--data", str(glue_dir),
+               "--tasks", "sst2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not found" in err and "huggingface-cli download" in err
+
+
+def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir):
+    pytest.importorskip("asymlora.train")
+    out = tmp_path / "runs"
+    rc = main(["run", "glue-roberta-large", "--model", str(tiny_roberta), "--data", str(glue_dir),
+               "--out", str(out), "--tasks", "sst2", "cola", "stsb", "mnli", "--strategies", "b-only",
+               "--ranks", "4", "--seeds", "0", "--max-steps", "2", "--batch-size", "8", "--no-progress"])
+    assert rc == 0
+    res = {t: json.loads((out / t / "b-only-r4" / "seed0" / "result.json").read_text())
+           for t in ("sst2", "cola", "stsb", "mnli")}
+    assert set(res["sst2"]["metrics"]) == {"accuracy"}
+    assert set(res["cola"]["metrics"]) == {"mcc", "accuracy"}
+    assert set(res["stsb"]["metrics"]) == {"pearson", "spearman"}
+    assert set(res["mnli"]["metrics"]) == {"accuracy_m", "accuracy_mm"}
+    assert res["mnli"]["columns"] == {"MNLI": res["mnli"]["metrics"]["accuracy_m"],
+                                      "MNLI-mm": res["mnli"]["metrics"]["accuracy_mm"]}
+    for r in res.values():
+        assert r["steps"] == 2 and r["alpha"] == 8.0 and r["adapter_config"]["r"] == 4
+        assert r["adapter_trainable_params"] > 0
+    assert (out / "sst2" / "b-only-r4" / "seed0" / "adapter" / "adapter_config.json").is_file()
+    # STS-B is a regression head (one output)
+    from transformers import AutoModelForSequenceClassification
+
+    assert res["stsb"]["info"]["n_train"] == 20 or res["stsb"]["info"]["n_train"] == 40
+    # a second invocation skips completed runs
+    rc = main(["run", "glue-roberta-large", "--model", str(tiny_roberta), "--data", str(glue_dir),
+               "--out", str(out), "--tasks", "sst2", "--strategies", "b-only", "--ranks", "4", "--seeds", "0",
+               "--max-steps", "2", "--no-progress"])
+    assert rc == 0
+    # results table
+    rc = main(["results", str(out), "--out", str(tmp_path / "table")])
+    assert rc == 0
+    md = (tmp_path / "table.md").read_text()
+    assert "| b-only r=4 |" in md and "CoLA" in md and "STS-B" in md
+    assert (tmp_path / "table.csv").read_text().startswith("recipe,method,column")
+
+
+def test_stsb_model_is_regression(tiny_roberta, glue_dir):
+    from asymlora.tasks.recipe import RunOptions, load_recipe
+
+    recipe = load_recipe("glue-roberta-large").for_task("stsb")
+    prep = glue.prepare("stsb", str(tiny_roberta), glue_dir, recipe, RunOptions(max_eval_samples=4))
+    model = prep.build_model()
+    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+    batch = prep.collate_fn(prep.train_dataset[:3])
+    assert batch["labels"].dtype == torch.float32
+    assert model(**batch).logits.shape == (3, 1)
