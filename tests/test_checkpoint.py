@@ -180,3 +180,17 @@ def test_import_peft_adapter(tmp_path, tokens, arch):
         got = model(tokens).logits
     assert (got - want).abs().max().item() <= 1e-5
     assert all(not l.train_A and l.train_B for l in asymlora.lora_layers(model).values())
+
+
+def test_cli_export_converts_without_base_model(tmp_path, tokens):
+    from asymlora.cli import main
+
+    model = wrap(tiny_bert(), AsymLoraConfig.preset("b-only", r=4, modules_to_save=["classifier"]))
+    perturb_trained_factors(model)
+    with torch.no_grad():
+        want = model(tokens).logits
+    save_adapter(model, tmp_path / "ad")
+    assert main(["export", str(tmp_path / "ad"), "--out", str(tmp_path / "peft")]) == 0
+    loaded = peft.PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        assert (loaded(tokens).logits - want).abs().max().item() <= 1e-5

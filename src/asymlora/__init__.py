@@ -25,7 +25,7 @@ from .inject import (  # noqa: E402
     wrap,
 )
 from .layer import LoraLinear  # noqa: E402
-from .checkpoint import export_peft, import_peft, load_adapter, load_factors, save_adapter  # noqa: E402
+from .checkpoint import convert_to_peft, export_peft, import_peft, load_adapter, load_factors, save_adapter  # noqa: E402
 
 __all__ = [
     "AsymLoraConfig",
@@ -47,5 +47,6 @@ __all__ = [
     "load_adapter",
     "load_factors",
     "export_peft",
+    "convert_to_peft",
     "import_peft",
 ]

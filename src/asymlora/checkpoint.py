@@ -246,17 +246,35 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
     computes base(x) + (alpha/r)·B·A·x (alpha/sqrt(r) with use_rslora), the same function.
     """
     config = get_config(model)
-    layers = lora_layers(model)
-    conv = {is_conv1d(layer.base) for layer in layers.values()}
+    layers = {n: (l.lora_A, l.lora_B, is_conv1d(l.base)) for n, l in lora_layers(model).items()}
+    base = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return _write_peft(directory, config, layers, _saved_parameters(model, config), base)
+
+
+def convert_to_peft(adapter_dir: str | os.PathLike, directory: str | os.PathLike) -> str:
+    """Convert a saved asymlora adapter folder to PEFT's format without loading the base model."""
+    meta, factors, saved = _read_factors(adapter_dir)
+    config = AsymLoraConfig.from_dict(meta["config"])
+    layers = {n: (a, b, bool(meta["layers"][n].get("conv1d"))) for n, (a, b) in factors.items()}
+    return _write_peft(directory, config, layers, saved, meta.get("base_model"))
+
+
+def _write_peft(
+    directory: str | os.PathLike,
+    config: AsymLoraConfig,
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, bool]],
+    saved: dict[str, torch.Tensor],
+    base_model_name_or_path: str | None,
+) -> str:
+    conv = {c for _, _, c in layers.values()}
     if len(conv) > 1:
         raise ValueError("PEFT needs one fan_in_fan_out for all layers; this adapter mixes Linear and Conv1D layers")
-    rank_pattern = {n: layer.r for n, layer in layers.items() if layer.r != config.r}
+    rank_pattern = {n: int(a.shape[0]) for n, (a, _, _) in layers.items() if int(a.shape[0]) != config.r}
     alpha_pattern = {n: config.alpha_for(n) for n in layers if config.alpha_for(n) != config.alpha}
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path
-        or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "base_model_name_or_path": base_model_name_or_path,
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
@@ -271,10 +289,10 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
         "inference_mode": True,
     }
     tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B
-    for p_name, p in _saved_parameters(model, config).items():
+    for name, (a, b, _) in layers.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
+    for p_name, p in saved.items():
         tensors[PEFT_PREFIX + p_name] = p
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
