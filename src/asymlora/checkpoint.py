@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from typing import Any
 
 import torch
@@ -29,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .config import AsymLoraConfig, atomic_write_text
+from .config import AsymLoraConfig
+from .fileio import atomic_path, atomic_write_text
 from .init import SEED_REPRODUCIBLE, fingerprint, fingerprints_match, init_factor
 from .inject import _modules_to_save, get_config, lora_layers, wrap
 from .layer import is_conv1d, linear_shape
@@ -43,16 +43,8 @@ PEFT_PREFIX = "base_model.model."
 
 
 def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _saved_parameters(model: nn.Module, config: AsymLoraConfig) -> dict[str, torch.Tensor]:

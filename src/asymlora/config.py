@@ -15,10 +15,10 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .fileio import atomic_write_text
 from .init import INITIALIZERS
 
 TRAIN_CHOICES = ("A", "B", "AB")
@@ -247,19 +247,3 @@ def _check_number(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
