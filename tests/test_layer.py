@@ -214,3 +214,12 @@ def test_frozen_A_saves_rank_sized_activations_only():
     assert b_only <= tokens_ * r * 4          # A·x (scaled) only: r floats per token
     lora = wrap(nn.Sequential(nn.Linear(d_in, d_in)), AsymLoraConfig.preset("lora", r=r, target_modules=["0"]))[0]
     assert _saved_bytes_of_adapter_branch(lora, x) >= tokens_ * d_in * 4   # x itself, for A's gradient
+
+
+def test_vit_default_targets_follow_transformers_naming():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    vit = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                              intermediate_size=37, image_size=32, patch_size=8))
+    names = {n.rsplit(".", 1)[-1] for n in asymlora.find_target_modules(vit)}
+    assert names in ({"query", "value"}, {"q_proj", "v_proj"})

@@ -173,6 +173,17 @@ def test_b_only_isotropic_fraction_matches_r_over_d_in():
     assert abs(np.mean(vals) - exact.mean) < 3 * se
 
 
+def test_b_only_isotropic_on_subspace_fraction_is_r_over_rank():
+    rng = np.random.default_rng(12)
+    d_in, d_out, r, k = 12, 5, 2, 6  # Σ = 2·(projector onto a random k-dim subspace), k > r
+    V = L.haar_orthonormal(d_in, k, rng)
+    prob = L.LinearProblem(np.zeros((d_out, d_in)), rng.standard_normal((d_out, d_in)), 2 * V @ V.T, 0.1)
+    exact = L.expected_loss_b_only(prob, r)
+    assert exact.method == "exact" and exact.fraction == pytest.approx(r / k)
+    mc = L.expected_loss_b_only(prob, r, method="mc", n_samples=3000, seed=4)
+    assert abs(mc.mean - exact.mean) < 3 * mc.se
+
+
 def test_b_only_rank_deficient_sigma_hits_noise_floor():
     rng = np.random.default_rng(8)
     d_in, d_out, r = 12, 5, 4
@@ -320,7 +331,7 @@ def test_cli_simulate_writes_artefacts(tmp_path, capsys):
     assert len(data["rows"]) == 9
     assert (out / "simulation.csv").read_text().count("\n") == 10
     assert (out / "simulation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert sorted(p.name for p in out.iterdir()) == ["simulation.csv", "simulation.json", "simulation.png"]
 
 
 def test_cli_bound_preset_and_shapes(tmp_path, capsys):

@@ -21,24 +21,26 @@ from .layer import LoraLinear, dense_weight, is_supported, linear_shape
 
 # Attention projections adapted by default, per transformers model_type (the usual
 # "query and value" choice of the LoRA paper, which the asymmetry paper also uses for GLUE).
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "distilbert": ["q_lin", "v_lin"],
-    "electra": ["query", "value"],
-    "vit": ["query", "value"],
-    "bart": ["q_proj", "v_proj"],
-    "mbart": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
+# Several alternatives where transformers renamed the layers between versions (ViT: query/value
+# in 4.x, q_proj/v_proj in 5.x): the first whose names all exist in the model is used.
+DEFAULT_TARGETS: dict[str, list[list[str]]] = {
+    "bert": [["query", "value"]],
+    "roberta": [["query", "value"]],
+    "xlm-roberta": [["query", "value"]],
+    "deberta-v2": [["query_proj", "value_proj"]],
+    "distilbert": [["q_lin", "v_lin"]],
+    "electra": [["query", "value"]],
+    "vit": [["query", "value"], ["q_proj", "v_proj"]],
+    "bart": [["q_proj", "v_proj"]],
+    "mbart": [["q_proj", "v_proj"]],
+    "llama": [["q_proj", "v_proj"]],
+    "mistral": [["q_proj", "v_proj"]],
+    "qwen2": [["q_proj", "v_proj"]],
+    "gemma": [["q_proj", "v_proj"]],
+    "opt": [["q_proj", "v_proj"]],
+    "gpt2": [["c_attn"]],
+    "t5": [["q", "v"]],
+    "mt5": [["q", "v"]],
 }
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
@@ -47,11 +49,18 @@ _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 def default_targets(model: nn.Module) -> list[str]:
     """The default target names for ``model``'s architecture (``model.config.model_type``)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return list(DEFAULT_TARGETS[model_type])
+    if model_type not in DEFAULT_TARGETS:
+        raise ValueError(
+            f"no default target modules for model_type={model_type!r}; pass target_modules "
+            f"(names, a regex, or 'all-linear'). Architectures with defaults: {', '.join(sorted(DEFAULT_TARGETS))}"
+        )
+    names = [n for n, _ in model.named_modules()]
+    for alternative in DEFAULT_TARGETS[model_type]:
+        if all(any(_name_matches(n, t) for n in names) for t in alternative):
+            return list(alternative)
     raise ValueError(
-        f"no default target modules for model_type={model_type!r}; pass target_modules "
-        f"(names, a regex, or 'all-linear'). Architectures with defaults: {', '.join(sorted(DEFAULT_TARGETS))}"
+        f"none of the default targets for {model_type!r} ({DEFAULT_TARGETS[model_type]}) exist in "
+        f"{type(model).__name__}; pass target_modules explicitly"
     )
 
 
