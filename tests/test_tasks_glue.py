@@ -110,6 +110,21 @@ def test_read_tsv_formats(glue_dir):
     assert len(m) == 10 and [ex["label"] for ex in m[:3]] == [2, 0, 1]  # 50 % 3 = 2 -> contradiction = 2
 
 
+@pytest.mark.parametrize("task, header, row, expected", [
+    ("mrpc", ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"], ["1", "7", "8", "He said.", "He told."],
+     {"text": ("He said.", "He told."), "label": 1}),
+    ("qqp", ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"], ["3", "1", "2", "Why?", "How?", "0"],
+     {"text": ("Why?", "How?"), "label": 0}),
+    ("qnli", ["index", "question", "sentence", "label"], ["0", "Who?", "Him.", "not_entailment"],
+     {"text": ("Who?", "Him."), "label": 1}),
+    ("rte", ["index", "sentence1", "sentence2", "label"], ["0", "A.", "B.", "entailment"],
+     {"text": ("A.", "B."), "label": 0}),
+])
+def test_read_tsv_pair_tasks(tmp_path, task, header, row, expected):
+    _write_tsv(tmp_path / "x.tsv", header, [row, row[:2]])  # the short (malformed) line is skipped
+    assert glue.read_tsv(tmp_path / "x.tsv", glue.TASK_SPECS[task]) == [expected]
+
+
 def test_saved_dataset_layout(tmp_path):
     datasets = pytest.importorskip("datasets")
     dd = datasets.DatasetDict({
@@ -156,10 +171,7 @@ def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir):
         assert r["steps"] == 2 and r["alpha"] == 8.0 and r["adapter_config"]["r"] == 4
         assert r["adapter_trainable_params"] > 0
     assert (out / "sst2" / "b-only-r4" / "seed0" / "adapter" / "adapter_config.json").is_file()
-    # STS-B is a regression head (one output)
-    from transformers import AutoModelForSequenceClassification
-
-    assert res["stsb"]["info"]["n_train"] == 20 or res["stsb"]["info"]["n_train"] == 40
+    assert res["stsb"]["info"]["n_train"] == 40 and res["mnli"]["info"]["n_eval"] == {"m": 10, "mm": 10}
     # a second invocation skips completed runs
     rc = main(["run", "glue-roberta-large", "--model", str(tiny_roberta), "--data", str(glue_dir),
                "--out", str(out), "--tasks", "sst2", "--strategies", "b-only", "--ranks", "4", "--seeds", "0",
