@@ -223,3 +223,17 @@ def test_vit_default_targets_follow_transformers_naming():
                                               intermediate_size=37, image_size=32, patch_size=8))
     names = {n.rsplit(".", 1)[-1] for n in asymlora.find_target_modules(vit)}
     assert names in ({"query", "value"}, {"q_proj", "v_proj"})
+
+
+def test_half_precision_base_keeps_trained_factor_float32(tokens):
+    model = MODEL_BUILDERS["llama"]().to(torch.bfloat16)
+    with torch.no_grad():
+        ref = model(tokens).logits
+    wrap(model, AsymLoraConfig.preset("b-only", r=4))
+    layer = next(iter(asymlora.lora_layers(model).values()))
+    assert layer.lora_B.dtype == torch.float32 and layer.lora_A.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, ref)
+    perturb_trained_factors(model)
+    model(tokens).logits.float().sum().backward()
+    assert layer.lora_B.grad is not None and layer.lora_B.grad.dtype == torch.float32

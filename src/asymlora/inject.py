@@ -180,12 +180,16 @@ def make_layer(name: str, base: nn.Module, config: AsymLoraConfig) -> LoraLinear
         raise TypeError(f"layer {name!r} has a {dtype} weight; quantised bases are not supported yet")
     factors = []
     for factor, init_name, shape in (("A", config.init_A, (r, d_in)), ("B", config.init_B, (d_out, r))):
+        # A trained factor of a half-precision base stays float32: AdamW updates of a bf16 B
+        # lose most of their bits. A frozen factor takes the base dtype (memory, speed).
+        trained = config.trains_A if factor == "A" else config.trains_B
+        factor_dtype = torch.float32 if trained and dtype in (torch.float16, torch.bfloat16) else dtype
         if device.type == "meta":
-            factors.append(torch.empty(shape, device="meta", dtype=dtype))
+            factors.append(torch.empty(shape, device="meta", dtype=factor_dtype))
             continue
         w = dense_weight(base) if init_name == "svd" else None
         t = init_factor(init_name, shape, factor, config.seed, name, weight=w)
-        factors.append(t.to(device=device, dtype=dtype))
+        factors.append(t.to(device=device, dtype=factor_dtype))
     return LoraLinear(
         base,
         factors[0],

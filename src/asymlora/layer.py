@@ -114,7 +114,7 @@ class LoraLinear(nn.Module):
             return out
         a, b = self.lora_A, self.lora_B
         h = F.linear(self.dropout(x).to(a.dtype), a)  # (..., r): the only activation B's grad needs
-        delta = F.linear(h * self.scaling, b)
+        delta = F.linear((h * self.scaling).to(b.dtype), b)  # .to: no-op unless a half-precision base
         return out + delta.to(out.dtype)
 
     # ------------------------------------------------------------------ merging
