@@ -243,9 +243,10 @@ def recipe_from_dict(data: Mapping[str, Any], name: str | None = None, path: str
 
 
 def recipe_dirs() -> list[Path]:
-    """Where recipe names are looked up: ./recipes, then the source checkout's recipes/."""
+    """Where recipe names are looked up: ./recipes, then the recipes shipped in the package
+    (``asymlora/recipes``; the repository's top-level ``recipes`` links there)."""
     here = Path(__file__).resolve()
-    return [Path.cwd() / "recipes", here.parents[3] / "recipes"]
+    return [Path.cwd() / "recipes", here.parents[1] / "recipes"]
 
 
 def find_recipe(name_or_path: str) -> Path:
