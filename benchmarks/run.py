@@ -1,0 +1,131 @@
+"""Run the benchmark suite: ``python -m benchmarks.run [--quick] [--out DIR] [--only NAME ...]``.
+
+Writes ``DIR/results.json`` (all measurements, raw per-round times included) and
+``DIR/results.md`` (goal verdicts and tables). Full mode defaults to ``benchmarks/``; quick
+mode (tiny shapes, 2 rounds: checks that everything runs, timings meaningless) defaults to a
+fresh temporary folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from typing import Sequence
+
+BENCHMARKS = ("train", "layer_memory", "init", "checkpoint", "inference")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _atomic_write(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_suite(quick: bool = False, only: Sequence[str] | None = None, threads: int = 2, log=print) -> dict:
+    """Run the selected benchmarks in this process and return the results dict."""
+    only = list(only or BENCHMARKS)
+    bad = [b for b in only if b not in BENCHMARKS]
+    if bad:
+        raise ValueError(f"unknown benchmark(s) {bad}; valid: {', '.join(BENCHMARKS)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from .common import machine_info, setup_threads
+
+    setup_threads(threads)
+    results: dict = {"quick": quick, "machine": machine_info(), "benchmarks": only}
+    t0 = time.perf_counter()
+    if "train" in only:
+        from . import train_step
+
+        log("[1/5] training step (time + memory)")
+        results["train"] = train_step.run(quick=quick, log=log)
+    if "layer_memory" in only:
+        from . import layer_memory
+
+        log("[2/5] per-layer saved activations")
+        results["layer_memory"] = layer_memory.run(quick=quick, log=log)
+    if "init" in only:
+        from . import init_speed
+
+        log("[3/5] initialisation, LLaMA-2-7B shapes")
+        results["init"] = init_speed.run(quick=quick, log=log)
+    if "checkpoint" in only:
+        from . import checkpoint_size
+
+        log("[4/5] checkpoint size and save/load time")
+        results["checkpoint"] = checkpoint_size.run(quick=quick, log=log)
+    if "inference" in only:
+        from . import inference
+
+        log("[5/5] inference after merge")
+        results["inference"] = inference.run(quick=quick, log=log)
+    results["total_seconds"] = time.perf_counter() - t0
+    from .report import goals
+
+    results["goals"] = goals(results)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds: a smoke run (seconds)")
+    parser.add_argument("--out", default=None, help="output folder (default: benchmarks/ in full mode, a temp dir in quick mode)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help=f"subset of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--merge", action="store_true",
+                        help="update only the benchmarks run (--only) inside an existing DIR/results.json")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.only:
+        bad = [b for b in args.only if b not in BENCHMARKS]
+        if bad:
+            parser.error(f"unknown benchmark(s) {bad}; valid: {', '.join(BENCHMARKS)}")
+    out = args.out or (tempfile.mkdtemp(prefix="asymlora-bench-") if args.quick else HERE)
+    os.makedirs(out, exist_ok=True)
+    results = run_suite(quick=args.quick, only=args.only, threads=args.threads)
+    from .report import goals, render
+
+    previous = os.path.join(out, "results.json")
+    if args.merge and os.path.isfile(previous):
+        with open(previous) as fh:
+            merged = json.load(fh)
+        if merged.get("quick") != results["quick"]:
+            parser.error("--merge: quick and full results cannot be mixed")
+        merged.setdefault("runs", []).append({"benchmarks": results["benchmarks"], "machine": results["machine"],
+                                             "seconds": results["total_seconds"]})
+        for name in results["benchmarks"]:
+            merged[name] = results[name]
+        merged["benchmarks"] = sorted(set(merged.get("benchmarks", [])) | set(results["benchmarks"]))
+        merged["total_seconds"] = merged.get("total_seconds", 0) + results["total_seconds"]
+        merged["goals"] = goals(merged)
+        results = merged
+
+    _atomic_write(os.path.join(out, "results.json"), json.dumps(results, indent=1, default=str) + "\n")
+    _atomic_write(os.path.join(out, "results.md"), render(results))
+    print(render(results))
+    print(f"wrote {os.path.join(out, 'results.json')} and results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):  # `python benchmarks/run.py`: make the package importable
+        sys.path.insert(0, os.path.dirname(HERE))
+        __package__ = "benchmarks"
+        import benchmarks.run as _self
+
+        sys.exit(_self.main())
+    sys.exit(main())

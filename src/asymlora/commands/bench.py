@@ -1,0 +1,58 @@
+"""``asymlora bench``: run the speed/memory benchmark suite of a source checkout.
+
+A thin wrapper around ``python -m benchmarks.run`` (the suite lives in the repository's
+``benchmarks/`` folder, next to ``src/``; it is not part of the installed package).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+BENCHMARKS = ("train", "layer_memory", "init", "checkpoint", "inference")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="speed and memory benchmarks vs PEFT LoRA and the paper's code",
+        description="Time and memory of a training step, adapter init, checkpoints and merged inference, "
+        "asymlora side by side with PEFT LoRA (needs a source checkout: benchmarks/ next to src/).",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds: a smoke run")
+    parser.add_argument("--out", default=None, help="output folder for results.json / results.md")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help=f"subset of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--merge", action="store_true", help="update only the --only benchmarks in OUT/results.json")
+    parser.set_defaults(func=run)
+
+
+def _find_suite():
+    try:
+        return importlib.import_module("benchmarks.run")
+    except ModuleNotFoundError:
+        pass
+    root = Path(__file__).resolve().parents[3]  # src/asymlora/commands/bench.py -> repository root
+    if not (root / "benchmarks" / "run.py").is_file():
+        raise ValueError(
+            f"benchmarks/ not found next to {root / 'src'}: `asymlora bench` needs a source checkout "
+            "(git clone + pip install -e .)"
+        )
+    sys.path.insert(0, str(root))
+    return importlib.import_module("benchmarks.run")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.only:
+        bad = [b for b in args.only if b not in BENCHMARKS]
+        if bad:
+            raise ValueError(f"unknown benchmark(s) {bad}; valid: {', '.join(BENCHMARKS)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else [])
+    argv += (["--only", *args.only] if args.only else []) + ["--threads", str(args.threads)]
+    argv += ["--merge"] if args.merge else []
+    return int(_find_suite().main(argv) or 0)

@@ -1,0 +1,160 @@
+"""The benchmark suite runs and reports well-formed results; its memory meter is right.
+
+Timings are not asserted (the machine is shared and noisy); what is asserted is checked
+against independent truth: byte counts of known tensors, and the per-token activation sizes
+the algebra of y = W·x + s·B·(A·x) implies.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks.common import SavedTensorMeter, model_storages, paired_ratio  # noqa: E402
+
+
+# ------------------------------------------------------------------ the meter itself
+def test_meter_counts_saved_result_of_exp():
+    x = torch.randn(32, 16, requires_grad=True)
+    with SavedTensorMeter() as m:
+        y = x.exp()  # exp saves its result: 32·16 float32
+    assert m.bytes == 32 * 16 * 4
+    y.sum().backward()
+
+
+def test_meter_dedupes_by_storage():
+    x = torch.randn(10, 8, requires_grad=True)
+    with SavedTensorMeter() as m:
+        y = x.sin() + x.cos() + (x.view(80) * 2.0).view(10, 8).tanh()  # sin, cos save x; tanh saves its output
+    assert m.bytes == 10 * 8 * 4 + 10 * 8 * 4
+    assert len(m.storages) == 2
+    y.sum().backward()
+
+
+def test_meter_counts_full_storage_of_a_view():
+    big = torch.randn(100, 4)
+    x = big[:10].detach().requires_grad_(False)
+    w = torch.randn(3, 4, requires_grad=True)
+    with SavedTensorMeter() as m:
+        F.linear(x, w)  # saves x (a view into a 100×4 storage) for w's gradient
+    assert m.bytes == 100 * 4 * 4
+
+
+def test_meter_excludes_weights_and_frozen_linear_saves_no_input():
+    layer = nn.Linear(16, 8)
+    x = torch.randn(5, 16, requires_grad=True)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    with SavedTensorMeter(exclude=model_storages(layer)) as m:
+        layer(x)  # input grad needs only W (excluded); no activation is kept
+    assert m.bytes == 0 and m.excluded_hits >= 1
+    layer.weight.requires_grad_(True)
+    with SavedTensorMeter(exclude=model_storages(layer)) as m:
+        layer(x)  # weight grad needs x
+    assert m.bytes == 5 * 16 * 4
+
+
+def test_paired_ratio_is_median_of_round_ratios():
+    assert paired_ratio([2.0, 3.0, 10.0], [1.0, 3.0, 5.0]) == 2.0
+
+
+# ------------------------------------------------------------------ frozen-factor memory
+def test_b_only_layer_keeps_r_numbers_per_token():
+    from benchmarks.layer_memory import _saved_per_token, build
+
+    d_in, d_out, r, tokens = 96, 40, 4, 12
+    torch.manual_seed(0)
+    base, x = nn.Linear(d_in, d_out), torch.randn(tokens, d_in)
+    per_token = {(k, p): _saved_per_token(build(k, base, r, p), x)[0]
+                 for k, p in [("floor", 0.0), ("b-only", 0.0), ("b-only", 0.1), ("lora", 0.0),
+                              ("peft-lora", 0.0), ("peft-lora-frozenA", 0.0)]}
+    assert per_token[("floor", 0.0)] == 0
+    assert per_token[("b-only", 0.0)] == 4 * r                 # A·x only: O(r)
+    # + the dropout mask: float32 on CPU (input * noise saves noise), one byte on CUDA (native_dropout)
+    assert per_token[("b-only", 0.1)] in (4 * r + d_in, 4 * r + 4 * d_in)
+    assert per_token[("lora", 0.0)] == 4 * r + 4 * d_in        # x itself for A's gradient
+    assert per_token[("peft-lora", 0.0)] == per_token[("lora", 0.0)]
+    assert per_token[("peft-lora-frozenA", 0.0)] == 4 * r
+
+
+# ------------------------------------------------------------------ proposed forward
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_fused_forward_matches_current_forward(conv1d):
+    import asymlora
+    from benchmarks.patches import use_fused_forward
+
+    torch.manual_seed(0)
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        base = nn.Sequential(Conv1D(12, 10))
+    else:
+        base = nn.Sequential(nn.Linear(10, 12))
+    cfg = asymlora.AsymLoraConfig.preset("b-only", r=3, alpha=6, target_modules=["0"])
+    m1 = asymlora.wrap(base, cfg)
+    with torch.no_grad():
+        m1[0].lora_B.normal_()
+    import copy
+
+    m2 = copy.deepcopy(m1)
+    assert use_fused_forward(m2) == 1
+    x = torch.randn(2, 5, 10)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y1, y2 = m1(x1), m2(x2)
+    torch.testing.assert_close(y2, y1)
+    (y1 ** 2).sum().backward()
+    (y2 ** 2).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad)
+    torch.testing.assert_close(m2[0].lora_B.grad, m1[0].lora_B.grad)
+
+
+# ------------------------------------------------------------------ the suite runs
+def _check_results(results: dict) -> None:
+    text = json.dumps(results)  # serialisable
+    assert json.loads(text)["quick"] is True
+    assert results["goals"], "no goal rows"
+    for row in results["goals"]:
+        assert set(row) >= {"goal", "config", "value", "pass"}
+        assert isinstance(row["pass"], bool) and row["value"] == row["value"]  # not NaN
+
+
+def test_quick_suite_subset_produces_wellformed_results():
+    from benchmarks.report import render
+    from benchmarks.run import run_suite
+
+    results = run_suite(quick=True, only=["layer_memory", "checkpoint"], log=lambda *a: None)
+    _check_results(results)
+    for c in results["checkpoint"]:
+        assert c["weights_bytes"]["ratio"] < 0.6          # B only vs A and B
+        assert c["zero_init_fix_gives_identical_factors"]
+    assert "### Goals" in render(results)
+
+
+def test_run_rejects_unknown_benchmark():
+    from benchmarks.run import run_suite
+
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        run_suite(quick=True, only=["nope"])
+
+
+@pytest.mark.slow
+def test_quick_suite_command_writes_json(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    _check_results(results)
+    assert set(results) >= {"train", "layer_memory", "init", "checkpoint", "inference", "machine"}
+    names = set(results["train"][0]["variants"])
+    assert names == {"floor", "asym-b-only", "asym-lora", "peft-lora", "peft-lora-frozenA", "asym-b-only-fused"}
+    assert (tmp_path / "results.md").read_text().startswith("Machine:")
