@@ -210,7 +210,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     else:
         ranks = {re.escape(n): int(e["r"]) for n, e in meta["layers"].items() if int(e["r"]) != config.r}
         wrap_config = config.replace(target_modules=layer_names, rank_pattern=ranks)
-        wrap(model, _without_svd(wrap_config))
+        wrap(model, _placeholder_inits(wrap_config))
         model.asymlora_config = config  # type: ignore[assignment]
     layers = lora_layers(model)
     with torch.no_grad():
@@ -224,9 +224,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return model
 
 
-def _without_svd(config: AsymLoraConfig) -> AsymLoraConfig:
-    """svd factors are overwritten from the file right after wrapping: skip their SVDs."""
-    changes = {f: "gaussian" for f in ("init_A", "init_B") if getattr(config, f) == "svd"}
+def _placeholder_inits(config: AsymLoraConfig) -> AsymLoraConfig:
+    """Every factor is overwritten from the file right after wrapping: draw cheap placeholders
+    (no QR, no SVD) for all non-zero inits."""
+    changes = {f: "gaussian" for f in ("init_A", "init_B") if getattr(config, f) != "zero"}
     return config.replace(**changes) if changes else config
 
 

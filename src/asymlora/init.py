@@ -12,9 +12,10 @@ order in which layers are visited, and the device the model lives on.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -43,6 +44,19 @@ def factor_generator(seed: int, layer_name: str, factor: str) -> torch.Generator
     return gen
 
 
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run a block on one intra-op thread: threaded LAPACK QR of a tall, thin matrix is far slower
+    than one thread when cores are shared (BENCHMARKS.md: 67 s -> 2.6 s for a LLaMA-2-7B r=64 init).
+    The result is bit-identical."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def haar_orthonormal(d: int, r: int, generator: torch.Generator) -> torch.Tensor:
     """A d×r matrix with orthonormal columns, Haar-distributed on the Stiefel manifold.
 
@@ -55,7 +69,8 @@ def haar_orthonormal(d: int, r: int, generator: torch.Generator) -> torch.Tensor
     if r > d:
         raise ValueError(f"cannot draw {r} orthonormal vectors in dimension {d}: rank must be <= {d}")
     gaussian = torch.randn(d, r, generator=generator, dtype=torch.float64)
-    q, rr = torch.linalg.qr(gaussian, mode="reduced")
+    with single_thread():
+        q, rr = torch.linalg.qr(gaussian, mode="reduced")
     signs = torch.sign(torch.diagonal(rr))
     signs[signs == 0] = 1.0
     return (q * signs).to(torch.float32)
@@ -141,13 +156,15 @@ def fingerprint(t: torch.Tensor) -> dict:
     """
     x = t.detach().to("cpu", torch.float32).contiguous()
     flat = x.reshape(-1).to(torch.float64)
-    weights = torch.cos(torch.arange(flat.numel(), dtype=torch.float64) * 0.618033988749895)
+    with single_thread():
+        weights = torch.cos(torch.arange(flat.numel(), dtype=torch.float64) * 0.618033988749895)
+        wsum = float((flat * weights).sum())
     return {
         "sha256": hashlib.sha256(x.numpy().tobytes()).hexdigest(),
         "shape": list(x.shape),
         "sum": float(flat.sum()),
         "sumsq": float((flat * flat).sum()),
-        "wsum": float((flat * weights).sum()),
+        "wsum": wsum,
     }
 
 

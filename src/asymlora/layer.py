@@ -113,9 +113,17 @@ class LoraLinear(nn.Module):
         if self.merged or self.disabled:
             return out
         a, b = self.lora_A, self.lora_B
-        h = F.linear(self.dropout(x).to(a.dtype), a)  # (..., r): the only activation B's grad needs
-        delta = F.linear((h * self.scaling).to(b.dtype), b)  # .to: no-op unless a half-precision base
-        return out + delta.to(out.dtype)
+        x = self.dropout(x)
+        if x.dtype != a.dtype:
+            x = x.to(a.dtype)
+        h = F.linear(x, a)  # (..., r): the only activation B's gradient needs
+        if out.dtype != b.dtype or h.dtype != b.dtype or out.dim() < 2:
+            # half-precision base with a float32 trained factor: compute the delta, then cast
+            return out + F.linear((h * self.scaling).to(b.dtype), b).to(out.dtype)
+        # out + s·h·Bᵀ in one BLAS call: no (..., d_out) delta temporary and no separate add
+        # (measured in BENCHMARKS.md: -3 % step time for all-linear r=64).
+        fused = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling)
+        return fused.view(out.shape)
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self) -> torch.Tensor:
