@@ -7,6 +7,8 @@ fresh temporary folder.
 """
 from __future__ import annotations
 
+from asymlora.fileio import atomic_write_text
+
 import argparse
 import json
 import os
@@ -20,17 +22,7 @@ BENCHMARKS = ("train", "layer_memory", "init", "checkpoint", "inference")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _atomic_write(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+_atomic_write = atomic_write_text
 
 
 def run_suite(quick: bool = False, only: Sequence[str] | None = None, threads: int = 2, log=print) -> dict:

@@ -22,13 +22,13 @@ import math
 import os
 import platform
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
+from asymlora.fileio import atomic_write_bytes, atomic_write_text
 from asymlora.tasks.default import DEFAULT, DEFAULT_STRATEGIES
 
 __all__ = ["CompareConfig", "StrategySpec", "parse_strategy", "run_compare", "write_reports",
@@ -141,21 +141,8 @@ class CompareConfig:
 # ----------------------------------------------------------------------------- atomic IO
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
+_atomic_write_bytes = atomic_write_bytes
+_atomic_write_text = atomic_write_text
 
 
 # ----------------------------------------------------------------------------- statistics
