@@ -21,7 +21,6 @@ import time
 import torch
 
 import asymlora
-import asymlora.checkpoint as ack
 
 from .models import build_base, target_names
 

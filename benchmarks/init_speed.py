@@ -72,7 +72,7 @@ def run(quick: bool = False, log=print) -> dict:
             t0 = time.perf_counter()
             same = True
             for name, d_in, d_out in layers:
-                a = init_factor("orthogonal", (r, d_in), "A", 0, name)
+                init_factor("orthogonal", (r, d_in), "A", 0, name)
                 init_factor("zero", (d_out, r), "B", 0, name)
             proposed = time.perf_counter() - t0
         with torch.no_grad():  # single-threaded QR gives the same factor (float32 bits) as the threaded one

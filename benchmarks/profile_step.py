@@ -11,7 +11,6 @@ import argparse
 import os
 import warnings
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .common import setup_threads

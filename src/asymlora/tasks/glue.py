@@ -204,8 +204,6 @@ class _Collator:
 
 
 def predict(model, dataset: list[dict[str, Any]], collate, batch_size: int, regression: bool) -> list:
-    import torch
-
     device = model_device(model)
     preds: list = []
     for i in range(0, len(dataset), batch_size):
