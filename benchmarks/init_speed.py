@@ -16,12 +16,11 @@ dimension down 16× and extrapolates the same way.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
 
-from asymlora.init import init_factor
+from asymlora.init import init_factor, single_thread
 
 
 def llama2_7b_layers(scale: int = 1) -> list[tuple[str, int, int]]:
@@ -37,19 +36,6 @@ def llama2_7b_layers(scale: int = 1) -> list[tuple[str, int, int]]:
         model = LlamaModel(cfg)
     targets = find_target_modules(model, "all-linear")
     return [(n, *linear_shape(m)) for n, m in targets.items()]
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Run LAPACK single-threaded: MKL's threaded QR of a tall, thin d×r matrix is many times
-    slower than the serial one (thread start-up and barriers dominate the O(d·r²) work), worst
-    on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def paper_init(d_in: int, d_out: int, r: int) -> torch.Tensor:
