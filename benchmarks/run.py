@@ -10,6 +10,7 @@ from __future__ import annotations
 from asymlora.fileio import atomic_write_text
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -23,6 +24,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 _atomic_write = atomic_write_text
+
+
+# (name in --only, module under benchmarks/, progress title), in the order they run
+STAGES = [
+    ("train", "train_step", "training step (time + memory)"),
+    ("layer_memory", "layer_memory", "per-layer saved activations"),
+    ("init", "init_speed", "initialisation, LLaMA-2-7B shapes"),
+    ("checkpoint", "checkpoint_size", "checkpoint size and save/load time"),
+    ("inference", "inference", "inference after merge"),
+]
 
 
 def run_suite(quick: bool = False, only: Sequence[str] | None = None, threads: int = 2, log=print) -> dict:
@@ -39,31 +50,10 @@ def run_suite(quick: bool = False, only: Sequence[str] | None = None, threads: i
     setup_threads(threads)
     results: dict = {"quick": quick, "machine": machine_info(), "benchmarks": only}
     t0 = time.perf_counter()
-    if "train" in only:
-        from . import train_step
-
-        log("[1/5] training step (time + memory)")
-        results["train"] = train_step.run(quick=quick, log=log)
-    if "layer_memory" in only:
-        from . import layer_memory
-
-        log("[2/5] per-layer saved activations")
-        results["layer_memory"] = layer_memory.run(quick=quick, log=log)
-    if "init" in only:
-        from . import init_speed
-
-        log("[3/5] initialisation, LLaMA-2-7B shapes")
-        results["init"] = init_speed.run(quick=quick, log=log)
-    if "checkpoint" in only:
-        from . import checkpoint_size
-
-        log("[4/5] checkpoint size and save/load time")
-        results["checkpoint"] = checkpoint_size.run(quick=quick, log=log)
-    if "inference" in only:
-        from . import inference
-
-        log("[5/5] inference after merge")
-        results["inference"] = inference.run(quick=quick, log=log)
+    for i, (name, module, title) in enumerate(STAGES, 1):
+        if name in only:
+            log(f"[{i}/{len(STAGES)}] {title}")
+            results[name] = importlib.import_module(f".{module}", __package__).run(quick=quick, log=log)
     results["total_seconds"] = time.perf_counter() - t0
     from .report import goals
 
