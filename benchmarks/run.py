@@ -19,7 +19,6 @@ import time
 import warnings
 from typing import Sequence
 
-BENCHMARKS = ("train", "layer_memory", "init", "checkpoint", "inference")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -34,6 +33,7 @@ STAGES = [
     ("checkpoint", "checkpoint_size", "checkpoint size and save/load time"),
     ("inference", "inference", "inference after merge"),
 ]
+BENCHMARKS = tuple(name for name, _, _ in STAGES)
 
 
 def run_suite(quick: bool = False, only: Sequence[str] | None = None, threads: int = 2, log=print) -> dict:
