@@ -1,0 +1,14 @@
+"""The project's error type for mistakes in what the user gave (as opposed to our bugs).
+
+``asymlora.cli.main`` prints a :class:`UserError` as one line on stderr and exits 2; any other
+exception is a bug and keeps its traceback. ``UserError`` subclasses ``ValueError`` so library
+callers that already catch ``ValueError`` keep working.
+"""
+from __future__ import annotations
+
+__all__ = ["UserError"]
+
+
+class UserError(ValueError):
+    """A bad argument, file, dataset or adapter folder supplied by the user; the message names
+    the bad value and what would be valid."""
