@@ -59,6 +59,8 @@ __all__ = [
     "fit",
     "NonFiniteLossError",
     "linear_warmup_decay",
+    "constant_after_warmup",
+    "cpu_has_native_bf16",
     "CHECKPOINT_NAME",
 ]
 
@@ -69,6 +71,10 @@ _OPTIM_FILE = "optimizer.pt"
 _SCHED_FILE = "scheduler.pt"
 _SCALER_FILE = "scaler.pt"
 _MIXED = ("no", "fp16", "bf16", "auto")
+_SCHEDULES = ("linear", "constant")
+_BEST_FILE = "best_trainable.safetensors"
+# group_by_length sorts runs of this many batches by length (as transformers' length-grouped sampler).
+_LENGTH_GROUP_BATCHES = 50
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -95,6 +101,14 @@ class TrainArgs:
     ``mixed_precision``: "no", "fp16" (CUDA only), "bf16", or "auto" (bf16 on a GPU that
     supports it, else fp16 on CUDA, "no" on CPU). ``early_stopping_metric`` defaults to the
     first key returned by ``eval_fn``.
+
+    ``lr_schedule``: "linear" (warm-up, then linear decay to 0 at ``max_steps``) or "constant"
+    (warm-up, then the peak rate until the run ends — with early stopping the run length is not
+    known in advance, and a decay would flatten the curve by itself). ``warmup_steps`` overrides
+    ``warmup_ratio``. ``restore_best``: keep the trainable weights of the best evaluation (by
+    the early-stopping metric) and put them back at the end. Evaluations before step
+    ``early_stopping_min_steps`` do not use up patience (a slow start is not a plateau). ``group_by_length``: batches of
+    similar length (the dataset must have ``lengths()``; see ``_epoch_batches``).
     """
 
     output_dir: str | None = None
@@ -105,6 +119,8 @@ class TrainArgs:
     batch_size: int = 32
     grad_accum: int = 1
     warmup_ratio: float = 0.06
+    warmup_steps: int | None = None
+    lr_schedule: str = "linear"
     max_grad_norm: float | None = 1.0
     eval_every: int | None = None
     checkpoint_every: int | None = None
@@ -113,7 +129,10 @@ class TrainArgs:
     seed: int = 0
     early_stopping_patience: int | None = None
     early_stopping_metric: str | None = None
+    early_stopping_min_steps: int = 0
     greater_is_better: bool = True
+    restore_best: bool = False
+    group_by_length: bool = False
     progress: bool = True
     desc: str = "train"
 
@@ -137,8 +156,14 @@ class TrainArgs:
             bad("grad_accum", "must be an int >= 1")
         if not (0.0 <= self.warmup_ratio < 1.0):
             bad("warmup_ratio", "must be in [0, 1)")
+        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+            bad("warmup_steps", "must be None or an int >= 0")
+        if self.lr_schedule not in _SCHEDULES:
+            bad("lr_schedule", f"must be one of {', '.join(_SCHEDULES)}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             bad("max_grad_norm", "must be None or > 0")
+        if not isinstance(self.early_stopping_min_steps, int) or self.early_stopping_min_steps < 0:
+            bad("early_stopping_min_steps", "must be an int >= 0")
         for name in ("eval_every", "checkpoint_every", "early_stopping_patience"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -175,6 +200,8 @@ class FitResult:
     total_steps: int = 0
     stopped_early: bool = False
     best_metric: float | None = None
+    best_step: int | None = None
+    restored_best: bool = False
     resumed_from_step: int = 0
     checkpoint_dir: str | None = None
     world_size: int = 1
@@ -198,7 +225,31 @@ def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], 
     return factor
 
 
+def constant_after_warmup(warmup_steps: int) -> Callable[[int], float]:
+    """LR factor ``(k+1)/w`` for ``k < w``, then 1."""
+
+    def factor(k: int) -> float:
+        return (k + 1) / warmup_steps if k < warmup_steps else 1.0
+
+    return factor
+
+
 # ----------------------------------------------------------------------------- helpers
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bfloat16 matrix instructions (AVX512-BF16 or AMX, read from
+    /proc/cpuinfo), where bf16 autocast makes a transformer step ~1.7x faster (measured on a
+    2-core Zen 4: 0.27 s vs 0.48 s per MiniLM step); elsewhere bf16 is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def _make_accelerator(mixed_precision: str):
@@ -241,6 +292,63 @@ def _stream_indices(n: int, seed: int, start: int, count: int) -> np.ndarray:
         filled += take
         pos += take
     return out
+
+
+def _epoch_batches(lengths: np.ndarray, seed: int, epoch: int, batch: int) -> np.ndarray:
+    """Length-grouped order of one epoch, as an array of shape ``(n // batch, batch)``.
+
+    The epoch's permutation (the same Philox stream as the plain order) is cut into runs of
+    ``_LENGTH_GROUP_BATCHES`` batches; each run is sorted by length (longest first), cut into
+    batches, and the batches of the epoch are shuffled. The ``n mod batch`` examples left over
+    after sorting are dropped for this epoch only (a different remainder each epoch), so that
+    every optimizer step takes one whole batch of similar lengths. A pure function of
+    ``(seed, epoch)``, so resume stays exact."""
+    n = len(lengths)
+    rng = np.random.Generator(np.random.Philox(key=[seed & 0xFFFFFFFF, epoch]))
+    perm = rng.permutation(n)
+    chunk = batch * _LENGTH_GROUP_BATCHES
+    runs = [perm[s:s + chunk] for s in range(0, n, chunk)]
+    ordered = np.concatenate([r[np.argsort(-lengths[r], kind="stable")] for r in runs])
+    nb = n // batch
+    batches = ordered[: nb * batch].reshape(nb, batch)
+    return batches[rng.permutation(nb)]
+
+
+class _GroupedStream:
+    """Global batch ``k`` of the length-grouped stream (one epoch cached at a time)."""
+
+    def __init__(self, lengths: Sequence[int], seed: int, batch: int) -> None:
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        if len(self.lengths) < batch:
+            raise ValueError(f"group_by_length needs at least one full global batch ({batch} examples), "
+                             f"the dataset has {len(self.lengths)}")
+        self.seed, self.batch = seed, batch
+        self.per_epoch = len(self.lengths) // batch
+        self._epoch, self._batches = -1, np.empty((0, batch), dtype=np.int64)
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, j = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, _epoch_batches(self.lengths, self.seed, epoch, self.batch)
+        return self._batches[j]
+
+
+class _BestWeights:
+    """The trainable weights at the best evaluation so far (a CPU copy), for ``restore_best``."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def capture(self, named: Sequence[tuple[str, torch.Tensor]], step: int) -> None:
+        self.step = step
+        self.tensors = {k: p.detach().to("cpu", copy=True).contiguous() for k, p in named}
+
+    def restore(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, t in self.tensors.items():
+                params[k].copy_(t.to(params[k].device, params[k].dtype))
 
 
 def _peak_memory_start(device: torch.device) -> str:
@@ -380,7 +488,8 @@ def fit(
     b, ga = args.batch_size, args.grad_accum
     global_batch = b * ga * world
     total = args.max_steps if args.max_steps is not None else max(1, math.ceil(args.epochs * n / global_batch))
-    warmup = int(math.ceil(args.warmup_ratio * total))
+    warmup = args.warmup_steps if args.warmup_steps is not None else int(math.ceil(args.warmup_ratio * total))
+    warmup = min(warmup, total)
     device = accelerator.device
     orig_device = next(model.parameters()).device
 
@@ -395,7 +504,13 @@ def fit(
     groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(total, warmup))
+    schedule = linear_warmup_decay(total, warmup) if args.lr_schedule == "linear" else constant_after_warmup(warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    grouped = None
+    if args.group_by_length:
+        if not callable(getattr(train_dataset, "lengths", None)):
+            raise ValueError("group_by_length=True needs a dataset with a lengths() method")
+        grouped = _GroupedStream(train_dataset.lengths(), args.seed, global_batch)
 
     was_training = model.training
     pmodel, poptimizer = accelerator.prepare(model, optimizer)
@@ -404,6 +519,8 @@ def fit(
     step = 0
     history: list[dict[str, float]] = []
     best: float | None = None
+    best_weights = _BestWeights()
+    track_best = args.restore_best or args.early_stopping_patience is not None
     bad_evals = 0
     stopped_early = False
     last_eval: dict[str, float] = {}
@@ -446,6 +563,8 @@ def fit(
             step = resumed_from = int(st["step"])
             history = st["history"]
             best, bad_evals = st["best"], int(st["bad_evals"])
+            if os.path.isfile(os.path.join(found, _BEST_FILE)):
+                best_weights.tensors, best_weights.step = load_file(os.path.join(found, _BEST_FILE)), st["best_step"]
             last_eval = st.get("last_eval", {})
             stopped_early = bool(st.get("stopped_early", False))
             last_ckpt = found
@@ -468,13 +587,15 @@ def fit(
             if accelerator.scaler is not None:
                 torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, _SCALER_FILE))
             _maybe_save_adapter(raw, os.path.join(tmp, "adapter"))
+            if best_weights.tensors:
+                save_file(best_weights.tensors, os.path.join(tmp, _BEST_FILE))
             state = {
                 "step": step, "total_steps": total, "world_size": world,
                 "global_batch_size": global_batch, "seed": args.seed,
                 "data_order": {"kind": "philox_epoch_permutations", "seed": args.seed,
                                "consumed": step * global_batch, "dataset_size": n},
                 "trainable_names": [k for k, _ in named_trainable],
-                "history": history, "best": best, "bad_evals": bad_evals,
+                "history": history, "best": best, "best_step": best_weights.step, "bad_evals": bad_evals,
                 "last_eval": last_eval, "stopped_early": stopped_early,
                 "args": asdict(args), "mixed_precision": mp,
             }
@@ -522,8 +643,8 @@ def fit(
                                  list(raw.parameters()) + list(raw.buffers())})
     try:
         while step < total and not stopped_early:
-            base = step * global_batch
-            gidx = _stream_indices(n, args.seed, base, global_batch)
+            gidx = grouped(step) if grouped is not None else _stream_indices(n, args.seed, step * global_batch,
+                                                                               global_batch)
             loss_sum = torch.zeros((), device=device)
             for m in range(ga):
                 lo = (m * world + rank) * b
@@ -571,14 +692,16 @@ def fit(
             if do_eval:
                 last_eval = run_eval()
                 rec.update(last_eval)
-                if args.early_stopping_patience is not None:
+                if track_best:
                     val = step_metric(last_eval)
                     improved = best is None or (val > best if args.greater_is_better else val < best)
                     if improved:
                         best, bad_evals = val, 0
-                    else:
+                        if args.restore_best:
+                            best_weights.capture(named_trainable, step)
+                    elif step >= args.early_stopping_min_steps:
                         bad_evals += 1
-                        if bad_evals >= args.early_stopping_patience:
+                        if args.early_stopping_patience is not None and bad_evals >= args.early_stopping_patience:
                             stopped_early = True
             history.append(rec)
             if pbar is not None:
@@ -599,6 +722,12 @@ def fit(
             last_eval = run_eval()
             if history:
                 history[-1].update(last_eval)
+        restored = args.restore_best and best_weights.step is not None and best_weights.step != step
+        if restored:
+            best_weights.restore(raw)
+            # The final metrics are those of the restored weights: the best evaluation's.
+            last_eval = next((dict((k, h[k]) for k in last_eval) for h in history if h["step"] == best_weights.step),
+                             last_eval)
     finally:
         if pbar is not None:
             pbar.close()
@@ -619,6 +748,7 @@ def fit(
         history=history, final_metrics=final, steps=step, wall_time_s=wall,
         peak_memory_bytes=peak, trainable_params=trainable_params, peak_memory_kind=kind,
         total_steps=total, stopped_early=stopped_early, best_metric=best,
+        best_step=best_weights.step if args.restore_best else None, restored_best=restored,
         resumed_from_step=resumed_from, checkpoint_dir=last_ckpt, world_size=world,
         global_batch_size=global_batch, saved_activation_bytes=tracker.peak,
     )
