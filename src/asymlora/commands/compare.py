@@ -7,14 +7,22 @@ import os
 from asymlora.tasks.default import DEFAULT, DEFAULT_DATA, DEFAULT_STRATEGIES, QUICK
 
 DESCRIPTION = """\
-Fine-tune a pretrained classifier once per strategy and seed, then print and save a table of
-test accuracy and macro-F1 (mean ± std over seeds), trainable parameters, time and peak memory.
+Fine-tune a pretrained classifier with each strategy at its own learning rate until validation
+stops improving, over paired seeds; print and save the table (test accuracy and macro-F1, mean ±
+std over seeds), the chosen rates, and one verdict line per strategy against LoRA at the same r
+(mean paired difference with its 95 % t-interval).
+
+Protocol: for each strategy, one run per rate of --lrs on the first seed picks the rate by
+validation accuracy (the grid is extended past an edge when the best rate sits on it); the other
+seeds train at that rate. Every run: warm-up, constant rate, validation every --eval-every steps,
+stop after --patience evaluations without a new best (counted from --min-steps; at most
+--max-steps), test scored with the weights of the best validation step.
 
 With no arguments: the bundled all-MiniLM-L6-v2 encoder on topic classification of Debian
-fortunes (5 classes); strategies head-only, lora r=8, a-only r=8, b-only r=8 and b-only r=16
-(the same trainable budget as lora r=8); seeds 0 1 2; 40 steps of batch 32, 48 tokens.
-About 7 minutes on 2 idle CPU cores.
-Writes results.json, results.csv, results.md, metric_by_strategy.png and training_curves.png.
+fortunes (5 classes); strategies head-only, lora r=8 and b-only r=8; lr grid 1e-3, 3e-3, 1e-2;
+seeds 0 1 2; batch 16, 48 tokens. About 10 minutes on 2 idle CPU cores (adding a-only and
+b-only@2r: about 20). Writes results.json (with the time per phase), results.csv, results.md,
+metric_by_strategy.png, training_curves.png and lr_selection.png.
 
 Strategies: lora | b-only | a-only | head-only, with an optional @Kr suffix (rank K·r).
 --data: fortunes | tweets | a .csv/.tsv/.jsonl/.json file with text and label columns |
@@ -43,25 +51,50 @@ def register(subparsers) -> None:
     p.add_argument("--strategies", type=_str_list, default=None,
                    help=f"comma-separated (default: {','.join(DEFAULT_STRATEGIES)})")
     p.add_argument("--ranks", "-r", type=_int_list, default=None, help=f"adapter rank(s) r (default: {DEFAULT.r})")
-    p.add_argument("--seeds", type=_int_list, default=None, help="seeds (default: 0,1,2)")
-    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run (default: {DEFAULT.steps})")
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {DEFAULT.lr:g})")
+    p.add_argument("--seeds", type=_int_list, default=None,
+                   help="seeds, paired across strategies; the first one picks the learning rates (default: 0,1,2)")
+    p.add_argument("--lrs", type=_float_list, default=None,
+                   help=f"learning-rate grid, one picked per strategy on validation "
+                        f"(default: {','.join(f'{x:g}' for x in DEFAULT.lrs)})")
+    p.add_argument("--lr", type=float, default=None, help="one learning rate for every strategy (no selection)")
+    p.add_argument("--max-lr-extensions", type=int, default=None,
+                   help="when the best rate is at an edge of the grid, try up to N further rates beyond it (default: 2)")
+    p.add_argument("--max-steps", "--steps", type=int, default=None, dest="max_steps",
+                   help=f"step cap of a run; runs normally stop earlier, on a plateau (default: {DEFAULT.max_steps})")
+    p.add_argument("--eval-every", type=int, default=None, help=f"validate every N steps (default: {DEFAULT.eval_every})")
+    p.add_argument("--patience", type=int, default=None,
+                   help=f"stop after N evaluations without a new best (default: {DEFAULT.patience})")
+    p.add_argument("--min-steps", type=int, default=None,
+                   help=f"evaluations before this step do not use up patience (default: {DEFAULT.min_steps})")
+    p.add_argument("--warmup-steps", type=int, default=None, help=f"linear warm-up steps (default: {DEFAULT.warmup_steps})")
     p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {DEFAULT.batch_size})")
     p.add_argument("--max-length", type=int, default=None, help=f"max tokens per text (default: {DEFAULT.max_length})")
-    p.add_argument("--eval-every", type=int, default=None, help=f"validate every N steps (default: {DEFAULT.eval_every})")
     p.add_argument("--max-train", type=int, default=None, help="cap on training examples (default: all)")
     p.add_argument("--max-val", type=int, default=None, help=f"cap on validation examples (default: {DEFAULT.max_val})")
     p.add_argument("--max-test", type=int, default=None, help="cap on test examples (default: all)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="equivalence margin of the verdicts, in accuracy points (default: 1)")
     p.add_argument("--target-modules", type=_str_list, default=None,
                    help="adapted module names (default: the architecture's, query,value for BERT)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all available CPUs)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of this process (default: a short probe picks all CPUs or 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes running adapter runs side by side, one thread each (default: one per CPU "
+                        "core, at most 2; 1 on a GPU)")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
-                   help="auto = bf16/fp16 on a GPU, fp32 on CPU")
+                   help="auto = bf16 (or fp16) on a GPU and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
     p.add_argument("--output-dir", "-o", default="asymlora-compare", help="output folder (default: ./asymlora-compare)")
-    p.add_argument("--quick", action="store_true", help="seconds-long smoke run: tiny subsets, 4 steps, 2 seeds")
+    p.add_argument("--quick", action="store_true", help="about-a-minute smoke run of the same protocol on small subsets")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=run)
+
+
+def _float_list(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected numbers separated by commas or spaces") from None
 
 
 def config_from_args(args: argparse.Namespace):
@@ -72,11 +105,15 @@ def config_from_args(args: argparse.Namespace):
     return CompareConfig(
         model=args.model, data=args.data, text_column=args.text_column, label_column=args.label_column,
         strategies=pick(args.strategies, list(DEFAULT_STRATEGIES)), ranks=pick(args.ranks, [b.r]),
-        seeds=pick(args.seeds, list(b.seeds)), steps=pick(args.steps, b.steps), lr=pick(args.lr, b.lr),
+        seeds=pick(args.seeds, list(b.seeds)), lrs=pick(args.lrs, list(b.lrs)), lr=args.lr,
+        max_lr_extensions=pick(args.max_lr_extensions, b.max_lr_extensions),
+        max_steps=pick(args.max_steps, b.max_steps), eval_every=pick(args.eval_every, b.eval_every),
+        patience=pick(args.patience, b.patience), min_steps=pick(args.min_steps, b.min_steps),
+        warmup_steps=pick(args.warmup_steps, b.warmup_steps),
         batch_size=pick(args.batch_size, b.batch_size), max_length=pick(args.max_length, b.max_length),
-        eval_every=pick(args.eval_every, b.eval_every), max_train=pick(args.max_train, b.max_train),
-        max_val=pick(args.max_val, b.max_val), max_test=pick(args.max_test, b.max_test),
-        output_dir=args.output_dir, threads=args.threads, mixed_precision=args.mixed_precision,
+        max_train=pick(args.max_train, b.max_train), max_val=pick(args.max_val, b.max_val),
+        max_test=pick(args.max_test, b.max_test), margin=pick(args.margin, 1.0) / 100,
+        output_dir=args.output_dir, threads=args.threads, workers=args.workers, mixed_precision=args.mixed_precision,
         target_modules=args.target_modules, quick=args.quick, progress=not args.no_progress,
         plots=not args.no_plots,
     )
@@ -86,16 +123,23 @@ def run(args: argparse.Namespace) -> int:
     from asymlora.compare import format_table, run_compare
 
     cfg = config_from_args(args)
-    cfg.validate()  # bad input fails before any work
+    cfg.validate()  # every bad setting is reported before any work
     results = run_compare(cfg)
-    summary = results["summary"]
     print()
-    print(format_table(summary))
+    print(format_table(results["summary"]))
     print()
-    best = max(summary, key=lambda r: r["test_accuracy_mean"])
-    print(f"best test accuracy: {best['strategy']} {100 * best['test_accuracy_mean']:.2f}% "
-          f"({best['trainable_params']:,} trainable parameters)")
+    for sel in results["lr_selection"]:
+        grid = "  ".join(f"{g['lr']:g}: {100 * g['val_accuracy']:.1f}" for g in sel["grid"])
+        print(f"lr for {sel['strategy']}: {sel['chosen_lr']:g}   (validation accuracy by lr, seed "
+              f"{cfg.seeds[0]}: {grid})")
+    if results["verdict_lines"]:
+        print()
+        print("paired test-accuracy differences, 95 % t-interval over seeds "
+              f"(margin ±{100 * cfg.margin:g} point):")
+        for line in results["verdict_lines"]:
+            print("  " + line)
     out = os.path.abspath(cfg.output_dir)
-    print(f"total {results['total_time_s']:.0f} s; wrote {out}/results.json, results.csv, results.md"
-          + ("" if not cfg.plots else ", metric_by_strategy.png, training_curves.png"))
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in results["phases_s"].items())
+    print(f"\ntotal {results['total_time_s']:.0f} s ({phases}); wrote {out}/results.json, results.csv, results.md"
+          + ("" if not cfg.plots else ", metric_by_strategy.png, training_curves.png, lr_selection.png"))
     return 0

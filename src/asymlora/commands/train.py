@@ -28,8 +28,11 @@ def register(subparsers) -> None:
     p.add_argument("--data", default=DEFAULT_DATA, help="fortunes (default), tweets, or a local dataset path")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
-    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {DEFAULT.steps})")
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {DEFAULT.lr:g})")
+    p.add_argument("--max-steps", "--steps", type=int, default=None, dest="steps",
+                   help=f"step cap; the run stops earlier when validation stops improving (default: {DEFAULT.max_steps})")
+    p.add_argument("--patience", type=int, default=None,
+                   help=f"stop after N evaluations without a new best (default: {DEFAULT.patience})")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {DEFAULT.lrs[-1]:g})")
     p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {DEFAULT.batch_size})")
     p.add_argument("--max-length", type=int, default=None, help=f"max tokens (default: {DEFAULT.max_length})")
     p.add_argument("--eval-every", type=int, default=None, help=f"validate every N steps (default: {DEFAULT.eval_every})")
@@ -47,43 +50,46 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from asymlora.compare import (CompareConfig, _atomic_write_text, _set_threads, parse_strategy,
-                                  prepare_task, train_one)
+    from asymlora.compare import CompareConfig, parse_strategy, prepare_task, set_threads, train_one
+    from asymlora.fileio import atomic_write_text
 
     b = QUICK if args.quick else DEFAULT
     pick = lambda v, d: d if v is None else v  # noqa: E731
     r = pick(args.rank, b.r)
-    spec = parse_strategy(args.strategy, r)  # ValueError before any work
+    spec = parse_strategy(args.strategy, r)  # UserError before any work
     eval_every = pick(args.eval_every, b.eval_every)
+    lr = pick(args.lr, b.lrs[-1])
     cfg = CompareConfig(
         model=args.model, data=args.data, text_column=args.text_column, label_column=args.label_column,
-        strategies=[args.strategy], ranks=[r], seeds=[args.seed], steps=pick(args.steps, b.steps),
-        lr=pick(args.lr, b.lr), batch_size=pick(args.batch_size, b.batch_size),
-        max_length=pick(args.max_length, b.max_length), eval_every=eval_every, max_train=b.max_train,
-        max_val=b.max_val, max_test=b.max_test, output_dir=args.output_dir, threads=args.threads,
-        mixed_precision=args.mixed_precision, target_modules=args.target_modules, quick=args.quick,
-        progress=not args.no_progress)
+        strategies=[args.strategy], ranks=[r], seeds=[args.seed], lr=lr, max_steps=pick(args.steps, b.max_steps),
+        eval_every=eval_every, patience=pick(args.patience, b.patience), min_steps=b.min_steps,
+        warmup_steps=b.warmup_steps,
+        batch_size=pick(args.batch_size, b.batch_size), max_length=pick(args.max_length, b.max_length),
+        max_train=b.max_train, max_val=b.max_val, max_test=b.max_test, output_dir=args.output_dir,
+        threads=args.threads, mixed_precision=args.mixed_precision, target_modules=args.target_modules,
+        quick=args.quick, progress=not args.no_progress)
     cfg.validate()
     prev = torch.get_num_threads()
-    threads, _ = _set_threads(cfg.threads)
+    threads, _ = set_threads(cfg.threads)
     try:
         task = prepare_task(cfg)
         os.makedirs(cfg.output_dir, exist_ok=True)
-        run_info, model = train_one(task.base, task.head, spec, args.seed, cfg, task.train_ds, task.val_ds,
-                                    task.test_ds, task.collate, task.num_labels, desc=f"{spec.label} seed {args.seed}",
-                                    output_dir=cfg.output_dir, checkpoint_every=pick(args.checkpoint_every, eval_every),
-                                    resume=args.resume)
+        out = train_one(task, spec, args.seed, lr, cfg, desc=f"{spec.label} seed {args.seed}",
+                        output_dir=cfg.output_dir, checkpoint_every=pick(args.checkpoint_every, eval_every),
+                        resume=args.resume)
     finally:
         torch.set_num_threads(prev)
+    run_info, model = out.record, out.model
     if spec.preset is not None:
         import asymlora
 
         asymlora.save_adapter(model, os.path.join(cfg.output_dir, "adapter"))
-    run_info["settings"] = {"data": cfg.data, "model": task.model_path, "steps": cfg.steps, "lr": cfg.lr,
-                            "batch_size": cfg.batch_size, "max_length": cfg.max_length, "threads": threads,
-                            "label_names": task.data.label_names}
-    _atomic_write_text(os.path.join(cfg.output_dir, "metrics.json"), json.dumps(run_info, indent=1))
+    run_info["settings"] = {"data": cfg.data, "model": task.model_path, "max_steps": cfg.max_steps, "lr": lr,
+                            "patience": cfg.patience, "eval_every": cfg.eval_every, "batch_size": cfg.batch_size,
+                            "max_length": cfg.max_length, "threads": threads, "label_names": task.data.label_names}
+    atomic_write_text(os.path.join(cfg.output_dir, "metrics.json"), json.dumps(run_info, indent=1))
     print(f"{spec.label} seed {args.seed}: test accuracy {100 * run_info['test_accuracy']:.2f}%, macro-F1 "
-          f"{100 * run_info['test_macro_f1']:.2f}%, {run_info['trainable_params']:,} trainable parameters, "
+          f"{100 * run_info['test_macro_f1']:.2f}% at the best validation step {run_info['best_step']} of "
+          f"{run_info['steps']}, {run_info['trainable_params']:,} trainable parameters, "
           f"{run_info['wall_time_s']:.1f} s; wrote {os.path.abspath(cfg.output_dir)}")
     return 0

@@ -1,380 +1,434 @@
-"""``asymlora compare``: fine-tune one pretrained classifier with every adapter strategy
-over several seeds, and report the metric, the trainable budget, time and memory.
+"""The protocol of ``asymlora compare`` (DESIGN.md §8): each strategy at its own learning rate,
+picked on validation; every run trained until its validation curve stops improving; paired seeds.
 
-Strategies (DESIGN.md §1): ``lora`` (A kaiming, B zero, both trained), ``b-only`` (A random
-orthonormal frozen, B zero trained — the paper's recommendation), ``a-only`` (A zero trained,
-B random orthonormal frozen), and the head-only baseline (no adapter). A suffix ``@Kr``
-multiplies the rank: ``b-only@2r`` trains r·2·Σd_out parameters per adapted layer set, the
-same as ``lora`` at r (r·Σ(d_in+d_out)) when d_in = d_out, as for BERT's query/value.
-Scaling is alpha/r with alpha = 2r (the paper's choice), so every strategy uses s = 2.
+1. **Learning rate.** For each strategy, one run per rate of the grid on the first seed (the
+   pilot). The rate whose run reaches the best validation accuracy wins (ties: the smaller
+   rate); when it is the grid's smallest or largest, the next rate beyond it is tried too (up
+   to ``max_lr_extensions`` times), so the chosen rate is a maximum, not an edge. The pilot run at that rate *is* the first seed's run — it was trained under exactly
+   the rules of step 2, so nothing is trained twice. Test data is never looked at here.
+2. **Runs.** Every other seed trains at the chosen rate: warm-up, then a constant rate (a decay
+   would flatten the curve by itself); validation every ``eval_every`` steps; stop after
+   ``patience`` evaluations without a new best (or at ``max_steps``); the weights of the best
+   validation step are restored and scored on test. Each run records its best step, whether
+   patience ran out (a plateau) or the step cap was hit, and the slope of its validation curve
+   over the last quarter of the run.
+3. **Pairing.** A seed fixes the data order, the head's initialisation and the seeds of the
+   frozen factors for every strategy, so strategy differences are paired by seed
+   (``asymlora.compare.stats``).
 
-Every run of a seed shares the data order, the classification-head initialisation and the
-adapter's frozen factors' seed; runs differ only in the strategy. Reported: mean ± sample
-standard deviation (ddof = 1) over seeds of test accuracy and macro-F1.
+The head-only baseline trains the head on features of the frozen encoder computed once (eval
+mode), as a linear probe; its runs follow the same rules.
 """
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
-import math
 import os
 import platform
-import re
 import time
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
+from typing import Any, Callable
 
-import numpy as np
+import torch
+from torch import nn
 
-from asymlora.fileio import atomic_write_bytes, atomic_write_text
-from asymlora.tasks.default import DEFAULT, DEFAULT_STRATEGIES
+from asymlora.compare.config import HEAD_ONLY, CompareConfig, StrategySpec
+from asymlora.compare.stats import curve_slope
+from asymlora.compare.task import HeadFeatures, Task, head_features, prepare_task, reinit_head, set_threads
+from asymlora.fileio import atomic_write_text
 
-__all__ = ["CompareConfig", "StrategySpec", "parse_strategy", "run_compare", "write_reports",
-           "format_table", "summarize", "ADAPTER_PRESETS"]
-
-ADAPTER_PRESETS = ("lora", "b-only", "a-only")
-HEAD_ONLY = "head-only"
-_STRATEGY_RE = re.compile(r"^(?P<name>[a-z-]+?)(?:@(?P<mult>\d+)r)?$")
-
-
-@dataclass(frozen=True)
-class StrategySpec:
-    """One strategy: ``preset`` is None for head-only; ``rank`` the adapter rank used."""
-
-    label: str
-    preset: str | None
-    rank: int
-    base_rank: int
-
-
-def parse_strategy(spec: str, r: int) -> StrategySpec:
-    """``lora``, ``b-only``, ``a-only``, ``head-only``, optionally with ``@Kr`` (rank K·r)."""
-    m = _STRATEGY_RE.match(spec.strip())
-    valid = f"{', '.join(ADAPTER_PRESETS + (HEAD_ONLY,))}, optionally suffixed @Kr (e.g. b-only@2r)"
-    if not m:
-        raise ValueError(f"strategy {spec!r} is not valid; use {valid}")
-    name, mult = m.group("name"), m.group("mult")
-    if name == HEAD_ONLY:
-        if mult:
-            raise ValueError(f"strategy {spec!r}: head-only has no rank; use {valid}")
-        return StrategySpec(HEAD_ONLY, None, 0, r)
-    if name not in ADAPTER_PRESETS:
-        raise ValueError(f"strategy {spec!r} is not valid; use {valid}")
-    k = int(mult) if mult else 1
-    if k < 1:
-        raise ValueError(f"strategy {spec!r}: the rank multiplier must be >= 1")
-    label = f"{name} r={k * r}" + (f" (@{k}r)" if k > 1 else "")
-    return StrategySpec(label, name, k * r, r)
-
-
-@dataclass
-class CompareConfig:
-    """Everything a compare run needs; defaults are the embedded default experiment."""
-
-    model: str | None = None                 # None = bundled all-MiniLM-L6-v2
-    data: str = "fortunes"
-    text_column: str = "text"
-    label_column: str = "label"
-    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
-    ranks: list[int] = field(default_factory=lambda: [DEFAULT.r])
-    seeds: list[int] = field(default_factory=lambda: list(DEFAULT.seeds))
-    steps: int = DEFAULT.steps
-    lr: float = DEFAULT.lr
-    batch_size: int = DEFAULT.batch_size
-    max_length: int = DEFAULT.max_length
-    eval_every: int | None = DEFAULT.eval_every
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.0
-    max_train: int | None = DEFAULT.max_train
-    max_val: int | None = DEFAULT.max_val
-    max_test: int | None = DEFAULT.max_test
-    split_seed: int = 0
-    output_dir: str = "asymlora-compare"
-    threads: int | None = None
-    mixed_precision: str = "auto"
-    target_modules: list[str] | None = None
-    quick: bool = False
-    progress: bool = True
-    plots: bool = True
-
-    def validate(self) -> None:
-        if not self.strategies:
-            raise ValueError("strategies is empty: give at least one of lora, b-only, a-only, head-only")
-        for s in self.strategies:
-            parse_strategy(s, 1)
-        if not self.ranks or any((not isinstance(r, int)) or r < 1 for r in self.ranks):
-            raise ValueError(f"ranks={self.ranks!r}: need one or more integers >= 1")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds={self.seeds!r}: need one or more distinct integers")
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
-        if self.max_length < 8:
-            raise ValueError(f"max_length={self.max_length!r}: must be >= 8 tokens")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr={self.lr!r}: must be a finite number > 0")
-        for name in ("max_train", "max_val", "max_test"):
-            v = getattr(self, name)
-            if v is not None and v < 2:
-                raise ValueError(f"{name}={v!r}: must be None (all) or >= 2")
-        if self.eval_every is not None and self.eval_every < 1:
-            raise ValueError(f"eval_every={self.eval_every!r}: must be None or >= 1")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads={self.threads!r}: must be >= 1")
-
-    def runs(self) -> list[StrategySpec]:
-        """The distinct strategies to run (head-only once, adapters once per rank)."""
-        out: list[StrategySpec] = []
-        seen: set[tuple[str | None, int]] = set()
-        for r in self.ranks:
-            for s in self.strategies:
-                spec = parse_strategy(s, r)
-                key = (spec.preset, spec.rank)
-                if key not in seen:
-                    seen.add(key)
-                    out.append(spec)
-        return out
-
-
-# ----------------------------------------------------------------------------- atomic IO
-
-
-_atomic_write_bytes = atomic_write_bytes
-_atomic_write_text = atomic_write_text
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    a = np.asarray(values, dtype=float)
-    if a.size == 0:
-        return float("nan"), float("nan")
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
-
-
-def summarize(runs: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
-    """Per strategy label: mean and std over seeds of the run metrics."""
-    rows = []
-    for label in order:
-        rs = [r for r in runs if r["strategy"] == label]
-        if not rs:
-            continue
-        row: dict[str, Any] = {"strategy": label, "preset": rs[0]["preset"], "rank": rs[0]["rank"],
-                               "seeds": [r["seed"] for r in rs], "n": len(rs),
-                               "trainable_params": rs[0]["trainable_params"],
-                               "adapter_params": rs[0]["adapter_params"]}
-        for key in ("test_accuracy", "test_macro_f1", "val_accuracy", "val_macro_f1",
-                    "wall_time_s", "peak_memory_bytes", "saved_activation_bytes", "final_train_loss"):
-            m, s = _mean_std([r[key] for r in rs if r.get(key) is not None])
-            row[key + "_mean"], row[key + "_std"] = m, s
-        rows.append(row)
-    return rows
-
-
-def _mib(x: float) -> str:
-    return f"{x / 2**20:,.0f}"
-
-
-def format_table(summary: list[dict[str, Any]], markdown: bool = False) -> str:
-    """Results table: mean ± std over seeds."""
-    head = ["strategy", "trainable", "test acc", "test macro-F1", "val acc", "time/run (s)", "peak RSS (MiB)",
-            "saved activations (MiB)"]
-    body = []
-    for r in summary:
-        body.append([
-            r["strategy"],
-            f"{r['trainable_params']:,}",
-            f"{100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f}",
-            f"{100 * r['test_macro_f1_mean']:.2f} ± {100 * r['test_macro_f1_std']:.2f}",
-            f"{100 * r['val_accuracy_mean']:.2f} ± {100 * r['val_accuracy_std']:.2f}",
-            f"{r['wall_time_s_mean']:.1f} ± {r['wall_time_s_std']:.1f}",
-            f"{_mib(r['peak_memory_bytes_mean'])}",
-            f"{r.get('saved_activation_bytes_mean', float('nan')) / 2**20:,.1f}",
-        ])
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    fmt = lambda row: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(head), sep] + [fmt(row) for row in body])
-
-
-# ----------------------------------------------------------------------------- running
-
-
-def _probe_threads(candidates: list[int]) -> tuple[int, dict[int, float]]:
-    """Time a transformer-sized matmul at each thread count and keep the fastest.
-
-    On a busy machine, OpenMP threads that wait for a core can make 2 threads 10-20x slower
-    than 1 (measured here: 22 ms vs 1.1 ms for 256x384 @ 384x384 at load 6 on 2 cores)."""
-    import torch
-
-    x, w = torch.randn(512, 384), torch.randn(1536, 384)
-    times: dict[int, float] = {}
-    for n in candidates:
-        torch.set_num_threads(n)
-        torch.nn.functional.linear(x, w)
-        best = float("inf")
-        for _ in range(3):
-            t = time.perf_counter()
-            for _ in range(4):
-                torch.nn.functional.linear(x, w)
-            best = min(best, time.perf_counter() - t)
-        times[n] = best
-    return min(times, key=times.get), times
-
-
-def _set_threads(threads: int | None) -> tuple[int, dict[int, float]]:
-    """``threads`` or, when None, the faster of all available CPUs and 1 (see ``_probe_threads``)."""
-    import torch
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-        return threads, {}
-    try:
-        avail = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        avail = os.cpu_count() or 1
-    if avail == 1:
-        torch.set_num_threads(1)
-        return 1, {}
-    n, times = _probe_threads([avail, 1])
-    torch.set_num_threads(n)
-    return n, times
-
-
-def _reinit_head(model: Any, seed: int, head: str = "classifier") -> None:
-    """Draw the new classification head from a generator seeded with ``seed`` (BERT's own
-    init: weights N(0, initializer_range²), bias 0), so every strategy of a seed starts from
-    the same head."""
-    import torch
-
-    std = float(getattr(model.config, "initializer_range", 0.02))
-    g = torch.Generator().manual_seed(10_000 + seed)
-    with torch.no_grad():
-        for mod in getattr(model, head).modules():
-            if isinstance(mod, torch.nn.Linear):
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
-                if mod.bias is not None:
-                    mod.bias.zero_()
-
-
-def _head_name(model: Any) -> str:
-    for name in ("classifier", "score", "classification_head"):
-        if hasattr(model, name):
-            return name
-    raise ValueError(f"{type(model).__name__} has no classifier/score head; cannot run a classification compare")
+__all__ = ["run_compare", "train_one", "select_lr", "Phases", "RunResult", "FeatureHead"]
 
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run_compare(cfg: CompareConfig) -> dict[str, Any]:
-    """Run every strategy × seed and write the reports; returns the results dict."""
-    cfg.validate()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import torch
+class Phases:
+    """Wall-clock seconds per phase of the protocol (load, tokenise, features, pilot, train,
+    eval, report); ``eval`` is validation and test scoring inside the runs, which ``pilot``
+    and ``train`` do not count."""
 
-    t_start = time.perf_counter()
-    specs = cfg.runs()
-    prev_threads = torch.get_num_threads()
-    threads, thread_probe = _set_threads(cfg.threads)
-    try:
-        return _run(cfg, specs, threads, thread_probe, t_start)
-    finally:
-        torch.set_num_threads(prev_threads)
+    NAMES = ("load", "tokenise", "features", "pilot", "train", "eval", "report")
+
+    def __init__(self) -> None:
+        self.seconds = {k: 0.0 for k in self.NAMES}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] += seconds
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in self.seconds.items()}
+
+
+class _Timed:
+    """Wraps an eval function and adds up the seconds spent in it."""
+
+    def __init__(self, fn: Callable[[Any], dict[str, float]]) -> None:
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, model: Any) -> dict[str, float]:
+        t = time.perf_counter()
+        try:
+            return self.fn(model)
+        finally:
+            self.seconds += time.perf_counter() - t
 
 
 @dataclass
-class Task:
-    """Everything shared by the runs of one compare: data, tokenized splits, base model."""
+class RunResult:
+    """One strategy × seed × learning rate, scored at its best validation step."""
 
-    model_path: str
-    data: Any
-    train: Any
-    val: Any
-    test: Any
-    train_ds: Any
-    val_ds: Any
-    test_ds: Any
-    collate: Any
-    base: Any
-    head: str
-
-    @property
-    def num_labels(self) -> int:
-        return self.data.num_labels
+    record: dict[str, Any]
+    eval_seconds: float
+    model: Any = field(default=None, repr=False)
 
 
-def prepare_task(cfg: CompareConfig) -> Task:
-    """Load the dataset (seeded split, capped subsets), tokenize once, load the base model."""
+# ----------------------------------------------------------------------------- one run
+
+
+class FeatureHead(nn.Module):
+    """The head-only model on cached features: ``dropout`` then the base model's head, with
+    the same cross-entropy as ``*ForSequenceClassification``."""
+
+    def __init__(self, head: nn.Module, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.head = head
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> SimpleNamespace:
+        logits = self.head(self.dropout(features))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+def _stack_features(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"features": torch.stack([it["features"] for it in items]),
+            "labels": torch.as_tensor([it["labels"] for it in items], dtype=torch.long)}
+
+
+def _feature_metrics(model: Any, data: HeadFeatures, num_labels: int, prefix: str) -> dict[str, float]:
+    from asymlora.tasks.text_classification import classification_metrics
+
+    was = model.training
+    model.eval()
+    with torch.inference_mode():
+        pred = model(data.features).logits.argmax(-1).tolist()
+    model.train(was)
+    return {prefix + k: v for k, v in classification_metrics(data.labels, pred, num_labels).items()}
+
+
+def _head_dropout(config: Any) -> float:
+    p = getattr(config, "classifier_dropout", None)
+    if p is None:
+        p = getattr(config, "hidden_dropout_prob", 0.0)
+    return float(p or 0.0)
+
+
+def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
+           features: dict[str, HeadFeatures] | None) -> tuple[Any, Any, Any, Callable, Callable, int]:
+    """The model of one run and how to feed and score it:
+    (model, train data, collate, val scorer, test scorer, adapter parameters)."""
+    import asymlora
+    from asymlora.tasks.text_classification import evaluate_classifier
+
+    k = task.num_labels
+    if spec.preset is None and features is not None:
+        head = copy.deepcopy(getattr(task.base, task.head))
+        shell = SimpleNamespace(config=task.base.config, h=head)
+        reinit_head(shell, seed, "h")
+        model = FeatureHead(head, _head_dropout(task.base.config))
+        return (model, features["train"], _stack_features,
+                lambda m: _feature_metrics(m, features["val"], k, "val_"),
+                lambda m: _feature_metrics(m, features["test"], k, "test_"), 0)
+    model = copy.deepcopy(task.base)
+    reinit_head(model, seed, task.head)
+    if spec.preset is None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in getattr(model, task.head).parameters():
+            p.requires_grad_(True)
+        adapter = 0
+    else:
+        acfg = asymlora.AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed,
+                                              target_modules=cfg.target_modules, modules_to_save=[task.head])
+        asymlora.wrap(model, acfg)
+        adapter = asymlora.parameter_report(model).adapter_trainable
+    return (model, task.train_ds, task.collate,
+            lambda m: evaluate_classifier(m, task.val_ds, task.collate, k, prefix="val_"),
+            lambda m: evaluate_classifier(m, task.test_ds, task.collate, k, prefix="test_"), adapter)
+
+
+def train_one(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: CompareConfig, *, desc: str,
+              features: dict[str, HeadFeatures] | None = None, output_dir: str | None = None,
+              checkpoint_every: int | None = None, resume: bool = False) -> RunResult:
+    """One strategy × seed at learning rate ``lr``, by the rules of step 2 of the protocol."""
+    from asymlora.train import TrainArgs, fit
+
+    model, train_data, collate, score_val, score_test, adapter_params = _build(task, spec, seed, cfg, features)
+    precision = resolve_precision(cfg.mixed_precision)
+    if torch.cuda.is_available():  # fit() returns the model on the device it was given
+        model.to("cuda")
+    timed_val = _Timed(score_val)
+    args = TrainArgs(lr=lr, max_steps=cfg.max_steps, batch_size=cfg.batch_size, seed=seed,
+                     eval_every=cfg.eval_every, warmup_steps=min(cfg.warmup_steps, cfg.max_steps - 1),
+                     lr_schedule="constant", early_stopping_patience=cfg.patience,
+                     early_stopping_min_steps=min(cfg.min_steps, cfg.max_steps),
+                     early_stopping_metric="val_accuracy", restore_best=True,
+                     group_by_length=callable(getattr(train_data, "lengths", None)),
+                     weight_decay=cfg.weight_decay, mixed_precision=precision,
+                     progress=cfg.progress, desc=desc, output_dir=output_dir,
+                     checkpoint_every=checkpoint_every, resume=resume)
+    res = fit(model, train_data, collate, args, eval_fn=timed_val)
+    t = time.perf_counter()
+    with _autocast(precision):  # test is scored at the precision validation was
+        test_m = score_test(model)
+    eval_s = timed_val.seconds + time.perf_counter() - t
+    evals = [(h["step"], h["val_accuracy"]) for h in res.history if "val_accuracy" in h]
+    record = {
+        "strategy": spec.label, "preset": spec.preset or HEAD_ONLY, "rank": spec.rank, "seed": seed, "lr": lr,
+        "trainable_params": res.trainable_params, "adapter_params": adapter_params,
+        **test_m,
+        "val_accuracy": res.final_metrics.get("val_accuracy"),
+        "val_macro_f1": res.final_metrics.get("val_macro_f1"),
+        "best_step": res.best_step if res.best_step is not None else res.steps,
+        "steps": res.steps, "max_steps": cfg.max_steps,
+        "stopped_early": res.stopped_early,
+        "val_slope_last_quarter": curve_slope([s for s, _ in evals], [v for _, v in evals]),
+        "final_train_loss": res.final_metrics.get("train_loss"),
+        "wall_time_s": res.wall_time_s + (time.perf_counter() - t), "eval_time_s": eval_s,
+        "peak_memory_bytes": res.peak_memory_bytes, "peak_memory_kind": res.peak_memory_kind,
+        "saved_activation_bytes": res.saved_activation_bytes,
+        "head_on_cached_features": spec.preset is None and features is not None,
+        "history": res.history,
+    }
+    return RunResult(record, eval_s, model)
+
+
+def resolve_precision(mode: str) -> str:
+    """compare's "auto": bf16 autocast on a GPU that has it (else fp16) and on CPUs with native
+    bf16 matrix instructions (``asymlora.train.cpu_has_native_bf16``), else full fp32. The
+    trained factors and the optimizer stay fp32 either way."""
+    if mode != "auto":
+        return mode
+    if torch.cuda.is_available():
+        return "auto"  # fit() picks bf16 or fp16 on the GPU
+    from asymlora.train import cpu_has_native_bf16
+
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
+def _autocast(precision: str) -> Any:
+    import contextlib
+
+    if precision == "bf16" and not torch.cuda.is_available():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+def select_lr(pilots: dict[float, dict[str, Any]]) -> float:
+    """The rate whose pilot run reached the best validation accuracy; ties go to the smaller
+    rate (the more conservative choice)."""
+    if not pilots:
+        raise ValueError("no pilot runs to choose a learning rate from")
+    return min(pilots, key=lambda lr: (-pilots[lr]["val_accuracy"], lr))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run to do: ``pilot`` runs try a rate of the grid on the first seed."""
+
+    spec: StrategySpec
+    seed: int
+    lr: float
+    pilot: bool
+
+
+class _InProcess:
+    """Runs each job at once in this process; ``submit`` returns a finished future, so the
+    scheduler below serves the in-process and the worker-pool cases alike."""
+
+    def __init__(self, task: Task, cfg: CompareConfig, features: dict[str, HeadFeatures] | None) -> None:
+        self.task, self.cfg, self.features = task, cfg, features
+
+    def submit(self, job: Job, tag: str) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(_execute(self.task, self.cfg, job, tag, self.features))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
+            fut.set_exception(err)
+        return fut
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(cfg: CompareConfig) -> None:
+    """Each worker process loads the task once and computes with one thread."""
+    torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from asymlora.tasks.default import default_model_path
-    from asymlora.tasks.text_classification import (
-        PadCollator, TokenizedDataset, load_text_dataset, subsample_stratified)
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    model_path = cfg.model or default_model_path()
-    if not os.path.isfile(os.path.join(model_path, "config.json")):
-        raise ValueError(f"--model {model_path!r} is not a folder with a transformers model (config.json)")
-    data = load_text_dataset(cfg.data, cfg.split_seed, text_column=cfg.text_column, label_column=cfg.label_column)
-    train = subsample_stratified(data.train, cfg.max_train, cfg.split_seed)
-    val = subsample_stratified(data.val, cfg.max_val, cfg.split_seed)
-    test = subsample_stratified(data.test, cfg.max_test, cfg.split_seed)
-    if len(train) == 0 or len(val) == 0 or len(test) == 0:
-        raise ValueError(f"dataset {cfg.data!r} is too small: an empty train, validation or test split")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
-        label2id={n: i for i, n in enumerate(data.label_names)})
-    return Task(model_path=model_path, data=data, train=train, val=val, test=test,
-                train_ds=TokenizedDataset(train, tokenizer, cfg.max_length),
-                val_ds=TokenizedDataset(val, tokenizer, cfg.max_length),
-                test_ds=TokenizedDataset(test, tokenizer, cfg.max_length),
-                collate=PadCollator(tokenizer.pad_token_id or 0), base=base, head=_head_name(base))
+    _WORKER["task"], _WORKER["cfg"] = prepare_task(cfg), cfg
 
 
-def _run(cfg: CompareConfig, specs: list[StrategySpec], threads: int, thread_probe: dict[int, float],
-         t_start: float) -> dict[str, Any]:
-    import torch
+def _worker_job(job: Job, tag: str) -> tuple[dict[str, Any], float]:
+    return _execute(_WORKER["task"], _WORKER["cfg"], job, tag, None)
+
+
+class _Pool:
+    """``workers`` processes with one thread each: on CPUs, two single-thread runs side by side
+    do ~1.25x the work of one run on two threads (small matrices, Python overhead)."""
+
+    def __init__(self, cfg: CompareConfig, workers: int) -> None:
+        import multiprocessing
+
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_worker_init, initargs=(replace(cfg, progress=False),))
+
+    def submit(self, job: Job, tag: str) -> Future:
+        return self.pool.submit(_worker_job, job, tag)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _execute(task: Task, cfg: CompareConfig, job: Job, tag: str,
+             features: dict[str, HeadFeatures] | None) -> tuple[dict[str, Any], float]:
+    desc = f"{tag} {job.spec.label} " + (f"lr {job.lr:g}" if job.pilot else f"seed {job.seed}")
+    out = train_one(task, job.spec, job.seed, job.lr, cfg, desc=desc, features=features)
+    return out.record, out.eval_seconds
+
+
+def _report_run(tag: str, rec: dict[str, Any], pilot: bool) -> None:
+    end = "plateau" if rec["stopped_early"] else "step cap"
+    _log(f"{tag} {rec['strategy']:<18} seed {rec['seed']} lr {rec['lr']:<7g} "
+         f"val {100 * rec['val_accuracy']:.2f}  test {100 * rec['test_accuracy']:.2f}  best step "
+         f"{rec['best_step']}/{rec['steps']} ({end})  {rec['wall_time_s']:.0f} s" + ("  [pilot]" if pilot else ""))
+
+
+class _Schedule:
+    """Pilots of every strategy first; a strategy's other seeds as soon as its pilots are in."""
+
+    def __init__(self, specs: list[StrategySpec], cfg: CompareConfig, phases: Phases) -> None:
+        self.cfg, self.phases = cfg, phases
+        self.total = len(specs) * (len(cfg.lr_grid()) + len(cfg.seeds) - 1)
+        self.started = 0
+        self.pilots: dict[str, dict[float, dict[str, Any]]] = {s.label: {} for s in specs}
+        self.runs: dict[tuple[str, int], dict[str, Any]] = {}
+        self.selections: dict[str, dict[str, Any]] = {}
+        self.extensions: dict[str, int] = {}
+
+    def tag(self) -> str:
+        self.started += 1
+        return f"[{self.started}/{self.total}]"
+
+    def pilot_jobs(self, spec: StrategySpec) -> list[Job]:
+        return [Job(spec, self.cfg.seeds[0], lr, True) for lr in self.cfg.lr_grid()]
+
+    def record(self, job: Job, rec: dict[str, Any], eval_s: float, tag: str) -> list[Job]:
+        """Book a finished run; returns the jobs it unlocks (the strategy's other seeds)."""
+        self.phases.add("pilot" if job.pilot else "train", rec["wall_time_s"] - eval_s)
+        self.phases.add("eval", eval_s)
+        _report_run(tag, rec, pilot=job.pilot and self.cfg.selects_lr)
+        if not job.pilot:
+            self.runs[(job.spec.label, job.seed)] = dict(rec, role="run")
+            return []
+        pilots = self.pilots[job.spec.label]
+        pilots[job.lr] = rec
+        if len(pilots) < len(self.cfg.lr_grid()) + self.extensions.get(job.spec.label, 0):
+            return []
+        chosen = select_lr(pilots)
+        beyond = grid_extension(sorted(pilots), chosen)
+        if beyond is not None and self.extensions.get(job.spec.label, 0) < self.cfg.max_lr_extensions:
+            # The best rate is at the edge of what was tried: the optimum may lie beyond it.
+            self.extensions[job.spec.label] = self.extensions.get(job.spec.label, 0) + 1
+            self.total += 1
+            return [Job(job.spec, job.seed, beyond, True)]
+        self.selections[job.spec.label] = _selection(job.spec, self.cfg, pilots, chosen)
+        self.runs[(job.spec.label, job.seed)] = dict(pilots[chosen], role="pilot-winner" if self.cfg.selects_lr
+                                                     else "run")
+        return [Job(job.spec, seed, chosen, False) for seed in self.cfg.seeds[1:]]
+
+    def ordered(self, specs: list[StrategySpec]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        runs = [self.runs[(s.label, seed)] for s in specs for seed in self.cfg.seeds if (s.label, seed) in self.runs]
+        return runs, [self.selections[s.label] for s in specs if s.label in self.selections]
+
+
+def grid_extension(tried: list[float], chosen: float) -> float | None:
+    """The next rate beyond the edge of the sorted grid ``tried`` when ``chosen`` sits on that
+    edge (one grid step further, by the ratio of the two neighbouring rates), else None."""
+    if len(tried) < 2 or tried[0] < chosen < tried[-1]:
+        return None
+    if chosen == tried[0]:
+        return tried[0] * tried[0] / tried[1]
+    return tried[-1] * tried[-1] / tried[-2]
+
+
+def _selection(spec: StrategySpec, cfg: CompareConfig, pilots: dict[float, dict[str, Any]],
+               chosen: float) -> dict[str, Any]:
+    return {
+        "strategy": spec.label, "chosen_lr": chosen, "selected_on": f"validation accuracy, seed {cfg.seeds[0]}",
+        "grid": [{"lr": lr, "val_accuracy": r["val_accuracy"], "best_step": r["best_step"], "steps": r["steps"],
+                  "stopped_early": r["stopped_early"],
+                  "curve": [(h["step"], h["val_accuracy"]) for h in r["history"] if "val_accuracy" in h]}
+                 for lr, r in sorted(pilots.items())],
+    }
+
+
+def _run_all(specs: list[StrategySpec], cfg: CompareConfig, sched: _Schedule, executors: dict[bool, Any],
+             on_progress: Callable[[], None]) -> None:
+    """Drive every job to completion; ``executors[is_adapter]`` runs a job (head-only runs stay
+    in this process, on the cached features)."""
+    pending: dict[Future, tuple[Job, str]] = {}
+
+    def submit(job: Job) -> None:
+        tag = sched.tag()
+        pending[executors[job.spec.is_adapter].submit(job, tag)] = (job, tag)
+
+    for spec in sorted(specs, key=lambda s: s.is_adapter):  # the cheap head-only runs first
+        for job in sched.pilot_jobs(spec):
+            submit(job)
+    while pending:
+        done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+        for fut in done:
+            job, tag = pending.pop(fut)
+            rec, eval_s = fut.result()
+            for nxt in sched.record(job, rec, eval_s, tag):
+                submit(nxt)
+        on_progress()
+
+
+def _settings(cfg: CompareConfig, task: Task, specs: list[StrategySpec], threads: int,
+              thread_probe: dict[int, float]) -> dict[str, Any]:
     import transformers
 
     import asymlora
 
-    task = prepare_task(cfg)
-    data, train, val, test = task.data, task.train, task.val, task.test
-    train_ds, val_ds, test_ds, collate = task.train_ds, task.val_ds, task.test_ds, task.collate
-    base, head, k, model_path = task.base, task.head, task.num_labels, task.model_path
-    base_params = sum(p.numel() for p in base.parameters())
-    model_name = "all-MiniLM-L6-v2" if cfg.model is None else os.path.basename(os.path.normpath(model_path))
-    targets = asymlora.find_target_modules(base, cfg.target_modules, exclude=[head])
-    target_desc = f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in targets}))} ({len(targets)} layers)"
-
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    settings = {
-        "model": os.path.abspath(model_path), "model_name": model_name, "model_type": base.config.model_type, "model_params": base_params,
-        "data": cfg.data, "dataset": data.summary(),
-        "used_sizes": {"train": len(train), "val": len(val), "test": len(test)},
-        "majority_class_test_accuracy": max(test.class_counts(k)) / len(test),
+    base = task.base
+    targets = asymlora.find_target_modules(base, cfg.target_modules, exclude=[task.head])
+    k = task.num_labels
+    return {
+        "model": os.path.abspath(task.model_path),
+        "model_name": "all-MiniLM-L6-v2" if cfg.model is None else os.path.basename(os.path.normpath(task.model_path)),
+        "model_type": base.config.model_type, "model_params": sum(p.numel() for p in base.parameters()),
+        "data": cfg.data, "dataset": task.data.summary(),
+        "used_sizes": {"train": len(task.train), "val": len(task.val), "test": len(task.test)},
+        "majority_class_test_accuracy": max(task.test.class_counts(k)) / len(task.test),
         "strategies": [s.label for s in specs], "ranks": cfg.ranks, "seeds": cfg.seeds,
-        "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "max_length": cfg.max_length,
-        "eval_every": cfg.eval_every, "warmup_ratio": cfg.warmup_ratio, "weight_decay": cfg.weight_decay,
+        "lr_grid": cfg.lr_grid(), "selects_lr": cfg.selects_lr, "max_steps": cfg.max_steps,
+        "eval_every": cfg.eval_every, "patience": cfg.patience, "min_steps": cfg.min_steps, "warmup_steps": cfg.warmup_steps,
+        "lr_schedule": "linear warm-up, then constant", "batch_size": cfg.batch_size,
+        "batching": "length-grouped batches (runs of 50 batches sorted by length, batches shuffled)",
+        "max_length": cfg.max_length, "weight_decay": cfg.weight_decay, "margin": cfg.margin,
         "alpha": "2r (scaling alpha/r = 2)", "target_modules": cfg.target_modules or "architecture default",
-        "adapted_layers": target_desc,
-        "head": head, "quick": cfg.quick, "threads": threads,
-        "thread_probe_s": {str(k): round(v, 5) for k, v in thread_probe.items()}, "mixed_precision": cfg.mixed_precision,
-        "examples_seen_per_run": cfg.steps * cfg.batch_size,
+        "adapted_layers": f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in targets}))} ({len(targets)} layers)",
+        "head": task.head, "quick": cfg.quick, "threads": threads,
+        "thread_probe_s": {str(n): round(v, 5) for n, v in thread_probe.items()},
+        "mixed_precision": cfg.mixed_precision, "precision_used": resolve_precision(cfg.mixed_precision),
         "peak_memory": ("CUDA max_memory_allocated" if torch.cuda.is_available() else
                         "CPU peak resident set size of the process during the run (Linux VmHWM reset per run)"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -382,201 +436,88 @@ def _run(cfg: CompareConfig, specs: list[StrategySpec], threads: int, thread_pro
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"},
     }
-    _log(f"asymlora compare: {model_name} ({base_params / 1e6:.1f}M params) on "
-         f"{data.name} ({k} classes: {', '.join(data.label_names)}); train {len(train)} / val {len(val)} / "
-         f"test {len(test)}; {len(specs)} strategies × {len(cfg.seeds)} seeds, {cfg.steps} steps × batch "
-         f"{cfg.batch_size}, max {cfg.max_length} tokens, lr {cfg.lr:g}, {threads} threads")
 
-    runs: list[dict[str, Any]] = []
-    total_runs = len(specs) * len(cfg.seeds)
-    i = 0
-    for seed in cfg.seeds:
-        for spec in specs:
-            i += 1
-            run, model = train_one(base, head, spec, seed, cfg, train_ds, val_ds, test_ds, collate, k,
-                                   desc=f"[{i}/{total_runs}] {spec.label} seed {seed}")
-            res_t, res_mem, test_m = run["wall_time_s"], run["peak_memory_bytes"], run
-            runs.append(run)
-            _log(f"[{i}/{total_runs}] {spec.label:<22} seed {seed}: test acc {100 * test_m['test_accuracy']:.2f}  "
-                 f"macro-F1 {100 * test_m['test_macro_f1']:.2f}  trainable {run['trainable_params']:,}  "
-                 f"{res_t:.1f} s  peak {_mib(res_mem)} MiB")
-            del model
-            partial = _results(cfg, settings, specs, runs, time.perf_counter() - t_start, complete=False)
-            _atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(partial, indent=1))
 
-    results = _results(cfg, settings, specs, runs, time.perf_counter() - t_start, complete=True)
+def run_compare(cfg: CompareConfig) -> dict[str, Any]:
+    """Run the protocol for every strategy and write the reports; returns the results dict."""
+    cfg.validate()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+    t_start = time.perf_counter()
+    prev_threads = torch.get_num_threads()
+    threads, probe = set_threads(cfg.threads)
+    try:
+        return _run(cfg, threads, probe, t_start)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: float) -> dict[str, Any]:
+    from asymlora.compare.report import assemble, write_reports
+
+    specs = cfg.runs()
+    phases = Phases()
+    task = prepare_task(cfg)
+    phases.add("load", task.timings["load"])
+    phases.add("tokenise", task.timings["tokenise"])
+    workers = _workers(cfg, specs)
+    settings = _settings(cfg, task, specs, threads, probe)
+    settings["workers"] = workers
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    features = None
+    if any(s.preset is None for s in specs):
+        t = time.perf_counter()
+        feats = {name: head_features(task.base, task.head, ds, task.collate)
+                 for name, ds in (("train", task.train_ds), ("val", task.val_ds), ("test", task.test_ds))}
+        features = None if any(f is None for f in feats.values()) else feats
+        phases.add("features", time.perf_counter() - t)
+    sched = _Schedule(specs, cfg, phases)
+    grid = ", ".join(f"{x:g}" for x in cfg.lr_grid())
+    _log(f"asymlora compare: {settings['model_name']} ({settings['model_params'] / 1e6:.1f}M params) on "
+         f"{task.data.name} ({task.num_labels} classes); train {len(task.train)} / val {len(task.val)} / test "
+         f"{len(task.test)}; {len(specs)} strategies, lr {'grid ' if cfg.selects_lr else ''}{grid}, seeds "
+         f"{', '.join(map(str, cfg.seeds))}: {sched.total} runs of batch {cfg.batch_size} until validation stops "
+         f"improving ({cfg.patience} evaluations × {cfg.eval_every} steps, at most {cfg.max_steps} steps); "
+         + (f"{workers} worker processes × 1 thread" if workers > 1 else
+            f"{threads} thread{'s' if threads != 1 else ''}"))
+
+    def checkpoint_results() -> None:
+        runs, selections = sched.ordered(specs)
+        partial = assemble(cfg, settings, specs, runs, selections, phases, time.perf_counter() - t_start,
+                           complete=False)
+        atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(partial, indent=1))
+
+    local = _InProcess(task, cfg, features)
+    pool = _Pool(cfg, workers) if workers > 1 else None
+    t_runs = time.perf_counter()
+    try:
+        _run_all(specs, cfg, sched, {False: local, True: pool or local}, checkpoint_results)
+    finally:
+        if pool is not None:
+            pool.close()
+    settings["runs_wall_s"] = round(time.perf_counter() - t_runs, 2)
+    t = time.perf_counter()
+    runs, selections = sched.ordered(specs)
+    results = assemble(cfg, settings, specs, runs, selections, phases, time.perf_counter() - t_start, complete=True)
     write_reports(results, cfg.output_dir, plots=cfg.plots)
+    phases.add("report", time.perf_counter() - t)
+    results["phases_s"] = phases.to_dict()
     results["total_time_s"] = time.perf_counter() - t_start
-    _atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(results, indent=1))
+    atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(results, indent=1))
     return results
 
 
-def train_one(base: Any, head: str, spec: StrategySpec, seed: int, cfg: CompareConfig, train_ds: Any,
-              val_ds: Any, test_ds: Any, collate: Any, num_labels: int, desc: str,
-              output_dir: str | None = None, checkpoint_every: int | None = None,
-              resume: bool = False) -> tuple[dict[str, Any], Any]:
-    """One strategy × seed: copy the base model, draw the head from ``seed``, wrap (or
-    freeze all but the head), train with ``asymlora.train.fit``, score the test split."""
-    import asymlora
-    from asymlora.tasks.text_classification import evaluate_classifier
-    from asymlora.train import TrainArgs, fit
-
-    model = copy.deepcopy(base)
-    _reinit_head(model, seed, head)
-    if spec.preset is None:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in getattr(model, head).parameters():
-            p.requires_grad_(True)
-    else:
-        acfg = asymlora.AsymLoraConfig.preset(
-            spec.preset, r=spec.rank, seed=seed, target_modules=cfg.target_modules, modules_to_save=[head])
-        asymlora.wrap(model, acfg)
-    rep = asymlora.parameter_report(model)
-    import torch
-
-    if torch.cuda.is_available():  # fit() returns the model on the device it was given
-        model.to("cuda")
-    args = TrainArgs(lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch_size, seed=seed,
-                     eval_every=cfg.eval_every, warmup_ratio=cfg.warmup_ratio,
-                     weight_decay=cfg.weight_decay, mixed_precision=cfg.mixed_precision,
-                     progress=cfg.progress, desc=desc, output_dir=output_dir,
-                     checkpoint_every=checkpoint_every, resume=resume)
-    res = fit(model, train_ds, collate, args,
-              eval_fn=lambda m: evaluate_classifier(m, val_ds, collate, num_labels, prefix="val_"))
-    test_m = evaluate_classifier(model, test_ds, collate, num_labels, prefix="test_")
-    run = {
-        "strategy": spec.label, "preset": spec.preset or HEAD_ONLY, "rank": spec.rank, "seed": seed,
-        "trainable_params": res.trainable_params, "adapter_params": rep.adapter_trainable,
-        **test_m,
-        "val_accuracy": res.final_metrics.get("val_accuracy"),
-        "val_macro_f1": res.final_metrics.get("val_macro_f1"),
-        "final_train_loss": res.final_metrics.get("train_loss"),
-        "wall_time_s": res.wall_time_s, "peak_memory_bytes": res.peak_memory_bytes,
-        "peak_memory_kind": res.peak_memory_kind, "saved_activation_bytes": res.saved_activation_bytes,
-        "steps": res.steps,
-        "history": res.history,
-    }
-    return run, model
-
-
-def _results(cfg: CompareConfig, settings: dict, specs: list[StrategySpec], runs: list[dict],
-             elapsed: float, complete: bool) -> dict[str, Any]:
-    return {"complete": complete, "settings": settings, "total_time_s": elapsed,
-            "summary": summarize(runs, [s.label for s in specs]), "runs": runs}
-
-
-# ----------------------------------------------------------------------------- reports
-
-
-def write_reports(results: dict[str, Any], out_dir: str, plots: bool = True) -> list[str]:
-    """results.json, results.csv (one row per run), results.md and the PNG plots."""
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    path = os.path.join(out_dir, "results.json")
-    _atomic_write_text(path, json.dumps(results, indent=1))
-    written.append(path)
-
-    cols = ["strategy", "preset", "rank", "seed", "trainable_params", "adapter_params", "test_accuracy",
-            "test_macro_f1", "val_accuracy", "val_macro_f1", "final_train_loss", "wall_time_s",
-            "peak_memory_bytes", "saved_activation_bytes", "steps"]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(cols)
-    for r in results["runs"]:
-        w.writerow([r.get(c) for c in cols])
-    path = os.path.join(out_dir, "results.csv")
-    _atomic_write_text(path, buf.getvalue())
-    written.append(path)
-
-    s = results["settings"]
-    md = [
-        "# asymlora compare", "",
-        f"Model `{s.get('model_name', os.path.basename(s['model']))}` ({s['model_params'] / 1e6:.1f}M parameters, "
-        f"{s['model_type']}), data `{s['data']}` ({len(s['dataset']['label_names'])} classes: "
-        f"{', '.join(s['dataset']['label_names'])}); train {s['used_sizes']['train']}, "
-        f"val {s['used_sizes']['val']}, test {s['used_sizes']['test']}.",
-        f"{s['steps']} steps × batch {s['batch_size']} ({s['examples_seen_per_run']} examples seen), lr {s['lr']:g}, "
-        f"max {s['max_length']} tokens, alpha = 2r, adapters on {s.get('adapted_layers', s['target_modules'])}, head `{s['head']}` trained "
-        f"in every run; seeds {s['seeds']}; {s['threads']} thread(s) on {s['machine']['device']}.",
-        "",
-        f"Mean ± sample std over seeds; majority-class test accuracy "
-        f"{100 * s.get('majority_class_test_accuracy', float('nan')):.2f}%. Peak RSS: {s['peak_memory']}. "
-        "Saved activations: the largest total size of the tensors autograd kept for backward in one "
-        "step (parameters and buffers excluded).", "",
-        format_table(results["summary"], markdown=True), "",
-        f"Total time {results['total_time_s']:.0f} s.", "",
-    ]
-    path = os.path.join(out_dir, "results.md")
-    _atomic_write_text(path, "\n".join(md))
-    written.append(path)
-    if plots:
-        written += _plots(results, out_dir)
-    return written
-
-
-def _save_fig(fig: Any, path: str) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    _atomic_write_bytes(path, buf.getvalue())
-
-
-def _plots(results: dict[str, Any], out_dir: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = results["summary"]
-    out = []
-    labels = [r["strategy"] for r in summary]
-    x = np.arange(len(labels))
-    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(labels)), 4))
-    wd = 0.38
-    for j, (key, name) in enumerate((("test_accuracy", "accuracy"), ("test_macro_f1", "macro-F1"))):
-        means = [100 * r[key + "_mean"] for r in summary]
-        stds = [100 * r[key + "_std"] for r in summary]
-        ax.bar(x + (j - 0.5) * wd, means, wd, yerr=stds, capsize=4, label=name)
-        for run in results["runs"]:  # individual seeds as dots
-            k = labels.index(run["strategy"])
-            ax.plot(k + (j - 0.5) * wd, 100 * run[key], "k.", ms=4, alpha=0.6)
-    ax.set_xticks(x, [f"{lab}\n{r['trainable_params']:,} params" for lab, r in zip(labels, summary)], fontsize=8)
-    ax.set_ylabel("test metric (%)")
-    lo = min(100 * r["test_macro_f1_mean"] - 100 * r["test_macro_f1_std"] for r in summary)
-    ax.set_ylim(max(0, lo - 10), 112)
-    maj = results["settings"].get("majority_class_test_accuracy")
-    if maj is not None:
-        ax.axhline(100 * maj, color="gray", ls="--", lw=1, label="majority class")
-    ax.set_title(f"{results['settings']['data']}: mean ± std over seeds {results['settings']['seeds']}")
-    ax.legend(loc="upper right", ncol=3, fontsize=8)
-    path = os.path.join(out_dir, "metric_by_strategy.png")
-    _save_fig(fig, path)
-    plt.close(fig)
-    out.append(path)
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for c, lab in enumerate(labels):
-        rs = [r for r in results["runs"] if r["strategy"] == lab]
-        col = colors[c % len(colors)]
-        steps = [h["step"] for h in rs[0]["history"]]
-        losses = np.array([[h["loss"] for h in r["history"]] for r in rs])
-        m = losses.mean(0)
-        win = max(1, len(m) // 20)
-        sm = np.convolve(m, np.ones(win) / win, mode="valid")
-        a1.plot(steps[win - 1:], sm, color=col, label=lab)
-        ev = [(h["step"], h["val_accuracy"]) for h in rs[0]["history"] if "val_accuracy" in h]
-        if ev:
-            es = [e[0] for e in ev]
-            vals = np.array([[h["val_accuracy"] for h in r["history"] if "val_accuracy" in h] for r in rs]) * 100
-            a2.errorbar(es, vals.mean(0), yerr=vals.std(0, ddof=1) if len(rs) > 1 else None,
-                        color=col, marker="o", capsize=3, label=lab)
-    a1.set_xlabel("step"), a1.set_ylabel("training loss (mean over seeds, smoothed)")
-    a2.set_xlabel("step"), a2.set_ylabel("validation accuracy (%)")
-    a1.legend(fontsize=8), a2.legend(fontsize=8)
-    a1.set_title("training loss"), a2.set_title("validation accuracy")
-    path = os.path.join(out_dir, "training_curves.png")
-    _save_fig(fig, path)
-    plt.close(fig)
-    out.append(path)
-    return out
+def _workers(cfg: CompareConfig, specs: list[StrategySpec]) -> int:
+    """Worker processes for the adapter runs: ``cfg.workers``, or on a CPU-only machine one
+    per available core (at most 2 — beyond that, memory bandwidth, not cores, limits a 22M
+    model), one when there is a GPU."""
+    if cfg.workers is not None:
+        return cfg.workers
+    if torch.cuda.is_available() or not any(s.is_adapter for s in specs):
+        return 1
+    try:
+        avail = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        avail = os.cpu_count() or 1
+    return max(1, min(2, avail))

@@ -450,8 +450,8 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_lab
 
 
 def evaluate_classifier(model: Any, data: TokenizedDataset, collate: PadCollator, num_labels: int,
-                        batch_size: int = 64, prefix: str = "") -> dict[str, float]:
-    """Predict ``data`` (length-sorted batches to minimise padding) and score it."""
+                        batch_size: int = 128, prefix: str = "") -> dict[str, float]:
+    """Predict ``data`` (length-sorted batches to minimise padding, no autograd) and score it."""
     import torch
 
     device = next(model.parameters()).device
@@ -459,7 +459,7 @@ def evaluate_classifier(model: Any, data: TokenizedDataset, collate: PadCollator
     preds = np.empty(len(data), dtype=np.int64)
     was = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.inference_mode():
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
             batch = collate([data[int(i)] for i in idx])

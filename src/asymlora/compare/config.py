@@ -1,0 +1,179 @@
+"""What one ``asymlora compare`` run is: the strategies, the protocol's settings, validation.
+
+Strategies (DESIGN.md §1): ``lora`` (A kaiming, B zero, both trained), ``b-only`` (A random
+orthonormal frozen, B zero trained — the paper's recommendation), ``a-only`` (A zero trained,
+B random orthonormal frozen) and the ``head-only`` baseline (no adapter). A suffix ``@Kr``
+multiplies the rank: ``b-only@2r`` trains 2r·Σd_out parameters, the same as ``lora`` at r
+(r·Σ(d_in+d_out)) when d_in = d_out, as for BERT's query/value. Scaling is alpha/r with
+alpha = 2r (the paper's choice), so every strategy uses s = 2.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from asymlora.errors import UserError
+from asymlora.tasks.default import DEFAULT, DEFAULT_STRATEGIES
+
+__all__ = ["ADAPTER_PRESETS", "HEAD_ONLY", "StrategySpec", "parse_strategy", "CompareConfig"]
+
+ADAPTER_PRESETS = ("lora", "b-only", "a-only")
+HEAD_ONLY = "head-only"
+_STRATEGY_RE = re.compile(r"^(?P<name>[a-z-]+?)(?:@(?P<mult>\d+)r)?$")
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """One strategy: ``preset`` is None for head-only; ``rank`` the adapter rank used and
+    ``base_rank`` the r it was derived from (``b-only@2r`` at r=8: rank 16, base_rank 8)."""
+
+    label: str
+    preset: str | None
+    rank: int
+    base_rank: int
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.preset is not None
+
+
+def parse_strategy(spec: str, r: int) -> StrategySpec:
+    """``lora``, ``b-only``, ``a-only``, ``head-only``, optionally with ``@Kr`` (rank K·r)."""
+    m = _STRATEGY_RE.match(spec.strip())
+    valid = f"{', '.join(ADAPTER_PRESETS + (HEAD_ONLY,))}, optionally suffixed @Kr (e.g. b-only@2r)"
+    if not m:
+        raise UserError(f"strategy {spec!r} is not valid; use {valid}")
+    name, mult = m.group("name"), m.group("mult")
+    if name == HEAD_ONLY:
+        if mult:
+            raise UserError(f"strategy {spec!r}: head-only has no rank; use {valid}")
+        return StrategySpec(HEAD_ONLY, None, 0, r)
+    if name not in ADAPTER_PRESETS:
+        raise UserError(f"strategy {spec!r} is not valid; use {valid}")
+    k = int(mult) if mult else 1
+    if k < 1:
+        raise UserError(f"strategy {spec!r}: the rank multiplier must be >= 1")
+    label = f"{name} r={k * r}" + (f" (@{k}r)" if k > 1 else "")
+    return StrategySpec(label, name, k * r, r)
+
+
+@dataclass
+class CompareConfig:
+    """Everything a compare run needs; the defaults are the embedded default experiment
+    (``asymlora.tasks.default.DEFAULT``).
+
+    Protocol: for each strategy the learning rate is picked from ``lrs`` by the best validation
+    accuracy of full runs on the first seed (the pilot); every seed then trains at that rate
+    with a constant rate after ``warmup_steps``, is evaluated on validation every
+    ``eval_every`` steps, stops after ``patience`` evaluations without improvement counted from
+    step ``min_steps`` on (or at ``max_steps``), and is scored on test with the weights of its
+    best validation step.
+    ``lr`` set: one rate for every strategy, no selection (the old single-rate mode).
+    """
+
+    model: str | None = None                 # None = bundled all-MiniLM-L6-v2
+    data: str = "fortunes"
+    text_column: str = "text"
+    label_column: str = "label"
+    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
+    ranks: list[int] = field(default_factory=lambda: [DEFAULT.r])
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT.seeds))
+    lrs: list[float] = field(default_factory=lambda: list(DEFAULT.lrs))
+    lr: float | None = None
+    max_lr_extensions: int = 2               # extra pilot rates beyond an edge of the grid
+    max_steps: int = DEFAULT.max_steps
+    eval_every: int = DEFAULT.eval_every
+    patience: int = DEFAULT.patience
+    min_steps: int = DEFAULT.min_steps
+    warmup_steps: int = DEFAULT.warmup_steps
+    batch_size: int = DEFAULT.batch_size
+    max_length: int = DEFAULT.max_length
+    weight_decay: float = 0.0
+    max_train: int | None = DEFAULT.max_train
+    max_val: int | None = DEFAULT.max_val
+    max_test: int | None = DEFAULT.max_test
+    split_seed: int = 0
+    margin: float = 0.01                     # equivalence margin of the verdicts (0.01 = 1 point)
+    output_dir: str = "asymlora-compare"
+    threads: int | None = None
+    workers: int | None = None               # None = one per core (at most 2) on CPU, 1 on GPU
+    mixed_precision: str = "auto"
+    target_modules: list[str] | None = None
+    quick: bool = False
+    progress: bool = True
+    plots: bool = True
+
+    @property
+    def selects_lr(self) -> bool:
+        return self.lr is None and len(self.lrs) > 1
+
+    def lr_grid(self) -> list[float]:
+        return [self.lr] if self.lr is not None else list(self.lrs)
+
+    def problems(self) -> list[str]:
+        """Every invalid setting, one message each (empty when the config is valid)."""
+        out: list[str] = []
+        if not self.strategies:
+            out.append("--strategies is empty: give at least one of lora, b-only, a-only, head-only")
+        for s in self.strategies:
+            try:
+                parse_strategy(s, 1)
+            except UserError as err:
+                out.append(str(err))
+        if not self.ranks or any(not isinstance(r, int) or r < 1 for r in self.ranks):
+            out.append(f"--ranks {self.ranks!r}: need one or more integers >= 1")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            out.append(f"--seeds {self.seeds!r}: need one or more distinct integers")
+        for name in ("max_steps", "batch_size", "eval_every", "patience"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                out.append(f"--{name.replace('_', '-')} {v!r}: must be an integer >= 1")
+        if not isinstance(self.min_steps, int) or self.min_steps < 0:
+            out.append(f"--min-steps {self.min_steps!r}: must be an integer >= 0")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            out.append(f"--warmup-steps {self.warmup_steps!r}: must be an integer >= 0")
+        if self.max_length < 8:
+            out.append(f"--max-length {self.max_length!r}: must be >= 8 tokens")
+        rates = ([] if self.lr is None else [("--lr", self.lr)]) + [("--lrs", x) for x in self.lrs]
+        for flag, x in rates:
+            if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0):
+                out.append(f"{flag} {x!r}: a learning rate must be a finite number > 0")
+        if not isinstance(self.max_lr_extensions, int) or self.max_lr_extensions < 0:
+            out.append(f"--max-lr-extensions {self.max_lr_extensions!r}: must be an integer >= 0")
+        if self.lr is None and not self.lrs:
+            out.append("--lrs is empty: give one or more learning rates (or --lr for a single one)")
+        if len(set(self.lrs)) != len(self.lrs):
+            out.append(f"--lrs {self.lrs!r}: the rates must be distinct")
+        for name in ("max_train", "max_val", "max_test"):
+            v = getattr(self, name)
+            if v is not None and v < 2:
+                out.append(f"--{name.replace('_', '-')} {v!r}: must be >= 2 (or unset for all)")
+        if self.threads is not None and self.threads < 1:
+            out.append(f"--threads {self.threads!r}: must be >= 1")
+        if self.workers is not None and self.workers < 1:
+            out.append(f"--workers {self.workers!r}: must be >= 1")
+        if not (0 <= self.margin < 1):
+            out.append(f"--margin {self.margin!r}: must be in [0, 1) (a fraction: 0.01 = 1 point)")
+        if self.weight_decay < 0:
+            out.append(f"--weight-decay {self.weight_decay!r}: must be >= 0")
+        return out
+
+    def validate(self) -> None:
+        """Raise UserError naming every bad setting before any work is done."""
+        bad = self.problems()
+        if bad:
+            raise UserError("; ".join(bad))
+
+    def runs(self) -> list[StrategySpec]:
+        """The distinct strategies to run (head-only once, adapters once per rank)."""
+        out: list[StrategySpec] = []
+        seen: set[tuple[str | None, int]] = set()
+        for r in self.ranks:
+            for s in self.strategies:
+                spec = parse_strategy(s, r)
+                key = (spec.preset, spec.rank)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(spec)
+        return out

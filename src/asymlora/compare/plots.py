@@ -1,0 +1,127 @@
+"""The three PNGs of ``asymlora compare``, each readable at a glance:
+
+- ``metric_by_strategy.png``: test accuracy and macro-F1 per strategy, bars from 0 with their
+  values written on them, one dot per seed, the chosen lr under each name, the majority class.
+- ``training_curves.png``: validation accuracy against step for every run (seeds as thin
+  lines, best steps marked) and the smoothed training loss.
+- ``lr_selection.png``: best validation accuracy of the pilot runs against the learning rate,
+  one line per strategy, the chosen rate circled.
+
+Written atomically (rendered into memory, temp file, rename) on matplotlib's Agg backend.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+
+from asymlora.fileio import atomic_write_bytes
+
+__all__ = ["write_plots"]
+
+
+def _save(fig: Any, path: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _bars(plt: Any, results: dict[str, Any], path: str) -> str:
+    summary = results["summary"]
+    labels = [r["strategy"] for r in summary]
+    x = np.arange(len(labels))
+    wd = 0.38
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.7 * len(labels)), 4.5))
+    for j, (key, name) in enumerate((("test_accuracy", "accuracy"), ("test_macro_f1", "macro-F1"))):
+        means = np.array([100 * r[key + "_mean"] for r in summary])
+        stds = np.array([100 * r[key + "_std"] for r in summary])
+        bars = ax.bar(x + (j - 0.5) * wd, means, wd, yerr=stds, capsize=4, label=f"test {name}")
+        for b, m, sd in zip(bars, means, stds):
+            ax.text(b.get_x() + b.get_width() / 2, m + sd + 1.5, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
+        for run in results["runs"]:
+            ax.plot(labels.index(run["strategy"]) + (j - 0.5) * wd, 100 * run[key], "k.", ms=4, alpha=0.6)
+    ticks = [f"{lab}\n{r['trainable_params']:,} params\nlr {r['lr_mean']:g}" for lab, r in zip(labels, summary)]
+    ax.set_xticks(x, ticks, fontsize=8)
+    ax.set_ylabel("test metric (%)")
+    ax.set_ylim(0, 118)
+    ax.set_yticks(range(0, 101, 20))
+    maj = results["settings"].get("majority_class_test_accuracy")
+    if maj is not None:
+        ax.axhline(100 * maj, color="gray", ls="--", lw=1, label="majority class")
+    s = results["settings"]
+    ax.set_title(f"{s['data']}: each strategy at its own lr, best validation step; mean ± std over seeds "
+                 f"{s['seeds']}", fontsize=9)
+    ax.legend(loc="upper center", ncol=3, fontsize=8, frameon=False)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _curves(plt: Any, results: dict[str, Any], path: str) -> str:
+    labels = [r["strategy"] for r in results["summary"]]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for c, lab in enumerate(labels):
+        col = colors[c % len(colors)]
+        for i, run in enumerate(r for r in results["runs"] if r["strategy"] == lab):
+            ev = [(h["step"], 100 * h["val_accuracy"]) for h in run["history"] if "val_accuracy" in h]
+            if ev:
+                steps, vals = zip(*ev)
+                a1.plot(steps, vals, color=col, lw=1.2, alpha=0.85, label=f"{lab} (lr {run['lr']:g})" if i == 0 else None)
+                best = dict(ev).get(run["best_step"])
+                if best is not None:
+                    a1.plot(run["best_step"], best, "o", color=col, ms=5, mfc="none")
+            losses = np.array([h["loss"] for h in run["history"]])
+            win = max(1, len(losses) // 15)
+            if len(losses) >= win:
+                sm = np.convolve(losses, np.ones(win) / win, mode="valid")
+                a2.plot(np.arange(win, len(losses) + 1), sm, color=col, lw=1, alpha=0.85,
+                        label=lab if i == 0 else None)
+    a1.set_xlabel("step"), a1.set_ylabel("validation accuracy (%)")
+    a1.set_ylim(0, 100)
+    a1.set_title("validation accuracy per run (o = best step, restored)", fontsize=9)
+    a2.set_xlabel("step"), a2.set_ylabel("training loss (smoothed)")
+    a2.set_ylim(bottom=0)
+    a2.set_title("training loss per run", fontsize=9)
+    a1.legend(fontsize=7, loc="lower right"), a2.legend(fontsize=7)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _lr_selection(plt: Any, results: dict[str, Any], path: str) -> str:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for sel in results["lr_selection"]:
+        lrs = [g["lr"] for g in sel["grid"]]
+        vals = [100 * g["val_accuracy"] for g in sel["grid"]]
+        line, = ax.plot(lrs, vals, "o-", label=f"{sel['strategy']} → {sel['chosen_lr']:g}")
+        ax.plot(sel["chosen_lr"], 100 * dict(zip(lrs, [g["val_accuracy"] for g in sel["grid"]]))[sel["chosen_lr"]],
+                "o", ms=12, mfc="none", color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("best validation accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"learning-rate selection on seed {results['settings']['seeds'][0]} (circled: chosen)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = [_bars(plt, results, os.path.join(out_dir, "metric_by_strategy.png")),
+           _curves(plt, results, os.path.join(out_dir, "training_curves.png"))]
+    if results["settings"].get("selects_lr"):
+        out.append(_lr_selection(plt, results, os.path.join(out_dir, "lr_selection.png")))
+    return out

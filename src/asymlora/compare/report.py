@@ -1,0 +1,164 @@
+"""What ``asymlora compare`` writes and prints: the per-strategy summary, the paired verdicts,
+the results table, results.json / results.csv / results.md (plots: ``compare.plots``)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from typing import Any
+
+from asymlora.compare.config import CompareConfig, StrategySpec
+from asymlora.compare.stats import PairedDifference, mean_std, paired_difference
+from asymlora.fileio import atomic_write_text
+
+__all__ = ["summarize", "paired_verdicts", "assemble", "format_table", "verdict_lines", "write_reports"]
+
+_SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "val_accuracy", "val_macro_f1", "lr", "best_step", "steps",
+                 "val_slope_last_quarter", "wall_time_s", "peak_memory_bytes", "saved_activation_bytes",
+                 "final_train_loss")
+
+
+def summarize(runs: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
+    """Per strategy label: mean and sample std over seeds of the run metrics."""
+    rows = []
+    for label in order:
+        rs = [r for r in runs if r["strategy"] == label]
+        if not rs:
+            continue
+        row: dict[str, Any] = {"strategy": label, "preset": rs[0]["preset"], "rank": rs[0]["rank"],
+                               "seeds": [r["seed"] for r in rs], "n": len(rs),
+                               "trainable_params": rs[0]["trainable_params"],
+                               "adapter_params": rs[0]["adapter_params"],
+                               "plateaued": sum(bool(r.get("stopped_early")) for r in rs)}
+        for key in _SUMMARY_KEYS:
+            vals = [r[key] for r in rs if r.get(key) is not None and not _isnan(r[key])]
+            row[key + "_mean"], row[key + "_std"] = mean_std(vals)
+        rows.append(row)
+    return rows
+
+
+def _isnan(x: Any) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def paired_verdicts(runs: list[dict[str, Any]], specs: list[StrategySpec], margin: float,
+                    metric: str = "test_accuracy") -> list[PairedDifference]:
+    """Every adapter strategy other than lora against lora at its base rank, paired by seed."""
+    by = {(r["strategy"], r["seed"]): r[metric] for r in runs}
+    labels = {(s.preset, s.rank): s.label for s in specs}
+    out = []
+    for s in specs:
+        ref = labels.get(("lora", s.base_rank))
+        if s.preset is None or ref is None or s.label == ref:
+            continue
+        mine = {seed: v for (lab, seed), v in by.items() if lab == s.label}
+        theirs = {seed: v for (lab, seed), v in by.items() if lab == ref}
+        if set(mine) & set(theirs):
+            out.append(paired_difference(s.label, ref, metric, mine, theirs, margin=margin))
+    return out
+
+
+def assemble(cfg: CompareConfig, settings: dict[str, Any], specs: list[StrategySpec], runs: list[dict[str, Any]],
+             selections: list[dict[str, Any]], phases: Any, elapsed: float, complete: bool) -> dict[str, Any]:
+    """The results dict written to results.json."""
+    return {"complete": complete, "settings": settings, "total_time_s": elapsed, "phases_s": phases.to_dict(),
+            "lr_selection": selections, "summary": summarize(runs, [s.label for s in specs]),
+            "verdicts": [v.to_dict() for v in paired_verdicts(runs, specs, cfg.margin)],
+            "verdict_lines": verdict_lines(runs, specs, cfg.margin), "runs": runs}
+
+
+def verdict_lines(runs: list[dict[str, Any]], specs: list[StrategySpec], margin: float) -> list[str]:
+    return [v.line() for v in paired_verdicts(runs, specs, margin)]
+
+
+def format_table(summary: list[dict[str, Any]], markdown: bool = False) -> str:
+    """Results table: chosen lr, test metrics mean ± std over seeds, convergence, budget."""
+    head = ["strategy", "trainable", "lr", "test acc", "test macro-F1", "val acc", "best step",
+            "plateau", "saved act. (MiB)"]
+    body = []
+    for r in summary:
+        body.append([
+            r["strategy"], f"{r['trainable_params']:,}", f"{r['lr_mean']:g}",
+            f"{100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f}",
+            f"{100 * r['test_macro_f1_mean']:.2f} ± {100 * r['test_macro_f1_std']:.2f}",
+            f"{100 * r['val_accuracy_mean']:.2f}",
+            f"{r['best_step_mean']:.0f}",
+            f"{r['plateaued']}/{r['n']}",
+            f"{r.get('saved_activation_bytes_mean', float('nan')) / 2**20:,.1f}",
+        ])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(row) for row in body])
+
+
+_CSV_COLUMNS = ["strategy", "preset", "rank", "seed", "lr", "role", "trainable_params", "adapter_params",
+                "test_accuracy", "test_macro_f1", "val_accuracy", "val_macro_f1", "best_step", "steps",
+                "stopped_early", "val_slope_last_quarter", "final_train_loss", "wall_time_s", "eval_time_s",
+                "peak_memory_bytes", "saved_activation_bytes"]
+
+
+def _csv(results: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(_CSV_COLUMNS)
+    for r in results["runs"]:
+        w.writerow([r.get(c) for c in _CSV_COLUMNS])
+    return buf.getvalue()
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    sel = "; ".join(f"{x['strategy']} {x['chosen_lr']:g}" for x in results["lr_selection"])
+    grid = ", ".join(f"{x:g}" for x in s["lr_grid"])
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in results["phases_s"].items())
+    md = [
+        "# asymlora compare", "",
+        f"Model `{s['model_name']}` ({s['model_params'] / 1e6:.1f}M parameters, {s['model_type']}), data "
+        f"`{s['data']}` ({len(s['dataset']['label_names'])} classes: {', '.join(s['dataset']['label_names'])}); "
+        f"train {s['used_sizes']['train']}, val {s['used_sizes']['val']}, test {s['used_sizes']['test']}; "
+        f"majority class {100 * s['majority_class_test_accuracy']:.2f}% of test.",
+        "",
+        f"Protocol: learning rate per strategy from {{{grid}}} by validation accuracy on seed {s['seeds'][0]} "
+        f"(chosen: {sel}); every run: batch {s['batch_size']} ({s['batching']}), max {s['max_length']} tokens, "
+        f"{s['warmup_steps']} warm-up steps then a constant rate, validation every {s['eval_every']} steps, stop "
+        f"after {s['patience']} evaluations without a new best (counted from step {s['min_steps']}; at most "
+        f"{s['max_steps']} steps), test scored with "
+        f"the weights of the best validation step. alpha = 2r; adapters on {s['adapted_layers']}; head "
+        f"`{s['head']}` trained in every run (head-only: on cached frozen features). Seeds {s['seeds']}, paired; "
+        f"{s['threads']} thread(s) on {s['machine']['device']}.",
+        "",
+        "Mean ± sample std over seeds. *plateau*: runs whose validation accuracy stopped improving before "
+        "the step cap. *saved act.*: the largest total size of the tensors autograd kept for backward in one "
+        "step (parameters and buffers excluded).", "",
+        format_table(results["summary"], markdown=True), "",
+        "Paired differences in test accuracy (per seed, then mean with a 95 % t-interval; verdict margin "
+        f"±{100 * s['margin']:g} point):", "",
+        *[f"- {line}" for line in results["verdict_lines"]], "",
+        f"Total time {results['total_time_s']:.0f} s ({phases}).", "",
+    ]
+    return "\n".join(md)
+
+
+def write_reports(results: dict[str, Any], out_dir: str, plots: bool = True) -> list[str]:
+    """results.json, results.csv (one row per run), results.md and, with ``plots``, the PNGs."""
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for name, text in (("results.json", json.dumps(results, indent=1)), ("results.csv", _csv(results)),
+                       ("results.md", _markdown(results))):
+        path = os.path.join(out_dir, name)
+        atomic_write_text(path, text)
+        written.append(path)
+    if plots:
+        from asymlora.compare.plots import write_plots
+
+        written += write_plots(results, out_dir)
+    return written

@@ -1,0 +1,199 @@
+"""The shared state of one compare: data split and tokenised once, the base model loaded once
+(every run starts from a deep copy), threads, the classification head, and the frozen
+features that the head-only baseline trains on.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from asymlora.errors import UserError
+
+__all__ = ["Task", "prepare_task", "set_threads", "reinit_head", "head_name", "HeadFeatures",
+           "head_features"]
+
+
+def _probe_threads(candidates: list[int]) -> tuple[int, dict[int, float]]:
+    """Time a transformer-sized matmul at each thread count and keep the fastest.
+
+    On a busy machine, OpenMP threads that wait for a core can make 2 threads 10-20x slower
+    than 1 (measured here: 22 ms vs 1.1 ms for 256x384 @ 384x384 at load 6 on 2 cores)."""
+    import torch
+
+    x, w = torch.randn(512, 384), torch.randn(1536, 384)
+    times: dict[int, float] = {}
+    for n in candidates:
+        torch.set_num_threads(n)
+        torch.nn.functional.linear(x, w)
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(4):
+                torch.nn.functional.linear(x, w)
+            best = min(best, time.perf_counter() - t)
+        times[n] = best
+    return min(times, key=times.get), times
+
+
+def set_threads(threads: int | None) -> tuple[int, dict[int, float]]:
+    """``threads`` or, when None, the faster of all available CPUs and 1 (see ``_probe_threads``)."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+        return threads, {}
+    try:
+        avail = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        avail = os.cpu_count() or 1
+    if avail == 1:
+        torch.set_num_threads(1)
+        return 1, {}
+    n, times = _probe_threads([avail, 1])
+    torch.set_num_threads(n)
+    return n, times
+
+
+def reinit_head(model: Any, seed: int, head: str = "classifier") -> None:
+    """Draw the new classification head from a generator seeded with ``seed`` (BERT's own
+    init: weights N(0, initializer_range²), bias 0), so every strategy of a seed starts from
+    the same head."""
+    import torch
+
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    g = torch.Generator().manual_seed(10_000 + seed)
+    with torch.no_grad():
+        for mod in getattr(model, head).modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std)
+                if mod.bias is not None:
+                    mod.bias.zero_()
+
+
+def head_name(model: Any) -> str:
+    for name in ("classifier", "score", "classification_head"):
+        if hasattr(model, name):
+            return name
+    raise UserError(f"{type(model).__name__} has no classifier/score head; compare needs a sequence "
+                    "classification model")
+
+
+@dataclass
+class Task:
+    """Everything shared by the runs of one compare: data, tokenised splits, base model."""
+
+    model_path: str
+    data: Any
+    train: Any
+    val: Any
+    test: Any
+    train_ds: Any
+    val_ds: Any
+    test_ds: Any
+    collate: Any
+    base: Any
+    head: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int:
+        return self.data.num_labels
+
+
+def prepare_task(cfg: Any) -> Task:
+    """Load the dataset (seeded split, capped subsets), tokenise once, load the base model.
+    ``Task.timings`` holds the seconds spent loading (data + model) and tokenising."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from asymlora.tasks.default import default_model_path
+    from asymlora.tasks.text_classification import (
+        PadCollator, TokenizedDataset, load_text_dataset, subsample_stratified)
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    try:
+        model_path = cfg.model or default_model_path()
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from None
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise UserError(f"--model {model_path!r} is not a folder with a transformers model (config.json)")
+    data = load_text_dataset(cfg.data, cfg.split_seed, text_column=cfg.text_column, label_column=cfg.label_column)
+    train = subsample_stratified(data.train, cfg.max_train, cfg.split_seed)
+    val = subsample_stratified(data.val, cfg.max_val, cfg.split_seed)
+    test = subsample_stratified(data.test, cfg.max_test, cfg.split_seed)
+    if len(train) == 0 or len(val) == 0 or len(test) == 0:
+        raise UserError(f"--data {cfg.data!r} is too small: an empty train, validation or test split "
+                        f"({len(train)}/{len(val)}/{len(test)} examples)")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
+        label2id={n: i for i, n in enumerate(data.label_names)})
+    t1 = time.perf_counter()
+    train_ds, val_ds, test_ds = (TokenizedDataset(s, tokenizer, cfg.max_length) for s in (train, val, test))
+    t2 = time.perf_counter()
+    return Task(model_path=model_path, data=data, train=train, val=val, test=test, train_ds=train_ds,
+                val_ds=val_ds, test_ds=test_ds, collate=PadCollator(tokenizer.pad_token_id or 0), base=base,
+                head=head_name(base), timings={"load": t1 - t0, "tokenise": t2 - t1})
+
+
+# ----------------------------------------------------------------------------- head-only features
+
+
+class HeadFeatures:
+    """The input of the classification head for every example of one split, computed once by
+    the frozen base model in eval mode; items are ``{"features": (H,), "labels": int}``."""
+
+    def __init__(self, features: Any, labels: list[int]) -> None:
+        self.features = features
+        self.labels = list(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"features": self.features[i], "labels": self.labels[i]}
+
+
+def head_features(model: Any, head: str, data: Any, collate: Any, batch_size: int = 128) -> HeadFeatures | None:
+    """Run ``data`` through the frozen ``model`` and keep what enters ``model.<head>``.
+
+    None when the head's input is not one vector per example (e.g. RoBERTa's head reads the
+    whole sequence): the head-only run then goes through the full model instead."""
+    import torch
+
+    captured: dict[int, torch.Tensor] = {}
+    order = np.argsort(data.lengths(), kind="stable")
+    state = {"ok": True}
+
+    def grab(_module: Any, args: tuple) -> None:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.ndim != 2:
+            state["ok"] = False
+            return
+        for j, i in enumerate(state["idx"]):
+            captured[int(i)] = x[j].detach().clone()
+
+    hook = getattr(model, head).register_forward_pre_hook(grab)
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(order), batch_size):
+                state["idx"] = order[s:s + batch_size]
+                batch = collate([data[int(i)] for i in state["idx"]])
+                batch.pop("labels", None)
+                model(**batch)
+                if not state["ok"]:
+                    return None
+    finally:
+        hook.remove()
+        model.train(was)
+    feats = torch.stack([captured[i] for i in range(len(data))]).clone()  # a normal (non-inference) tensor
+    return HeadFeatures(feats, [data[i]["labels"] for i in range(len(data))])
