@@ -13,7 +13,8 @@ std over seeds), the chosen rates, and one verdict line per strategy against LoR
 (mean paired difference with its 95 % t-interval).
 
 Protocol: for each strategy, one run per rate of --lrs on the first seed picks the rate by
-validation accuracy (the grid is extended past an edge when the best rate sits on it); the other
+validation accuracy (a best rate on the grid's edge is reported, or with --max-lr-extensions the
+grid is extended past it); the other
 seeds train at that rate. Every run: warm-up, constant rate, validation every --eval-every steps,
 stop after --patience evaluations without a new best (counted from --min-steps; at most
 --max-steps), test scored with the weights of the best validation step.
@@ -58,7 +59,8 @@ def register(subparsers) -> None:
                         f"(default: {','.join(f'{x:g}' for x in DEFAULT.lrs)})")
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every strategy (no selection)")
     p.add_argument("--max-lr-extensions", type=int, default=None,
-                   help="when the best rate is at an edge of the grid, try up to N further rates beyond it (default: 2)")
+                   help="when the best rate is at an edge of the grid, try up to N further rates beyond it "
+                        "(default: 0 = only report it)")
     p.add_argument("--max-steps", "--steps", type=int, default=None, dest="max_steps",
                    help=f"step cap of a run; runs normally stop earlier, on a plateau (default: {DEFAULT.max_steps})")
     p.add_argument("--eval-every", type=int, default=None, help=f"validate every N steps (default: {DEFAULT.eval_every})")
@@ -130,8 +132,10 @@ def run(args: argparse.Namespace) -> int:
     print()
     for sel in results["lr_selection"]:
         grid = "  ".join(f"{g['lr']:g}: {100 * g['val_accuracy']:.1f}" for g in sel["grid"])
+        edge = (f"  — on the {sel['at_edge']} edge of the grid: the best rate may lie beyond it (widen --lrs "
+                f"or set --max-lr-extensions 1)" if sel.get("at_edge") else "")
         print(f"lr for {sel['strategy']}: {sel['chosen_lr']:g}   (validation accuracy by lr, seed "
-              f"{cfg.seeds[0]}: {grid})")
+              f"{cfg.seeds[0]}: {grid}){edge}")
     if results["verdict_lines"]:
         print()
         print("paired test-accuracy differences, 95 % t-interval over seeds "

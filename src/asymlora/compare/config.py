@@ -81,7 +81,7 @@ class CompareConfig:
     seeds: list[int] = field(default_factory=lambda: list(DEFAULT.seeds))
     lrs: list[float] = field(default_factory=lambda: list(DEFAULT.lrs))
     lr: float | None = None
-    max_lr_extensions: int = 2               # extra pilot rates beyond an edge of the grid
+    max_lr_extensions: int = DEFAULT.max_lr_extensions  # extra pilot rates beyond an edge of the grid
     max_steps: int = DEFAULT.max_steps
     eval_every: int = DEFAULT.eval_every
     patience: int = DEFAULT.patience
@@ -103,6 +103,14 @@ class CompareConfig:
     quick: bool = False
     progress: bool = True
     plots: bool = True
+
+    @property
+    def targets(self) -> list[str] | str | None:
+        """``target_modules`` as the adapter core takes it: one entry is passed as a string, so
+        that it may be a regex (``.*layer\\.\\d+\\.(intermediate|output)\\.dense`` picks BERT's FFN)."""
+        if self.target_modules and len(self.target_modules) == 1:
+            return self.target_modules[0]
+        return self.target_modules
 
     @property
     def selects_lr(self) -> bool:

@@ -3,8 +3,9 @@ picked on validation; every run trained until its validation curve stops improvi
 
 1. **Learning rate.** For each strategy, one run per rate of the grid on the first seed (the
    pilot). The rate whose run reaches the best validation accuracy wins (ties: the smaller
-   rate); when it is the grid's smallest or largest, the next rate beyond it is tried too (up
-   to ``max_lr_extensions`` times), so the chosen rate is a maximum, not an edge. The pilot run at that rate *is* the first seed's run — it was trained under exactly
+   rate). When it is the grid's smallest or largest, the optimum may lie beyond: with
+   ``max_lr_extensions`` > 0 the next rate beyond it is tried too (that many times at most);
+   otherwise the selection records and prints that the choice sits on an edge. The pilot run at that rate *is* the first seed's run — it was trained under exactly
    the rules of step 2, so nothing is trained twice. Test data is never looked at here.
 2. **Runs.** Every other seed trains at the chosen rate: warm-up, then a constant rate (a decay
    would flatten the curve by itself); validation every ``eval_every`` steps; stop after
@@ -153,7 +154,7 @@ def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
         adapter = 0
     else:
         acfg = asymlora.AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed,
-                                              target_modules=cfg.target_modules, modules_to_save=[task.head])
+                                              target_modules=cfg.targets, modules_to_save=[task.head])
         asymlora.wrap(model, acfg)
         adapter = asymlora.parameter_report(model).adapter_trainable
     return (model, task.train_ds, task.collate,
@@ -370,8 +371,11 @@ def grid_extension(tried: list[float], chosen: float) -> float | None:
 
 def _selection(spec: StrategySpec, cfg: CompareConfig, pilots: dict[float, dict[str, Any]],
                chosen: float) -> dict[str, Any]:
+    tried = sorted(pilots)
+    edge = None if grid_extension(tried, chosen) is None else ("lower" if chosen == tried[0] else "upper")
     return {
         "strategy": spec.label, "chosen_lr": chosen, "selected_on": f"validation accuracy, seed {cfg.seeds[0]}",
+        "at_edge": edge,
         "grid": [{"lr": lr, "val_accuracy": r["val_accuracy"], "best_step": r["best_step"], "steps": r["steps"],
                   "stopped_early": r["stopped_early"],
                   "curve": [(h["step"], h["val_accuracy"]) for h in r["history"] if "val_accuracy" in h]}
@@ -409,7 +413,7 @@ def _settings(cfg: CompareConfig, task: Task, specs: list[StrategySpec], threads
     import asymlora
 
     base = task.base
-    targets = asymlora.find_target_modules(base, cfg.target_modules, exclude=[task.head])
+    targets = asymlora.find_target_modules(base, cfg.targets, exclude=[task.head])
     k = task.num_labels
     return {
         "model": os.path.abspath(task.model_path),
@@ -419,7 +423,7 @@ def _settings(cfg: CompareConfig, task: Task, specs: list[StrategySpec], threads
         "used_sizes": {"train": len(task.train), "val": len(task.val), "test": len(task.test)},
         "majority_class_test_accuracy": max(task.test.class_counts(k)) / len(task.test),
         "strategies": [s.label for s in specs], "ranks": cfg.ranks, "seeds": cfg.seeds,
-        "lr_grid": cfg.lr_grid(), "selects_lr": cfg.selects_lr, "max_steps": cfg.max_steps,
+        "lr_grid": cfg.lr_grid(), "selects_lr": cfg.selects_lr, "max_lr_extensions": cfg.max_lr_extensions, "max_steps": cfg.max_steps,
         "eval_every": cfg.eval_every, "patience": cfg.patience, "min_steps": cfg.min_steps, "warmup_steps": cfg.warmup_steps,
         "lr_schedule": "linear warm-up, then constant", "batch_size": cfg.batch_size,
         "batching": "length-grouped batches (runs of 50 batches sorted by length, batches shuffled)",
@@ -468,8 +472,9 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
     features = None
     if any(s.preset is None for s in specs):
         t = time.perf_counter()
-        feats = {name: head_features(task.base, task.head, ds, task.collate)
-                 for name, ds in (("train", task.train_ds), ("val", task.val_ds), ("test", task.test_ds))}
+        with _autocast(resolve_precision(cfg.mixed_precision)):
+            feats = {name: head_features(task.base, task.head, ds, task.collate)
+                     for name, ds in (("train", task.train_ds), ("val", task.val_ds), ("test", task.test_ds))}
         features = None if any(f is None for f in feats.values()) else feats
         phases.add("features", time.perf_counter() - t)
     sched = _Schedule(specs, cfg, phases)

@@ -117,7 +117,9 @@ def _csv(results: dict[str, Any]) -> str:
 
 def _markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
-    sel = "; ".join(f"{x['strategy']} {x['chosen_lr']:g}" for x in results["lr_selection"])
+    sel = "; ".join(f"{x['strategy']} {x['chosen_lr']:g}" + (f" ({x['at_edge']} edge of the grid)"
+                                                              if x.get("at_edge") else "")
+                    for x in results["lr_selection"])
     grid = ", ".join(f"{x:g}" for x in s["lr_grid"])
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in results["phases_s"].items())
     md = [

@@ -195,5 +195,6 @@ def head_features(model: Any, head: str, data: Any, collate: Any, batch_size: in
     finally:
         hook.remove()
         model.train(was)
-    feats = torch.stack([captured[i] for i in range(len(data))]).clone()  # a normal (non-inference) tensor
+    # a normal (non-inference) float32 tensor, whatever autocast computed it in
+    feats = torch.stack([captured[i] for i in range(len(data))]).float().clone()
     return HeadFeatures(feats, [data[i]["labels"] for i in range(len(data))])

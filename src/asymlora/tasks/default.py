@@ -66,7 +66,7 @@ class Budget:
     max_val: int | None
     max_test: int | None
     r: int = 8
-    max_lr_extensions: int = 2
+    max_lr_extensions: int = 0
 
 
 DEFAULT = Budget(lrs=(1e-3, 3e-3, 1e-2), max_steps=600, eval_every=20, patience=3, min_steps=100, warmup_steps=10,
@@ -74,5 +74,4 @@ DEFAULT = Budget(lrs=(1e-3, 3e-3, 1e-2), max_steps=600, eval_every=20, patience=
 # About a minute: smaller subsets and a short cap, but the same protocol, and enough steps that
 # every adapter strategy learns (checked by the end-to-end test).
 QUICK = Budget(lrs=(3e-3, 1e-2), max_steps=80, eval_every=10, patience=2, min_steps=40, warmup_steps=5, batch_size=16,
-               max_length=32, seeds=(0, 1), max_train=480, max_val=80, max_test=160, r=4,
-               max_lr_extensions=0)
+               max_length=32, seeds=(0, 1), max_train=480, max_val=80, max_test=160, r=4)
