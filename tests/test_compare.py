@@ -166,7 +166,7 @@ def test_head_features_and_feature_head_reproduce_the_full_model():
     full model with the same head (eval mode)."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from asymlora.compare.protocol import FeatureHead
+    from asymlora.compare.run import FeatureHead
     from asymlora.compare.task import head_features
     from asymlora.tasks.text_classification import PadCollator
 

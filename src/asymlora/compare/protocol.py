@@ -5,11 +5,13 @@ picked on validation; every run trained until its validation curve stops improvi
    pilot). The rate whose run reaches the best validation accuracy wins (ties: the smaller
    rate). When it is the grid's smallest or largest, the optimum may lie beyond: with
    ``max_lr_extensions`` > 0 the next rate beyond it is tried too (that many times at most);
-   otherwise the selection records and prints that the choice sits on an edge. The pilot run at that rate *is* the first seed's run — it was trained under exactly
-   the rules of step 2, so nothing is trained twice. Test data is never looked at here.
-2. **Runs.** Every other seed trains at the chosen rate: warm-up, then a constant rate (a decay
-   would flatten the curve by itself); validation every ``eval_every`` steps; stop after
-   ``patience`` evaluations without a new best (or at ``max_steps``); the weights of the best
+   otherwise the selection records and prints that the choice sits on an edge. The pilot run
+   at the chosen rate *is* the first seed's run — it was trained under exactly the rules of
+   step 2, so nothing is trained twice. Test data is never looked at here.
+2. **Runs** (``asymlora.compare.run``). Every other seed trains at the chosen rate: warm-up,
+   then a constant rate (a decay would flatten the curve by itself); validation every
+   ``eval_every`` steps; stop after ``patience`` evaluations without a new best, counted from
+   ``min_steps`` (or at ``max_steps``); the weights of the best
    validation step are restored and scored on test. Each run records its best step, whether
    patience ran out (a plateau) or the step cap was hit, and the slope of its validation curve
    over the last quarter of the run.
@@ -22,25 +24,22 @@ mode), as a linear probe; its runs follow the same rules.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field, replace
-from types import SimpleNamespace
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
-from asymlora.compare.config import HEAD_ONLY, CompareConfig, StrategySpec
-from asymlora.compare.stats import curve_slope
-from asymlora.compare.task import HeadFeatures, Task, head_features, prepare_task, reinit_head, set_threads
+from asymlora.compare.config import CompareConfig, StrategySpec
+from asymlora.compare.run import autocast, resolve_precision, train_one
+from asymlora.compare.task import Task, head_features, prepare_task, set_threads
+from asymlora.compare.workers import InProcess, Job, Pool, worker_count
 from asymlora.fileio import atomic_write_text
 
-__all__ = ["run_compare", "train_one", "select_lr", "Phases", "RunResult", "FeatureHead"]
+__all__ = ["run_compare", "select_lr", "grid_extension", "Phases", "train_one"]
 
 
 def _log(msg: str) -> None:
@@ -64,171 +63,6 @@ class Phases:
         return {k: round(v, 2) for k, v in self.seconds.items()}
 
 
-class _Timed:
-    """Wraps an eval function and adds up the seconds spent in it."""
-
-    def __init__(self, fn: Callable[[Any], dict[str, float]]) -> None:
-        self.fn, self.seconds = fn, 0.0
-
-    def __call__(self, model: Any) -> dict[str, float]:
-        t = time.perf_counter()
-        try:
-            return self.fn(model)
-        finally:
-            self.seconds += time.perf_counter() - t
-
-
-@dataclass
-class RunResult:
-    """One strategy × seed × learning rate, scored at its best validation step."""
-
-    record: dict[str, Any]
-    eval_seconds: float
-    model: Any = field(default=None, repr=False)
-
-
-# ----------------------------------------------------------------------------- one run
-
-
-class FeatureHead(nn.Module):
-    """The head-only model on cached features: ``dropout`` then the base model's head, with
-    the same cross-entropy as ``*ForSequenceClassification``."""
-
-    def __init__(self, head: nn.Module, dropout: float) -> None:
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.head = head
-
-    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> SimpleNamespace:
-        logits = self.head(self.dropout(features))
-        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
-        return SimpleNamespace(loss=loss, logits=logits)
-
-
-def _stack_features(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"features": torch.stack([it["features"] for it in items]),
-            "labels": torch.as_tensor([it["labels"] for it in items], dtype=torch.long)}
-
-
-def _feature_metrics(model: Any, data: HeadFeatures, num_labels: int, prefix: str) -> dict[str, float]:
-    from asymlora.tasks.text_classification import classification_metrics
-
-    was = model.training
-    model.eval()
-    with torch.inference_mode():
-        pred = model(data.features).logits.argmax(-1).tolist()
-    model.train(was)
-    return {prefix + k: v for k, v in classification_metrics(data.labels, pred, num_labels).items()}
-
-
-def _head_dropout(config: Any) -> float:
-    p = getattr(config, "classifier_dropout", None)
-    if p is None:
-        p = getattr(config, "hidden_dropout_prob", 0.0)
-    return float(p or 0.0)
-
-
-def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
-           features: dict[str, HeadFeatures] | None) -> tuple[Any, Any, Any, Callable, Callable, int]:
-    """The model of one run and how to feed and score it:
-    (model, train data, collate, val scorer, test scorer, adapter parameters)."""
-    import asymlora
-    from asymlora.tasks.text_classification import evaluate_classifier
-
-    k = task.num_labels
-    if spec.preset is None and features is not None:
-        head = copy.deepcopy(getattr(task.base, task.head))
-        shell = SimpleNamespace(config=task.base.config, h=head)
-        reinit_head(shell, seed, "h")
-        model = FeatureHead(head, _head_dropout(task.base.config))
-        return (model, features["train"], _stack_features,
-                lambda m: _feature_metrics(m, features["val"], k, "val_"),
-                lambda m: _feature_metrics(m, features["test"], k, "test_"), 0)
-    model = copy.deepcopy(task.base)
-    reinit_head(model, seed, task.head)
-    if spec.preset is None:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in getattr(model, task.head).parameters():
-            p.requires_grad_(True)
-        adapter = 0
-    else:
-        acfg = asymlora.AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed,
-                                              target_modules=cfg.targets, modules_to_save=[task.head])
-        asymlora.wrap(model, acfg)
-        adapter = asymlora.parameter_report(model).adapter_trainable
-    return (model, task.train_ds, task.collate,
-            lambda m: evaluate_classifier(m, task.val_ds, task.collate, k, prefix="val_"),
-            lambda m: evaluate_classifier(m, task.test_ds, task.collate, k, prefix="test_"), adapter)
-
-
-def train_one(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: CompareConfig, *, desc: str,
-              features: dict[str, HeadFeatures] | None = None, output_dir: str | None = None,
-              checkpoint_every: int | None = None, resume: bool = False) -> RunResult:
-    """One strategy × seed at learning rate ``lr``, by the rules of step 2 of the protocol."""
-    from asymlora.train import TrainArgs, fit
-
-    model, train_data, collate, score_val, score_test, adapter_params = _build(task, spec, seed, cfg, features)
-    precision = resolve_precision(cfg.mixed_precision)
-    if torch.cuda.is_available():  # fit() returns the model on the device it was given
-        model.to("cuda")
-    timed_val = _Timed(score_val)
-    args = TrainArgs(lr=lr, max_steps=cfg.max_steps, batch_size=cfg.batch_size, seed=seed,
-                     eval_every=cfg.eval_every, warmup_steps=min(cfg.warmup_steps, cfg.max_steps - 1),
-                     lr_schedule="constant", early_stopping_patience=cfg.patience,
-                     early_stopping_min_steps=min(cfg.min_steps, cfg.max_steps),
-                     early_stopping_metric="val_accuracy", restore_best=True,
-                     group_by_length=callable(getattr(train_data, "lengths", None)),
-                     weight_decay=cfg.weight_decay, mixed_precision=precision,
-                     progress=cfg.progress, desc=desc, output_dir=output_dir,
-                     checkpoint_every=checkpoint_every, resume=resume)
-    res = fit(model, train_data, collate, args, eval_fn=timed_val)
-    t = time.perf_counter()
-    with _autocast(precision):  # test is scored at the precision validation was
-        test_m = score_test(model)
-    eval_s = timed_val.seconds + time.perf_counter() - t
-    evals = [(h["step"], h["val_accuracy"]) for h in res.history if "val_accuracy" in h]
-    record = {
-        "strategy": spec.label, "preset": spec.preset or HEAD_ONLY, "rank": spec.rank, "seed": seed, "lr": lr,
-        "trainable_params": res.trainable_params, "adapter_params": adapter_params,
-        **test_m,
-        "val_accuracy": res.final_metrics.get("val_accuracy"),
-        "val_macro_f1": res.final_metrics.get("val_macro_f1"),
-        "best_step": res.best_step if res.best_step is not None else res.steps,
-        "steps": res.steps, "max_steps": cfg.max_steps,
-        "stopped_early": res.stopped_early,
-        "val_slope_last_quarter": curve_slope([s for s, _ in evals], [v for _, v in evals]),
-        "final_train_loss": res.final_metrics.get("train_loss"),
-        "wall_time_s": res.wall_time_s + (time.perf_counter() - t), "eval_time_s": eval_s,
-        "peak_memory_bytes": res.peak_memory_bytes, "peak_memory_kind": res.peak_memory_kind,
-        "saved_activation_bytes": res.saved_activation_bytes,
-        "head_on_cached_features": spec.preset is None and features is not None,
-        "history": res.history,
-    }
-    return RunResult(record, eval_s, model)
-
-
-def resolve_precision(mode: str) -> str:
-    """compare's "auto": bf16 autocast on a GPU that has it (else fp16) and on CPUs with native
-    bf16 matrix instructions (``asymlora.train.cpu_has_native_bf16``), else full fp32. The
-    trained factors and the optimizer stay fp32 either way."""
-    if mode != "auto":
-        return mode
-    if torch.cuda.is_available():
-        return "auto"  # fit() picks bf16 or fp16 on the GPU
-    from asymlora.train import cpu_has_native_bf16
-
-    return "bf16" if cpu_has_native_bf16() else "no"
-
-
-def _autocast(precision: str) -> Any:
-    import contextlib
-
-    if precision == "bf16" and not torch.cuda.is_available():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # ----------------------------------------------------------------------------- the protocol
 
 
@@ -238,70 +72,6 @@ def select_lr(pilots: dict[float, dict[str, Any]]) -> float:
     if not pilots:
         raise ValueError("no pilot runs to choose a learning rate from")
     return min(pilots, key=lambda lr: (-pilots[lr]["val_accuracy"], lr))
-
-
-@dataclass(frozen=True)
-class Job:
-    """One run to do: ``pilot`` runs try a rate of the grid on the first seed."""
-
-    spec: StrategySpec
-    seed: int
-    lr: float
-    pilot: bool
-
-
-class _InProcess:
-    """Runs each job at once in this process; ``submit`` returns a finished future, so the
-    scheduler below serves the in-process and the worker-pool cases alike."""
-
-    def __init__(self, task: Task, cfg: CompareConfig, features: dict[str, HeadFeatures] | None) -> None:
-        self.task, self.cfg, self.features = task, cfg, features
-
-    def submit(self, job: Job, tag: str) -> Future:
-        fut: Future = Future()
-        try:
-            fut.set_result(_execute(self.task, self.cfg, job, tag, self.features))
-        except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
-            fut.set_exception(err)
-        return fut
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(cfg: CompareConfig) -> None:
-    """Each worker process loads the task once and computes with one thread."""
-    torch.set_num_threads(1)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    _WORKER["task"], _WORKER["cfg"] = prepare_task(cfg), cfg
-
-
-def _worker_job(job: Job, tag: str) -> tuple[dict[str, Any], float]:
-    return _execute(_WORKER["task"], _WORKER["cfg"], job, tag, None)
-
-
-class _Pool:
-    """``workers`` processes with one thread each: on CPUs, two single-thread runs side by side
-    do ~1.25x the work of one run on two threads (small matrices, Python overhead)."""
-
-    def __init__(self, cfg: CompareConfig, workers: int) -> None:
-        import multiprocessing
-
-        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_worker_init, initargs=(replace(cfg, progress=False),))
-
-    def submit(self, job: Job, tag: str) -> Future:
-        return self.pool.submit(_worker_job, job, tag)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _execute(task: Task, cfg: CompareConfig, job: Job, tag: str,
-             features: dict[str, HeadFeatures] | None) -> tuple[dict[str, Any], float]:
-    desc = f"{tag} {job.spec.label} " + (f"lr {job.lr:g}" if job.pilot else f"seed {job.seed}")
-    out = train_one(task, job.spec, job.seed, job.lr, cfg, desc=desc, features=features)
-    return out.record, out.eval_seconds
 
 
 def _report_run(tag: str, rec: dict[str, Any], pilot: bool) -> None:
@@ -465,14 +235,14 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
     task = prepare_task(cfg)
     phases.add("load", task.timings["load"])
     phases.add("tokenise", task.timings["tokenise"])
-    workers = _workers(cfg, specs)
+    workers = worker_count(cfg, specs)
     settings = _settings(cfg, task, specs, threads, probe)
     settings["workers"] = workers
     os.makedirs(cfg.output_dir, exist_ok=True)
     features = None
     if any(s.preset is None for s in specs):
         t = time.perf_counter()
-        with _autocast(resolve_precision(cfg.mixed_precision)):
+        with autocast(resolve_precision(cfg.mixed_precision)):
             feats = {name: head_features(task.base, task.head, ds, task.collate)
                      for name, ds in (("train", task.train_ds), ("val", task.val_ds), ("test", task.test_ds))}
         features = None if any(f is None for f in feats.values()) else feats
@@ -493,8 +263,8 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
                            complete=False)
         atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(partial, indent=1))
 
-    local = _InProcess(task, cfg, features)
-    pool = _Pool(cfg, workers) if workers > 1 else None
+    local = InProcess(task, cfg, features)
+    pool = Pool(cfg, workers) if workers > 1 else None
     t_runs = time.perf_counter()
     try:
         _run_all(specs, cfg, sched, {False: local, True: pool or local}, checkpoint_results)
@@ -511,18 +281,3 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
     results["total_time_s"] = time.perf_counter() - t_start
     atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(results, indent=1))
     return results
-
-
-def _workers(cfg: CompareConfig, specs: list[StrategySpec]) -> int:
-    """Worker processes for the adapter runs: ``cfg.workers``, or on a CPU-only machine one
-    per available core (at most 2 — beyond that, memory bandwidth, not cores, limits a 22M
-    model), one when there is a GPU."""
-    if cfg.workers is not None:
-        return cfg.workers
-    if torch.cuda.is_available() or not any(s.is_adapter for s in specs):
-        return 1
-    try:
-        avail = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        avail = os.cpu_count() or 1
-    return max(1, min(2, avail))

@@ -1,0 +1,182 @@
+"""One run of ``asymlora compare``: a strategy × seed at one learning rate, trained by the
+protocol's rules (warm-up then a constant rate, validation every ``eval_every`` steps, early
+stopping with patience, best-step restore) and scored on test. The head-only baseline runs on
+cached features of the frozen encoder (``FeatureHead``)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from asymlora.compare.config import HEAD_ONLY, CompareConfig, StrategySpec
+from asymlora.compare.stats import curve_slope
+from asymlora.compare.task import HeadFeatures, Task, reinit_head
+
+__all__ = ["RunResult", "FeatureHead", "train_one", "resolve_precision", "autocast"]
+
+
+class _Timed:
+    """Wraps an eval function and adds up the seconds spent in it."""
+
+    def __init__(self, fn: Callable[[Any], dict[str, float]]) -> None:
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, model: Any) -> dict[str, float]:
+        t = time.perf_counter()
+        try:
+            return self.fn(model)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+@dataclass
+class RunResult:
+    """One strategy × seed × learning rate, scored at its best validation step."""
+
+    record: dict[str, Any]
+    eval_seconds: float
+    model: Any = field(default=None, repr=False)
+
+
+class FeatureHead(nn.Module):
+    """The head-only model on cached features: ``dropout`` then the base model's head, with
+    the same cross-entropy as ``*ForSequenceClassification``."""
+
+    def __init__(self, head: nn.Module, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.head = head
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> SimpleNamespace:
+        logits = self.head(self.dropout(features))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+def _stack_features(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"features": torch.stack([it["features"] for it in items]),
+            "labels": torch.as_tensor([it["labels"] for it in items], dtype=torch.long)}
+
+
+def _feature_metrics(model: Any, data: HeadFeatures, num_labels: int, prefix: str) -> dict[str, float]:
+    from asymlora.tasks.text_classification import classification_metrics
+
+    was = model.training
+    model.eval()
+    with torch.inference_mode():
+        pred = model(data.features).logits.argmax(-1).tolist()
+    model.train(was)
+    return {prefix + k: v for k, v in classification_metrics(data.labels, pred, num_labels).items()}
+
+
+def _head_dropout(config: Any) -> float:
+    p = getattr(config, "classifier_dropout", None)
+    if p is None:
+        p = getattr(config, "hidden_dropout_prob", 0.0)
+    return float(p or 0.0)
+
+
+def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
+           features: dict[str, HeadFeatures] | None) -> tuple[Any, Any, Any, Callable, Callable, int]:
+    """The model of one run and how to feed and score it:
+    (model, train data, collate, val scorer, test scorer, adapter parameters)."""
+    import asymlora
+    from asymlora.tasks.text_classification import evaluate_classifier
+
+    k = task.num_labels
+    if spec.preset is None and features is not None:
+        head = copy.deepcopy(getattr(task.base, task.head))
+        shell = SimpleNamespace(config=task.base.config, h=head)
+        reinit_head(shell, seed, "h")
+        model = FeatureHead(head, _head_dropout(task.base.config))
+        return (model, features["train"], _stack_features,
+                lambda m: _feature_metrics(m, features["val"], k, "val_"),
+                lambda m: _feature_metrics(m, features["test"], k, "test_"), 0)
+    model = copy.deepcopy(task.base)
+    reinit_head(model, seed, task.head)
+    if spec.preset is None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in getattr(model, task.head).parameters():
+            p.requires_grad_(True)
+        adapter = 0
+    else:
+        acfg = asymlora.AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed,
+                                              target_modules=cfg.targets, modules_to_save=[task.head])
+        asymlora.wrap(model, acfg)
+        adapter = asymlora.parameter_report(model).adapter_trainable
+    return (model, task.train_ds, task.collate,
+            lambda m: evaluate_classifier(m, task.val_ds, task.collate, k, prefix="val_"),
+            lambda m: evaluate_classifier(m, task.test_ds, task.collate, k, prefix="test_"), adapter)
+
+
+def train_one(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: CompareConfig, *, desc: str,
+              features: dict[str, HeadFeatures] | None = None, output_dir: str | None = None,
+              checkpoint_every: int | None = None, resume: bool = False) -> RunResult:
+    """One strategy × seed at learning rate ``lr``, by the rules of step 2 of the protocol."""
+    from asymlora.train import TrainArgs, fit
+
+    model, train_data, collate, score_val, score_test, adapter_params = _build(task, spec, seed, cfg, features)
+    precision = resolve_precision(cfg.mixed_precision)
+    if torch.cuda.is_available():  # fit() returns the model on the device it was given
+        model.to("cuda")
+    timed_val = _Timed(score_val)
+    args = TrainArgs(lr=lr, max_steps=cfg.max_steps, batch_size=cfg.batch_size, seed=seed,
+                     eval_every=cfg.eval_every, warmup_steps=min(cfg.warmup_steps, cfg.max_steps - 1),
+                     lr_schedule="constant", early_stopping_patience=cfg.patience,
+                     early_stopping_min_steps=min(cfg.min_steps, cfg.max_steps),
+                     early_stopping_metric="val_accuracy", restore_best=True,
+                     group_by_length=callable(getattr(train_data, "lengths", None)),
+                     weight_decay=cfg.weight_decay, mixed_precision=precision,
+                     progress=cfg.progress, desc=desc, output_dir=output_dir,
+                     checkpoint_every=checkpoint_every, resume=resume)
+    res = fit(model, train_data, collate, args, eval_fn=timed_val)
+    t = time.perf_counter()
+    with autocast(precision):  # test is scored at the precision validation was
+        test_m = score_test(model)
+    eval_s = timed_val.seconds + time.perf_counter() - t
+    evals = [(h["step"], h["val_accuracy"]) for h in res.history if "val_accuracy" in h]
+    record = {
+        "strategy": spec.label, "preset": spec.preset or HEAD_ONLY, "rank": spec.rank, "seed": seed, "lr": lr,
+        "trainable_params": res.trainable_params, "adapter_params": adapter_params,
+        **test_m,
+        "val_accuracy": res.final_metrics.get("val_accuracy"),
+        "val_macro_f1": res.final_metrics.get("val_macro_f1"),
+        "best_step": res.best_step if res.best_step is not None else res.steps,
+        "steps": res.steps, "max_steps": cfg.max_steps,
+        "stopped_early": res.stopped_early,
+        "val_slope_last_quarter": curve_slope([s for s, _ in evals], [v for _, v in evals]),
+        "final_train_loss": res.final_metrics.get("train_loss"),
+        "wall_time_s": res.wall_time_s + (time.perf_counter() - t), "eval_time_s": eval_s,
+        "peak_memory_bytes": res.peak_memory_bytes, "peak_memory_kind": res.peak_memory_kind,
+        "saved_activation_bytes": res.saved_activation_bytes,
+        "head_on_cached_features": spec.preset is None and features is not None,
+        "history": res.history,
+    }
+    return RunResult(record, eval_s, model)
+
+
+def resolve_precision(mode: str) -> str:
+    """compare's "auto": bf16 autocast on a GPU that has it (else fp16) and on CPUs with native
+    bf16 matrix instructions (``asymlora.train.cpu_has_native_bf16``), else full fp32. The
+    trained factors and the optimizer stay fp32 either way."""
+    if mode != "auto":
+        return mode
+    if torch.cuda.is_available():
+        return "auto"  # fit() picks bf16 or fp16 on the GPU
+    from asymlora.train import cpu_has_native_bf16
+
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
+def autocast(precision: str) -> Any:
+    """bf16 autocast on the CPU when ``precision`` is bf16 (fit() handles the GPU)."""
+    if precision == "bf16" and not torch.cuda.is_available():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
