@@ -2,8 +2,8 @@
 the conftest guard fails a test that leaks it, and a CI run without a bundled asset fails."""
 from __future__ import annotations
 
-import os
 import random
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -117,13 +117,14 @@ def inner(pytester):
 def test_guard_fails_tests_that_leak_global_state(inner):
     inner.makepyfile(test_leaky=LEAKY_TESTS)
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
-    result = inner.runpytest_inprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=8, errors=4)
+    result = inner.runpytest_inprocess("-p", "no:cacheprovider", "-rE")
+    result.assert_outcomes(passed=8, errors=4)  # each leaky test's teardown errors; the others pass
     out = result.stdout.str()
-    for name, what in [("test_threads", "torch.get_num_threads()"), ("test_dtype", "torch.get_default_dtype()"),
-                       ("test_grad_mode", "torch.is_grad_enabled()"),
-                       ("test_silences_warnings", "blanket warning ignores: added FutureWarning")]:
-        assert f"ERROR test_leaky.py::{name} - the test left global state changed" in out and what in out, name
+    errored = set(re.findall(r"^ERROR test_leaky\.py::(\w+)", out, flags=re.M))
+    assert errored == {"test_threads", "test_dtype", "test_grad_mode", "test_silences_warnings"}
+    for what in ("torch.get_num_threads(): ", "torch.get_default_dtype(): torch.float32 -> torch.float64",
+                 "torch.is_grad_enabled(): True -> False", "blanket warning ignores: added FutureWarning, removed none"):
+        assert "the test left global state changed (restore it where you change it): " + what in out, what
     assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
 
 
@@ -160,7 +161,7 @@ def test_missing_asset_fails_a_ci_run_before_any_test(inner, monkeypatch, hide, 
     result = inner.runpytest_inprocess("-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert f"ERROR: CI run without its bundled assets: {named}" in result.stderr.str()
-    result.assert_outcomes()  # nothing ran
+    assert "test_unrelated" not in result.stdout.str() and "passed" not in result.stdout.str()  # nothing ran
 
 
 def test_ci_run_with_every_asset_installed_runs(inner, monkeypatch):
