@@ -16,7 +16,7 @@ import torch
 
 import asymlora.train as train_mod
 from asymlora.train import NonFiniteLossError, TrainArgs, fit
-from test_train import Toy, collate, toy_data, trainable_state
+from test_train import Toy, _crashing_loss, collate, toy_data, trainable_state
 
 KW = dict(lr=1e-2, batch_size=8, progress=False)
 
@@ -40,19 +40,6 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 def ckpt_step(folder) -> int:
     return json.loads((folder / "trainer_state.json").read_text())["step"]
-
-
-def killed_at(call: int):
-    """A loss function that raises KeyboardInterrupt (a kill) on its ``call``-th call."""
-    n = {"calls": 0}
-
-    def loss_fn(model, batch):
-        n["calls"] += 1
-        if n["calls"] == call:
-            raise KeyboardInterrupt("simulated kill")
-        return model(**batch).loss
-
-    return loss_fn
 
 
 @pytest.fixture
@@ -257,7 +244,7 @@ def test_fp16_on_cuda_resume_matches_uninterrupted(tmp_path):
     ref = Toy()
     fit(ref, data, collate, TrainArgs(output_dir=str(tmp_path / "ref"), **kw))
     with pytest.raises(KeyboardInterrupt):
-        fit(Toy(), data, collate, TrainArgs(output_dir=str(tmp_path / "run"), **kw), loss_fn=killed_at(5))
+        fit(Toy(), data, collate, TrainArgs(output_dir=str(tmp_path / "run"), **kw), loss_fn=_crashing_loss(5))
     scaler = torch.load(tmp_path / "run" / "checkpoint" / "scaler.pt")
     assert scaler["scale"] > 0 and ckpt_step(tmp_path / "run" / "checkpoint") == 4
     model = Toy(seed=1)
