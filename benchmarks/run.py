@@ -10,6 +10,7 @@ from __future__ import annotations
 from asymlora.fileio import atomic_write_text
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Sequence
+from typing import Iterator, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,18 +37,41 @@ STAGES = [
 BENCHMARKS = tuple(name for name, _, _ in STAGES)
 
 
+@contextlib.contextmanager
+def _suite_global_state(threads: int) -> Iterator[None]:
+    """The suite runs on ``threads`` torch threads, with FutureWarning/UserWarning silenced and
+    torch's RNG seeded by the stages; all three are put back on exit, so the caller's process
+    (a test session, a notebook) runs afterwards exactly as before."""
+    import torch
+
+    from .common import setup_threads
+
+    before = torch.get_num_threads()
+    with warnings.catch_warnings(), torch.random.fork_rng():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        setup_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
 def run_suite(quick: bool = False, only: Sequence[str] | None = None, threads: int = 2, log=print) -> dict:
-    """Run the selected benchmarks in this process and return the results dict."""
+    """Run the selected benchmarks in this process and return the results dict. Torch's thread
+    count, RNG and the warning filters are the same after the call as before."""
     only = list(only or BENCHMARKS)
     bad = [b for b in only if b not in BENCHMARKS]
     if bad:
         raise ValueError(f"unknown benchmark(s) {bad}; valid: {', '.join(BENCHMARKS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    from .common import machine_info, setup_threads
+    with _suite_global_state(threads):
+        return _run_stages(quick, only, log)
 
-    setup_threads(threads)
+
+def _run_stages(quick: bool, only: list[str], log) -> dict:
+    from .common import machine_info
+
     results: dict = {"quick": quick, "machine": machine_info(), "benchmarks": only}
     t0 = time.perf_counter()
     for i, (name, module, title) in enumerate(STAGES, 1):

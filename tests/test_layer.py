@@ -190,30 +190,33 @@ def test_parameter_report_counts():
     assert lora.adapter_trainable == 2 * rep.adapter_trainable
 
 
-def _saved_bytes_of_adapter_branch(layer: LoraLinear, x: torch.Tensor) -> int:
-    """Bytes autograd saves for backward inside the adapter branch only (base excluded)."""
+def _saved_bytes_of_forward(layer: LoraLinear, x: torch.Tensor) -> int:
+    """Bytes autograd saves for backward in ``LoraLinear.forward`` itself, the layer's own
+    parameters and buffers (W, A, B, bias) excluded: the activations a training step keeps."""
     saved: dict[int, int] = {}
 
     def pack(t):
         saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    a, b = layer.lora_A, layer.lora_B
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        h = torch.nn.functional.linear(layer.dropout(x), a)
-        torch.nn.functional.linear(h * layer.scaling, b)
-    params = {a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()}
-    return sum(v for k, v in saved.items() if k not in params)
+        y = layer(x)
+    own = {t.untyped_storage().data_ptr() for t in list(layer.parameters()) + list(layer.buffers())}
+    y.sum().backward()  # the saved tensors are the ones backward really uses
+    return sum(v for k, v in saved.items() if k not in own)
 
 
 def test_frozen_A_saves_rank_sized_activations_only():
     d_in, r, tokens_ = 256, 4, 64
-    layer = wrap(nn.Sequential(nn.Linear(d_in, d_in)), AsymLoraConfig.preset("b-only", r=r, target_modules=["0"]))[0]
     x = torch.randn(tokens_, d_in, requires_grad=True)
-    b_only = _saved_bytes_of_adapter_branch(layer, x)
-    assert b_only <= tokens_ * r * 4          # A·x (scaled) only: r floats per token
+    b_only = wrap(nn.Sequential(nn.Linear(d_in, d_in)), AsymLoraConfig.preset("b-only", r=r, target_modules=["0"]))[0]
+    assert _saved_bytes_of_forward(b_only, x) == tokens_ * r * 4            # A·x only: r floats per token
     lora = wrap(nn.Sequential(nn.Linear(d_in, d_in)), AsymLoraConfig.preset("lora", r=r, target_modules=["0"]))[0]
-    assert _saved_bytes_of_adapter_branch(lora, x) >= tokens_ * d_in * 4   # x itself, for A's gradient
+    assert _saved_bytes_of_forward(lora, x) == tokens_ * (d_in + r) * 4     # + x itself, for A's gradient
+    dropped = wrap(nn.Sequential(nn.Linear(d_in, d_in)),
+                   AsymLoraConfig.preset("b-only", r=r, dropout=0.1, target_modules=["0"]))[0].train()
+    # dropout on the adapter input brings back an x-sized mask (float32 on CPU)
+    assert _saved_bytes_of_forward(dropped, x) >= tokens_ * r * 4 + tokens_ * d_in
 
 
 def test_vit_default_targets_follow_transformers_naming():

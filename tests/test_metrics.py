@@ -49,11 +49,21 @@ def test_rankdata_ties():
     np.testing.assert_allclose(M.rankdata([10, 20, 20, 5]), [2.0, 3.5, 3.5, 1.0])
 
 
-def test_glue_metrics_keys():
-    assert set(M.glue_metrics("cola", [0, 1], [0, 1])) == {"mcc", "accuracy"}
-    assert set(M.glue_metrics("stsb", [0.1, 0.9, 0.5], [0, 1, 0.4])) == {"pearson", "spearman"}
-    assert set(M.glue_metrics("mrpc", [0, 1], [0, 1])) == {"f1", "accuracy"}
-    assert set(M.glue_metrics("rte", [0, 1], [0, 1])) == {"accuracy"}
+def test_glue_metrics_by_hand():
+    preds = [1, 1, 0, 1, 0, 0, 1, 0]
+    refs = [1, 0, 0, 1, 1, 0, 1, 1]  # TP 3, TN 2, FP 1, FN 2
+    acc = 5 / 8
+    assert M.glue_metrics("cola", preds, refs) == pytest.approx(
+        {"mcc": (3 * 2 - 1 * 2) / math.sqrt(4 * 5 * 3 * 4), "accuracy": acc})
+    for task in ("mrpc", "qqp"):
+        assert M.glue_metrics(task, preds, refs) == pytest.approx({"f1": 2 * 3 / (2 * 3 + 1 + 2), "accuracy": acc})
+    for task in ("rte", "sst2", "qnli", "mnli"):
+        assert M.glue_metrics(task, preds, refs) == pytest.approx({"accuracy": acc})
+    # STS-B: x - mean(x) = (-0.4, 0.4, 0), y - mean(y) = (-1.4, 1.6, -0.2)/3; both rank as (1, 3, 2)
+    stsb = M.glue_metrics("stsb", [0.1, 0.9, 0.5], [0.0, 1.0, 0.4])
+    assert stsb == pytest.approx({"pearson": 0.4 / math.sqrt(0.32 * 4.56 / 9), "spearman": 1.0})
+    # one swapped pair of ranks: rho = 1 - 6·Σd²/(n(n²-1)) = 1 - 6·2/24 = 0.5
+    assert M.glue_metrics("stsb", [0.1, 0.5, 0.9], [0.0, 1.0, 0.4])["spearman"] == pytest.approx(0.5)
 
 
 def test_rouge_known_pair_by_hand():

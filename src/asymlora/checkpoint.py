@@ -29,6 +29,7 @@ from torch import nn
 
 from . import __version__
 from .config import AsymLoraConfig
+from .errors import UserError
 from .fileio import atomic_path, atomic_write_text
 from .init import SEED_REPRODUCIBLE, fingerprint, fingerprints_match, init_factor
 from .inject import _modules_to_save, get_config, lora_layers, wrap
@@ -199,6 +200,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         if target is None or target.shape != value.shape:
             where = "missing" if target is None else f"of shape {tuple(target.shape)}"
             raise ValueError(f"saved parameter {p_name!r} {tuple(value.shape)} is {where} in the model")
+    unsaved = sorted(set(_saved_parameters(model, config)) - set(saved))
+    if unsaved:
+        raise UserError(
+            f"{os.path.join(os.fspath(directory), WEIGHTS_NAME)} lacks {SAVED_PREFIX}{unsaved[0]!r} ({len(unsaved)} "
+            f"parameter(s) of modules_to_save={list(config.modules_to_save)} missing); the file is incomplete"
+        )
     existing = lora_layers(model)
     if existing:
         if sorted(existing) != sorted(layer_names):
@@ -207,6 +214,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             )
         if get_config(model).train != config.train:
             raise ValueError(f"model trains {get_config(model).train!r}, adapter was saved with train={config.train!r}")
+        for name, entry in meta["layers"].items():
+            if existing[name].r != int(entry["r"]):
+                raise UserError(f"model's layer {name!r} is wrapped at rank {existing[name].r}, the adapter's is "
+                                f"r={entry['r']}: unload the model or wrap it with the adapter's config")
     else:
         ranks = {re.escape(n): int(e["r"]) for n, e in meta["layers"].items() if int(e["r"]) != config.r}
         wrap_config = config.replace(target_modules=layer_names, rank_pattern=ranks)
@@ -295,6 +306,7 @@ def _write_peft(
 
 
 _PEFT_UNSUPPORTED = {
+    "bias": ("none", None),  # "all"/"lora_only": PEFT trained the base layers' biases too
     "use_dora": (False, None),
     "lora_bias": (False, None),
     "layers_to_transform": (None,),
@@ -378,20 +390,25 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, train: str = "AB
             raise ValueError(
                 f"PEFT factors of {name!r} are A{tuple(a.shape)} B{tuple(b.shape)}, the model's layer is {d_in}->{d_out}"
             )
-    wrap(model, config)
-    layers = lora_layers(model)
     params = dict(model.named_parameters())
+    others: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model parameter, value): checked before wrapping
+    for key, value in tensors.items():
+        if ".lora_A" in key or ".lora_B" in key:
+            continue
+        p_name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        p_name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", p_name)
+        if p_name not in params:
+            raise ValueError(f"PEFT tensor {key!r} matches no parameter of the model")
+        if params[p_name].shape != value.shape:
+            raise ValueError(f"PEFT tensor {key!r} has shape {tuple(value.shape)}, the model's {p_name!r} "
+                             f"{tuple(params[p_name].shape)}: wrong base model?")
+        others.append((params[p_name], value))
+    wrap(model, config)  # keeps the modules_to_save and base parameters (the same objects)
+    layers = lora_layers(model)
     with torch.no_grad():
         for name, (a, b) in factors.items():
             layers[name].lora_A.copy_(a.to(layers[name].lora_A.dtype))
             layers[name].lora_B.copy_(b.to(layers[name].lora_B.dtype))
-        for key, value in tensors.items():
-            if ".lora_A" in key or ".lora_B" in key:
-                continue
-            p_name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-            p_name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", p_name)
-            if p_name in params:
-                params[p_name].copy_(value.to(params[p_name].dtype))
-            else:
-                raise ValueError(f"PEFT tensor {key!r} matches no parameter of the model")
+        for param, value in others:
+            param.copy_(value.to(param.dtype))
     return model

@@ -26,7 +26,9 @@ A checkpoint (``output_dir/checkpoint``, written to a temporary folder then rena
 the trainable weights (every ``requires_grad`` parameter, by name), the optimizer, the
 scheduler, the gradient scaler (fp16), the python / numpy / torch (/ CUDA) RNG states of
 every process, the step, the history and the early-stopping state. ``resume=True`` reloads
-it and continues; the final weights and metrics equal those of an uninterrupted run.
+it and continues; the final weights and metrics equal those of an uninterrupted run. With no
+checkpoint in ``output_dir`` (the first start of a job that always passes it) ``resume=True``
+warns and starts from step 0.
 
 Peak memory
 -----------
@@ -40,12 +42,14 @@ allocator's cache and the data, so compare them between runs of the same process
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
@@ -449,9 +453,26 @@ class _SavedTensorBytes:
         return t
 
 
+def _keeps_caller_rng(fn: Callable[..., FitResult]) -> Callable[..., FitResult]:
+    """``fit`` seeds the global python / numpy / torch (/ CUDA) RNGs from ``args.seed`` and
+    draws from them (dropout); put the caller's states back on return or raise, so a call to
+    ``fit`` does not change what the caller's own random draws give afterwards."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> FitResult:
+        caller = _rng_state()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _set_rng_state(caller)
+
+    return wrapper
+
+
 # ----------------------------------------------------------------------------- fit
 
 
+@_keeps_caller_rng
 def fit(
     model: nn.Module,
     train_dataset: Sequence[Any],
@@ -466,7 +487,8 @@ def fit(
     ``model(**batch).loss`` (a mean over the micro-batch). ``eval_fn(model)`` returns a
     dict of floats; it runs on the main process in eval mode under ``torch.no_grad`` every
     ``eval_every`` steps and at the end, and its results are shared with all processes.
-    The model is trained in place; on return it is back on its original device.
+    The model is trained in place; on return it is back on its original device. The global
+    RNG states are seeded from ``args.seed`` during the run and restored on return.
     """
     from safetensors.torch import load_file, save_file
     from accelerate.utils import broadcast_object_list, send_to_device
@@ -534,6 +556,9 @@ def fit(
     # ------------------------------------------------------------------ resume
     if args.resume:
         found = _find_checkpoint(ckpt_root)  # type: ignore[arg-type]
+        if found is None and is_main:  # the first start of a job that always passes resume=True
+            warnings.warn(f"resume=True but {ckpt_root!r} holds no complete checkpoint "
+                          f"({CHECKPOINT_NAME}/{_STATE_FILE}): starting from step 0", UserWarning, stacklevel=3)
         if found is not None:
             with open(os.path.join(found, _STATE_FILE)) as fh:
                 st = json.load(fh)
@@ -669,16 +694,16 @@ def fit(
                     f"update. Last good checkpoint: {last_ckpt or 'none written (set output_dir and checkpoint_every)'}",
                     step + 1, last_ckpt,
                 )
-            grad_norm = float("nan")
-            if args.max_grad_norm is not None:
-                gn = accelerator.clip_grad_norm_([p for _, p in named_trainable], args.max_grad_norm)
-                grad_norm = float(gn)
-                if not _finite(grad_norm) and accelerator.scaler is None:
-                    raise NonFiniteLossError(
-                        f"non-finite gradient norm ({grad_norm}) at step {step + 1}/{total}; stopped before "
-                        f"the update. Last good checkpoint: {last_ckpt or 'none written'}",
-                        step + 1, last_ckpt,
-                    )
+            # Without clipping the norm is still computed (max_norm=inf scales by 1): a finite
+            # loss can have a NaN gradient, which must not reach the weights or a checkpoint.
+            max_norm = args.max_grad_norm if args.max_grad_norm is not None else math.inf
+            grad_norm = float(accelerator.clip_grad_norm_([p for _, p in named_trainable], max_norm))
+            if not _finite(grad_norm) and accelerator.scaler is None:
+                raise NonFiniteLossError(
+                    f"non-finite gradient norm ({grad_norm}) at step {step + 1}/{total}; stopped before "
+                    f"the update. Last good checkpoint: {last_ckpt or 'none written'}",
+                    step + 1, last_ckpt,
+                )
             lr_now = scheduler.get_last_lr()[0]
             poptimizer.step()
             scheduler.step()

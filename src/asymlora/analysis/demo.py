@@ -328,7 +328,20 @@ def run_demo(
 ) -> DemoResult:
     """Train the 5-run design for each init scheme on the embedded default model, compare
     the learned factors and judge the pattern.  With ``out_dir``: per scheme the adapters,
-    heatmaps and CSV, plus ``verdict.txt`` / ``verdict.json``."""
+    heatmaps and CSV, plus ``verdict.txt`` / ``verdict.json``. Torch's thread count
+    (``settings.threads``) and global RNG (the head seed) are as before when it returns."""
+    import torch
+
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng():
+        try:
+            return _run_demo(settings, out_dir, log)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _run_demo(settings: DemoSettings | None, out_dir: str | os.PathLike | None,
+              log: Callable[[str], None]) -> DemoResult:
     settings = settings or DemoSettings()
     settings.validate()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
