@@ -47,9 +47,11 @@ def _log(msg: str) -> None:
 
 
 class Phases:
-    """Wall-clock seconds per phase of the protocol (load, tokenise, features, pilot, train,
-    eval, report); ``eval`` is validation and test scoring inside the runs, which ``pilot``
-    and ``train`` do not count."""
+    """Seconds per phase of the protocol. load, tokenise, features (head-only's cached inputs)
+    and report are wall-clock time of this process; pilot, train and eval add up the runs
+    (``eval``: validation and test scoring inside them, which ``pilot`` and ``train`` do not
+    count), so with worker processes side by side they sum to more than the wall time
+    (``settings.runs_wall_s``)."""
 
     NAMES = ("load", "tokenise", "features", "pilot", "train", "eval", "report")
 
