@@ -274,9 +274,9 @@ def plot(path: str, res: dict[str, Any]) -> None:
         ax.set_xticks(xs)
         ax.set_xlabel("depth (layer index in the group)")
         ax.set_title(f"{group.split('.*.')[-1]}  ({sub[0]['d_in']}→{sub[0]['d_out']})", fontsize=10)
-        ax.set_ylim(0, 1.02)
+        ax.set_yscale("log")  # a-only's r/d_out and b-only sit decades below "both" on real layers
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"fraction of proxy signal at r={rows[0]['r']}")
+    axes[0].set_ylabel(f"fraction of proxy signal at r={rows[0]['r']} (b-only ±2 s.e.)")
     axes[-1].legend(fontsize=7, loc="best")
     fig.suptitle(f"asymlora probe: {res['config']['model_type']} on {res['config']['data']}", fontsize=10)
     with atomic_path(path) as tmp:
