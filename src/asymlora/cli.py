@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "similarity": "similarity",
     "export": "export",
     "bench": "bench",
+    "probe": "probe",
 }
 
 
