@@ -251,8 +251,22 @@ def test_mixed_batch_equals_each_row_alone(arch, order):
     ref = _per_row_reference(model, ids, names)
     assert (out - ref).abs().max() <= 1e-5
     # the routing is gone after the call: a plain forward is the active adapter again
-    assert all(layer.routing is None for layer in asymlora.lora_layers(model).values())
+    assert all(layer.router.current is None for layer in asymlora.lora_layers(model).values())
     assert torch.equal(_logits(model, ids[:1]), _per_row_reference(model, ids[:1], ["default"]))
+
+
+def test_mixed_batch_half_precision_base_with_float32_trained_factors():
+    model = tiny_llama().to(torch.bfloat16)
+    asymlora.wrap(model, AsymLoraConfig.preset("b-only", r=4, target_modules="all-linear"))
+    asymlora.add_adapter(model, "b2", AsymLoraConfig.preset("b-only", r=4, target_modules="all-linear"))
+    asymlora.add_adapter(model, "full", AsymLoraConfig.preset("lora", r=2, target_modules="all-linear", seed=3))
+    _perturb(model)
+    layer = next(iter(asymlora.lora_layers(model).values()))
+    assert layer.factor("b2", "B").dtype == torch.float32 and layer.factor("b2", "A").dtype == torch.bfloat16
+    names = ["b2", "full", "default", "b2"]                     # interleaved: gathered path, cast branches
+    ids = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(4))
+    out, ref = _logits(model, ids, adapter_names=names).float(), _per_row_reference(model, ids, names).float()
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()  # bf16 rounding of two summation orders
 
 
 def test_mixed_batch_with_attention_mask_bert():
@@ -313,7 +327,7 @@ def test_mixed_batch_context_manager_and_errors(tokens):
         _logits(model, tokens, adapter_names=["full", "b2"])
     asymlora.unmerge_adapters(model)
     # a failed call leaves no routing behind
-    assert all(layer.routing is None for layer in asymlora.lora_layers(model).values())
+    assert all(layer.router.current is None for layer in asymlora.lora_layers(model).values())
 
 
 def test_merge_a_chosen_adapter(tokens):

@@ -26,8 +26,9 @@ from torch import nn
 from .config import AsymLoraConfig
 from .errors import UserError
 from .init import fingerprint, fingerprints_match
-from .inject import _set_submodule, get_config, lora_layers, make_factors, plan_targets
+from .inject import _set_submodule, adapter_configs, get_config, lora_layers, make_factors, plan_targets
 from .layer import LoraLinear, check_adapter_name
+from .multi import router_of
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -39,16 +40,9 @@ def active_adapters(model: nn.Module) -> list[str]:
     return list(getattr(model, "asymlora_active", ()))
 
 
-def _configs(model: nn.Module) -> dict[str, AsymLoraConfig]:
-    configs = getattr(model, "asymlora_configs", None)
-    if not configs or not lora_layers(model):
-        raise UserError("model has no asymlora adapters; call asymlora.wrap(model, config) first")
-    return configs
-
-
 def check_new_adapter(model: nn.Module, name: str, config: AsymLoraConfig) -> None:
     check_adapter_name(name)
-    configs = _configs(model)
+    configs = adapter_configs(model)
     if name in configs:
         raise UserError(f"adapter {name!r} already exists (adapters: {list(configs)}); delete it or pick another name")
     if config.modules_to_save:
@@ -91,6 +85,7 @@ def attach(model: nn.Module, name: str, module_name: str, module: nn.Module, a: 
     else:
         layer = LoraLinear(module, a, b, scaling, config.trains_A, config.trains_B, config.dropout, adapter_name=name)
         layer.set_active([n for n in model.asymlora_active if n in layer.slots])
+        layer.router = router_of(model)
         _set_submodule(model, module_name, layer)
 
 
@@ -127,7 +122,7 @@ def set_adapter(model: nn.Module, adapter_names: str | Sequence[str]) -> nn.Modu
     factors are buffers and stay frozen through every switch.
     """
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    configs = _configs(model)
+    configs = adapter_configs(model)
     unknown = [n for n in names if n not in configs]
     if unknown or not names:
         raise UserError(f"cannot activate {unknown or names}: the model has adapters {list(configs)}")
@@ -147,7 +142,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     deleted adapter was active, the remaining active ones stay active, or else the first
     remaining adapter becomes active.
     """
-    configs = _configs(model)
+    configs = adapter_configs(model)
     if adapter_name not in configs:
         raise UserError(f"no adapter named {adapter_name!r}; the model has {list(configs)}")
     if len(configs) == 1:

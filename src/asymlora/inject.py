@@ -258,11 +258,17 @@ def plan_targets(model: nn.Module, config: AsymLoraConfig) -> dict[str, nn.Modul
     return targets
 
 
-def get_config(model: nn.Module, adapter_name: str | None = None) -> AsymLoraConfig:
-    """The config of adapter ``adapter_name`` (default: the one active adapter)."""
+def adapter_configs(model: nn.Module) -> dict[str, AsymLoraConfig]:
+    """Adapter name -> config, in the order the adapters were added (the model's own dict)."""
     configs = getattr(model, "asymlora_configs", None)
     if not configs or not lora_layers(model):
-        raise ValueError("model has no asymlora adapters; call asymlora.wrap(model, config) first")
+        raise UserError("model has no asymlora adapters; call asymlora.wrap(model, config) first")
+    return configs
+
+
+def get_config(model: nn.Module, adapter_name: str | None = None) -> AsymLoraConfig:
+    """The config of adapter ``adapter_name`` (default: the one active adapter)."""
+    configs = adapter_configs(model)
     if adapter_name is None:
         active = list(model.asymlora_active)
         if len(active) != 1:
@@ -276,8 +282,7 @@ def get_config(model: nn.Module, adapter_name: str | None = None) -> AsymLoraCon
 def mark_only_adapters_trainable(model: nn.Module) -> None:
     """Re-apply the freezing of ``wrap`` (e.g. after code that set requires_grad everywhere):
     only the trained factors of the active adapters (and their modules_to_save) require grad."""
-    configs = getattr(model, "asymlora_configs", None) or {}
-    get_config(model, next(iter(configs), None))
+    configs = adapter_configs(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in lora_layers(model).values():

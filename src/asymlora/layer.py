@@ -114,7 +114,7 @@ class LoraLinear(nn.Module):
         self.active: tuple[str, ...] = ()
         self.merged_adapters: list[str] = []
         self.disabled = False
-        self.routing: Any = None  # an asymlora.multi.Routing while a mixed-adapter batch runs
+        self.router: Any = None  # the model's asymlora.multi.Router (mixed-adapter batches)
         self._original_weight: Optional[torch.Tensor] = None
         self.add_adapter(adapter_name, lora_A, lora_B, scaling, train_A, train_B, dropout)
         self.active = (adapter_name,)
@@ -246,10 +246,11 @@ class LoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing = self.router.current if self.router is not None else None
+        if routing is not None and not self.disabled:  # a mixed-adapter batch (asymlora.multi)
+            return routing.forward(self, x)
         if self.merged or self.disabled:
             return self.base(x)
-        if self.routing is not None:  # a mixed-adapter batch: one adapter per row (asymlora.multi)
-            return self.routing.forward(self, x)
         out = self.base(x)
         for name in self.active:
             out = self.add_delta(out, x, name)

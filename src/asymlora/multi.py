@@ -40,7 +40,27 @@ from torch import nn
 from .errors import UserError
 from .layer import BASE_ONLY, LoraLinear
 
-_STACK = "_asymlora_routing"  # model.__dict__ key: the stack of active Routing objects
+_ROUTER = "_asymlora_router"  # model.__dict__ key of the model's Router
+
+
+class Router:
+    """Shared by a model and all its adapted layers (``layer.router``): the routing in force,
+    so entering or leaving a mixed batch is O(1), not a walk over the model's modules."""
+
+    def __init__(self) -> None:
+        self.stack: list[Routing] = []
+        self.pushed: list[bool] = []  # per nested forward call: did its pre-hook push a routing?
+
+    @property
+    def current(self) -> Optional["Routing"]:
+        return self.stack[-1] if self.stack else None
+
+
+def router_of(model: nn.Module) -> Router:
+    router = model.__dict__.get(_ROUTER)
+    if router is None:
+        router = model.__dict__[_ROUTER] = Router()
+    return router
 
 
 @dataclass
@@ -94,22 +114,24 @@ class Routing:
 
     def _group_plan(self, members: list[int], row_adapter: torch.Tensor, device: torch.device) -> _GroupPlan:
         lookup = torch.full((len(self.order) + 1,), -1, dtype=torch.long)  # last slot: base rows
-        lookup[torch.tensor(members)] = torch.arange(len(members))
+        lookup[members] = torch.arange(len(members))
         row_local = lookup[row_adapter]  # -1 -> lookup[-1] = -1
-        rows = (row_local >= 0).nonzero().flatten()
+        mask = row_local >= 0
+        rows = mask.nonzero().flatten()
         n_rows, n_group = row_adapter.numel(), rows.numel()
         first, last = int(rows[0]), int(rows[-1]) + 1
-        block = (first, last) if last - first == n_group else None
         values, counts = torch.unique_consecutive(row_local, return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        runs = [(int(v), int(s), int(s + c)) for v, s, c in zip(values, starts, counts) if v >= 0]
+        ends = torch.cumsum(counts, 0)
+        keep = values >= 0
+        runs_v, runs_e, runs_c = values[keep].tolist(), ends[keep].tolist(), counts[keep].tolist()
         segments = None
-        if len(runs) == len(members):  # each member's rows form one contiguous block
-            segments = [(v, s, e, int((rows < s).sum())) for v, s, e in runs]
+        if len(runs_v) == len(members):  # each member's rows form one contiguous block
+            before = torch.cumsum(mask, 0).tolist()  # group rows up to and including each row
+            segments = [(v, e - c, e, before[e - 1] - c) for v, e, c in zip(runs_v, runs_e, runs_c)]
         return _GroupPlan(
             members=[self.order[i] for i in members],
             rows=None if n_group == n_rows else rows.to(device),
-            block=block,
+            block=(first, last) if last - first == n_group else None,
             local=row_local[rows].to(device),
             segments=segments,
         )
@@ -117,9 +139,11 @@ class Routing:
 
 def mixed_forward(layer: LoraLinear, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """y = base(x) plus, for each row, its adapter's s·B·A·x (module docstring)."""
-    out = layer.base(x)
+    if layer.merged:
+        raise UserError("adapter_names cannot be used while adapters are merged; unmerge them first")
     if x.dim() < 2:
         raise UserError("a mixed-adapter batch needs inputs with a batch dimension first")
+    out = layer.base(x).contiguous()  # a no-op for a linear layer's output; views below write into it
     n = x.shape[0]
     out3 = out.view(n, -1, out.shape[-1])  # (rows, tokens, d_out), a view: updates land in out
     for group in routing.plan(layer, n, x.device):
@@ -165,9 +189,10 @@ def _gathered(layer: LoraLinear, group: _GroupPlan, out3: torch.Tensor, h3: torc
     if group.rows is None and out3.dtype == per_row.dtype:
         out3.baddbmm_(h3, per_row, alpha=alpha)
         return
-    delta = torch.bmm(h3, per_row).to(out3.dtype)
+    delta = torch.bmm(h3, per_row)
     if alpha != 1.0:
         delta.mul_(alpha)
+    delta = delta.to(out3.dtype)
     if group.rows is None:
         out3.add_(delta)
     else:
@@ -190,28 +215,15 @@ def _check_names(model: nn.Module, names: Any) -> list[str]:
     return list(names)
 
 
-def _layers(model: nn.Module) -> list[LoraLinear]:
-    return [m for m in model.modules() if isinstance(m, LoraLinear)]
-
-
 def push_routing(model: nn.Module, names: Sequence[str]) -> None:
     names = _check_names(model, names)
-    layers = _layers(model)
-    if any(layer.merged for layer in layers):
-        raise UserError("adapter_names cannot be used while adapters are merged; unmerge them first")
-    routing = Routing(names)
-    model.__dict__.setdefault(_STACK, []).append(routing)
-    for layer in layers:
-        layer.routing = routing
+    router_of(model).stack.append(Routing(names))
 
 
 def pop_routing(model: nn.Module) -> None:
-    stack = model.__dict__.get(_STACK, [])
+    stack = router_of(model).stack
     if stack:
         stack.pop()
-    current = stack[-1] if stack else None
-    for layer in _layers(model):
-        layer.routing = current
 
 
 @contextlib.contextmanager
@@ -225,7 +237,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
 
 
 def _pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    pushed = model.__dict__.setdefault("_asymlora_pushed", [])
+    pushed = router_of(model).pushed
     pushed.append(False)
     names = kwargs.pop("adapter_names", None)
     if names is not None:
@@ -235,7 +247,7 @@ def _pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]
 
 
 def _post_hook(model: nn.Module, args: tuple, output: Any) -> None:
-    pushed = model.__dict__.get("_asymlora_pushed")
+    pushed = router_of(model).pushed
     if pushed and pushed.pop():
         pop_routing(model)
 
@@ -252,6 +264,10 @@ def install_routing(model: nn.Module) -> None:
     """Let ``model(..., adapter_names=[...])`` and ``model.generate(..., adapter_names=[...])``
     run mixed-adapter batches (a forward pre-hook that takes the argument out; ``generate``
     wrapped on this instance)."""
+    router = router_of(model)
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.router = router
     if _pre_hook in model._forward_pre_hooks.values():
         return
     model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
@@ -265,5 +281,4 @@ def uninstall_routing(model: nn.Module) -> None:
         for key in [k for k, h in hooks.items() if h in (_pre_hook, _post_hook)]:
             del hooks[key]
     model.__dict__.pop("generate", None)
-    model.__dict__.pop(_STACK, None)
-    model.__dict__.pop("_asymlora_pushed", None)
+    model.__dict__.pop(_ROUTER, None)
