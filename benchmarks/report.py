@@ -8,6 +8,9 @@ TRAIN_VS_FLOOR = 1.10
 INIT_SPEEDUP = 1000.0
 CKPT_RATIO = 0.55
 INFER_MIN_TOL = 0.03
+MIXED_VS_PEFT = 0.5     # our adapter overhead / PEFT's, K = 16 and 64
+MIXED_VS_SINGLE = 1.1   # our mixed batch / one adapter's forward
+MIXED_MEMORY = 0.55     # numbers held by K b-only adapters / PEFT's
 
 
 def _verdict(ok: bool) -> str:
@@ -51,6 +54,18 @@ def goals(results: dict) -> list[dict]:
         tol = max(INFER_MIN_TOL, 2 * i["base_noise"])
         rows.append({"goal": "merged inference = base (within noise)", "config": f"{i['model']} all-linear r={i['r']}",
                      "value": ratio, "tolerance": tol, "pass": abs(ratio - 1) <= tol})
+    multi = results.get("multi_adapter")
+    if multi:
+        for row in multi["sweep"]:
+            k, tag = row["K"], f"K={row['K']} ({multi['rows']} rows × {multi['seq']} tokens, r={multi['r']})"
+            if k >= 16:
+                rows.append({"goal": f"mixed-batch adapter overhead ≤ {MIXED_VS_PEFT}× PEFT's", "config": tag,
+                             "value": row["overhead_ratio_vs_peft"], "pass": row["overhead_ratio_vs_peft"] <= MIXED_VS_PEFT})
+                rows.append({"goal": f"mixed batch ≤ {MIXED_VS_SINGLE}× one adapter's forward", "config": tag,
+                             "value": row["time_ratio_vs_single"], "pass": row["time_ratio_vs_single"] <= MIXED_VS_SINGLE})
+            mem = row["memory"]["ratio"]
+            rows.append({"goal": f"memory of K b-only adapters ≤ {MIXED_MEMORY}× PEFT's", "config": f"K={k}",
+                         "value": mem, "pass": mem <= MIXED_MEMORY})
     return rows
 
 
@@ -136,4 +151,26 @@ def render(results: dict) -> str:
                        f"{v['merged']['wall_ratio_vs_base']:.3f} | {v['asym-unmerged']['wall_ratio_vs_base']:.3f} | "
                        f"{v['peft-unmerged']['wall_ratio_vs_base']:.3f} | ±{100 * i['base_noise']:.1f}% | "
                        f"{i['max_abs_diff_merged_vs_unmerged']:.1e} |")
+    multi = results.get("multi_adapter")
+    if multi:
+        out.append("")
+        out.append(f"### Mixed-adapter batches ({multi['model']}, {multi['adapted_layers']} adapted layers, "
+                   f"{multi['rows']} rows × {multi['seq']} tokens, r={multi['r']}; {multi['clock']} time)")
+        out.append("")
+        out.append(f"bare base {multi['bare_ms']:.1f} ms (noise ±{100 * multi['bare_noise']:.1f}%); one adapter: "
+                   f"asymlora overhead {multi['single_overhead_ms']:.1f} ms, PEFT {multi['peft_single_overhead_ms']:.1f} ms.")
+        out.append("")
+        out.append("| K | ours ms | PEFT ms | our overhead ms | PEFT overhead ms | overhead ours/PEFT | ours ×one adapter "
+                   "| grouped rows: overhead ms (ours/PEFT) | rows/s ours / PEFT | adapter numbers ours / PEFT (ratio) "
+                   "| max abs diff vs PEFT |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for row in multi["sweep"]:
+            mem = row["memory"]
+            grouped = (f"{row['grouped_overhead_ms']:.1f} ({row['grouped_overhead_ratio_vs_peft']:.2f})"
+                       if "grouped_overhead_ms" in row else "")
+            out.append(f"| {row['K']} | {row['asym_ms']:.1f} | {row['peft_ms']:.1f} | {row['asym_overhead_ms']:.1f} "
+                       f"| {row['peft_overhead_ms']:.1f} | {row['overhead_ratio_vs_peft']:.2f} | {row['time_ratio_vs_single']:.3f} "
+                       f"| {grouped} | {row['throughput_rows_per_s']:.0f} / {row['peft_throughput_rows_per_s']:.0f} "
+                       f"| {mem['asym_numbers']:,} / {mem['peft_numbers']:,} ({mem['ratio']:.3f}) "
+                       f"| {row['max_abs_diff_vs_peft']:.1e} |")
     return "\n".join(out) + "\n"

@@ -33,6 +33,7 @@ STAGES = [
     ("init", "init_speed", "initialisation, LLaMA-2-7B shapes"),
     ("checkpoint", "checkpoint_size", "checkpoint size and save/load time"),
     ("inference", "inference", "inference after merge"),
+    ("multi_adapter", "multi_adapter", "mixed-adapter batches, K sweep"),
 ]
 BENCHMARKS = tuple(name for name, _, _ in STAGES)
 

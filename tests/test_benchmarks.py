@@ -140,6 +140,18 @@ def test_quick_suite_subset_produces_wellformed_results():
     assert "### Goals" in render(results)
 
 
+def test_multi_adapter_benchmark_memory_is_one_A_plus_K_Bs_and_matches_peft():
+    from benchmarks.multi_adapter import run
+
+    res = run(quick=True, repeats=1, log=lambda *a: None)
+    r, shapes = res["r"], res["layer_shapes"]
+    for row in res["sweep"]:
+        k = row["K"]
+        assert row["memory"]["asym_numbers"] == sum(r * d_in + k * r * d_out for d_in, d_out in shapes)
+        assert row["memory"]["peft_numbers"] == k * r * sum(d_in + d_out for d_in, d_out in shapes)
+        assert row["max_abs_diff_vs_peft"] <= 1e-5      # the same function as PEFT's mixed batch
+
+
 def test_run_rejects_unknown_benchmark():
     from benchmarks.run import run_suite
 

@@ -24,8 +24,18 @@ from .inject import (  # noqa: E402
     unmerge_adapters,
     wrap,
 )
-from .layer import LoraLinear  # noqa: E402
-from .checkpoint import convert_to_peft, export_peft, import_peft, load_adapter, load_factors, save_adapter  # noqa: E402
+from .layer import BASE_ONLY, DEFAULT_ADAPTER, LoraLinear  # noqa: E402
+from .adapters import active_adapters, add_adapter, delete_adapter, list_adapters, set_adapter  # noqa: E402
+from .multi import mixed_batch  # noqa: E402
+from .checkpoint import (  # noqa: E402
+    convert_to_peft,
+    export_peft,
+    export_peft_adapters,
+    import_peft,
+    load_adapter,
+    load_factors,
+    save_adapter,
+)
 
 __all__ = [
     "AsymLoraConfig",
@@ -49,4 +59,13 @@ __all__ = [
     "export_peft",
     "convert_to_peft",
     "import_peft",
+    "export_peft_adapters",
+    "DEFAULT_ADAPTER",
+    "BASE_ONLY",
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "list_adapters",
+    "active_adapters",
+    "mixed_batch",
 ]

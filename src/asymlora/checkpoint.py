@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,8 +32,12 @@ from .config import AsymLoraConfig
 from .errors import UserError
 from .fileio import atomic_path, atomic_write_text
 from .init import SEED_REPRODUCIBLE, fingerprint, fingerprints_match, init_factor
+from .adapters import attach, check_new_adapter, list_adapters, shared_frozen
 from .inject import _modules_to_save, get_config, lora_layers, wrap
-from .layer import is_conv1d, linear_shape
+from .layer import DEFAULT_ADAPTER, LoraLinear, factor_key, is_conv1d, linear_shape
+
+# (layer name, "A"/"B", recorded fingerprint) -> a tensor already held with that fingerprint, or None
+Reuse = Callable[[str, str, dict], Optional[torch.Tensor]]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -59,29 +63,32 @@ def _saved_parameters(model: nn.Module, config: AsymLoraConfig) -> dict[str, tor
 
 
 # ---------------------------------------------------------------------------- our format
-def save_adapter(model: nn.Module, directory: str | os.PathLike, store_frozen: bool = False) -> str:
-    """Save the adapter of ``model`` to ``directory`` (created if needed) and return its path.
+def save_adapter(model: nn.Module, directory: str | os.PathLike, store_frozen: bool = False,
+                 adapter_name: str | None = None) -> str:
+    """Save adapter ``adapter_name`` (default: the active one) of ``model`` to ``directory``
+    (created if needed) and return its path.
 
     ``store_frozen``: also store seed-reproducible frozen factors (otherwise rebuilt on load).
     The weights file is written before the config, each through a temp file and a rename, so a
     crash never leaves a config that points at missing or half-written weights.
     """
-    config = get_config(model)
+    config = get_config(model, adapter_name)
+    adapter_name = _resolve_name(model, adapter_name)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     layers_meta: dict[str, Any] = {}
-    for name, layer in lora_layers(model).items():
+    for name, layer in _layers_of(model, adapter_name).items():
         entry: dict[str, Any] = {
             "in_features": layer.in_features,
             "out_features": layer.out_features,
-            "r": layer.r,
-            "scaling": layer.scaling,
+            "r": layer.slots[adapter_name].r,
+            "scaling": layer.slots[adapter_name].scaling,
             "conv1d": is_conv1d(layer.base),
         }
         for factor, init_name in (("A", config.init_A), ("B", config.init_B)):
-            value = getattr(layer, f"lora_{factor}")
-            trained = getattr(layer, f"train_{factor}")
+            value = layer.factor(adapter_name, factor)
+            trained = layer.trains(adapter_name, factor)
             stored = trained or store_frozen or init_name not in SEED_REPRODUCIBLE
             if stored:
                 tensors[f"{name}.lora_{factor}"] = value
@@ -125,11 +132,12 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _read_factors(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+def _read_factors(directory: str | os.PathLike, reuse: Reuse | None = None) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
     """Read an adapter folder: (meta, {layer: (A, B)}, {saved param: tensor}).
 
     Stored factors are checked against their recorded shape; rebuilt ones are drawn from the
-    stored seed and must match the recorded fingerprint.
+    stored seed and must match the recorded fingerprint — unless ``reuse(layer, factor,
+    fingerprint)`` returns a tensor already held whose fingerprint matches (shared factors).
     """
     directory = os.fspath(directory)
     meta = read_adapter_meta(directory)
@@ -154,6 +162,8 @@ def _read_factors(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[st
                         f"stored {key} has shape {tuple(value.shape)} but {CONFIG_NAME} says layer {name!r} "
                         f"is {d_in}->{d_out} at r={r}, which needs {shape}"
                     )
+            elif reuse is not None and (held := reuse(name, factor, info["fingerprint"])) is not None:
+                value = held
             else:
                 value = init_factor(info["init"], shape, factor, config.seed, name)
                 if not fingerprints_match(info["fingerprint"], fingerprint(value)):
@@ -174,13 +184,19 @@ def load_factors(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, 
     return {n: (a.float(), b.float()) for n, (a, b) in factors.items()}
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
     """Put the adapter saved in ``directory`` onto ``model`` and return the model.
 
-    A plain model is wrapped with the saved config first; an already wrapped model must have
-    exactly the saved layers. Every shape is checked before any weight is written.
+    A plain model is wrapped with the saved config first (as adapter ``adapter_name``, default
+    "default"). On a wrapped model the file replaces the values of adapter ``adapter_name``
+    (default: the active one), which must have exactly the saved layers — or, if no adapter has
+    that name yet, it is added as a new, inactive adapter whose frozen factors are shared with
+    identical ones already held (``asymlora.adapters``). Every shape is checked before any
+    weight is written.
     """
-    meta, factors, saved = _read_factors(directory)
+    adding = adapter_name is not None and bool(lora_layers(model)) and adapter_name not in list_adapters(model)
+    reuse = _reuse_from(model) if adding else None
+    meta, factors, saved = _read_factors(directory, reuse)
     config = AsymLoraConfig.from_dict(meta["config"])
     layer_names = list(meta["layers"])
     modules = dict(model.named_modules())
@@ -206,33 +222,98 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             f"{os.path.join(os.fspath(directory), WEIGHTS_NAME)} lacks {SAVED_PREFIX}{unsaved[0]!r} ({len(unsaved)} "
             f"parameter(s) of modules_to_save={list(config.modules_to_save)} missing); the file is incomplete"
         )
-    existing = lora_layers(model)
-    if existing:
+    if adding:
+        _add_from_file(model, adapter_name, config, meta, factors)
+        return model
+    if lora_layers(model):
+        target = _resolve_name(model, adapter_name)
+        existing = _layers_of(model, target)
         if sorted(existing) != sorted(layer_names):
             raise ValueError(
                 f"model is wrapped with layers {sorted(existing)[:3]}... but the adapter has {sorted(layer_names)[:3]}..."
             )
-        if get_config(model).train != config.train:
-            raise ValueError(f"model trains {get_config(model).train!r}, adapter was saved with train={config.train!r}")
+        if get_config(model, target).train != config.train:
+            raise ValueError(f"model trains {get_config(model, target).train!r}, adapter was saved with train={config.train!r}")
         for name, entry in meta["layers"].items():
-            if existing[name].r != int(entry["r"]):
-                raise UserError(f"model's layer {name!r} is wrapped at rank {existing[name].r}, the adapter's is "
-                                f"r={entry['r']}: unload the model or wrap it with the adapter's config")
+            if existing[name].slots[target].r != int(entry["r"]):
+                raise UserError(f"model's layer {name!r} is wrapped at rank {existing[name].slots[target].r}, the "
+                                f"adapter's is r={entry['r']}: unload the model or wrap it with the adapter's config")
     else:
+        target = adapter_name or DEFAULT_ADAPTER
         ranks = {re.escape(n): int(e["r"]) for n, e in meta["layers"].items() if int(e["r"]) != config.r}
         wrap_config = config.replace(target_modules=layer_names, rank_pattern=ranks)
-        wrap(model, _placeholder_inits(wrap_config))
+        wrap(model, _placeholder_inits(wrap_config), adapter_name=target)
+        model.asymlora_configs[target] = config  # type: ignore[index]
         model.asymlora_config = config  # type: ignore[assignment]
     layers = lora_layers(model)
     with torch.no_grad():
         for name, (a, b) in factors.items():
             layer = layers[name]
-            layer.lora_A.copy_(a.to(layer.lora_A.dtype))
-            layer.lora_B.copy_(b.to(layer.lora_B.dtype))
-            layer.scaling = float(meta["layers"][name]["scaling"])
+            _assign(layer, target, "A", a)
+            _assign(layer, target, "B", b)
+            layer.slots[target].scaling = float(meta["layers"][name]["scaling"])
         for p_name, value in saved.items():
             own_params[p_name].copy_(value.to(own_params[p_name].dtype))
     return model
+
+
+def _resolve_name(model: nn.Module, adapter_name: str | None) -> str:
+    """``adapter_name``, or the one active adapter's name."""
+    if adapter_name is None:
+        get_config(model)  # raises unless exactly one adapter is active
+        return model.asymlora_active[0]
+    get_config(model, adapter_name)  # raises for an unknown name
+    return adapter_name
+
+
+def _layers_of(model: nn.Module, adapter_name: str) -> dict[str, LoraLinear]:
+    return {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.slots}
+
+
+def _assign(layer: LoraLinear, adapter_name: str, factor: str, value: torch.Tensor) -> None:
+    """Write a loaded factor. A trained one is copied in place (optimizers keep their handle);
+    a frozen one that differs gets a tensor of its own, so a factor shared with another
+    adapter is never changed under it."""
+    held = layer.factor(adapter_name, factor)
+    value = value.to(device=held.device, dtype=held.dtype)
+    if layer.trains(adapter_name, factor):
+        held.copy_(value)
+    elif not torch.equal(held, value):
+        layer.register_buffer(factor_key(factor, adapter_name), value.clone(), persistent=True)
+
+
+def _reuse_from(model: nn.Module) -> Reuse:
+    """A lookup for ``_read_factors``: a frozen factor the named layer already holds whose
+    fingerprint matches the recorded one (no rebuild, one shared tensor)."""
+    modules = dict(model.named_modules())
+
+    def reuse(layer_name: str, factor: str, recorded: dict) -> torch.Tensor | None:
+        layer = modules.get(layer_name)
+        return shared_frozen(layer, None, recorded) if isinstance(layer, LoraLinear) else None
+
+    return reuse
+
+
+def _add_from_file(model: nn.Module, adapter_name: str, config: AsymLoraConfig, meta: dict[str, Any],
+                   factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Add a new named adapter whose factors were read from a file (frozen ones shared)."""
+    check_new_adapter(model, adapter_name, config)
+    modules = dict(model.named_modules())
+    for name, (a, b) in factors.items():
+        base = modules[name].base if isinstance(modules[name], LoraLinear) else modules[name]
+        placed = [_placed(t, base, trained) for t, trained in ((a, config.trains_A), (b, config.trains_B))]
+        attach(model, adapter_name, name, modules[name], *placed, config, float(meta["layers"][name]["scaling"]))
+    model.asymlora_configs[adapter_name] = config  # type: ignore[index]
+
+
+def _placed(value: torch.Tensor, base: nn.Module, trained: bool) -> torch.Tensor:
+    """A factor on the base's device: frozen in the base dtype, trained in float32 when the base
+    is half precision (as ``inject.make_factors`` does); a tensor already held is kept."""
+    weight = base.weight
+    if value.device == weight.device and (value.dtype == weight.dtype or trained):
+        return value
+    dtype = torch.float32 if trained and weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    return value.to(device=weight.device, dtype=dtype)
 
 
 def _placeholder_inits(config: AsymLoraConfig) -> AsymLoraConfig:
@@ -243,16 +324,36 @@ def _placeholder_inits(config: AsymLoraConfig) -> AsymLoraConfig:
 
 
 # ---------------------------------------------------------------------------- PEFT format
-def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> str:
-    """Write the adapter in Hugging Face PEFT's LoRA format (frozen factors included).
+def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
+                adapter_name: str | None = None) -> str:
+    """Write adapter ``adapter_name`` (default: the active one) in Hugging Face PEFT's LoRA
+    format (frozen factors included).
 
     ``PeftModel.from_pretrained(base, directory)`` then reproduces this model's outputs: PEFT
     computes base(x) + (alpha/r)·B·A·x (alpha/sqrt(r) with use_rslora), the same function.
     """
-    config = get_config(model)
-    layers = {n: (l.lora_A, l.lora_B, is_conv1d(l.base)) for n, l in lora_layers(model).items()}
+    config = get_config(model, adapter_name)
+    adapter_name = _resolve_name(model, adapter_name)
+    layers = {n: (*l.factors(adapter_name), is_conv1d(l.base)) for n, l in _layers_of(model, adapter_name).items()}
     base = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     return _write_peft(directory, config, layers, _saved_parameters(model, config), base)
+
+
+def export_peft_adapters(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None,
+                         base_model_name_or_path: str | None = None) -> dict[str, str]:
+    """Write every named adapter (or ``adapter_names``) in PEFT's multi-adapter layout and
+    return name -> folder: the adapter named "default" in ``directory`` itself, each other
+    adapter ``n`` in ``directory/n`` — the layout ``PeftModel.save_pretrained`` writes, read back
+    with ``PeftModel.from_pretrained(base, directory)`` plus
+    ``peft_model.load_adapter(directory/n, adapter_name=n)``."""
+    names = list_adapters(model) if adapter_names is None else list(adapter_names)
+    for name in names:
+        get_config(model, name)  # every name checked before anything is written
+    out = {}
+    for name in names:
+        folder = os.fspath(directory) if name == DEFAULT_ADAPTER else os.path.join(os.fspath(directory), name)
+        out[name] = export_peft(model, folder, base_model_name_or_path, adapter_name=name)
+    return out
 
 
 def convert_to_peft(adapter_dir: str | os.PathLike, directory: str | os.PathLike) -> str:

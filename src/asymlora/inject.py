@@ -17,7 +17,9 @@ from torch import nn
 
 from .config import AsymLoraConfig, pattern_matches
 from .init import init_factor
-from .layer import LoraLinear, dense_weight, is_supported, linear_shape
+from .errors import UserError
+from .layer import DEFAULT_ADAPTER, LoraLinear, check_adapter_name, dense_weight, is_supported, linear_shape
+from .multi import install_routing, uninstall_routing
 
 # Attention projections adapted by default, per transformers model_type (the usual
 # "query and value" choice of the LoRA paper, which the asymmetry paper also uses for GLUE).
@@ -90,17 +92,19 @@ def find_target_modules(
 ) -> dict[str, nn.Module]:
     """Map qualified name -> supported linear module for every target in ``model``.
 
+    An already adapted layer (``LoraLinear``) is a target itself (its ``.base`` is not listed),
+    so a second named adapter finds the same layers as the first.
     Raises ValueError when nothing matches, when a listed name matches no module while others
     do, or when a name matches only modules of an unsupported type. Works on ``meta`` models.
     """
     if target_modules is None:
         target_modules = default_targets(model)
-    named = [(n, m) for n, m in model.named_modules() if n]
+    named = _candidate_modules(model)
     found: dict[str, nn.Module] = {}
     if target_modules == "all-linear":
         heads = _output_head_names(model)
         for name, module in named:
-            if is_supported(module) and name not in heads and not _matches_any(name, exclude):
+            if _adaptable(module) and name not in heads and not _matches_any(name, exclude):
                 found[name] = module
         if not found:
             raise ValueError("target_modules='all-linear' found no nn.Linear or Conv1D layer in the model")
@@ -108,7 +112,7 @@ def find_target_modules(
     if isinstance(target_modules, str) and not _PLAIN_NAME.match(target_modules):
         pattern = re.compile(target_modules)
         for name, module in named:
-            if pattern.fullmatch(name) and is_supported(module) and not _matches_any(name, exclude):
+            if pattern.fullmatch(name) and _adaptable(module) and not _matches_any(name, exclude):
                 found[name] = module
         if not found:
             raise ValueError(
@@ -119,7 +123,7 @@ def find_target_modules(
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     for target in names:
         hits = [(n, m) for n, m in named if _name_matches(n, target)]
-        supported = [(n, m) for n, m in hits if is_supported(m)]
+        supported = [(n, m) for n, m in hits if _adaptable(m)]
         if not hits:
             raise ValueError(
                 f"target module {target!r} matches no module in {type(model).__name__}; some linear "
@@ -137,6 +141,16 @@ def find_target_modules(
     if not found:
         raise ValueError(f"target_modules {names} matched no linear layer outside modules_to_save")
     return found
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return is_supported(module) or isinstance(module, LoraLinear)
+
+
+def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Named submodules, without the insides of adapted layers (``x.base`` of a LoraLinear ``x``)."""
+    inner = {n + "." for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    return [(n, m) for n, m in model.named_modules() if n and not any(n.startswith(p) for p in inner)]
 
 
 def _sample_linear_names(named: list[tuple[str, nn.Module]], limit: int = 8) -> str:
@@ -165,8 +179,15 @@ def _modules_to_save(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Mod
     return found
 
 
-def make_layer(name: str, base: nn.Module, config: AsymLoraConfig) -> LoraLinear:
+def make_layer(name: str, base: nn.Module, config: AsymLoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> LoraLinear:
     """Build the ``LoraLinear`` for one base layer from the config (seeded factors)."""
+    a, b = make_factors(name, base, config)
+    return LoraLinear(base, a, b, scaling=config.scaling_for(name), train_A=config.trains_A,
+                      train_B=config.trains_B, dropout=config.dropout, adapter_name=adapter_name)
+
+
+def make_factors(name: str, base: nn.Module, config: AsymLoraConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) for one base layer from the config: seeded, on the base's device and dtype."""
     d_in, d_out = linear_shape(base)
     r = config.rank_for(name)
     if r > min(d_in, d_out):
@@ -190,29 +211,42 @@ def make_layer(name: str, base: nn.Module, config: AsymLoraConfig) -> LoraLinear
         w = dense_weight(base) if init_name == "svd" else None
         t = init_factor(init_name, shape, factor, config.seed, name, weight=w)
         factors.append(t.to(device=device, dtype=factor_dtype))
-    return LoraLinear(
-        base,
-        factors[0],
-        factors[1],
-        scaling=config.scaling_for(name),
-        train_A=config.trains_A,
-        train_B=config.trains_B,
-        dropout=config.dropout,
-    )
+    return factors[0], factors[1]
 
 
-def wrap(model: nn.Module, config: AsymLoraConfig) -> nn.Module:
-    """Add adapters to ``model`` in place and return it.
+def wrap(model: nn.Module, config: AsymLoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Add an adapter (named ``adapter_name``) to ``model`` in place and return it.
 
     Every base parameter is frozen; the trained factors and the parameters of
     ``config.modules_to_save`` require grad. All targets, ranks and shapes are checked before
-    any module is replaced, so a bad config leaves the model untouched.
+    any module is replaced, so a bad config leaves the model untouched. More adapters:
+    ``asymlora.add_adapter``.
     """
     if not isinstance(config, AsymLoraConfig):
         raise TypeError(f"config must be an AsymLoraConfig, got {type(config).__name__}")
+    check_adapter_name(adapter_name)
     if lora_layers(model):
-        raise ValueError("model already has asymlora adapters; call asymlora.unload(model) first")
+        raise ValueError("model already has asymlora adapters; call asymlora.unload(model) first "
+                         "(or asymlora.add_adapter to add a named one)")
     keep = _modules_to_save(model, config.modules_to_save)
+    targets = plan_targets(model, config)
+    layers = {name: make_layer(name, module, config, adapter_name) for name, module in targets.items()}  # validates ranks
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer)
+    for module in keep.values():
+        for p in module.parameters():
+            p.requires_grad_(True)
+    model.asymlora_configs = {adapter_name: config}  # type: ignore[assignment]
+    model.asymlora_active = (adapter_name,)  # type: ignore[assignment]
+    model.asymlora_config = config  # type: ignore[assignment]
+    install_routing(model)
+    return model
+
+
+def plan_targets(model: nn.Module, config: AsymLoraConfig) -> dict[str, nn.Module]:
+    """The layers ``config`` adapts in ``model``, with its rank/alpha patterns checked against them."""
     targets = find_target_modules(model, config.target_modules, exclude=config.modules_to_save)
     for pattern_field in ("rank_pattern", "alpha_pattern"):
         for pattern in getattr(config, pattern_field):
@@ -221,36 +255,42 @@ def wrap(model: nn.Module, config: AsymLoraConfig) -> nn.Module:
                     f"{pattern_field} key {pattern!r} matches none of the adapted layers "
                     f"(e.g. {next(iter(targets))!r})"
                 )
-    layers = {name: make_layer(name, module, config) for name, module in targets.items()}  # validates ranks
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, layer in layers.items():
-        _set_submodule(model, name, layer)
-    for module in keep.values():
-        for p in module.parameters():
-            p.requires_grad_(True)
-    model.asymlora_config = config  # type: ignore[assignment]
-    return model
+    return targets
 
 
-def get_config(model: nn.Module) -> AsymLoraConfig:
-    config = getattr(model, "asymlora_config", None)
-    if config is None or not lora_layers(model):
-        raise ValueError("model has no asymlora adapters; call asymlora.wrap(model, config) first")
-    return config
+def adapter_configs(model: nn.Module) -> dict[str, AsymLoraConfig]:
+    """Adapter name -> config, in the order the adapters were added (the model's own dict)."""
+    configs = getattr(model, "asymlora_configs", None)
+    if not configs or not lora_layers(model):
+        raise UserError("model has no asymlora adapters; call asymlora.wrap(model, config) first")
+    return configs
+
+
+def get_config(model: nn.Module, adapter_name: str | None = None) -> AsymLoraConfig:
+    """The config of adapter ``adapter_name`` (default: the one active adapter)."""
+    configs = adapter_configs(model)
+    if adapter_name is None:
+        active = list(model.asymlora_active)
+        if len(active) != 1:
+            raise UserError(f"{len(active)} adapters are active ({active}); pass adapter_name= to choose one")
+        adapter_name = active[0]
+    if adapter_name not in configs:
+        raise UserError(f"no adapter named {adapter_name!r}; the model has {sorted(configs)}")
+    return configs[adapter_name]
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> None:
-    """Re-apply the freezing of ``wrap`` (e.g. after code that set requires_grad everywhere)."""
-    config = get_config(model)
+    """Re-apply the freezing of ``wrap`` (e.g. after code that set requires_grad everywhere):
+    only the trained factors of the active adapters (and their modules_to_save) require grad."""
+    configs = adapter_configs(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in lora_layers(model).values():
-        for p in layer.parameters(recurse=False):
-            p.requires_grad_(True)
-    for module in _modules_to_save(model, config.modules_to_save).values():
-        for p in module.parameters():
-            p.requires_grad_(True)
+        layer.set_active(layer.active)
+    for name in model.asymlora_active:
+        for module in _modules_to_save(model, configs[name].modules_to_save).values():
+            for p in module.parameters():
+                p.requires_grad_(True)
 
 
 @contextlib.contextmanager
@@ -267,11 +307,21 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = before[n]
 
 
-def merge_adapters(model: nn.Module, safe: bool = False) -> nn.Module:
+def merge_adapters(model: nn.Module, safe: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    """Fold ``adapter_names`` (default: the active adapters) into the base weights."""
+    names = list(model.asymlora_active if adapter_names is None else adapter_names)
+    _check_known(model, names)
     for layer in lora_layers(model).values():
-        if not layer.merged:
-            layer.merge(safe=safe)
+        if not layer.merged and any(n in layer.slots for n in names):
+            layer.merge(safe=safe, adapter_names=names)
     return model
+
+
+def _check_known(model: nn.Module, names: Sequence[str]) -> None:
+    known = getattr(model, "asymlora_configs", None) or {}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UserError(f"unknown adapter(s) {unknown}; the model has {sorted(known)}")
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
@@ -287,35 +337,50 @@ def unload(model: nn.Module) -> nn.Module:
         if layer.merged:
             layer.unmerge()
         _set_submodule(model, name, layer.base)
-    if hasattr(model, "asymlora_config"):
-        del model.asymlora_config
+    _forget_adapters(model)
     return model
 
 
-def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
-    """Fold every adapter into its base weight and drop the wrappers (a plain model remains).
+def _forget_adapters(model: nn.Module) -> None:
+    for attr in ("asymlora_config", "asymlora_configs", "asymlora_active"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    uninstall_routing(model)
+
+
+def merge_and_unload(model: nn.Module, safe: bool = True, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    """Fold ``adapter_names`` (default: the active adapters) into the base weights and drop every
+    wrapper (a plain model remains; the other adapters are discarded).
 
     With ``safe`` (default) every delta is checked for NaN/Inf before any weight changes.
     """
+    names = list(model.asymlora_active if adapter_names is None else adapter_names)
+    _check_known(model, names)
     layers = lora_layers(model)
     if safe:
         for name, layer in layers.items():
-            if not torch.isfinite(layer.delta_weight()).all():
-                raise ValueError(f"refusing to merge: layer {name!r} has a NaN/Inf delta weight")
+            for adapter in (n for n in names if n in layer.slots):
+                if not torch.isfinite(layer.delta_weight(adapter)).all():
+                    raise ValueError(f"refusing to merge: layer {name!r} has a NaN/Inf delta weight")
     for name, layer in layers.items():
-        if not layer.merged:
-            layer.merge()
+        if not layer.merged and any(n in layer.slots for n in names):
+            layer.merge(adapter_names=names)
         layer.merged = False  # the base now owns the merged weight
         _set_submodule(model, name, layer.base)
-    if hasattr(model, "asymlora_config"):
-        del model.asymlora_config
+    _forget_adapters(model)
     return model
 
 
 @dataclass
 class ParameterReport:
     """Parameter counts of a wrapped model. ``total`` counts base parameters, adapter
-    parameters and frozen adapter factors (buffers)."""
+    parameters and frozen adapter factors (buffers), each tensor once.
+
+    With several named adapters: ``adapters`` maps each name to its own (trained, frozen)
+    element counts (a shared frozen factor counted for every adapter that uses it), and
+    ``adapter_held`` is what all adapters hold in memory, each tensor once — for K b-only
+    adapters with one seed, one A plus K B's per layer (shared frozen factors save
+    ``Σ adapters' frozen − held frozen`` numbers)."""
 
     total: int
     trainable: int
@@ -323,10 +388,17 @@ class ParameterReport:
     adapter_frozen: int
     other_trainable: int
     layers: list[tuple[str, int, int, int, str]] = field(default_factory=list)  # name, d_in, d_out, r, trained
+    adapters: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (trained, frozen) numbers
+    adapter_held: int = 0
 
     @property
     def trainable_fraction(self) -> float:
         return self.trainable / self.total if self.total else 0.0
+
+    @property
+    def frozen_shared_saving(self) -> int:
+        """Numbers not held thanks to shared frozen factors."""
+        return sum(f for _, f in self.adapters.values()) - self.adapter_frozen
 
     def __str__(self) -> str:
         lines = [
@@ -336,23 +408,35 @@ class ParameterReport:
             f"  other trained       {self.other_trainable:,}",
             f"adapter (frozen)      {self.adapter_frozen:,}",
         ]
+        if len(self.adapters) > 1:
+            lines.append(f"named adapters        {len(self.adapters)}, holding {self.adapter_held:,} numbers "
+                         f"(shared frozen factors save {self.frozen_shared_saving:,})")
+            lines += [f"  {name:<19} trained {t:,}, frozen {f:,}" for name, (t, f) in self.adapters.items()]
         return "\n".join(lines)
 
 
 def parameter_report(model: nn.Module) -> ParameterReport:
     layers = lora_layers(model)
-    adapter_params = {id(p) for layer in layers.values() for p in layer.parameters(recurse=False)}
-    adapter_trainable = sum(p.numel() for layer in layers.values() for p in layer.parameters(recurse=False)
-                            if p.requires_grad)
-    adapter_frozen = sum(b.numel() for layer in layers.values() for n, b in layer.named_buffers(recurse=False)
-                         if n in ("lora_A", "lora_B"))
+    per_adapter: dict[str, list[int]] = {}
+    held: dict[int, tuple[int, bool]] = {}  # id(tensor) -> (numel, trained)
+    for layer in layers.values():
+        for adapter in layer.slots:
+            counts = per_adapter.setdefault(adapter, [0, 0])
+            for factor in ("A", "B"):
+                t = layer.factor(adapter, factor)
+                trained = layer.trains(adapter, factor)
+                counts[0 if trained else 1] += t.numel()
+                held[id(t)] = (t.numel(), trained)
+    adapter_params = {i for i, (_, trained) in held.items() if trained}
+    adapter_frozen = sum(n for n, trained in held.values() if not trained)
     params = list(model.parameters())
     total = sum(p.numel() for p in params) + adapter_frozen
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    other = sum(p.numel() for p in params if p.requires_grad and id(p) not in adapter_params)
-    rows = [
-        (n, layer.in_features, layer.out_features, layer.r,
-         "".join(f for f, t in (("A", layer.train_A), ("B", layer.train_B)) if t))
-        for n, layer in layers.items()
-    ]
-    return ParameterReport(total, trainable, adapter_trainable, adapter_frozen, other, rows)
+    adapter_trainable = sum(p.numel() for p in params if p.requires_grad and id(p) in adapter_params)
+    rows = []
+    for n, layer in layers.items():
+        adapter = layer.active[0] if layer.active else next(iter(layer.slots))
+        trained = "".join(f for f in ("A", "B") if layer.trains(adapter, f))
+        rows.append((n, layer.in_features, layer.out_features, layer.slots[adapter].r, trained))
+    return ParameterReport(total, trainable, adapter_trainable, adapter_frozen, trainable - adapter_trainable, rows,
+                           {k: (v[0], v[1]) for k, v in per_adapter.items()}, sum(n for n, _ in held.values()))
