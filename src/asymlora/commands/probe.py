@@ -98,7 +98,7 @@ def load_classifier(path: str, label_names: list[str], seed: int) -> Any:
     import transformers
     from transformers import AutoModelForSequenceClassification
 
-    from asymlora.compare import _head_name, _reinit_head
+    from asymlora.compare.task import head_name, reinit_head
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -108,12 +108,12 @@ def load_classifier(path: str, label_names: list[str], seed: int) -> Any:
             label2id={n: i for i, n in enumerate(label_names)}, output_loading_info=True)
     except (OSError, ValueError) as err:
         raise UserError(f"--model {path!r}: cannot load a sequence classifier with weights: {err}") from None
-    head = _head_name(model)
+    head = head_name(model)
     missing = [k for k in info.get("missing_keys", []) if not k.startswith(head + ".") and k != head]
     if missing:
         raise UserError(f"--model {path!r}: {len(missing)} pretrained weights are missing (e.g. {missing[0]!r}); "
                         "the probe needs the real weights")
-    _reinit_head(model, seed, head)
+    reinit_head(model, seed, head)
     return model
 
 
@@ -156,11 +156,11 @@ def find_targets(model: Any, names: list[str] | None, r: int) -> dict[str, Any]:
     """Target layers (head excluded); UserError for no match, r too large or too much memory."""
     import asymlora
     from asymlora.analysis.probe import probe_memory_bytes
-    from asymlora.compare import _head_name
+    from asymlora.compare.task import head_name
     from asymlora.layer import linear_shape
 
     try:
-        targets = asymlora.find_target_modules(model, _targets_spec(names), exclude=[_head_name(model)])
+        targets = asymlora.find_target_modules(model, _targets_spec(names), exclude=[head_name(model)])
     except UserError:
         raise
     except ValueError as err:
