@@ -40,11 +40,11 @@ def test_parse_strategy():
     assert labels == ["lora r=4", "head-only", "b-only r=8 (@2r)", "lora r=8", "b-only r=16 (@2r)"]
 
 
-def test_bad_cli_input_fails_before_work(tmp_path):
-    with pytest.raises(ValueError, match="strategy 'qlora'"):
-        main(["compare", "--strategies", "qlora", "-o", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="seeds"):
-        main(["compare", "--seeds", "1,1", "-o", str(tmp_path / "x")])
+def test_bad_cli_input_fails_before_work(tmp_path, capsys):
+    assert main(["compare", "--strategies", "qlora", "-o", str(tmp_path / "x")]) == 2
+    assert "strategy 'qlora'" in capsys.readouterr().err
+    assert main(["compare", "--seeds", "1,1", "-o", str(tmp_path / "x")]) == 2
+    assert "seeds" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

