@@ -66,7 +66,7 @@ def _check(args: argparse.Namespace) -> None:
         p.check(args.labels is None and args.rtol is None, "--labels and --rtol apply to RUN_DIRs, not --demo")
     else:
         used = [f"--{n.replace('_', '-')}" for n in demo_only if getattr(args, n) is not None]
-        p.check(not used, f"{', '.join(used)} only apply with --demo")
+        p.check(not used, f"{', '.join(used)} only appl{'ies' if len(used) == 1 else 'y'} with --demo")
         p.check(len(args.run_dirs) >= 2,
                 f"need at least 2 RUN_DIRs to compare, got {len(args.run_dirs)} (or use --demo)")
         for d in args.run_dirs:

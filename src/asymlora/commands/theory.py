@@ -105,7 +105,7 @@ def _check_simulate(args: argparse.Namespace) -> None:
         p.check(not too_big, f"--ranks {too_big} exceed min(--d-in, --d-out) = {top}")
     for sp in args.spectra:
         p.check(sp in SPECTRA, f"--spectra: unknown spectrum {sp!r}; valid: {', '.join(SPECTRA)}")
-    if "lowrank" in args.spectra:
+    if "lowrank" in args.spectra and args.d_in >= 1:
         p.check(1 <= args.lowrank_k <= max(args.d_in, 1), f"--lowrank-k must be in [1, --d-in={args.d_in}], got {args.lowrank_k}")
     p.positive("--decay", args.decay)
     p.at_least("--sigma2", args.sigma2, 0)
@@ -205,9 +205,9 @@ def _check_bound(args: argparse.Namespace) -> None:
     p.check(not (args.shapes and args.model), "give either --model or --shapes, not both")
     p.check(not (args.shapes and args.targets is not None), "--targets applies to --model, not to --shapes")
     p.at_least("--r", args.r, 1)
-    p.at_least("--n", args.n, 1)
     p.positive("--q", args.q)
     p.positive("--sigma", args.sigma)
+    p.at_least("--n", args.n, 1)
     try:
         _parse_targets(args.targets)
     except UserError as err:
