@@ -22,9 +22,10 @@ def _adapter(folder, seed: int = 0):
     return save_adapter(model, folder)
 
 
-@pytest.fixture
-def files(tmp_path):
-    """Inputs the bad calls refer to, under tmp_path."""
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Inputs the bad calls refer to (read only, built once)."""
+    tmp_path = tmp_path_factory.mktemp("inputs")
     (tmp_path / "nolabel.csv").write_text("text,topic\nhello,a\nworld,b\n")
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "fake-model").mkdir()  # passes the config.json check; the data fails first
@@ -36,6 +37,13 @@ def files(tmp_path):
     (tmp_path / "tampered" / CONFIG_NAME).write_text(json.dumps(meta))
     for i in range(3):  # a folder holding three final adapters
         _adapter(tmp_path / "many" / f"run{i}" / "adapter", seed=i)
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tiny_bert(num_labels=2).save_pretrained(tmp_path / "tiny-bert")  # a real (tiny) model folder
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "tiny-bert")
+    (tmp_path / "topics.csv").write_text("text,label\n" + "".join(f"a b {i},{i % 2}\n" for i in range(40)))
     (tmp_path / "badresults").mkdir()
     (tmp_path / "badresults" / "result.json").write_text("{oops")
     return tmp_path
@@ -60,6 +68,8 @@ CASES = [
     (["compare", "--seeds", "1,1", "-o", "OUT"], ["seeds=[1, 1]"], "OUT"),
     (["compare", "--steps", "abc", "-o", "OUT"], ["'abc'"], "OUT"),
     (["compare", "--steps", "0", "--lr", "-1", "-o", "OUT"], ["steps=0", "lr=-1.0"], "OUT"),  # both named
+    (["compare", "--model", "{t}/tiny-bert", "--data", "{t}/topics.csv", "--target-modules", "nope",
+      "--threads", "1", "-o", "OUT"], ["--target-modules", "'nope'"], "OUT"),
     # train
     (["train", "--strategy", "qlora", "-o", "OUT"], ["'qlora'"], "OUT"),
     (["train", "-r", "0", "-o", "OUT"], ["ranks=[0]"], "OUT"),
@@ -106,10 +116,10 @@ def test_enough_cases_cover_every_command():
 
 
 @pytest.mark.parametrize("argv,expect,out", CASES, ids=[" ".join(c[0][:3]) for c in CASES])
-def test_bad_input_is_one_line_exit_2(files, capsys, monkeypatch, argv, expect, out):
+def test_bad_input_is_one_line_exit_2(files, tmp_path, capsys, monkeypatch, argv, expect, out):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("ASYMLORA_DEBUG", raising=False)
-    out_path = files / "OUT"
+    out_path = tmp_path / "OUT"
     argv = [str(out_path) if a == "OUT" else a.replace("{t}", str(files)) for a in argv]
     rc = main(argv)
     captured = capsys.readouterr()

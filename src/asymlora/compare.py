@@ -133,6 +133,8 @@ class CompareConfig:
             bad.append(f"--model {self.model!r} is not a folder with a transformers model (config.json)")
         if self.data not in ("fortunes", "tweets") and not os.path.exists(self.data):
             bad.append(f"--data {self.data!r} is neither a named dataset (fortunes, tweets) nor an existing path")
+        if self.mixed_precision == "fp16" and not _cuda_available():
+            bad.append("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16, no or auto")
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             bad.append(f"--output-dir {self.output_dir!r} exists and is not a folder")
         if bad:
@@ -160,6 +162,12 @@ _atomic_write_text = atomic_write_text
 
 
 # ----------------------------------------------------------------------------- statistics
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -352,6 +360,13 @@ def prepare_task(cfg: CompareConfig) -> Task:
     base = AutoModelForSequenceClassification.from_pretrained(
         model_path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
         label2id={n: i for i, n in enumerate(data.label_names)})
+    if cfg.target_modules is not None:
+        from asymlora import find_target_modules
+
+        try:  # the user's --target-modules must name layers of this model
+            find_target_modules(base, cfg.target_modules, exclude=[_head_name(base)])
+        except ValueError as err:
+            raise UserError(f"--target-modules {','.join(cfg.target_modules)}: {err}") from err
     return Task(model_path=model_path, data=data, train=train, val=val, test=test,
                 train_ds=TokenizedDataset(train, tokenizer, cfg.max_length),
                 val_ds=TokenizedDataset(val, tokenizer, cfg.max_length),

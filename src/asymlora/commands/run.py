@@ -59,6 +59,12 @@ def _check(args: argparse.Namespace) -> None:
     p.positive("--epochs", args.epochs)
     p.positive("--lr", args.lr)
     p.existing("--data", args.data)
+    wants_gpu = [f for f, on in (("--mixed-precision fp16", args.mixed_precision == "fp16"),
+                                 (f"--device {args.device}", (args.device or "").startswith("cuda"))) if on]
+    if wants_gpu:
+        import torch
+
+        p.check(torch.cuda.is_available(), f"{' and '.join(wants_gpu)}: needs a CUDA GPU, and torch sees none")
     p.output_folder("--output-dir", args.output_dir)
     p.raise_if_any()
 
