@@ -413,7 +413,7 @@ def _run(cfg: CompareConfig, specs: list[StrategySpec], threads: int, thread_pro
     }
     _log(f"asymlora compare: {model_name} ({base_params / 1e6:.1f}M params) on "
          f"{data.name} ({k} classes: {', '.join(data.label_names)}); train {len(train)} / val {len(val)} / "
-         f"test {len(test)}; {len(specs)} strateg{'y' if len(specs) == 1 else 'ies'} × {len(cfg.seeds)} seed{'' if len(cfg.seeds) == 1 else 's'}, {cfg.steps} steps × batch "
+         f"test {len(test)}; {len(specs)} strateg{'y' if len(specs) == 1 else 'ies'} × {len(cfg.seeds)} seed{'' if len(cfg.seeds) == 1 else 's'}, {cfg.steps} step{'' if cfg.steps == 1 else 's'} × batch "
          f"{cfg.batch_size}, max {cfg.max_length} tokens, lr {cfg.lr:g}, {threads} thread{'' if threads == 1 else 's'}")
 
     runs: list[dict[str, Any]] = []
@@ -525,7 +525,7 @@ def write_reports(results: dict[str, Any], out_dir: str, plots: bool = True) -> 
         f"{s['model_type']}), data `{s['data']}` ({len(s['dataset']['label_names'])} classes: "
         f"{', '.join(s['dataset']['label_names'])}); train {s['used_sizes']['train']}, "
         f"val {s['used_sizes']['val']}, test {s['used_sizes']['test']}.",
-        f"{s['steps']} steps × batch {s['batch_size']} ({s['examples_seen_per_run']} examples seen), lr {s['lr']:g}, "
+        f"{s['steps']} step{'' if s['steps'] == 1 else 's'} × batch {s['batch_size']} ({s['examples_seen_per_run']} examples seen), lr {s['lr']:g}, "
         f"max {s['max_length']} tokens, alpha = 2r, adapters on {s.get('adapted_layers', s['target_modules'])}, head `{s['head']}` trained "
         f"in every run; seeds {s['seeds']}; {s['threads']} thread(s) on {s['machine']['device']}.",
         "",
