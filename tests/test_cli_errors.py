@@ -94,6 +94,8 @@ CASES = [
     (["export", "{t}/good"], ["--output-dir"], None),
     # run
     (["run", "nosuchrecipe", "-o", "OUT"], ["'nosuchrecipe'"], "OUT"),
+    (["run", "nosuchrecipe", "--seeds", "-1", "-o", "OUT"], ["'nosuchrecipe'", "--seeds", "-1"], "OUT"),
+    (["similarity", "{t}/many", "{t}/empty.csv", "-o", "OUT"], ["holds 3 adapters", "empty.csv"], "OUT"),
     (["run", "glue-roberta-large", "--seeds", "-1", "-o", "OUT"], ["--seeds", "-1"], "OUT"),
     (["run", "glue-roberta-large", "--model", "/nonexistent/m", "--data", "{t}", "-o", "OUT"],
      ["'/nonexistent/m'", "hf download"], "OUT"),

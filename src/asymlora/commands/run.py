@@ -49,8 +49,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _check(args: argparse.Namespace) -> None:
-    """Every bad command-line value at once, before the recipe is read."""
+def _check(args: argparse.Namespace) -> Problems:
+    """Every bad command-line value (the recipe's own problems are added by the caller)."""
     p = Problems()
     p.at_least("--seeds", args.seeds, 0)
     p.at_least("--ranks", args.ranks, 1)
@@ -66,7 +66,7 @@ def _check(args: argparse.Namespace) -> None:
 
         p.check(torch.cuda.is_available(), f"{' and '.join(wants_gpu)}: needs a CUDA GPU, and torch sees none")
     p.output_folder("--output-dir", args.output_dir)
-    p.raise_if_any()
+    return p
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,8 +77,12 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from asymlora.tasks.recipe import RunOptions, check_model, load_recipe, plan, run_recipe
 
-    _check(args)
-    recipe = load_recipe(args.recipe, args.sets)
+    problems = _check(args)
+    try:
+        recipe = load_recipe(args.recipe, args.sets)
+    except UserError as err:
+        problems.add(str(err))
+    problems.raise_if_any()
     opts = RunOptions(
         model=args.model, data=args.data, out=args.output_dir, seeds=args.seeds, tasks=args.tasks,
         strategies=args.strategies, ranks=args.ranks, max_steps=args.max_steps, epochs=args.epochs,

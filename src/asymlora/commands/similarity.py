@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from asymlora.commands.options import Problems, add_output_dir, plural
+from asymlora.errors import UserError
 
 DESCRIPTION = """\
 Compare saved adapters of the same base model, layer by layer, for every pair of runs.
@@ -69,8 +70,13 @@ def _check(args: argparse.Namespace) -> None:
         p.check(not used, f"{', '.join(used)} only appl{'ies' if len(used) == 1 else 'y'} with --demo")
         p.check(len(args.run_dirs) >= 2,
                 f"need at least 2 RUN_DIRs to compare, got {len(args.run_dirs)} (or use --demo)")
-        for d in args.run_dirs:
-            p.check(Path(d).exists(), f"run directory {d!r} does not exist")
+        from asymlora.analysis.similarity import pick_adapter_dir
+
+        for d in args.run_dirs:  # every folder that is missing or holds no single adapter, at once
+            try:
+                pick_adapter_dir(d)
+            except UserError as err:
+                p.add(str(err))
         if args.labels is not None:
             labels = [s.strip() for s in args.labels.split(",")]
             p.check(len(labels) == len(args.run_dirs) and all(labels),
