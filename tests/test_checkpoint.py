@@ -74,7 +74,7 @@ def test_tampered_seed_refused(tmp_path):
     model = wrap(tiny_bert(), AsymLoraConfig.preset("b-only", r=4, seed=1))
     save_adapter(model, tmp_path / "ad")
     _tamper(tmp_path / "ad" / CONFIG_NAME, lambda m: m["config"].__setitem__("seed", 2))
-    with pytest.raises(ValueError, match="does not match the fingerprint recorded at save time"):
+    with pytest.raises(ValueError, match="says seed=2 but .* was saved with seed=1"):
         load_adapter(tiny_bert(), tmp_path / "ad")
 
 
@@ -83,7 +83,7 @@ def test_tampered_shape_refused(tmp_path):
     save_adapter(model, tmp_path / "ad")
     name = next(iter(asymlora.lora_layers(model)))
     _tamper(tmp_path / "ad" / CONFIG_NAME, lambda m: m["layers"][name].__setitem__("r", 3))
-    with pytest.raises(ValueError, match=r"stored .*lora_A has shape \(4, 32\)"):
+    with pytest.raises(ValueError, match=r"says r=4 but layer .* was saved with r=3"):
         load_adapter(tiny_bert(), tmp_path / "ad")
     save_adapter(model, tmp_path / "ad2")
     _tamper(tmp_path / "ad2" / CONFIG_NAME, lambda m: m["layers"][name].__setitem__("in_features", 16))

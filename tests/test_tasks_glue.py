@@ -149,7 +149,7 @@ def test_missing_model_message(tmp_path, glue_dir, capsys):
     rc = main(["run", "glue-roberta-large", "--model", str(tmp_path / "nope"), "--data", str(glue_dir),
                "--tasks", "sst2"])
     err = capsys.readouterr().err
-    assert rc == 2 and "not found" in err and "huggingface-cli download" in err
+    assert rc == 2 and "not found" in err and "hf download" in err
 
 
 def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir):

@@ -19,21 +19,23 @@ PEFT's format: ``export_peft`` writes ``adapter_config.json`` (peft_type LORA) a
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Any, Callable, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
 from .config import AsymLoraConfig
 from .errors import UserError
-from .fileio import atomic_path, atomic_write_text
+from .fileio import MissingFileError, atomic_path, atomic_write_text
 from .init import SEED_REPRODUCIBLE, fingerprint, fingerprints_match, init_factor
 from .adapters import attach, check_new_adapter, list_adapters, shared_frozen
-from .inject import _modules_to_save, get_config, lora_layers, wrap
+from .inject import _PLAIN_NAME, _modules_to_save, _name_matches, get_config, lora_layers, wrap
 from .layer import DEFAULT_ADAPTER, LoraLinear, factor_key, is_conv1d, linear_shape
 
 # (layer name, "A"/"B", recorded fingerprint) -> a tensor already held with that fingerprint, or None
@@ -110,7 +112,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, store_frozen: b
         "config": config.to_dict(),
         "layers": layers_meta,
     }
-    _atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), {"format": FORMAT})
+    header = {"format": FORMAT, "config": json.dumps(config.to_dict(), sort_keys=True)}  # see _check_config_matches_layers
+    _atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), header)
     atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(meta, indent=2))
     return directory
 
@@ -119,17 +122,85 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
     directory = os.fspath(directory)
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not an adapter folder")
-    with open(path, encoding="utf-8") as fh:
-        meta = json.load(fh)
-    if meta.get("format") != FORMAT:
+        raise MissingFileError(f"no {CONFIG_NAME} in {directory!r}: not an adapter folder")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = meta if isinstance(meta, dict) else {}
         hint = " (a PEFT adapter: use asymlora.checkpoint.import_peft)" if meta.get("peft_type") else ""
-        raise ValueError(f"{path} is not an asymlora adapter (format={meta.get('format')!r}){hint}")
+        raise UserError(f"{path} is not an asymlora adapter (format={meta.get('format')!r}){hint}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
+        raise UserError(
             f"{path} has format_version {meta['format_version']}, this asymlora reads <= {FORMAT_VERSION}; upgrade asymlora"
         )
     return meta
+
+
+def _saved_config(weights_path: str) -> dict[str, Any] | None:
+    """The config recorded in the weights file's header at save time (None for older files)."""
+    try:
+        with safe_open(weights_path, framework="pt") as fh:
+            text = (fh.metadata() or {}).get("config")
+    except Exception as err:  # damaged header
+        raise UserError(f"{weights_path} is not a readable safetensors file: {err}") from err
+    return None if text is None else json.loads(text)
+
+
+def _targets_cover(targets: Any, name: str) -> bool:
+    if targets is None or targets == "all-linear":
+        return True  # depends on the model; checked when wrapping
+    if isinstance(targets, str) and not _PLAIN_NAME.match(targets):
+        return re.fullmatch(targets, name) is not None
+    return any(_name_matches(name, t) for t in ([targets] if isinstance(targets, str) else targets))
+
+
+def _check_config_matches_layers(meta: dict[str, Any], weights_path: str) -> AsymLoraConfig:
+    """The config of ``adapter_config.json``, refused (UserError naming the field and both
+    values) if it disagrees with what was saved: the per-layer records (rank, scaling =
+    alpha/r or alpha/sqrt(r), init and trained flag of each factor, layer names against
+    target_modules) and the copy of the config in the weights file's header (every field,
+    the seed included). Runs before any tensor is read or any model is touched."""
+    path = os.path.join(os.path.dirname(weights_path), CONFIG_NAME)
+    try:
+        config = AsymLoraConfig.from_dict(meta["config"])
+        layers = dict(meta["layers"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{path} holds an invalid adapter config: {err}") from err
+
+    def refuse(field: str, says: Any, saved: Any, where: str) -> UserError:
+        return UserError(f"{path} says {field}={says!r} but {where} was saved with {field}={saved!r}: the "
+                         f"file was edited after saving; refusing to load it")
+
+    for name, entry in layers.items():
+        if int(entry["r"]) != config.rank_for(name):
+            raise refuse("r", config.rank_for(name), int(entry["r"]), f"layer {name!r}")
+        if not math.isclose(float(entry["scaling"]), config.scaling_for(name), rel_tol=1e-9):
+            r = config.rank_for(name)
+            saved_alpha = float(entry["scaling"]) * (math.sqrt(r) if config.scaling == "rslora" else r)
+            raise refuse("alpha", config.alpha_for(name), saved_alpha, f"layer {name!r} (scaling {entry['scaling']:g})")
+        for factor in ("A", "B"):
+            if entry[factor]["init"] != getattr(config, f"init_{factor}"):
+                raise refuse(f"init_{factor}", getattr(config, f"init_{factor}"), entry[factor]["init"], f"layer {name!r}")
+            if bool(entry[factor]["trained"]) != (factor in config.train):
+                raise refuse("train", config.train, "".join(f for f in "AB" if layers[name][f]["trained"]),
+                             f"layer {name!r}")
+        if not _targets_cover(config.target_modules, name):
+            raise UserError(f"{path} says target_modules={config.target_modules!r}, which does not cover the "
+                            f"saved layer {name!r}: the file was edited after saving; refusing to load it")
+    if isinstance(config.target_modules, list):
+        unused = [t for t in config.target_modules if not any(_name_matches(n, t) for n in layers)]
+        if unused:
+            raise UserError(f"{path} says target_modules={config.target_modules!r}, but no saved layer matches "
+                            f"{unused}: the file was edited after saving; refusing to load it")
+    saved = _saved_config(weights_path)
+    if saved is not None:
+        for field, value in config.to_dict().items():
+            if field in saved and saved[field] != value:
+                raise refuse(field, value, saved[field], f"the adapter (header of {WEIGHTS_NAME})")
+    return config
 
 
 def _read_factors(directory: str | os.PathLike, reuse: Reuse | None = None) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
@@ -143,9 +214,12 @@ def _read_factors(directory: str | os.PathLike, reuse: Reuse | None = None) -> t
     meta = read_adapter_meta(directory)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"{weights_path} is missing (only safetensors files are read)")
-    tensors = load_file(weights_path)
-    config = AsymLoraConfig.from_dict(meta["config"])
+        raise MissingFileError(f"{weights_path} is missing (only safetensors files are read)")
+    config = _check_config_matches_layers(meta, weights_path)
+    try:
+        tensors = load_file(weights_path)
+    except Exception as err:  # safetensors raises its own error type for a damaged file
+        raise UserError(f"{weights_path} is not a readable safetensors file: {err}") from err
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, entry in meta["layers"].items():
         r, d_in, d_out = int(entry["r"]), int(entry["in_features"]), int(entry["out_features"])
@@ -155,10 +229,10 @@ def _read_factors(directory: str | os.PathLike, reuse: Reuse | None = None) -> t
             key = f"{name}.lora_{factor}"
             if info["stored"]:
                 if key not in tensors:
-                    raise ValueError(f"{weights_path} lacks {key!r}, which {CONFIG_NAME} says is stored")
+                    raise UserError(f"{weights_path} lacks {key!r}, which {CONFIG_NAME} says is stored")
                 value = tensors[key]
                 if tuple(value.shape) != shape:
-                    raise ValueError(
+                    raise UserError(
                         f"stored {key} has shape {tuple(value.shape)} but {CONFIG_NAME} says layer {name!r} "
                         f"is {d_in}->{d_out} at r={r}, which needs {shape}"
                     )
@@ -167,7 +241,7 @@ def _read_factors(directory: str | os.PathLike, reuse: Reuse | None = None) -> t
             else:
                 value = init_factor(info["init"], shape, factor, config.seed, name)
                 if not fingerprints_match(info["fingerprint"], fingerprint(value)):
-                    raise ValueError(
+                    raise UserError(
                         f"factor {factor} of layer {name!r}, rebuilt from seed={config.seed} init={info['init']!r} "
                         f"shape={shape}, does not match the fingerprint recorded at save time: the seed, init, "
                         f"rank or layer name in {CONFIG_NAME} was changed after saving"

@@ -11,6 +11,8 @@ import os
 import tempfile
 from typing import Iterator
 
+from .errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
@@ -55,3 +57,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named (or an asset they must install) is not there.
+
+    Both a :class:`UserError` (the CLI prints it in one line) and a ``FileNotFoundError``
+    (what library callers catch for a missing file)."""

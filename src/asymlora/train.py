@@ -28,7 +28,8 @@ scheduler, the gradient scaler (fp16), the python / numpy / torch (/ CUDA) RNG s
 every process, the step, the history and the early-stopping state. ``resume=True`` reloads
 it and continues; the final weights and metrics equal those of an uninterrupted run. With no
 checkpoint in ``output_dir`` (the first start of a job that always passes it) ``resume=True``
-warns and starts from step 0.
+warns and starts from step 0. State files are read with ``torch.load(weights_only=True)`` only
+(tensors, numbers, strings): a checkpoint folder from someone else cannot run code on resume.
 
 Peak memory
 -----------
@@ -46,6 +47,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -56,6 +58,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from asymlora.errors import UserError
 
 __all__ = [
     "TrainArgs",
@@ -408,6 +412,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _load_state(path: str) -> Any:
+    """A checkpoint's optimizer / scheduler / scaler / RNG state, read with
+    ``torch.load(weights_only=True)``: tensors, numbers, strings and plain containers only, so a
+    checkpoint folder from someone else cannot run code on ``resume`` (everything saved here is
+    of those types: ``_rng_state`` keeps the Python and NumPy states as lists of ints)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"refusing to resume from {path}: it is not a plain state file (tensors, numbers, strings), "
+            f"so it is not loaded ({first})"
+        ) from err
+
+
 def _finite(x: float) -> bool:
     return math.isfinite(x)
 
@@ -575,16 +594,23 @@ def fit(
                     f"global batch {st['global_batch_size']}, {st['total_steps']} steps; this run has "
                     f"world_size={world}, global batch {global_batch}, {total} steps: they must match to resume"
                 )
+            # every .pt file is read before any state is set: a refused file changes nothing
+            opt_state = _load_state(os.path.join(found, _OPTIM_FILE))
+            sched_state = _load_state(os.path.join(found, _SCHED_FILE))
+            rng_state = _load_state(os.path.join(found, f"rng_state_{rank}.pt"))
+            scaler_path = os.path.join(found, _SCALER_FILE)
+            scaler_state = (_load_state(scaler_path) if accelerator.scaler is not None and os.path.isfile(scaler_path)
+                            else None)
             weights = load_file(os.path.join(found, _WEIGHTS_FILE))
             params = dict(raw.named_parameters())
             with torch.no_grad():
                 for k, t in weights.items():
                     params[k].copy_(t.to(params[k].device, params[k].dtype))
-            poptimizer.load_state_dict(torch.load(os.path.join(found, _OPTIM_FILE), map_location="cpu"))
-            scheduler.load_state_dict(torch.load(os.path.join(found, _SCHED_FILE), map_location="cpu"))
-            if accelerator.scaler is not None and os.path.isfile(os.path.join(found, _SCALER_FILE)):
-                accelerator.scaler.load_state_dict(torch.load(os.path.join(found, _SCALER_FILE)))
-            _set_rng_state(torch.load(os.path.join(found, f"rng_state_{rank}.pt"), weights_only=False))
+            poptimizer.load_state_dict(opt_state)
+            scheduler.load_state_dict(sched_state)
+            if scaler_state is not None:
+                accelerator.scaler.load_state_dict(scaler_state)
+            _set_rng_state(rng_state)
             step = resumed_from = int(st["step"])
             history = st["history"]
             best, bad_evals = st["best"], int(st["bad_evals"])

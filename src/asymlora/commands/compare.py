@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from asymlora.commands.options import add_list, add_output_dir, float_list, str_list
 from asymlora.tasks.default import DEFAULT, DEFAULT_DATA, DEFAULT_STRATEGIES, QUICK
 
 DESCRIPTION = """\
@@ -31,17 +32,6 @@ a folder written by datasets' save_to_disk.
 """
 
 
-def _int_list(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected integers separated by commas or spaces") from None
-
-
-def _str_list(s: str) -> list[str]:
-    return [x for x in s.replace(",", " ").split() if x]
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("compare", help="compare lora / b-only / a-only / head-only on a real task",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,14 +39,15 @@ def register(subparsers) -> None:
     p.add_argument("--data", default=DEFAULT_DATA, help="fortunes (default), tweets, or a local dataset path")
     p.add_argument("--text-column", default="text", help="text column of a local dataset (default: text)")
     p.add_argument("--label-column", default="label", help="label column of a local dataset (default: label)")
-    p.add_argument("--strategies", type=_str_list, default=None,
-                   help=f"comma-separated (default: {','.join(DEFAULT_STRATEGIES)})")
-    p.add_argument("--ranks", "-r", type=_int_list, default=None, help=f"adapter rank(s) r (default: {DEFAULT.r})")
-    p.add_argument("--seeds", type=_int_list, default=None,
-                   help="seeds, paired across strategies; the first one picks the learning rates (default: 0,1,2)")
-    p.add_argument("--lrs", type=_float_list, default=None,
-                   help=f"learning-rate grid, one picked per strategy on validation "
-                        f"(default: {','.join(f'{x:g}' for x in DEFAULT.lrs)})")
+    add_list(p, "--strategies", kind=str_list, default=None,
+             help=f"commas or spaces (default: {','.join(DEFAULT_STRATEGIES)})")
+    add_list(p, "--ranks", "-r", default=None, help=f"adapter rank(s) r (default: {DEFAULT.r})")
+    add_list(p, "--seeds", default=None,
+             help="seeds, commas or spaces, paired across strategies; the first one picks the learning rates "
+                  "(default: 0,1,2)")
+    add_list(p, "--lrs", kind=float_list, default=None,
+             help=f"learning-rate grid, one picked per strategy on validation "
+                  f"(default: {','.join(f'{x:g}' for x in DEFAULT.lrs)})")
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every strategy (no selection)")
     p.add_argument("--max-lr-extensions", type=int, default=None,
                    help="when the best rate is at an edge of the grid, try up to N further rates beyond it "
@@ -76,7 +67,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-test", type=int, default=None, help="cap on test examples (default: all)")
     p.add_argument("--margin", type=float, default=None,
                    help="equivalence margin of the verdicts, in accuracy points (default: 1)")
-    p.add_argument("--target-modules", type=_str_list, default=None,
+    add_list(p, "--target-modules", kind=str_list, default=None,
                    help="adapted module names (default: the architecture's, query,value for BERT)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of this process (default: a short probe picks all CPUs or 1)")
@@ -85,18 +76,11 @@ def register(subparsers) -> None:
                         "core, at most 2; 1 on a GPU)")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                    help="auto = bf16 (or fp16) on a GPU and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
-    p.add_argument("--output-dir", "-o", default="asymlora-compare", help="output folder (default: ./asymlora-compare)")
+    add_output_dir(p, "asymlora-compare", "output folder (default: ./asymlora-compare)")
     p.add_argument("--quick", action="store_true", help="about-a-minute smoke run of the same protocol on small subsets")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=run)
-
-
-def _float_list(s: str) -> list[float]:
-    try:
-        return [float(x) for x in s.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected numbers separated by commas or spaces") from None
 
 
 def config_from_args(args: argparse.Namespace):

@@ -41,7 +41,7 @@ layer group. About a minute on 2 CPU cores for the bundled MiniLM on query/value
 
 # ---- arguments ---------------------------------------------------------------------------------
 def register(subparsers: Any) -> None:
-    from asymlora.commands.compare import _str_list
+    from asymlora.commands.options import add_list, add_output_dir, str_list
 
     p = subparsers.add_parser("probe", help="predict per layer whether b-only/a-only lose signal (paper §4, no training)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,39 +49,38 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data", default=DEFAULT_DATA, help="fortunes (default), tweets, or a local dataset path")
     p.add_argument("--text-column", default="text", help="text column of a local dataset (default: text)")
     p.add_argument("--label-column", default="label", help="label column of a local dataset (default: label)")
-    p.add_argument("--target-modules", type=_str_list, default=None,
-                   help="module names (comma/space separated), one regex, or all-linear (default: the architecture's)")
+    add_list(p, "--target-modules", kind=str_list, default=None,
+             help="module names (commas or spaces), one regex, or all-linear (default: the architecture's)")
     p.add_argument("-r", "--rank", type=int, default=8, help="adapter rank r (default: 8)")
     p.add_argument("--examples", type=int, default=256, help="training examples to run (default: 256)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default: 16)")
     p.add_argument("--max-length", type=int, default=64, help="max tokens per text (default: 64)")
     p.add_argument("--mc-samples", type=int, default=200, help="Haar draws for b-only at rank r (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split/subset, head init and Monte Carlo (default: 0)")
-    p.add_argument("--output-dir", "-o", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
+    add_output_dir(p, DEFAULT_OUT, f"output folder (default: ./{DEFAULT_OUT})")
     p.add_argument("--no-plot", action="store_true", help="skip probe.png")
     p.set_defaults(func=run)
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Every check that needs no model or data: fails before any work."""
+    """Every check that needs no model or data, all reported together before any work."""
+    from asymlora.commands.options import Problems
     from asymlora.tasks.text_classification import NAMED_DATASETS
 
+    problems = Problems()
     for flag, value, low in (("-r/--rank", args.rank, 1), ("--examples", args.examples, 1),
                              ("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, 8),
-                             ("--mc-samples", args.mc_samples, 2)):
-        if value < low:
-            raise UserError(f"{flag} {value}: must be an integer >= {low}")
-    if args.seed < 0:
-        raise UserError(f"--seed {args.seed}: must be >= 0")
-    if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise UserError(f"--model {args.model!r} is not a folder with a transformers model (config.json)")
-    if args.data not in NAMED_DATASETS and not os.path.exists(args.data):
-        raise UserError(f"--data {args.data!r} is neither a named dataset ({', '.join(NAMED_DATASETS)}) "
-                        "nor an existing file or folder")
-    if args.target_modules is not None and not args.target_modules:
-        raise UserError("--target-modules is empty; give module names, one regex, or all-linear")
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise UserError(f"--output-dir {args.output_dir!r} exists and is not a folder")
+                             ("--mc-samples", args.mc_samples, 2), ("--seed", args.seed, 0)):
+        problems.check(value >= low, f"{flag} {value}: must be an integer >= {low}")
+    problems.check(args.model is None or os.path.isfile(os.path.join(args.model, "config.json")),
+                   f"--model {args.model!r} is not a folder with a transformers model (config.json)")
+    problems.check(args.data in NAMED_DATASETS or os.path.exists(args.data),
+                   f"--data {args.data!r} is neither a named dataset ({', '.join(NAMED_DATASETS)}) nor an existing "
+                   "file or folder")
+    problems.check(args.target_modules is None or bool(args.target_modules),
+                   "--target-modules is empty; give module names, one regex, or all-linear")
+    problems.output_folder("--output-dir", args.output_dir)
+    problems.raise_if_any()
 
 
 def _targets_spec(names: list[str] | None) -> Any:

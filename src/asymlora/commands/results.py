@@ -18,6 +18,9 @@ from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from asymlora.errors import UserError
+from asymlora.fileio import MissingFileError
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -27,7 +30,8 @@ def register(subparsers) -> None:
                     "recipe: strategies x ranks as rows, tasks as columns, mean ± std over seeds (percent).",
     )
     p.add_argument("dirs", nargs="+", help="run output directories (searched recursively)")
-    p.add_argument("--out", help="write OUT.md and OUT.csv (a trailing .md/.csv is stripped)")
+    p.add_argument("--output-dir", "-o", metavar="DIR", help="also write DIR/results.md and DIR/results.csv")
+    p.add_argument("--out", help=argparse.SUPPRESS)  # older spelling: write OUT.md and OUT.csv
     p.add_argument("--digits", type=int, default=2, help="decimals in the markdown table (default 2)")
     p.set_defaults(func=run)
 
@@ -38,17 +42,20 @@ def collect(dirs: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
     for d in dirs:
         d = Path(d)
         if not d.exists():
-            raise FileNotFoundError(f"results: {d} does not exist")
+            raise MissingFileError(f"{d} does not exist")
         files = [d] if d.is_file() else sorted(d.rglob("result.json"))
         for f in files:
             key = str(f.resolve())
             if key in seen:
                 continue
-            with open(f, encoding="utf-8") as fh:
-                rec = json.load(fh)
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    rec = json.load(fh)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise UserError(f"{f}: not valid JSON: {err}") from err
             for k in ("recipe", "task", "strategy", "r", "seed", "columns"):
-                if k not in rec:
-                    raise ValueError(f"{f}: not an `asymlora run` result (missing {k!r})")
+                if not isinstance(rec, dict) or k not in rec:
+                    raise UserError(f"{f}: not an `asymlora run` result (missing {k!r})")
             seen[key] = rec
     return list(seen.values())
 
@@ -138,21 +145,26 @@ def to_csv(tables: dict[str, dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        records = collect(args.dirs)
-    except (FileNotFoundError, ValueError, json.JSONDecodeError) as err:
-        print(f"asymlora results: error: {err}", file=sys.stderr)
-        return 2
+    from asymlora.commands.options import Problems
+    from asymlora.fileio import atomic_write_text
+
+    p = Problems()
+    for d in args.dirs:
+        p.existing("DIR", d)
+    p.at_least("--digits", args.digits, 0)
+    p.output_folder("--output-dir", args.output_dir)
+    p.raise_if_any()
+    records = collect(args.dirs)
     if not records:
         print(f"asymlora results: no result.json under {' '.join(args.dirs)}", file=sys.stderr)
         return 1
-    from asymlora.fileio import atomic_write_text
-
     tables = build_tables(records)
     md = to_markdown(tables, args.digits)
     print(md, end="")
+    stems = [os.path.join(args.output_dir, "results")] if args.output_dir else []
     if args.out:
-        stem = args.out[:-3] if args.out.endswith(".md") else args.out[:-4] if args.out.endswith(".csv") else args.out
+        stems.append(args.out[:-3] if args.out.endswith(".md") else args.out[:-4] if args.out.endswith(".csv") else args.out)
+    for stem in stems:
         atomic_write_text(Path(stem + ".md"), md)
         atomic_write_text(Path(stem + ".csv"), to_csv(tables))
         print(f"wrote {stem}.md and {stem}.csv", file=sys.stderr)

@@ -5,6 +5,9 @@ import argparse
 import json
 import sys
 
+from asymlora.commands.options import Problems, add_list, add_output_dir, str_list
+from asymlora.errors import UserError
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -13,7 +16,7 @@ def register(subparsers) -> None:
         description=(
             "Run every (task x strategy x rank x seed) of a recipe: load the model and data from local "
             "paths, wrap with the asymmetric adapter (alpha = 2r), train, evaluate the paper's metric and "
-            "write OUT/<task>/<strategy>-r<r>/seed<seed>/result.json (+ adapter/). Completed runs are "
+            "write OUTPUT_DIR/<task>/<strategy>-r<r>/seed<seed>/result.json (+ adapter/). Completed runs are "
             "skipped, so an interrupted table resumes. RECIPE is a YAML path or a name in recipes/ "
             "(glue-roberta-large, xsum-bart-large, cnndm-bart-large, alpaca-mmlu-llama2-7b, domainbed-vit-b16)."
         ),
@@ -21,11 +24,11 @@ def register(subparsers) -> None:
     p.add_argument("recipe", help="recipe YAML path or name")
     p.add_argument("--model", help="local model directory (default: the recipe's model, from the HF cache)")
     p.add_argument("--data", help="local dataset directory (layout: see the task module's docs)")
-    p.add_argument("--out", help="output directory (default: runs/<recipe name>)")
-    p.add_argument("--seeds", type=int, nargs="+", help="override the recipe's seeds")
-    p.add_argument("--tasks", nargs="+", help="only these tasks (table columns)")
-    p.add_argument("--strategies", nargs="+", help="only these strategies (table rows)")
-    p.add_argument("--ranks", type=int, nargs="+", help="override the ranks")
+    add_output_dir(p, None, "output folder (default: runs/<recipe name>)")
+    add_list(p, "--seeds", help="override the recipe's seeds (commas or spaces)")
+    add_list(p, "--tasks", kind=str_list, help="only these tasks (table columns)")
+    add_list(p, "--strategies", kind=str_list, help="only these strategies (table rows)")
+    add_list(p, "--ranks", help="override the ranks")
     p.add_argument("--max-steps", type=int, help="stop each run after N optimizer steps (smoke tests)")
     p.add_argument("--epochs", type=float, help="override the number of epochs")
     p.add_argument("--lr", type=float, help="override the learning rate")
@@ -46,6 +49,26 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _check(args: argparse.Namespace) -> Problems:
+    """Every bad command-line value (the recipe's own problems are added by the caller)."""
+    p = Problems()
+    p.at_least("--seeds", args.seeds, 0)
+    p.at_least("--ranks", args.ranks, 1)
+    for flag in ("max_steps", "batch_size", "max_train_samples", "max_eval_samples"):
+        p.at_least(f"--{flag.replace('_', '-')}", getattr(args, flag), 1)
+    p.positive("--epochs", args.epochs)
+    p.positive("--lr", args.lr)
+    p.existing("--data", args.data)
+    wants_gpu = [f for f, on in (("--mixed-precision fp16", args.mixed_precision == "fp16"),
+                                 (f"--device {args.device}", (args.device or "").startswith("cuda"))) if on]
+    if wants_gpu:
+        import torch
+
+        p.check(torch.cuda.is_available(), f"{' and '.join(wants_gpu)}: needs a CUDA GPU, and torch sees none")
+    p.output_folder("--output-dir", args.output_dir)
+    return p
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
@@ -54,34 +77,38 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from asymlora.tasks.recipe import RunOptions, check_model, load_recipe, plan, run_recipe
 
+    problems = _check(args)
     try:
         recipe = load_recipe(args.recipe, args.sets)
-        opts = RunOptions(
-            model=args.model, data=args.data, out=args.out, seeds=args.seeds, tasks=args.tasks,
-            strategies=args.strategies, ranks=args.ranks, max_steps=args.max_steps, epochs=args.epochs,
-            lr=args.lr, batch_size=args.batch_size, max_train_samples=args.max_train_samples,
-            max_eval_samples=args.max_eval_samples, dtype=args.dtype, mixed_precision=args.mixed_precision,
-            save_adapter=not args.no_save_adapter, force=args.force, progress=not args.no_progress,
-            device=args.device,
-        )
+    except UserError as err:
+        problems.add(str(err))
+    problems.raise_if_any()
+    opts = RunOptions(
+        model=args.model, data=args.data, out=args.output_dir, seeds=args.seeds, tasks=args.tasks,
+        strategies=args.strategies, ranks=args.ranks, max_steps=args.max_steps, epochs=args.epochs,
+        lr=args.lr, batch_size=args.batch_size, max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples, dtype=args.dtype, mixed_precision=args.mixed_precision,
+        save_adapter=not args.no_save_adapter, force=args.force, progress=not args.no_progress,
+        device=args.device,
+    )
+    try:
         if args.dry_run:
             runs = plan(recipe, opts)
             model = opts.model or recipe.model
             check_model(model, recipe)
             data = opts.data or recipe.data
             if data is None:
-                raise FileNotFoundError(f"recipe {recipe.name!r} needs a dataset: pass --data PATH. {recipe.data_hint}")
+                raise UserError(f"recipe {recipe.name!r} needs a dataset: pass --data PATH. {recipe.data_hint}")
             fam = recipe.family_module()
             for t in dict.fromkeys(t for t, *_ in runs):
                 fam.check_data(t, data, recipe.for_task(t))
             for t, s, r, seed in runs:
                 print(f"{t}\t{s.name}\tr={r}\talpha={recipe.alpha_for(r, s):g}\tseed={seed}")
-            print(f"{len(runs)} runs; model {model}; data {data}", file=sys.stderr)
+            print(f"{len(runs)} run{'' if len(runs) == 1 else 's'}; model {model}; data {data}", file=sys.stderr)
             return 0
         records = run_recipe(recipe, opts)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        print(f"asymlora run: error: {err}", file=sys.stderr)
-        return 2
+    except ImportError as err:  # an optional package the recipe needs (rouge-score, datasets, ...)
+        raise UserError(f"a package this recipe needs is missing: {err}") from err
     summary = [{"task": r["task"], "strategy": r["strategy"], "r": r["r"], "seed": r["seed"], **r["columns"]}
                for r in records]
     print(json.dumps(summary, indent=1))

@@ -1,14 +1,16 @@
 """``asymlora similarity``: layer-by-layer similarity of learned adapters across runs
 (Figures 1-2 of Zhu et al., 2024).
 
-    asymlora similarity RUN_DIR RUN_DIR [...] --out DIR
-    asymlora similarity --demo [--out DIR]
+    asymlora similarity RUN_DIR RUN_DIR [...] [-o DIR]
+    asymlora similarity --demo [-o DIR]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from asymlora.commands.options import Problems, add_output_dir, plural
+from asymlora.errors import UserError
 
 DESCRIPTION = """\
 Compare saved adapters of the same base model, layer by layer, for every pair of runs.
@@ -16,13 +18,17 @@ For each adapted layer: sim = ||U1^T U2||_F^2 / min(r1, r2), the mean squared co
 the principal angles between the row spaces of the two A's (resp. the column spaces of
 the two B's) -- invariant to B*G, G^-1*A -- plus the plain cosine of the flattened
 matrices. Writes heatmaps (layers x run pairs; A and B separately) as PNG, a long-format
-CSV and summary.txt to --out, and prints one summary line per factor.
+CSV and summary.txt to --output-dir, and prints one summary line per factor.
 
 --demo runs the paper's experiment on the embedded default model (all-MiniLM-L6-v2):
 runs that share (task, init), only the task, only the init, or neither, for the standard
 LoRA init (A random, B zero) and the reversed one (A zero, B random orthonormal), both
 factors trained, and prints whether the paper's pattern appears (A's alike when the init
-is shared, B's when the task is shared, for the standard init)."""
+is shared, B's when the task is shared, for the standard init).
+
+A RUN_DIR is an adapter folder or a folder written by `asymlora train`, `run` or `compare`:
+its final adapter is used (adapters under checkpoint/ are passed over) and the choice is
+printed. Only the given folders are searched, at most two levels down."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,9 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
-                   help="adapter folders (holding adapter_config.json), or run folders holding exactly one")
-    p.add_argument("--out", metavar="DIR", default=None,
-                   help="output folder for PNG/CSV (default: ./similarity for RUN_DIRs; --demo writes only when given)")
+                   help="adapter folders, or folders written by `asymlora train`/`run`/`compare`")
+    add_output_dir(p, None, "output folder for PNG/CSV (default: ./similarity for RUN_DIRs; "
+                   "--demo writes only when given)")
     p.add_argument("--labels", default=None, help="comma-separated run labels (default: folder names)")
     p.add_argument("--rtol", type=float, default=None,
                    help="relative rank tolerance for the subspace bases (default: max(shape)*eps)")
@@ -52,49 +58,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _fail(msg: str) -> int:
-    print(f"asymlora similarity: error: {msg}", file=sys.stderr)
-    return 2
+def _check(args: argparse.Namespace) -> None:
+    """Every bad argument at once, before any work."""
+    demo_only = ("steps", "batch_size", "max_length", "rank", "lr", "margin", "model", "threads")
+    p = Problems()
+    if args.demo:
+        p.check(not args.run_dirs, f"--demo takes no RUN_DIRs (got {args.run_dirs}); use one or the other")
+        p.check(args.labels is None and args.rtol is None, "--labels and --rtol apply to RUN_DIRs, not --demo")
+    else:
+        used = [f"--{n.replace('_', '-')}" for n in demo_only if getattr(args, n) is not None]
+        p.check(not used, f"{', '.join(used)} only appl{'ies' if len(used) == 1 else 'y'} with --demo")
+        p.check(len(args.run_dirs) >= 2,
+                f"need at least 2 RUN_DIRs to compare, got {len(args.run_dirs)} (or use --demo)")
+        from asymlora.analysis.similarity import pick_adapter_dir
+
+        for d in args.run_dirs:  # every folder that is missing or holds no single adapter, at once
+            try:
+                pick_adapter_dir(d)
+            except UserError as err:
+                p.add(str(err))
+        if args.labels is not None:
+            labels = [s.strip() for s in args.labels.split(",")]
+            p.check(len(labels) == len(args.run_dirs) and all(labels),
+                    f"--labels needs {len(args.run_dirs)} non-empty comma-separated names, got {args.labels!r}")
+        if args.rtol is not None:
+            p.check(args.rtol >= 0, f"--rtol must be >= 0, got {args.rtol}")
+    p.output_folder("--output-dir", args.output_dir)
+    p.raise_if_any()
 
 
 def run(args: argparse.Namespace) -> int:
-    demo_only = ("steps", "batch_size", "max_length", "rank", "lr", "margin", "model", "threads")
-    try:
-        if args.demo:
-            if args.run_dirs:
-                return _fail(f"--demo takes no RUN_DIRs (got {args.run_dirs}); use one or the other")
-            if args.labels or args.rtol is not None:
-                return _fail("--labels and --rtol apply to RUN_DIRs, not --demo")
-            return _run_demo(args)
-        used = [f"--{n.replace('_', '-')}" for n in demo_only if getattr(args, n) is not None]
-        if used:
-            return _fail(f"{', '.join(used)} only apply with --demo")
-        if len(args.run_dirs) < 2:
-            return _fail(f"need at least 2 RUN_DIRs to compare, got {len(args.run_dirs)} (or use --demo)")
-        return _run_compare(args)
-    except ValueError as err:
-        return _fail(str(err))
+    _check(args)
+    return _run_demo(args) if args.demo else _run_compare(args)
 
 
 def _run_compare(args: argparse.Namespace) -> int:
     from asymlora.analysis.plots import save_report_heatmaps
-    from asymlora.analysis.similarity import atomic_write_text, compare_adapters
+    from asymlora.analysis.similarity import atomic_write_text, compare_adapters, pick_adapter_dir
 
-    labels = None
-    if args.labels is not None:
-        labels = [s.strip() for s in args.labels.split(",")]
-        if len(labels) != len(args.run_dirs) or any(not s for s in labels):
-            raise ValueError(f"--labels needs {len(args.run_dirs)} non-empty comma-separated names, got {args.labels!r}")
-    if args.rtol is not None and not args.rtol >= 0:
-        raise ValueError(f"--rtol must be >= 0, got {args.rtol}")
-    out = Path(args.out or "similarity")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
-    report = compare_adapters(args.run_dirs, labels, rtol=args.rtol)
+    labels = None if args.labels is None else [s.strip() for s in args.labels.split(",")]
+    for d in args.run_dirs:
+        note = pick_adapter_dir(d)[1]
+        if note:
+            print(note)
+    report = compare_adapters(args.run_dirs, labels, rtol=args.rtol)  # reads and checks every adapter first
+    out = Path(args.output_dir or "similarity")
     lines = report.summary_lines("subspace") + report.summary_lines("cosine")
     written = [report.to_csv(out / "similarity.csv"), *save_report_heatmaps(report, out)]
     written.append(atomic_write_text(out / "summary.txt", "\n".join(lines) + "\n"))
-    print(f"{len(report.labels)} runs, {len(report.pairs)} pairs, {len(report.layers)} shared adapted layers")
+    print(f"{plural(len(report.labels), 'run')}, {plural(len(report.pairs), 'pair')}, "
+          f"{plural(len(report.layers), 'shared adapted layer')}")
     for line in lines:
         print(line)
     print("wrote: " + ", ".join(str(p) for p in written))
@@ -111,7 +124,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         if v is not None:
             setattr(s, field_name, v)
     s.validate()
-    result = run_demo(s, out_dir=args.out)
-    if args.out:
-        print(f"wrote adapters, heatmaps, CSV and verdict to {args.out}")
+    result = run_demo(s, out_dir=args.output_dir)
+    if args.output_dir:
+        print(f"wrote adapters, heatmaps, CSV and verdict to {args.output_dir}")
     return 0 if result.verdicts else 1

@@ -10,10 +10,12 @@ import csv
 import io
 import json
 import math
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
+
+from asymlora.commands.options import Problems, add_list, add_output_dir, str_list
+from asymlora.errors import UserError
 
 DEFAULT_OUT = "./asymlora-theory"
 
@@ -89,12 +91,34 @@ def _fmt_loss(mean: float, se: float) -> str:
     return f"{mean:.4f}" if se == 0 else f"{mean:.4f}±{se:.4f}"
 
 
-def run_simulate(args: argparse.Namespace) -> int:
-    from asymlora.theory.linear import SPECTRA, simulate, summarize_simulation
+def _check_simulate(args: argparse.Namespace) -> None:
+    """Every bad ``theory simulate`` argument at once, before any work."""
+    from asymlora.theory.linear import SPECTRA
 
+    p = Problems()
+    p.at_least("--d-in", args.d_in, 1)
+    p.at_least("--d-out", args.d_out, 1)
+    p.at_least("--ranks", args.ranks, 1)
+    top = min(args.d_in, args.d_out)
+    if top >= 1:
+        too_big = [r for r in args.ranks if r > top]
+        p.check(not too_big, f"--ranks {too_big} exceed min(--d-in, --d-out) = {top}")
     for sp in args.spectra:
-        if sp not in SPECTRA:
-            raise ValueError(f"--spectra: unknown spectrum {sp!r}; valid: {', '.join(SPECTRA)}")
+        p.check(sp in SPECTRA, f"--spectra: unknown spectrum {sp!r}; valid: {', '.join(SPECTRA)}")
+    if "lowrank" in args.spectra and args.d_in >= 1:
+        p.check(1 <= args.lowrank_k <= max(args.d_in, 1), f"--lowrank-k must be in [1, --d-in={args.d_in}], got {args.lowrank_k}")
+    p.positive("--decay", args.decay)
+    p.at_least("--sigma2", args.sigma2, 0)
+    p.at_least("--mc-samples", args.mc_samples, 2)
+    p.at_least("--seed", args.seed, 0)
+    p.output_folder("--output-dir", args.output_dir)
+    p.raise_if_any()
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from asymlora.theory.linear import simulate, summarize_simulation
+
+    _check_simulate(args)
     rows = simulate(
         d_in=args.d_in,
         d_out=args.d_out,
@@ -107,7 +131,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         b_method="mc" if args.mc_all else "auto",
     )
-    out = Path(args.out)
+    out = Path(args.output_dir)
     print(
         f"Linear model, d_in={args.d_in}, d_out={args.d_out}, σ²={args.sigma2:g}, signal ‖ΔΣ^½‖²=d_out "
         f"(W0=0). Expected loss; noise floor d_out·σ² = {rows[0]['noise_floor']:.4f}."
@@ -166,34 +190,38 @@ def _parse_targets(text: str | None) -> Any:
         return None
     text = text.strip()
     if not text:
-        raise ValueError("--targets is empty; give names (q_proj,v_proj), a regex, or all-linear")
+        raise UserError("--targets is empty; give names (q_proj,v_proj), a regex, or all-linear")
     if "," in text:
         names = [t.strip() for t in text.split(",") if t.strip()]
         if not names:
-            raise ValueError(f"--targets {text!r} names no module")
+            raise UserError(f"--targets {text!r} names no module")
         return names
     return text  # a single name, a regex, or "all-linear"
+
+
+def _check_bound(args: argparse.Namespace) -> None:
+    """Every bad ``theory bound`` argument at once, before any work."""
+    p = Problems()
+    p.check(not (args.shapes and args.model), "give either --model or --shapes, not both")
+    p.check(not (args.shapes and args.targets is not None), "--targets applies to --model, not to --shapes")
+    p.at_least("--r", args.r, 1)
+    p.positive("--q", args.q)
+    p.positive("--sigma", args.sigma)
+    p.at_least("--n", args.n, 1)
+    try:
+        _parse_targets(args.targets)
+    except UserError as err:
+        p.add(str(err))
+    p.output_folder("--output-dir", args.output_dir)
+    p.raise_if_any()
 
 
 def run_bound(args: argparse.Namespace) -> int:
     from asymlora.theory.bounds import PRESETS, bound_table, load_shapes, parse_shapes
 
-    if args.shapes and args.model:
-        raise ValueError("give either --model or --shapes, not both")
-    for r in args.r:
-        if r < 1:
-            raise ValueError(f"--r must be positive integers, got {r}")
-    for n in args.n:
-        if n < 1:
-            raise ValueError(f"--n must be positive integers, got {n}")
-    if not (math.isfinite(args.q) and args.q > 0):
-        raise ValueError(f"--q must be a positive number of bits, got {args.q}")
-    if not (math.isfinite(args.sigma) and args.sigma > 0):
-        raise ValueError(f"--sigma must be positive, got {args.sigma}")
+    _check_bound(args)
     targets = _parse_targets(args.targets)
     if args.shapes:
-        if targets is not None:
-            raise ValueError("--targets applies to --model, not to --shapes")
         shapes = parse_shapes(args.shapes)
         source = f"shapes {args.shapes}"
     else:
@@ -220,7 +248,10 @@ def run_bound(args: argparse.Namespace) -> int:
         for r in rows
     ]
     print(_format_table(["r", "strategy", "trainable k", "n", "bound", "ratio/both"], table))
-    out = Path(args.out)
+    if args.output_dir is None:
+        print("\n(tables only; -o DIR also writes bound.csv and bound.json)")
+        return 0
+    out = Path(args.output_dir)
     _write_csv(out / "bound.csv", rows)
     _write_json(
         out / "bound.json",
@@ -240,17 +271,6 @@ def run_bound(args: argparse.Namespace) -> int:
 
 
 # ---- registration -----------------------------------------------------------------------
-def _guard(fn: Any) -> Any:
-    def runner(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except ValueError as err:
-            print(f"asymlora theory: error: {err}", file=sys.stderr)
-            return 2
-
-    return runner
-
-
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "theory",
@@ -265,13 +285,13 @@ def register(subparsers: Any) -> None:
         "simulate",
         help="expected loss vs rank r for A-only / B-only / both, per input spectrum (Theorem 4.3)",
         description="Synthetic linear regression y = W_t x + noise; W0 = 0; Δ random Gaussian scaled so "
-        "that ‖ΔΣ^½‖² = d_out. Writes simulation.csv, simulation.json and simulation.png to --out.",
+        "that ‖ΔΣ^½‖² = d_out. Writes simulation.csv, simulation.json and simulation.png to --output-dir.",
     )
     sim.add_argument("--d-in", type=int, default=64, help="input dimension (default 64)")
     sim.add_argument("--d-out", type=int, default=64, help="output dimension (default 64)")
-    sim.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="adapter ranks r")
-    sim.add_argument(
-        "--spectra", nargs="+", default=["isotropic", "lowrank", "powerlaw"],
+    add_list(sim, "--ranks", default=[1, 2, 4, 8, 16, 32], help="adapter ranks r, commas or spaces")
+    add_list(
+        sim, "--spectra", kind=str_list, default=["isotropic", "lowrank", "powerlaw"],
         help="input spectra: isotropic (Σ=I), lowrank (rank k), powerlaw (λ_i ∝ i^-decay)",
     )
     sim.add_argument("--lowrank-k", type=int, default=8, help="rank of Σ for the 'lowrank' spectrum (default 8)")
@@ -281,14 +301,14 @@ def register(subparsers: Any) -> None:
     sim.add_argument("--mc-all", action="store_true", help="use Monte-Carlo for B-only even where a closed form exists")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--no-plot", action="store_true", help="skip simulation.png")
-    sim.add_argument("--out", default=DEFAULT_OUT, help=f"artefact directory (default {DEFAULT_OUT})")
-    sim.set_defaults(func=_guard(run_simulate))
+    add_output_dir(sim, DEFAULT_OUT, f"artefact folder (default {DEFAULT_OUT})")
+    sim.set_defaults(func=run_simulate)
 
     bnd = sub.add_parser(
         "bound",
         help="information-theoretic generalisation bound for A-only / B-only / both",
         description="Counts trained adapter parameters from a model's real layer shapes (built on the meta "
-        "device: no weights) and prints sqrt(2σ²·ln2·q·k/n). Writes bound.csv and bound.json to --out.",
+        "device: no weights) and prints sqrt(2σ²·ln2·q·k/n). With -o DIR also writes bound.csv and bound.json there.",
     )
     bnd.add_argument(
         "--model", default=None,
@@ -300,12 +320,12 @@ def register(subparsers: Any) -> None:
         "--targets", default=None,
         help="adapted modules: comma-separated names, a regex, or all-linear (default: the preset's/architecture's)",
     )
-    bnd.add_argument("--r", type=int, nargs="+", default=[8, 16], help="adapter ranks (default 8 16)")
+    add_list(bnd, "--r", default=[8, 16], help="adapter ranks, commas or spaces (default 8 16)")
     bnd.add_argument("--q", type=float, default=16, help="bits per trained parameter (default 16)")
     bnd.add_argument("--sigma", type=float, default=1.0, help="sub-Gaussian parameter σ of the loss (default 1)")
-    bnd.add_argument("--n", type=int, nargs="+", default=[10_000], help="training-set sizes (default 10000)")
-    bnd.add_argument("--out", default=DEFAULT_OUT, help=f"artefact directory (default {DEFAULT_OUT})")
-    bnd.set_defaults(func=_guard(run_bound))
+    add_list(bnd, "--n", default=[10_000], help="training-set sizes, commas or spaces (default 10000)")
+    add_output_dir(bnd, None, "also write bound.csv and bound.json to this folder (default: print only)")
+    bnd.set_defaults(func=run_bound)
 
     def show_help(_args: argparse.Namespace) -> int:
         parser.print_help()

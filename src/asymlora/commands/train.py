@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 
+from asymlora.commands.options import Problems, add_list, add_output_dir, str_list
 from asymlora.tasks.default import DEFAULT, DEFAULT_DATA, QUICK, TRAIN_LR
 
 DESCRIPTION = """\
@@ -17,8 +18,6 @@ seed of the frozen factor), metrics and history to OUTPUT_DIR/metrics.json.
 
 
 def register(subparsers) -> None:
-    from asymlora.commands.compare import _str_list
-
     p = subparsers.add_parser("train", help="fine-tune one strategy on a real task (checkpoints, resume)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategy", default="b-only", help="lora | b-only | a-only | head-only, optional @Kr (default: b-only)")
@@ -32,18 +31,20 @@ def register(subparsers) -> None:
                    help=f"step cap; the run stops earlier when validation stops improving (default: {DEFAULT.max_steps})")
     p.add_argument("--patience", type=int, default=None,
                    help=f"stop after N evaluations without a new best (default: {DEFAULT.patience})")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the one compare chose for the preset on the bundled data: "
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the one compare chose for the preset on the bundled data: "
                         + ", ".join(f"{k} {v:g}" for k, v in TRAIN_LR.items()) + ")")
     p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {DEFAULT.batch_size})")
     p.add_argument("--max-length", type=int, default=None, help=f"max tokens (default: {DEFAULT.max_length})")
     p.add_argument("--eval-every", type=int, default=None, help=f"validate every N steps (default: {DEFAULT.eval_every})")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default: eval-every)")
-    p.add_argument("--target-modules", type=_str_list, default=None, help="adapted module names (default: per architecture)")
+    add_list(p, "--target-modules", kind=str_list, default=None,
+             help="adapted module names, commas or spaces (default: per architecture)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: probe all CPUs vs 1)")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
-    p.add_argument("--output-dir", "-o", default="asymlora-train", help="output folder (default: ./asymlora-train)")
+    add_output_dir(p, "asymlora-train", "output folder (default: ./asymlora-train)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint if present")
-    p.add_argument("--quick", action="store_true", help="seconds-long smoke run")
+    p.add_argument("--quick", action="store_true", help="seconds-long smoke run (compare --quick's budget)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -57,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
     b = QUICK if args.quick else DEFAULT
     pick = lambda v, d: d if v is None else v  # noqa: E731
     r = pick(args.rank, b.r)
-    spec = parse_strategy(args.strategy, r)  # UserError before any work
     eval_every = pick(args.eval_every, b.eval_every)
-    lr = pick(args.lr, TRAIN_LR[spec.preset or "head-only"])
+    # an unknown strategy is reported by cfg.problems() below; its lr default is then moot
+    lr = pick(args.lr, TRAIN_LR.get(args.strategy.split("@")[0].strip(), TRAIN_LR["b-only"]))
     cfg = CompareConfig(
         model=args.model, data=args.data, text_column=args.text_column, label_column=args.label_column,
         strategies=[args.strategy], ranks=[r], seeds=[args.seed], lr=lr, max_steps=pick(args.steps, b.max_steps),
@@ -69,7 +70,14 @@ def run(args: argparse.Namespace) -> int:
         max_train=b.max_train, max_val=b.max_val, max_test=b.max_test, output_dir=args.output_dir,
         threads=args.threads, mixed_precision=args.mixed_precision, target_modules=args.target_modules,
         quick=args.quick, progress=not args.no_progress)
-    cfg.validate()
+    problems = Problems()  # every bad argument, before any work
+    problems.at_least("-r/--rank", r, 1)
+    for message in cfg.problems():
+        if not message.startswith("--ranks"):  # the flag here is -r/--rank, checked above
+            problems.add(message)
+    problems.at_least("--checkpoint-every", args.checkpoint_every, 1)
+    problems.raise_if_any()
+    spec = parse_strategy(args.strategy, r)
     prev = torch.get_num_threads()
     threads, _ = set_threads(cfg.threads)
     try:

@@ -10,6 +10,7 @@ alpha = 2r (the paper's choice), so every strategy uses s = 2.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -165,6 +166,14 @@ class CompareConfig:
             out.append(f"--margin {self.margin!r}: must be in [0, 1) (a fraction: 0.01 = 1 point)")
         if self.weight_decay < 0:
             out.append(f"--weight-decay {self.weight_decay!r}: must be >= 0")
+        if self.model is not None and not os.path.isfile(os.path.join(self.model, "config.json")):
+            out.append(f"--model {self.model!r} is not a folder with a transformers model (config.json)")
+        if self.data not in ("fortunes", "tweets") and not os.path.exists(self.data):
+            out.append(f"--data {self.data!r} is neither a named dataset (fortunes, tweets) nor an existing path")
+        if self.mixed_precision == "fp16" and not _cuda_available():
+            out.append("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16, no or auto")
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            out.append(f"--output-dir {self.output_dir!r} exists and is not a folder")
         return out
 
     def validate(self) -> None:
@@ -185,3 +194,9 @@ class CompareConfig:
                     seen.add(key)
                     out.append(spec)
         return out
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

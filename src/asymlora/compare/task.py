@@ -135,12 +135,20 @@ def prepare_task(cfg: Any) -> Task:
     base = AutoModelForSequenceClassification.from_pretrained(
         model_path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
         label2id={n: i for i, n in enumerate(data.label_names)})
+    head = head_name(base)
+    if cfg.target_modules is not None:
+        from asymlora import find_target_modules
+
+        try:  # the user's --target-modules must name layers of this model
+            find_target_modules(base, cfg.targets, exclude=[head])
+        except ValueError as err:
+            raise UserError(f"--target-modules {','.join(cfg.target_modules)}: {err}") from err
     t1 = time.perf_counter()
     train_ds, val_ds, test_ds = (TokenizedDataset(s, tokenizer, cfg.max_length) for s in (train, val, test))
     t2 = time.perf_counter()
     return Task(model_path=model_path, data=data, train=train, val=val, test=test, train_ds=train_ds,
                 val_ds=val_ds, test_ds=test_ds, collate=PadCollator(tokenizer.pad_token_id or 0), base=base,
-                head=head_name(base), timings={"load": t1 - t0, "tokenise": t2 - t1})
+                head=head, timings={"load": t1 - t0, "tokenise": t2 - t1})
 
 
 # ----------------------------------------------------------------------------- head-only features

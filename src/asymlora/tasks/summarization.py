@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from asymlora.errors import UserError
+from asymlora.fileio import MissingFileError
 from asymlora.tasks import metrics as M
 from asymlora.tasks.recipe import Prepared, Recipe, RunOptions, limit, model_device, torch_dtype
 
@@ -57,17 +59,17 @@ def check_data(task: str, data: str | Path, recipe: Recipe) -> None:
     if (d / "dataset_dict.json").is_file():
         return
     if _find_file(d, "train") is None:
-        raise FileNotFoundError(f"{task}: no train.jsonl/.csv (or saved dataset) under {d}. "
+        raise MissingFileError(f"{task}: no train.jsonl/.csv (or saved dataset) under {d}. "
                                 f"{recipe.data_hint or DOWNLOAD_HINT}")
     if _find_file(d, "test") is None and _find_file(d, "validation") is None:
-        raise FileNotFoundError(f"{task}: no test or validation split under {d}. {recipe.data_hint or DOWNLOAD_HINT}")
+        raise MissingFileError(f"{task}: no test or validation split under {d}. {recipe.data_hint or DOWNLOAD_HINT}")
 
 
 def _pair(record_keys, where: str) -> tuple[str, str]:
     for src, tgt in COLUMN_PAIRS:
         if src in record_keys and tgt in record_keys:
             return src, tgt
-    raise ValueError(f"{where}: need columns document/summary or article/highlights, found {sorted(record_keys)}")
+    raise UserError(f"{where}: need columns document/summary or article/highlights, found {sorted(record_keys)}")
 
 
 def read_records(path: Path) -> list[dict[str, str]]:
@@ -148,7 +150,7 @@ def prepare(task: str, model_path: str, data: str | Path, recipe: Recipe, opts: 
     split = ea.get("eval_split") or ("test" if load_split(task, data, "test") else "validation")
     evals = limit(load_split(task, data, split), opts.max_eval_samples)
     if not train or not evals:
-        raise ValueError(f"{task}: empty split (train {len(train)}, {split} {len(evals)})")
+        raise UserError(f"{task}: empty split (train {len(train)}, {split} {len(evals)})")
     collate = Seq2SeqCollator(tok, int(da.get("max_source_length", 1024)), int(da.get("max_target_length", 128)),
                               str(da.get("source_prefix", "")))
     gen_kwargs: dict[str, Any] = {"num_beams": int(ea.get("num_beams", 4))}

