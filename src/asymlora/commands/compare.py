@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from asymlora.commands.options import add_list, add_output_dir, float_list, str_list
-from asymlora.tasks.default import DEFAULT, DEFAULT_DATA, DEFAULT_STRATEGIES, QUICK
+from asymlora.commands.options import add_list, add_model_and_data, add_output_dir, float_list, str_list
+from asymlora.tasks.default import DEFAULT, DEFAULT_STRATEGIES, QUICK
 
 DESCRIPTION = """\
 Fine-tune a pretrained classifier with each strategy at its own learning rate until validation
@@ -35,10 +35,7 @@ a folder written by datasets' save_to_disk.
 def register(subparsers) -> None:
     p = subparsers.add_parser("compare", help="compare lora / b-only / a-only / head-only on a real task",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="local transformers model folder (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--data", default=DEFAULT_DATA, help="fortunes (default), tweets, or a local dataset path")
-    p.add_argument("--text-column", default="text", help="text column of a local dataset (default: text)")
-    p.add_argument("--label-column", default="label", help="label column of a local dataset (default: label)")
+    add_model_and_data(p)
     add_list(p, "--strategies", kind=str_list, default=None,
              help=f"commas or spaces (default: {','.join(DEFAULT_STRATEGIES)})")
     add_list(p, "--ranks", "-r", default=None, help=f"adapter rank(s) r (default: {DEFAULT.r})")

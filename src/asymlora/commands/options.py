@@ -113,3 +113,15 @@ class Problems:
 def check_distinct(problems: Problems, flag: str, values: Sequence[Any] | None) -> None:
     if values is not None and len(set(values)) != len(values):
         problems.add(f"{flag} {values!r} repeats a value")
+
+
+def add_model_and_data(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--data``, ``--text-column``, ``--label-column``: the text-classification
+    inputs that compare, train and probe share (defaults: the bundled model and fortunes)."""
+    from asymlora.tasks.default import DEFAULT_DATA
+
+    parser.add_argument("--model", default=None,
+                        help="local transformers model folder (default: bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--data", default=DEFAULT_DATA, help="fortunes (default), tweets, or a local dataset path")
+    parser.add_argument("--text-column", default="text", help="text column of a local dataset (default: text)")
+    parser.add_argument("--label-column", default="label", help="label column of a local dataset (default: label)")

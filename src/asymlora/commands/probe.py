@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 from asymlora.errors import UserError
-from asymlora.tasks.default import DEFAULT_DATA
 
 DEFAULT_OUT = "asymlora-probe"
 MAX_MEMORY_GB = 8.0
@@ -41,14 +40,11 @@ layer group. About a minute on 2 CPU cores for the bundled MiniLM on query/value
 
 # ---- arguments ---------------------------------------------------------------------------------
 def register(subparsers: Any) -> None:
-    from asymlora.commands.options import add_list, add_output_dir, str_list
+    from asymlora.commands.options import add_list, add_model_and_data, add_output_dir, str_list
 
     p = subparsers.add_parser("probe", help="predict per layer whether b-only/a-only lose signal (paper §4, no training)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="local transformers model folder (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--data", default=DEFAULT_DATA, help="fortunes (default), tweets, or a local dataset path")
-    p.add_argument("--text-column", default="text", help="text column of a local dataset (default: text)")
-    p.add_argument("--label-column", default="label", help="label column of a local dataset (default: label)")
+    add_model_and_data(p)
     add_list(p, "--target-modules", kind=str_list, default=None,
              help="module names (commas or spaces), one regex, or all-linear (default: the architecture's)")
     p.add_argument("-r", "--rank", type=int, default=8, help="adapter rank r (default: 8)")

@@ -5,8 +5,8 @@ import argparse
 import json
 import os
 
-from asymlora.commands.options import Problems, add_list, add_output_dir, str_list
-from asymlora.tasks.default import DEFAULT, DEFAULT_DATA, QUICK, TRAIN_LR
+from asymlora.commands.options import Problems, add_list, add_model_and_data, add_output_dir, str_list
+from asymlora.tasks.default import DEFAULT, QUICK, TRAIN_LR
 
 DESCRIPTION = """\
 Fine-tune a pretrained classifier with one adapter strategy and seed, on the same tasks as
@@ -23,10 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--strategy", default="b-only", help="lora | b-only | a-only | head-only, optional @Kr (default: b-only)")
     p.add_argument("-r", "--rank", type=int, default=None, help=f"adapter rank r (default: {DEFAULT.r})")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order, head and frozen factor (default: 0)")
-    p.add_argument("--model", default=None, help="local transformers model folder (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--data", default=DEFAULT_DATA, help="fortunes (default), tweets, or a local dataset path")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
+    add_model_and_data(p)
     p.add_argument("--max-steps", "--steps", type=int, default=None, dest="steps",
                    help=f"step cap; the run stops earlier when validation stops improving (default: {DEFAULT.max_steps})")
     p.add_argument("--patience", type=int, default=None,
