@@ -157,22 +157,26 @@ def mixed_forward(layer: LoraLinear, x: torch.Tensor, routing: Routing) -> torch
         h = F.linear(xg.to(a.dtype), a)  # A·x once for every row of the group
         h3 = h.reshape(h.shape[0], -1, h.shape[-1])
         if group.segments is not None:
-            for member, start, end, offset in group.segments:
-                name = group.members[member]
-                _accumulate(out3[start:end], h3[offset:offset + end - start], layer.factors(name)[1],
-                            layer.slots[name].scaling)
+            _segments(layer, group, out3, h3)
         else:
             _gathered(layer, group, out3, h3)
     return out
 
 
-def _accumulate(out3: torch.Tensor, h3: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-    """out3 += s·h3·Bᵀ in place (one BLAS call when dtypes agree)."""
-    out2 = out3.reshape(-1, out3.shape[-1])
-    if out2.dtype == b.dtype == h3.dtype and out2.data_ptr() == out3.data_ptr() and out3.is_contiguous():
-        out2.addmm_(h3.reshape(-1, h3.shape[-1]), b.t(), alpha=scaling)
-    else:
-        out3.add_(F.linear((h3 * scaling).to(b.dtype), b).to(out3.dtype))
+def _segments(layer: LoraLinear, group: _GroupPlan, out3: torch.Tensor, h3: torch.Tensor) -> None:
+    """Each adapter's rows are one block: out[block] += s·H[block]·Bᵀ in place, one BLAS call
+    per adapter on token-row slices of the flat (rows·tokens, d) views; nothing is copied."""
+    tokens = out3.shape[1]
+    out2, h2 = out3.view(-1, out3.shape[-1]), h3.reshape(-1, h3.shape[-1])
+    for member, start, end, offset in group.segments:
+        name = group.members[member]
+        b, scaling = layer.factor(name, "B"), layer.slots[name].scaling
+        out_rows = out2[start * tokens:end * tokens]
+        h_rows = h2[offset * tokens:(offset + end - start) * tokens]
+        if out2.dtype == b.dtype == h2.dtype:
+            out_rows.addmm_(h_rows, b.t(), alpha=scaling)
+        else:  # half-precision base, float32 trained B: compute the delta, then cast
+            out_rows.add_(F.linear((h_rows * scaling).to(b.dtype), b).to(out2.dtype))
 
 
 def _gathered(layer: LoraLinear, group: _GroupPlan, out3: torch.Tensor, h3: torch.Tensor) -> None:
