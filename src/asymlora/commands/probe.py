@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -291,12 +290,8 @@ def write_outputs(res: dict[str, Any], out_dir: str, with_plot: bool = True) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        validate(args)
-        res = probe(args)
-    except UserError as err:
-        print(f"asymlora probe: error: {err}", file=sys.stderr)
-        return 2
+    validate(args)  # a UserError here or in probe() is one line and exit 2 (asymlora.cli.main)
+    res = probe(args)
     print_report(res)
     paths = write_outputs(res, args.output_dir, not args.no_plot)
     print("wrote " + ", ".join(paths))
