@@ -13,6 +13,7 @@ import torch
 import asymlora
 from asymlora import AsymLoraConfig, load_adapter, save_adapter, wrap
 from asymlora.checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_peft, import_peft, load_factors
+from asymlora.init import single_thread
 from conftest import MODEL_BUILDERS, perturb_trained_factors, tiny_bert
 
 _CHILD = r"""
@@ -23,6 +24,7 @@ from conftest import MODEL_BUILDERS
 model = MODEL_BUILDERS[{arch!r}](seed=0)
 asymlora.load_adapter(model, {path!r})
 tokens = torch.load({tokens!r})
+torch.set_num_threads(1)  # as the parent: a BLAS that picks its thread count by load rounds differently
 with torch.no_grad():
     torch.save(model(tokens).logits, {out!r})
 """
@@ -36,7 +38,7 @@ def test_save_fresh_process_load_identical(tmp_path, tokens, arch, preset):
     if arch == "bert":
         with torch.no_grad():
             model.classifier.weight.mul_(3.0)
-    with torch.no_grad():
+    with torch.no_grad(), single_thread():
         want = model(tokens).logits
     save_adapter(model, tmp_path / "ad")
     torch.save(tokens, tmp_path / "tokens.pt")

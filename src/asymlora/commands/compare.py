@@ -22,7 +22,7 @@ stop after --patience evaluations without a new best (counted from --min-steps; 
 
 With no arguments: the bundled all-MiniLM-L6-v2 encoder on topic classification of Debian
 fortunes (5 classes); strategies head-only, lora r=8 and b-only r=8; lr grid 1e-3, 3e-3, 1e-2;
-seeds 0 1 2; batch 16, 48 tokens. About 10 minutes on 2 idle CPU cores (adding a-only and
+seeds 0 1 2; batch 16, 48 tokens. About 8 minutes on 2 idle CPU cores (adding a-only and
 b-only@2r: about 20). Writes results.json (with the time per phase), results.csv, results.md,
 metric_by_strategy.png, training_curves.png and lr_selection.png.
 

@@ -14,7 +14,7 @@ optimizer step of batch 16 with rank-8 adapters on query/value takes ~0.28 s on 
 under bf16 autocast (0.48 s in fp32); runs stop on a validation plateau after 140-400 steps
 (LoRA at lr 1e-3 and a-only are the slow ones). The lr grid on the first seed plus two more
 seeds make 5+ runs per adapter strategy, so the default runs head-only, lora and b-only —
-the question most users ask — in about 10 minutes; a-only and b-only@2r each add about a
+the question most users ask — in about 8 minutes (451 s measured); a-only and b-only@2r each add about a
 third (``--strategies head-only,lora,b-only,a-only,b-only@2r``). ``QUICK`` is the
 about-a-minute smoke version of the same protocol used by the tests.
 """
