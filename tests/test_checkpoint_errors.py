@@ -180,3 +180,20 @@ def test_import_refuses_a_head_of_another_shape_before_wrapping(tmp_path):
         import_peft(model, folder)
     assert_unchanged(model, before)
     assert asymlora.lora_layers(model) == {}
+
+
+def test_convert_to_peft_refuses_to_overwrite_its_input(tmp_path):
+    """The adapter folder is left byte-for-byte as it was, also through a second path to it."""
+    import asymlora
+    from asymlora.checkpoint import convert_to_peft
+    from asymlora.errors import UserError
+    from conftest import tiny_bert
+
+    model = asymlora.wrap(tiny_bert(), asymlora.AsymLoraConfig.preset("b-only", r=4))
+    asymlora.save_adapter(model, tmp_path / "ad")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ad").iterdir()}
+    (tmp_path / "link").symlink_to(tmp_path / "ad")
+    for out in (tmp_path / "ad", tmp_path / "link"):
+        with pytest.raises(UserError, match="is the adapter folder itself"):
+            convert_to_peft(tmp_path / "ad", out)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ad").iterdir()} == before

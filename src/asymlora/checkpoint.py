@@ -431,7 +431,11 @@ def export_peft_adapters(model: nn.Module, directory: str | os.PathLike, adapter
 
 
 def convert_to_peft(adapter_dir: str | os.PathLike, directory: str | os.PathLike) -> str:
-    """Convert a saved asymlora adapter folder to PEFT's format without loading the base model."""
+    """Convert a saved asymlora adapter folder to PEFT's format without loading the base model.
+    ``directory`` must be another folder: both formats name their config adapter_config.json."""
+    if os.path.isdir(directory) and os.path.samefile(adapter_dir, directory):
+        raise UserError(f"convert_to_peft: the output folder {os.fspath(directory)!r} is the adapter folder itself; "
+                        "writing there would replace the asymlora adapter — pick another folder")
     meta, factors, saved = _read_factors(adapter_dir)
     config = AsymLoraConfig.from_dict(meta["config"])
     layers = {n: (a, b, bool(meta["layers"][n].get("conv1d"))) for n, (a, b) in factors.items()}
