@@ -115,8 +115,9 @@ class TrainArgs:
     known in advance, and a decay would flatten the curve by itself). ``warmup_steps`` overrides
     ``warmup_ratio``. ``restore_best``: keep the trainable weights of the best evaluation (by
     the early-stopping metric) and put them back at the end. Evaluations before step
-    ``early_stopping_min_steps`` do not use up patience (a slow start is not a plateau). ``group_by_length``: batches of
-    similar length (the dataset must have ``lengths()``; see ``_epoch_batches``).
+    ``early_stopping_min_steps`` do not use up patience (a slow start is not a plateau).
+    ``group_by_length``: batches of similar length (the dataset must have ``lengths()``; see
+    ``_epoch_batches``).
     """
 
     output_dir: str | None = None

@@ -82,8 +82,8 @@ def _execute(task: Task, cfg: CompareConfig, job: Job, tag: str,
 
 def worker_count(cfg: CompareConfig, specs: list[StrategySpec]) -> int:
     """Worker processes for the adapter runs: ``cfg.workers``, or on a CPU-only machine one
-    per available core (at most 2 — beyond that, memory bandwidth, not cores, limits a 22M
-    model), one when there is a GPU."""
+    per available core up to 2 (the setting measured on the 2-core machine; larger pools were
+    not measured), one when there is a GPU."""
     if cfg.workers is not None:
         return cfg.workers
     if torch.cuda.is_available() or not any(s.is_adapter for s in specs):
