@@ -78,11 +78,6 @@ def validate(args: argparse.Namespace) -> None:
     problems.raise_if_any()
 
 
-def _targets_spec(names: list[str] | None) -> Any:
-    """One entry is passed as is (a name, a regex or all-linear), several as a list of names."""
-    return names[0] if names is not None and len(names) == 1 else names
-
-
 # ---- model and data ----------------------------------------------------------------------------
 def load_classifier(path: str, label_names: list[str], seed: int) -> Any:
     """The pretrained encoder with a new classification head drawn as compare's seed ``seed``.
@@ -150,11 +145,12 @@ def find_targets(model: Any, names: list[str] | None, r: int) -> dict[str, Any]:
     """Target layers (head excluded); UserError for no match, r too large or too much memory."""
     import asymlora
     from asymlora.analysis.probe import probe_memory_bytes
+    from asymlora.compare.config import target_spec
     from asymlora.compare.task import head_name
     from asymlora.layer import linear_shape
 
     try:
-        targets = asymlora.find_target_modules(model, _targets_spec(names), exclude=[head_name(model)])
+        targets = asymlora.find_target_modules(model, target_spec(names), exclude=[head_name(model)])
     except UserError:
         raise
     except ValueError as err:

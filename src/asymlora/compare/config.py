@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from asymlora.errors import UserError
 from asymlora.tasks.default import DEFAULT, DEFAULT_STRATEGIES
 
-__all__ = ["ADAPTER_PRESETS", "HEAD_ONLY", "StrategySpec", "parse_strategy", "CompareConfig"]
+__all__ = ["ADAPTER_PRESETS", "HEAD_ONLY", "StrategySpec", "parse_strategy", "target_spec", "CompareConfig"]
 
 ADAPTER_PRESETS = ("lora", "b-only", "a-only")
 HEAD_ONLY = "head-only"
@@ -57,6 +57,13 @@ def parse_strategy(spec: str, r: int) -> StrategySpec:
         raise UserError(f"strategy {spec!r}: the rank multiplier must be >= 1")
     label = f"{name} r={k * r}" + (f" (@{k}r)" if k > 1 else "")
     return StrategySpec(label, name, k * r, r)
+
+
+def target_spec(names: list[str] | None) -> list[str] | str | None:
+    """A ``--target-modules`` list as the adapter core takes it: one entry is passed as a string,
+    so that it may be a regex (``.*layer\\.\\d+\\.(intermediate|output)\\.dense`` picks BERT's FFN)
+    or ``all-linear``; several stay a list of names."""
+    return names[0] if names and len(names) == 1 else names
 
 
 @dataclass
@@ -107,11 +114,8 @@ class CompareConfig:
 
     @property
     def targets(self) -> list[str] | str | None:
-        """``target_modules`` as the adapter core takes it: one entry is passed as a string, so
-        that it may be a regex (``.*layer\\.\\d+\\.(intermediate|output)\\.dense`` picks BERT's FFN)."""
-        if self.target_modules and len(self.target_modules) == 1:
-            return self.target_modules[0]
-        return self.target_modules
+        """``target_modules`` as the adapter core takes it (``target_spec``)."""
+        return target_spec(self.target_modules)
 
     @property
     def selects_lr(self) -> bool:

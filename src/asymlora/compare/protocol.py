@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 
+from asymlora.commands.options import plural
 from asymlora.compare.config import CompareConfig, StrategySpec
 from asymlora.compare.run import autocast, resolve_precision, train_one
 from asymlora.compare.task import Task, head_features, prepare_task, set_threads
@@ -44,11 +45,6 @@ __all__ = ["run_compare", "select_lr", "grid_extension", "Phases", "train_one"]
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _count(n: int, one: str, many: str | None = None) -> str:
-    """``1 step``, ``2 steps``."""
-    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 class Phases:
@@ -206,7 +202,7 @@ def _settings(cfg: CompareConfig, task: Task, specs: list[StrategySpec], threads
         "batching": "length-grouped batches (runs of 50 batches sorted by length, batches shuffled)",
         "max_length": cfg.max_length, "weight_decay": cfg.weight_decay, "margin": cfg.margin,
         "alpha": "2r (scaling alpha/r = 2)", "target_modules": cfg.target_modules or "architecture default",
-        "adapted_layers": f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in targets}))} ({_count(len(targets), 'layer')})",
+        "adapted_layers": f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in targets}))} ({plural(len(targets), 'layer')})",
         "head": task.head, "quick": cfg.quick, "threads": threads,
         "thread_probe_s": {str(n): round(v, 5) for n, v in thread_probe.items()},
         "mixed_precision": cfg.mixed_precision, "precision_used": resolve_precision(cfg.mixed_precision),
@@ -258,11 +254,11 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
     grid = ", ".join(f"{x:g}" for x in cfg.lr_grid())
     _log(f"asymlora compare: {settings['model_name']} ({settings['model_params'] / 1e6:.1f}M params) on "
          f"{task.data.name} ({task.num_labels} classes); train {len(task.train)} / val {len(task.val)} / test "
-         f"{len(task.test)}; {_count(len(specs), 'strategy', 'strategies')}, lr {'grid ' if cfg.selects_lr else ''}"
-         f"{grid}, {_count(len(cfg.seeds), 'seed')} ({', '.join(map(str, cfg.seeds))}): {_count(sched.total, 'run')} "
-         f"of batch {cfg.batch_size} until validation stops improving ({_count(cfg.patience, 'evaluation')} × "
-         f"{_count(cfg.eval_every, 'step')}, at most {_count(cfg.max_steps, 'step')}); "
-         + (f"{workers} worker processes × 1 thread" if workers > 1 else _count(threads, "thread")))
+         f"{len(task.test)}; {plural(len(specs), 'strategy', 'strategies')}, lr {'grid ' if cfg.selects_lr else ''}"
+         f"{grid}, {plural(len(cfg.seeds), 'seed')} ({', '.join(map(str, cfg.seeds))}): {plural(sched.total, 'run')} "
+         f"of batch {cfg.batch_size} until validation stops improving ({plural(cfg.patience, 'evaluation')} × "
+         f"{plural(cfg.eval_every, 'step')}, at most {plural(cfg.max_steps, 'step')}); "
+         + (f"{workers} worker processes × 1 thread" if workers > 1 else plural(threads, "thread")))
 
     def checkpoint_results() -> None:
         runs, selections = sched.ordered(specs)

@@ -13,7 +13,7 @@ from asymlora.compare.config import CompareConfig, StrategySpec
 from asymlora.compare.stats import PairedDifference, mean_std, paired_difference
 from asymlora.fileio import atomic_write_text
 
-__all__ = ["summarize", "paired_verdicts", "assemble", "format_table", "verdict_lines", "write_reports"]
+__all__ = ["summarize", "paired_verdicts", "assemble", "format_table", "write_reports"]
 
 _SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "val_accuracy", "val_macro_f1", "lr", "best_step", "steps",
                  "val_slope_last_quarter", "wall_time_s", "peak_memory_bytes", "saved_activation_bytes",
@@ -63,14 +63,11 @@ def paired_verdicts(runs: list[dict[str, Any]], specs: list[StrategySpec], margi
 def assemble(cfg: CompareConfig, settings: dict[str, Any], specs: list[StrategySpec], runs: list[dict[str, Any]],
              selections: list[dict[str, Any]], phases: Any, elapsed: float, complete: bool) -> dict[str, Any]:
     """The results dict written to results.json."""
+    verdicts = paired_verdicts(runs, specs, cfg.margin)
     return {"complete": complete, "settings": settings, "total_time_s": elapsed, "phases_s": phases.to_dict(),
             "lr_selection": selections, "summary": summarize(runs, [s.label for s in specs]),
-            "verdicts": [v.to_dict() for v in paired_verdicts(runs, specs, cfg.margin)],
-            "verdict_lines": verdict_lines(runs, specs, cfg.margin), "runs": runs}
-
-
-def verdict_lines(runs: list[dict[str, Any]], specs: list[StrategySpec], margin: float) -> list[str]:
-    return [v.line() for v in paired_verdicts(runs, specs, margin)]
+            "verdicts": [v.to_dict() for v in verdicts], "verdict_lines": [v.line() for v in verdicts],
+            "runs": runs}
 
 
 def format_table(summary: list[dict[str, Any]], markdown: bool = False) -> str:

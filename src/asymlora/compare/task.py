@@ -13,7 +13,7 @@ import numpy as np
 
 from asymlora.errors import UserError
 
-__all__ = ["Task", "prepare_task", "set_threads", "reinit_head", "head_name", "HeadFeatures",
+__all__ = ["Task", "prepare_task", "available_cpus", "set_threads", "reinit_head", "head_name", "HeadFeatures",
            "head_features"]
 
 
@@ -39,6 +39,14 @@ def _probe_threads(candidates: list[int]) -> tuple[int, dict[int, float]]:
     return min(times, key=times.get), times
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return os.cpu_count() or 1
+
+
 def set_threads(threads: int | None) -> tuple[int, dict[int, float]]:
     """``threads`` or, when None, the faster of all available CPUs and 1 (see ``_probe_threads``)."""
     import torch
@@ -46,10 +54,7 @@ def set_threads(threads: int | None) -> tuple[int, dict[int, float]]:
     if threads is not None:
         torch.set_num_threads(threads)
         return threads, {}
-    try:
-        avail = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        avail = os.cpu_count() or 1
+    avail = available_cpus()
     if avail == 1:
         torch.set_num_threads(1)
         return 1, {}

@@ -14,7 +14,7 @@ import torch
 
 from asymlora.compare.config import CompareConfig, StrategySpec
 from asymlora.compare.run import train_one
-from asymlora.compare.task import HeadFeatures, Task, prepare_task
+from asymlora.compare.task import HeadFeatures, Task, available_cpus, prepare_task
 
 __all__ = ["Job", "InProcess", "Pool", "worker_count"]
 
@@ -88,8 +88,4 @@ def worker_count(cfg: CompareConfig, specs: list[StrategySpec]) -> int:
         return cfg.workers
     if torch.cuda.is_available() or not any(s.is_adapter for s in specs):
         return 1
-    try:
-        avail = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        avail = os.cpu_count() or 1
-    return max(1, min(2, avail))
+    return max(1, min(2, available_cpus()))
