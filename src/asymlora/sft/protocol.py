@@ -187,7 +187,7 @@ def _settings(cfg: SFTConfig, task: LMTask, threads: int, workers: int) -> dict[
         "alpha": "2r (scaling alpha/r = 2)", "target_modules": cfg.target_modules,
         "loss": "response-only (assistant tokens of the model's chat template)",
         "tasks": cfg.tasks, "bench_limit": cfg.bench_limit, "max_new_tokens": cfg.max_new_tokens,
-        "margin": cfg.margin, "threads": threads, "workers": workers, "precision": cfg.mixed_precision,
+        "margin": cfg.margin, "min_delta": cfg.min_delta, "threads": threads, "workers": workers, "precision": cfg.mixed_precision,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "asymlora": asymlora.__version__},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
@@ -220,7 +220,10 @@ def _assemble(cfg: SFTConfig, settings: dict[str, Any], specs: list[Any], runs: 
     for r in runs:  # each run's benchmark scores, for the paired verdicts
         for t, s in (bench.get(r["adapter_dir"], {}).get("scores") or {}).items():
             r[f"{t}_acc"] = s["acc"]
-    verdicts = paired_verdicts(runs, specs, cfg.margin, metric="test_exact_match") if complete else []
+    verdicts = []
+    if complete:  # exact match in points (margin: cfg.margin), log-likelihood per token in nats (margin 0.01)
+        verdicts += paired_verdicts(runs, specs, cfg.margin, metric="test_exact_match")
+        verdicts += paired_verdicts(runs, specs, 0.01, metric="test_loglik")
     for t in cfg.tasks if bench else []:
         verdicts += paired_verdicts(runs, specs, cfg.margin, metric=f"{t}_acc")
     return {

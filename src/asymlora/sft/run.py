@@ -100,6 +100,7 @@ def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTCo
                      warmup_steps=min(cfg.warmup_steps, cfg.max_steps - 1), lr_schedule="constant",
                      early_stopping_patience=cfg.patience, early_stopping_min_steps=min(cfg.min_steps, cfg.max_steps),
                      early_stopping_metric="val_loss", greater_is_better=False, restore_best=True,
+                     early_stopping_min_delta=cfg.min_delta,
                      group_by_length=True, weight_decay=cfg.weight_decay, mixed_precision=precision,
                      progress=cfg.progress, desc=desc)
     res = fit(model, task.train, task.collate, args, eval_fn=score_val)
@@ -117,7 +118,7 @@ def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTCo
         "strategy": spec.label, "preset": spec.preset, "rank": spec.rank, "seed": seed, "lr": lr,
         "trainable_params": res.trainable_params, "adapter_params": asymlora.parameter_report(lm).adapter_trainable,
         "val_loss": res.best_metric if res.best_metric is not None else res.final_metrics.get("val_loss"),
-        "test_loss": test_loss, "test_exact_match": test_em,
+        "test_loss": test_loss, "test_loglik": -test_loss, "test_exact_match": test_em,
         "test_answers": answers[:20],
         "best_step": res.best_step if res.best_step is not None else res.steps, "steps": res.steps,
         "max_steps": cfg.max_steps, "stopped_early": res.stopped_early,
