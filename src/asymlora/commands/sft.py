@@ -39,7 +39,11 @@ def register(subparsers) -> None:
     add_protocol_options(p, SFT_DEFAULTS, lr_note="validation response loss", targets_note="q_proj,v_proj")
     add_list(p, "--tasks", kind=str_list, default=None,
              help="benchmarks scored before and after tuning (default: arc_easy,sciq,piqa,mmlu; 'none' for none)")
-    p.add_argument("--limit", type=int, default=None, help="items per benchmark (default: 200)")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each benchmark but MMLU (default: 200)")
+    p.add_argument("--mmlu-limit", type=int, default=None, help="MMLU items per subject, 57 subjects (default: 4)")
+    p.add_argument("--shots", type=int, default=0, help="MMLU's solved examples, 0-5 (default: 0)")
+    p.add_argument("--benchmarks-only", action="store_true",
+                   help="score the benchmarks of the finished run in --output-dir (e.g. one made with --tasks none)")
     p.add_argument("--min-delta", type=float, default=0.02,
                    help="a validation-loss drop (nats/token) smaller than this does not reset the patience "
                         "(default: 0.02)")
@@ -62,15 +66,20 @@ def config_from_args(args: argparse.Namespace):
         cfg.bench_limit = args.limit
     elif args.quick:
         cfg.bench_limit = 20
+    if args.mmlu_limit is not None:
+        cfg.mmlu_limit = args.mmlu_limit
+    elif args.quick:
+        cfg.mmlu_limit = 1
+    cfg.shots = args.shots
     return cfg
 
 
 def run(args: argparse.Namespace) -> int:
-    from asymlora.sft.protocol import format_bench_table, format_sft_table, run_sft
+    from asymlora.sft.protocol import format_bench_table, format_sft_table, run_sft, score_saved_run
 
     cfg = config_from_args(args)
     cfg.validate()  # every bad setting is reported before any work
-    results = run_sft(cfg)
+    results = score_saved_run(cfg) if args.benchmarks_only else run_sft(cfg)
     print()
     print(format_sft_table(results))
     for sel in results["lr_selection"]:
@@ -80,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
               f"{grid}){edge}")
     bench = format_bench_table(results, cfg.tasks)
     if bench:
-        print(f"\nbenchmarks ({cfg.bench_limit or 'all'} items each, accuracy %):\n{bench}")
+        print(f"\nbenchmarks (accuracy %; {cfg.bench_limit or 'all'} items each, MMLU {cfg.mmlu_limit or 'all'} per "
+              f"subject):\n{bench}")
     if results["verdict_lines"]:
         print(f"\npaired differences against LoRA, 95 % t-interval over seeds (margin ±{100 * cfg.margin:g} point):")
         for line in results["verdict_lines"]:

@@ -62,6 +62,8 @@ class SFTConfig(CompareConfig):
     output_dir: str = "asymlora-sft"
     tasks: list[str] = field(default_factory=lambda: ["arc_easy", "sciq", "piqa", "mmlu"])
     bench_limit: int | None = 200
+    mmlu_limit: int | None = 4           # MMLU items per subject (57 subjects: 228 questions)
+    shots: int = 0                       # MMLU's solved examples (the other benchmarks are 0-shot)
     max_new_tokens: int = 16
     # a validation loss that has not dropped by more than this (nats per token) over `patience`
     # evaluations is a plateau (asymlora.train.TrainArgs.early_stopping_min_delta)
@@ -97,6 +99,10 @@ class SFTConfig(CompareConfig):
                 out.append(f"--tasks {','.join(unknown)}: unknown benchmark; valid: {', '.join(TASKS)}")
         if self.bench_limit is not None and self.bench_limit < 1:
             out.append(f"--limit {self.bench_limit!r}: must be >= 1 (or unset for whole benchmarks)")
+        if self.mmlu_limit is not None and self.mmlu_limit < 1:
+            out.append(f"--mmlu-limit {self.mmlu_limit!r}: must be >= 1 (items per subject)")
+        if not (isinstance(self.shots, int) and 0 <= self.shots <= 5):
+            out.append(f"--shots {self.shots!r}: MMLU takes 0 to 5 solved examples")
         if not self.min_delta >= 0:
             out.append(f"--min-delta {self.min_delta!r}: must be >= 0 (nats per token)")
         if self.max_new_tokens < 1:

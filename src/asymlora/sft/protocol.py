@@ -33,7 +33,7 @@ from asymlora.fileio import atomic_write_text
 from asymlora.sft.config import SFTConfig
 from asymlora.sft.run import LMTask, prepare_lm_task, train_one
 
-__all__ = ["run_sft", "format_sft_table"]
+__all__ = ["run_sft", "score_saved_run", "format_sft_table", "format_bench_table"]
 
 SUMMARY_KEYS = ("test_exact_match", "test_loss", "val_loss", "lr", "best_step", "steps", "val_slope_last_quarter",
                 "wall_time_s", "final_train_loss")
@@ -74,7 +74,7 @@ def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None, 
     from transformers import AutoModelForCausalLM
 
     import asymlora
-    from asymlora.compare.run import autocast, resolve_precision
+    from asymlora.compare.run import resolve_precision
     from asymlora.lmeval import evaluate
 
     path, tokenizer = state
@@ -82,8 +82,12 @@ def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None, 
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if adapter is not None:
         asymlora.load_adapter(lm, adapter)
-    with autocast(resolve_precision(cfg.mixed_precision)):
-        scores = evaluate(lm, tokenizer, cfg.tasks, limit=cfg.bench_limit)
+    bf16 = resolve_precision(cfg.mixed_precision) == "bf16"
+    scores = {}
+    for task in cfg.tasks:  # MMLU's limit counts items per subject (57 of them), the others' items per task
+        mmlu = task == "mmlu"
+        scores.update(evaluate(lm, tokenizer, [task], limit=cfg.mmlu_limit if mmlu else cfg.bench_limit,
+                               shots=cfg.shots if mmlu else 0, bf16=bf16))
     out = {name: {"acc": s.acc, "acc_stderr": s.acc_stderr, "acc_norm": s.acc_norm,
                   "acc_norm_stderr": s.acc_norm_stderr, "n": s.n} for name, s in scores.items()}
     seconds = time.perf_counter() - t
@@ -172,6 +176,42 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
     return results
 
 
+def score_saved_run(cfg: SFTConfig) -> dict[str, Any]:
+    """Score the benchmarks of a finished run in ``cfg.output_dir`` (one made with ``--tasks
+    none``, or to score other benchmarks): the base model and every seed's final adapter, then
+    the reports are rewritten with the benchmark table and verdicts."""
+    from asymlora.errors import UserError
+
+    path = os.path.join(cfg.output_dir, "results.json")
+    if not os.path.isfile(path):
+        raise UserError(f"--benchmarks-only: {path} does not exist; run `asymlora sft -o {cfg.output_dir}` first")
+    saved = json.loads(open(path, encoding="utf-8").read())
+    if not saved.get("complete"):
+        raise UserError(f"--benchmarks-only: the run in {cfg.output_dir} did not finish (results.json is partial)")
+    if not cfg.tasks:
+        raise UserError("--benchmarks-only with --tasks none: nothing to score")
+    t_start = time.perf_counter()
+    runs, settings = saved["runs"], saved["settings"]
+    missing = [r["adapter_dir"] for r in runs if not os.path.isdir(r["adapter_dir"])]
+    if missing:
+        raise UserError(f"--benchmarks-only: adapter folder(s) missing: {', '.join(missing)}")
+    names = settings.get("strategy_names") or [s.split(" r=")[0] for s in settings["strategies"]]
+    specs = SFTConfig(strategies=names, ranks=settings["ranks"]).runs()
+    threads, _ = set_threads(cfg.threads)
+    bench = _run_benchmarks(cfg, runs, worker_count(cfg, specs), lambda: _prepare_bench(cfg))
+    phases = Phases()
+    for name, seconds in saved["phases_s"].items():
+        phases.add(name, seconds)
+    phases.add("benchmarks", time.perf_counter() - t_start)
+    settings.update(tasks=cfg.tasks, bench_limit=cfg.bench_limit, mmlu_limit=cfg.mmlu_limit, shots=cfg.shots)
+    results = _assemble(cfg, settings, specs, runs, saved["lr_selection"], bench, phases,
+                        time.perf_counter() - saved["total_time_s"], complete=True)
+    results["total_time_s"] = round(saved["total_time_s"] + time.perf_counter() - t_start, 1)
+    atomic_write_text(path, json.dumps(results, indent=1))
+    atomic_write_text(os.path.join(cfg.output_dir, "results.md"), format_sft_markdown(results))
+    return results
+
+
 def _settings(cfg: SFTConfig, task: LMTask, threads: int, workers: int) -> dict[str, Any]:
     import transformers
 
@@ -180,13 +220,13 @@ def _settings(cfg: SFTConfig, task: LMTask, threads: int, workers: int) -> dict[
     return {
         "model": task.model_path, "model_name": os.path.basename(os.path.normpath(task.model_path)),
         "model_params": sum(p.numel() for p in task.lm.parameters()), "data": cfg.sources, "sizes": task.sizes,
-        "strategies": [s.label for s in cfg.runs()], "ranks": cfg.ranks, "seeds": cfg.seeds, "lr_grid": cfg.lr_grid(),
+        "strategies": [s.label for s in cfg.runs()], "strategy_names": cfg.strategies, "ranks": cfg.ranks, "seeds": cfg.seeds, "lr_grid": cfg.lr_grid(),
         "selected_on": "validation response loss (lowest)", "max_steps": cfg.max_steps, "eval_every": cfg.eval_every,
         "patience": cfg.patience, "min_steps": cfg.min_steps, "warmup_steps": cfg.warmup_steps,
         "lr_schedule": "linear warm-up, then constant", "batch_size": cfg.batch_size, "max_length": cfg.max_length,
         "alpha": "2r (scaling alpha/r = 2)", "target_modules": cfg.target_modules,
         "loss": "response-only (assistant tokens of the model's chat template)",
-        "tasks": cfg.tasks, "bench_limit": cfg.bench_limit, "max_new_tokens": cfg.max_new_tokens,
+        "tasks": cfg.tasks, "bench_limit": cfg.bench_limit, "mmlu_limit": cfg.mmlu_limit, "shots": cfg.shots, "max_new_tokens": cfg.max_new_tokens,
         "margin": cfg.margin, "min_delta": cfg.min_delta, "threads": threads, "workers": workers, "precision": cfg.mixed_precision,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "asymlora": asymlora.__version__},
@@ -261,6 +301,13 @@ def format_bench_table(results: dict[str, Any], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _bench_sizes(s: dict[str, Any]) -> str:
+    per = s.get("bench_limit") or "all"
+    mmlu = s.get("mmlu_limit")
+    return (f"first {per} items of each task" + (f"; MMLU {mmlu} per subject, {s.get('shots', 0)}-shot"
+                                                  if "mmlu" in s["tasks"] else ""))
+
+
 def format_sft_markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     out = [f"# asymlora sft: {s['model_name']} on {', '.join(s['data'])}", "",
@@ -275,7 +322,7 @@ def format_sft_markdown(results: dict[str, Any]) -> str:
         out.append(f"- lr for {sel['strategy']}: {sel['chosen_lr']:g}{edge} — validation loss by lr: {grid}")
     bench = format_bench_table(results, s["tasks"])
     if bench:
-        out += ["", f"Benchmarks ({s['bench_limit'] or 'all'} items each; accuracy %, mean over seeds):", "",
+        out += ["", f"Benchmarks ({_bench_sizes(s)}; accuracy %, mean over seeds):", "",
                 "```", bench, "```"]
     if results["verdict_lines"]:
         out += ["", "Paired differences against LoRA, 95 % t-interval over seeds:", ""]
