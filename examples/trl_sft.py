@@ -3,9 +3,9 @@
     python examples/trl_sft.py                          # tiny random Llama, toy Q/A pairs, seconds
     python examples/trl_sft.py --model DIR --data qa.jsonl --steps 200 --output out/sft
 
-``--model`` is a local transformers folder with a tokenizer and chat template (e.g. SmolLM2-135M-
-Instruct saved with ``save_pretrained``); without it a tiny random Llama and a word-level
-tokenizer are built in memory. ``--data`` is a JSON-lines file of ``{"prompt": ..., "completion":
+``--model`` is a local transformers folder with a tokenizer and chat template, or ``smollm2`` for
+the bundled SmolLM2-135M-Instruct (``asymlora.bundled``); without it a tiny random Llama and a
+word-level tokenizer are built in memory. ``--data`` is a JSON-lines file of ``{"prompt": ..., "completion":
 ...}`` rows (strings); without it a few toy questions are used. The rows become chat turns
 (prompt = user, completion = assistant), so the loss is on the assistant's reply only
 (TRL's completion-only loss) and the model's own chat template formats them.
@@ -61,8 +61,10 @@ def tiny_llama(texts: Sequence[str], seed: int = 0) -> tuple[Any, Any]:
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          bos_token_id=vocab["<s>"], eos_token_id=vocab["<|end|>"], pad_token_id=vocab["<pad>"])
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config), tokenizer
+    with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's RNG left alone
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model, tokenizer
 
 
 def read_pairs(path: Optional[str]) -> list[tuple[str, str]]:
@@ -95,6 +97,10 @@ def load_base(model_dir: Optional[str], pairs: Sequence[tuple[str, str]]) -> tup
         return tiny_llama([w for pair in TOY_PAIRS + list(pairs) for w in pair])
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if model_dir == "smollm2":  # the bundled SmolLM2-135M-Instruct, converted once into a cached folder
+        from asymlora.bundled import smollm2_dir
+
+        model_dir = str(smollm2_dir())
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise UserError(f"--model {model_dir!r} is not a transformers model folder (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -107,7 +113,8 @@ def load_base(model_dir: Optional[str], pairs: Sequence[tuple[str, str]]) -> tup
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="local transformers causal-LM folder (default: a tiny random Llama)")
+    p.add_argument("--model", help="local transformers causal-LM folder, or 'smollm2' for the bundled "
+                   "SmolLM2-135M-Instruct (default: a tiny random Llama)")
     p.add_argument("--data", help="JSON-lines file of {prompt, completion} rows (default: toy questions)")
     p.add_argument("--strategy", default="b-only", choices=sorted(asymlora.PRESETS))
     p.add_argument("-r", "--rank", type=int, default=8)

@@ -157,6 +157,17 @@ def test_output_layer_adapter_is_refused(tmp_path):
         _trainer(tmp_path, model, tok).train()
 
 
+def test_several_active_adapters_are_refused():
+    model, _ = base_model()
+    asymlora.wrap(model, asymlora.AsymLoraConfig.preset("b-only", r=4), adapter_name="one")
+    asymlora.add_adapter(model, "two", asymlora.AsymLoraConfig.preset("b-only", r=4))
+    asymlora.set_adapter(model, ["one", "two"])
+    with pytest.raises(UserError, match=r"2 adapters are active \(\['one', 'two'\]\)"):
+        check_for_trainer(model)
+    asymlora.set_adapter(model, "two")
+    check_for_trainer(model)
+
+
 def test_unwrapped_and_peft_models_are_refused():
     from peft import LoraConfig, get_peft_model
 

@@ -82,7 +82,8 @@ def check_for_trainer(model: nn.Module, optimizer: Optional[Any] = None) -> None
     """Refuse (UserError) a model that a ``transformers.Trainer`` / TRL ``SFTTrainer`` would train
     other than its asymlora adapter says.
 
-    - no asymlora adapter, or a PEFT model (a ``peft_config`` given to the trainer);
+    - no asymlora adapter, several active adapters, or a PEFT model (a ``peft_config`` given to
+      the trainer);
     - an adapter on the output layer (TRL's fused LM head reads ``lm_head.weight`` directly);
     - with ``optimizer``: its parameters must be exactly :func:`adapter_trainable_parameters`
       (nothing more: it would train but not be saved; nothing less: it would be saved untrained).
@@ -91,6 +92,9 @@ def check_for_trainer(model: nn.Module, optimizer: Optional[Any] = None) -> None
         raise UserError("the trainer's model is a PEFT model: give SFTTrainer the asymlora-wrapped model and no "
                         "peft_config (PEFT would freeze asymlora's trained factors)")
     expected = adapter_trainable_parameters(model)
+    if len(model.asymlora_active) != 1:
+        raise UserError(f"{len(model.asymlora_active)} adapters are active ({list(model.asymlora_active)}); the "
+                        "callback saves one: asymlora.set_adapter(model, name) before building the trainer")
     heads = _output_head_names(model) & set(lora_layers(model))
     if heads:
         raise UserError(f"layer {sorted(heads)[0]!r} is the output layer: TRL's fused LM head multiplies by its base "
@@ -99,7 +103,8 @@ def check_for_trainer(model: nn.Module, optimizer: Optional[Any] = None) -> None
         return
     held = {id(p) for p in _optimizer_parameters(optimizer)}
     names = {id(p): n for n, p in model.named_parameters()}
-    extra = sorted(names.get(i, "<a tensor that is not a parameter of the model>") for i in held - {id(p) for p in expected.values()})
+    expected_ids = {id(p) for p in expected.values()}
+    extra = sorted(names.get(i, "<a tensor that is not a parameter of the model>") for i in held - expected_ids)
     if extra:
         raise UserError(f"the optimizer trains {len(extra)} parameter(s) that are not part of the asymlora adapter, "
                         f"e.g. {extra[0]!r}: they would not be saved. Call asymlora.mark_only_adapters_trainable(model) "
