@@ -221,7 +221,9 @@ def _batch_logprobs(model: Any, batch: list[_Unit], bf16: bool) -> list[torch.Te
         else:
             prefixes = _padded([g.tokens[:u.prefix] for u in batch for g in u.inputs[:1]], width_p).to(device)
             out = _logits_at(model, torch.zeros(len(batch), 1, dtype=torch.long), input_ids=prefixes, use_cache=True)
-            cache = getattr(out, "cache", None) or out.past_key_values
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            if cache is None:  # a model without a key/value cache: run whole inputs instead
+                return _batch_logprobs(model, [_Unit(0, u.inputs) for u in batch], bf16)
             owner = torch.tensor([i for i, u in enumerate(batch) for _ in u.inputs], device=device)
             cache.batch_select_indices(owner)
             starts = torch.tensor([u.prefix for u, _ in rows])
