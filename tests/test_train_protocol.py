@@ -160,3 +160,29 @@ def test_early_stopping_waits_for_min_steps():
               eval_fn=scorer(scores))
     # without the minimum it would stop at step 15 (evals 2, 3 fail); with it: bests at 25, 30, stop at 40
     assert res.stopped_early and res.steps == 40 and res.best_metric == 0.6
+
+
+def test_min_delta_counts_small_improvements_as_a_plateau_but_restores_the_true_best():
+    """A loss creeping down by less than min_delta uses up patience; the weights restored are
+    still those of the lowest loss seen."""
+    losses = iter([3.0, 2.5, 2.49, 2.485, 2.481, 1.0])
+    snaps: list[dict[str, torch.Tensor]] = []
+
+    def ev(m):
+        snaps.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+        return {"val_loss": next(losses)}
+
+    model = Lin()
+    res = fit(model, data(), collate, TrainArgs(lr=0.1, max_steps=100, batch_size=8, eval_every=5,
+                                                early_stopping_patience=3, early_stopping_min_delta=0.02,
+                                                greater_is_better=False, restore_best=True, progress=False),
+              eval_fn=ev)
+    # 2.5 resets (−0.5); 2.49, 2.485, 2.481 are within 0.02 of 2.5 → 3 evaluations without progress
+    assert res.stopped_early and res.steps == 25 and res.best_metric == 2.481 and res.best_step == 25
+    without = fit(Lin(), data(), collate, TrainArgs(lr=0.1, max_steps=30, batch_size=8, eval_every=5,
+                                                    early_stopping_patience=3, greater_is_better=False,
+                                                    progress=False),
+                  eval_fn=scorer([3.0, 2.5, 2.49, 2.485, 2.48, 2.47, 2.46, 2.45]))
+    assert not without.stopped_early  # each small step down is a new best without min_delta
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snaps[4][k])

@@ -25,6 +25,7 @@ from asymlora.errors import UserError
 # subcommand name -> module under asymlora.commands
 COMMANDS: dict[str, str] = {
     "compare": "compare",
+    "sft": "sft",
     "train": "train",
     "run": "run",
     "results": "results",

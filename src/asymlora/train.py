@@ -52,7 +52,7 @@ import random
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -116,6 +116,9 @@ class TrainArgs:
     ``warmup_ratio``. ``restore_best``: keep the trainable weights of the best evaluation (by
     the early-stopping metric) and put them back at the end. Evaluations before step
     ``early_stopping_min_steps`` do not use up patience (a slow start is not a plateau).
+    ``early_stopping_min_delta``: only an evaluation that beats the last one that reset the
+    patience by more than this resets it again (a curve creeping down by noise-sized steps is a
+    plateau); ``restore_best`` still keeps the truly best weights.
     ``group_by_length``: batches of similar length (the dataset must have ``lengths()``; see
     ``_epoch_batches``).
     """
@@ -139,6 +142,7 @@ class TrainArgs:
     early_stopping_patience: int | None = None
     early_stopping_metric: str | None = None
     early_stopping_min_steps: int = 0
+    early_stopping_min_delta: float = 0.0
     greater_is_better: bool = True
     restore_best: bool = False
     group_by_length: bool = False
@@ -173,6 +177,8 @@ class TrainArgs:
             bad("max_grad_norm", "must be None or > 0")
         if not isinstance(self.early_stopping_min_steps, int) or self.early_stopping_min_steps < 0:
             bad("early_stopping_min_steps", "must be an int >= 0")
+        if not (isinstance(self.early_stopping_min_delta, (int, float)) and self.early_stopping_min_delta >= 0):
+            bad("early_stopping_min_delta", "must be a number >= 0")
         for name in ("eval_every", "checkpoint_every", "early_stopping_patience"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -354,10 +360,7 @@ class _BestWeights:
         self.tensors = {k: p.detach().to("cpu", copy=True).contiguous() for k, p in named}
 
     def restore(self, model: nn.Module) -> None:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for k, t in self.tensors.items():
-                params[k].copy_(t.to(params[k].device, params[k].dtype))
+        _copy_into(model, self.tensors)
 
 
 def _peak_memory_start(device: torch.device) -> str:
@@ -489,6 +492,460 @@ def _keeps_caller_rng(fn: Callable[..., FitResult]) -> Callable[..., FitResult]:
     return wrapper
 
 
+# ----------------------------------------------------------------------------- one run, in pieces
+
+
+@dataclass
+class _Plan:
+    """The fixed numbers of one run (module docstring): ``n`` examples, ``world`` processes,
+    this process's ``rank``, micro-batch ``b`` and ``accum`` micro-batches per process and step,
+    ``global_batch = b·accum·world``, ``total`` optimizer steps of which ``warmup`` warm up."""
+
+    n: int
+    world: int
+    rank: int
+    is_main: bool
+    b: int
+    accum: int
+    global_batch: int
+    total: int
+    warmup: int
+
+    @classmethod
+    def make(cls, args: TrainArgs, n: int, world: int, rank: int, is_main: bool) -> "_Plan":
+        global_batch = args.batch_size * args.grad_accum * world
+        total = args.max_steps if args.max_steps is not None else max(1, math.ceil(args.epochs * n / global_batch))
+        warmup = args.warmup_steps if args.warmup_steps is not None else int(math.ceil(args.warmup_ratio * total))
+        return cls(n=n, world=world, rank=rank, is_main=is_main, b=args.batch_size, accum=args.grad_accum,
+                   global_batch=global_batch, total=total, warmup=min(warmup, total))
+
+
+@dataclass
+class _TrainState:
+    """What changes while training runs, and what a checkpoint records besides the tensors:
+    the step, the history, the early-stopping state (``best``, ``bad_evals``, the best weights)
+    and the last evaluation."""
+
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: float | None = None
+    bad_evals: int = 0
+    plateau_ref: float | None = None  # the value of the evaluation that last reset the patience
+    stopped_early: bool = False
+    last_eval: dict[str, float] = field(default_factory=dict)
+    last_ckpt: str | None = None
+    resumed_from: int = 0
+    best_weights: _BestWeights = field(default_factory=_BestWeights)
+
+    def observe_eval(self, metrics: dict[str, float], args: TrainArgs,
+                     named_trainable: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Early stopping: an evaluation better than ``best`` resets the patience (and captures
+        the weights for ``restore_best``); a worse one at or after ``early_stopping_min_steps``
+        uses one unit of it, and the run stops when ``early_stopping_patience`` are used."""
+        val = _metric_of(metrics, args.early_stopping_metric)
+        sign = 1.0 if args.greater_is_better else -1.0
+        if self.best is None or sign * (val - self.best) > 0:
+            self.best = val
+            if args.restore_best:
+                self.best_weights.capture(named_trainable, self.step)
+        if self.plateau_ref is None or sign * (val - self.plateau_ref) > args.early_stopping_min_delta:
+            self.plateau_ref, self.bad_evals = val, 0
+        elif self.step >= args.early_stopping_min_steps:
+            self.bad_evals += 1
+            if args.early_stopping_patience is not None and self.bad_evals >= args.early_stopping_patience:
+                self.stopped_early = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"history": self.history, "best": self.best, "best_step": self.best_weights.step,
+                "bad_evals": self.bad_evals, "plateau_ref": self.plateau_ref, "last_eval": self.last_eval,
+                "stopped_early": self.stopped_early}
+
+    def load_json(self, st: dict[str, Any]) -> None:
+        self.step = self.resumed_from = int(st["step"])
+        self.history = st["history"]
+        self.best, self.bad_evals = st["best"], int(st["bad_evals"])
+        self.plateau_ref = st.get("plateau_ref", st["best"])
+        self.last_eval = st.get("last_eval", {})
+        self.stopped_early = bool(st.get("stopped_early", False))
+
+
+def _metric_of(metrics: dict[str, float], key: str | None) -> float:
+    """The early-stopping metric: ``key``, or the first metric ``eval_fn`` returned."""
+    key = key or next(iter(metrics))
+    if key not in metrics:
+        raise ValueError(f"early_stopping_metric={key!r} is not among the eval metrics {sorted(metrics)}")
+    return metrics[key]
+
+
+class _Progress:
+    """The progress bar of the main process (nothing elsewhere, or with ``progress=False``)."""
+
+    def __init__(self, args: TrainArgs, total: int, initial: int, show: bool) -> None:
+        self.bar = None
+        if args.progress and show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=args.desc, leave=False, dynamic_ncols=True)
+
+    def log(self, rec: dict[str, float], last_eval: dict[str, float]) -> None:
+        if self.bar is None:
+            return
+        post = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}"}
+        if last_eval:
+            k0 = next(iter(last_eval))
+            post[k0] = f"{last_eval[k0]:.4f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _adamw(named_trainable: Sequence[tuple[str, nn.Parameter]], args: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and normalisation weights (1-d tensors)."""
+    decay = [p for _, p in named_trainable if p.ndim >= 2]
+    no_decay = [p for _, p in named_trainable if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _lr_schedule(args: TrainArgs, plan: _Plan) -> Callable[[int], float]:
+    if args.lr_schedule == "linear":
+        return linear_warmup_decay(plan.total, plan.warmup)
+    return constant_after_warmup(plan.warmup)
+
+
+class _Run:
+    """One call of ``fit``: the prepared model and optimizer, the data stream, the state, and
+    the pieces of the loop — ``train_step`` (one optimizer step), ``evaluate``,
+    ``save_checkpoint`` / ``restore`` — that ``run`` strings together."""
+
+    def __init__(self, model: nn.Module, train_dataset: Sequence[Any], collate_fn: Callable[[list[Any]], dict],
+                 args: TrainArgs, eval_fn: Callable[[nn.Module], dict[str, float]] | None,
+                 loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None) -> None:
+        self.model, self.data, self.collate_fn = model, train_dataset, collate_fn
+        self.args, self.eval_fn, self.loss_fn = args, eval_fn, loss_fn
+        self.named_trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+        if not self.named_trainable:
+            raise ValueError("model has no trainable parameters (requires_grad=True): nothing to train")
+        self.trainable_params = sum(p.numel() for _, p in self.named_trainable)
+        self.accelerator, self.mp = _make_accelerator(args.mixed_precision)
+        acc = self.accelerator
+        self.plan = _Plan.make(args, len(train_dataset), acc.num_processes, acc.process_index, acc.is_main_process)
+        self.device = acc.device
+        self.orig_device = next(model.parameters()).device
+        # Seed everything first so that a fresh run and a resumed one start from the same place.
+        random.seed(args.seed)
+        np.random.seed(args.seed % (2**32))
+        torch.manual_seed(args.seed)
+        optimizer = _adamw(self.named_trainable, args)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_schedule(args, self.plan))
+        self.grouped = self._grouped_stream()
+        self.was_training = model.training
+        self.pmodel, self.optimizer = acc.prepare(model, optimizer)
+        self.raw = acc.unwrap_model(self.pmodel)
+        self.state = _TrainState()
+        self.track_best = args.restore_best or args.early_stopping_patience is not None
+        self.ckpt_root = args.output_dir
+        if self.ckpt_root is not None and self.plan.is_main:
+            os.makedirs(self.ckpt_root, exist_ok=True)
+
+    def _grouped_stream(self) -> _GroupedStream | None:
+        if not self.args.group_by_length:
+            return None
+        if not callable(getattr(self.data, "lengths", None)):
+            raise ValueError("group_by_length=True needs a dataset with a lengths() method")
+        return _GroupedStream(self.data.lengths(), self.args.seed, self.plan.global_batch)
+
+    # ------------------------------------------------------------------ one optimisation step
+
+    def _global_batch(self, step: int) -> np.ndarray:
+        """Dataset indices of the global batch of optimizer step ``step`` (0-based)."""
+        if self.grouped is not None:
+            return self.grouped(step)
+        return _stream_indices(self.plan.n, self.args.seed, step * self.plan.global_batch, self.plan.global_batch)
+
+    def _accumulate(self, gidx: np.ndarray) -> float:
+        """Forward and backward of this process's micro-batches of the global batch ``gidx``
+        (gradients of ``L̄_{m,p} / M`` summed; DDP averages over ``p``); returns the mean loss
+        over the global batch."""
+        from accelerate.utils import send_to_device
+
+        acc, plan = self.accelerator, self.plan
+        loss_sum = torch.zeros((), device=self.device)
+        for m in range(plan.accum):
+            lo = (m * plan.world + plan.rank) * plan.b
+            batch = send_to_device(self.collate_fn([self.data[int(i)] for i in gidx[lo: lo + plan.b]]), self.device)
+            sync = m == plan.accum - 1
+            with contextlib.nullcontext() if sync or plan.world == 1 else acc.no_sync(self.pmodel):
+                with torch.autograd.graph.saved_tensors_hooks(self.tracker.pack, self.tracker.unpack):
+                    loss = self.loss_fn(self.pmodel, batch) if self.loss_fn is not None else self.pmodel(**batch).loss
+                self.tracker.reset()
+                if loss.ndim != 0:
+                    raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
+                acc.backward(loss / plan.accum)
+            loss_sum += loss.detach().float() / plan.accum
+        if plan.world > 1:
+            loss_sum = acc.reduce(loss_sum, reduction="mean")
+        return float(loss_sum)
+
+    def _non_finite(self, what: str, value: float, ckpt_hint: str) -> NonFiniteLossError:
+        step, total = self.state.step + 1, self.plan.total
+        return NonFiniteLossError(
+            f"non-finite {what} ({value}) at step {step}/{total}; stopped before the update. "
+            f"Last good checkpoint: {self.state.last_ckpt or ckpt_hint}", step, self.state.last_ckpt)
+
+    def _update(self, loss_val: float) -> tuple[float, float]:
+        """Clip and apply the accumulated gradient; returns (gradient norm, lr of this step).
+        Without clipping the norm is still computed (max_norm=inf scales by 1): a finite loss
+        can have a NaN gradient, which must not reach the weights or a checkpoint."""
+        if not _finite(loss_val):
+            raise self._non_finite("training loss", loss_val, "none written (set output_dir and checkpoint_every)")
+        acc = self.accelerator
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else math.inf
+        grad_norm = float(acc.clip_grad_norm_([p for _, p in self.named_trainable], max_norm))
+        if not _finite(grad_norm) and acc.scaler is None:
+            raise self._non_finite("gradient norm", grad_norm, "none written")
+        lr_now = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, lr_now
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns its history record."""
+        st, plan = self.state, self.plan
+        loss_val = self._accumulate(self._global_batch(st.step))
+        grad_norm, lr_now = self._update(loss_val)
+        st.step += 1
+        return {"step": st.step, "epoch": st.step * plan.global_batch / plan.n,
+                "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        """``eval_fn`` on the main process (eval mode, no grad, autocast), shared with all."""
+        from accelerate.utils import broadcast_object_list
+
+        metrics: list[Any] = [None]
+        if self.plan.is_main:
+            self.raw.eval()
+            with torch.no_grad(), self.accelerator.autocast():
+                metrics[0] = {k: float(v) for k, v in self.eval_fn(self.raw).items()}  # type: ignore[misc]
+            self.raw.train()
+        if self.plan.world > 1:
+            broadcast_object_list(metrics, from_process=0)
+        return metrics[0]
+
+    def _eval_due(self) -> bool:
+        step, every = self.state.step, self.args.eval_every
+        return self.eval_fn is not None and (step == self.plan.total or (every is not None and step % every == 0))
+
+    def _checkpoint_due(self) -> bool:
+        step, every = self.state.step, self.args.checkpoint_every
+        return self.ckpt_root is not None and (
+            (every is not None and step % every == 0) or step == self.plan.total or self.state.stopped_early)
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def _state_json(self) -> dict[str, Any]:
+        args, plan, st = self.args, self.plan, self.state
+        saved = st.to_json()
+        return {
+            "step": st.step, "total_steps": plan.total, "world_size": plan.world,
+            "global_batch_size": plan.global_batch, "seed": args.seed,
+            "data_order": {"kind": "philox_epoch_permutations", "seed": args.seed,
+                           "consumed": st.step * plan.global_batch, "dataset_size": plan.n},
+            "trainable_names": [k for k, _ in self.named_trainable],
+            "history": saved["history"], "best": saved["best"], "best_step": saved["best_step"],
+            "bad_evals": saved["bad_evals"], "plateau_ref": saved["plateau_ref"], "last_eval": saved["last_eval"],
+            "stopped_early": saved["stopped_early"], "args": asdict(args), "mixed_precision": self.mp,
+        }
+
+    def _write_main_files(self, tmp: str, opt_state: dict) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {k: p.detach().to("cpu").contiguous() for k, p in self.raw.named_parameters() if p.requires_grad}
+        save_file(tensors, os.path.join(tmp, _WEIGHTS_FILE))
+        torch.save(opt_state, os.path.join(tmp, _OPTIM_FILE))
+        torch.save(self.scheduler.state_dict(), os.path.join(tmp, _SCHED_FILE))
+        if self.accelerator.scaler is not None:
+            torch.save(self.accelerator.scaler.state_dict(), os.path.join(tmp, _SCALER_FILE))
+        _maybe_save_adapter(self.raw, os.path.join(tmp, "adapter"))
+        if self.state.best_weights.tensors:
+            save_file(self.state.best_weights.tensors, os.path.join(tmp, _BEST_FILE))
+        with open(os.path.join(tmp, _STATE_FILE), "w") as fh:
+            json.dump(self._state_json(), fh, indent=1)
+
+    def save_checkpoint(self) -> str:
+        """Write ``output_dir/checkpoint`` through ``.checkpoint.tmp`` and two renames (the
+        previous one is kept as ``.checkpoint.old`` in between); returns its path."""
+        root, acc, is_main = self.ckpt_root, self.accelerator, self.plan.is_main
+        final = os.path.join(root, CHECKPOINT_NAME)  # type: ignore[arg-type]
+        tmp = os.path.join(root, "." + CHECKPOINT_NAME + ".tmp")  # type: ignore[arg-type]
+        old = os.path.join(root, "." + CHECKPOINT_NAME + ".old")  # type: ignore[arg-type]
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        acc.wait_for_everyone()
+        torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{self.plan.rank}.pt"))
+        opt_state = self.optimizer.state_dict()
+        if is_main:
+            self._write_main_files(tmp, opt_state)
+        acc.wait_for_everyone()
+        if is_main:
+            if os.path.isdir(final):
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def _check_resumable(self, found: str, st: dict[str, Any]) -> None:
+        names = [k for k, _ in self.named_trainable]
+        if st["trainable_names"] != names:
+            raise ValueError(
+                f"checkpoint {found} holds trainable parameters {st['trainable_names'][:3]}... "
+                f"({len(st['trainable_names'])}) that do not match the model's ({len(names)}); "
+                "resume needs the same model, adapter config and modules_to_save"
+            )
+        plan = self.plan
+        if st["world_size"] != plan.world or st["global_batch_size"] != plan.global_batch \
+                or st["total_steps"] != plan.total:
+            raise ValueError(
+                f"checkpoint {found} was written with world_size={st['world_size']}, "
+                f"global batch {st['global_batch_size']}, {st['total_steps']} steps; this run has "
+                f"world_size={plan.world}, global batch {plan.global_batch}, {plan.total} steps: "
+                "they must match to resume"
+            )
+
+    def restore(self, found: str) -> None:
+        """Load the checkpoint folder ``found``: every file is read (and refused) before any
+        state is set, so a refused file changes nothing."""
+        from safetensors.torch import load_file
+
+        with open(os.path.join(found, _STATE_FILE)) as fh:
+            st = json.load(fh)
+        self._check_resumable(found, st)
+        acc = self.accelerator
+        opt_state = _load_state(os.path.join(found, _OPTIM_FILE))
+        sched_state = _load_state(os.path.join(found, _SCHED_FILE))
+        rng_state = _load_state(os.path.join(found, f"rng_state_{self.plan.rank}.pt"))
+        scaler_path = os.path.join(found, _SCALER_FILE)
+        scaler_state = (_load_state(scaler_path) if acc.scaler is not None and os.path.isfile(scaler_path)
+                        else None)
+        weights = load_file(os.path.join(found, _WEIGHTS_FILE))
+        _copy_into(self.raw, weights)
+        self.optimizer.load_state_dict(opt_state)
+        self.scheduler.load_state_dict(sched_state)
+        if scaler_state is not None:
+            acc.scaler.load_state_dict(scaler_state)
+        _set_rng_state(rng_state)
+        self.state.load_json(st)
+        if os.path.isfile(os.path.join(found, _BEST_FILE)):
+            self.state.best_weights.tensors = load_file(os.path.join(found, _BEST_FILE))
+            self.state.best_weights.step = st["best_step"]
+        self.state.last_ckpt = found
+
+    def maybe_resume(self) -> None:
+        if not self.args.resume:
+            return
+        found = _find_checkpoint(self.ckpt_root)  # type: ignore[arg-type]
+        if found is None and self.plan.is_main:  # the first start of a job that always passes resume=True
+            # stacklevel: maybe_resume <- _Run.run <- fit <- _keeps_caller_rng <- the caller
+            warnings.warn(f"resume=True but {self.ckpt_root!r} holds no complete checkpoint "
+                          f"({CHECKPOINT_NAME}/{_STATE_FILE}): starting from step 0", UserWarning, stacklevel=5)
+        if found is not None:
+            self.restore(found)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self, progress: _Progress) -> None:
+        st = self.state
+        while st.step < self.plan.total and not st.stopped_early:
+            rec = self.train_step()
+            if self._eval_due():
+                st.last_eval = self.evaluate()
+                rec.update(st.last_eval)
+                if self.track_best:
+                    st.observe_eval(st.last_eval, self.args, self.named_trainable)
+            st.history.append(rec)
+            progress.log(rec, st.last_eval)
+            if self._checkpoint_due():
+                st.last_ckpt = self.save_checkpoint()
+
+    def _finish(self) -> bool:
+        """A run that stops early (or resumes a finished checkpoint) ends with its last eval;
+        a run without eval_every still gets one final evaluation. Returns whether the best
+        weights were put back (``restore_best``)."""
+        st = self.state
+        if self.eval_fn is not None and not st.last_eval:
+            st.last_eval = self.evaluate()
+            if st.history:
+                st.history[-1].update(st.last_eval)
+        best_step = st.best_weights.step
+        restored = self.args.restore_best and best_step is not None and best_step != st.step
+        if restored:
+            st.best_weights.restore(self.raw)
+            # The final metrics are those of the restored weights: the best evaluation's.
+            st.last_eval = next((dict((k, h[k]) for k in st.last_eval) for h in st.history if h["step"] == best_step),
+                                st.last_eval)
+        return restored
+
+    def _release(self) -> None:
+        """Undo what prepare() did to the caller's model (autocast wrapper, device)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        model = acc.unwrap_model(self.pmodel, keep_fp32_wrapper=False)
+        model.to(self.orig_device)
+        model.train(self.was_training)
+        acc.free_memory()
+
+    def run(self) -> FitResult:
+        self.maybe_resume()
+        kind = _peak_memory_start(self.device)
+        t0 = time.perf_counter()
+        progress = _Progress(self.args, self.plan.total, self.state.step, self.plan.is_main)
+        self.pmodel.train()
+        self.tracker = _SavedTensorBytes({t.untyped_storage().data_ptr() for t in
+                                          list(self.raw.parameters()) + list(self.raw.buffers())})
+        try:
+            self._loop(progress)
+            restored = self._finish()
+        finally:
+            progress.close()
+            wall = time.perf_counter() - t0
+            peak = _peak_memory_end(self.device, kind)
+            self._release()
+        return self._result(wall, peak, kind, restored)
+
+    def _result(self, wall: float, peak: int, kind: str, restored: bool) -> FitResult:
+        st, plan = self.state, self.plan
+        final = dict(st.last_eval)
+        tail = [h["loss"] for h in st.history[-max(1, min(10, len(st.history))):]] if st.history else []
+        if tail:
+            final["train_loss"] = float(np.mean(tail))
+        return FitResult(
+            history=st.history, final_metrics=final, steps=st.step, wall_time_s=wall,
+            peak_memory_bytes=peak, trainable_params=self.trainable_params, peak_memory_kind=kind,
+            total_steps=plan.total, stopped_early=st.stopped_early, best_metric=st.best,
+            best_step=st.best_weights.step if self.args.restore_best else None, restored_best=restored,
+            resumed_from_step=st.resumed_from, checkpoint_dir=st.last_ckpt, world_size=plan.world,
+            global_batch_size=plan.global_batch, saved_activation_bytes=self.tracker.peak,
+        )
+
+
+def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` (by parameter name) into ``model``'s parameters, in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, t in tensors.items():
+            params[k].copy_(t.to(params[k].device, params[k].dtype))
+
+
 # ----------------------------------------------------------------------------- fit
 
 
@@ -510,300 +967,12 @@ def fit(
     The model is trained in place; on return it is back on its original device. The global
     RNG states are seeded from ``args.seed`` during the run and restored on return.
     """
-    from safetensors.torch import load_file, save_file
-    from accelerate.utils import broadcast_object_list, send_to_device
-
     if not isinstance(args, TrainArgs):
         raise ValueError(f"args must be a TrainArgs, got {type(args).__name__}")
     args.validate()
-    n = len(train_dataset)
-    if n == 0:
+    if len(train_dataset) == 0:
         raise ValueError("train_dataset is empty: need at least one example")
-    named_trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-    if not named_trainable:
-        raise ValueError("model has no trainable parameters (requires_grad=True): nothing to train")
-    trainable_params = sum(p.numel() for _, p in named_trainable)
-
-    accelerator, mp = _make_accelerator(args.mixed_precision)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    is_main = accelerator.is_main_process
-    b, ga = args.batch_size, args.grad_accum
-    global_batch = b * ga * world
-    total = args.max_steps if args.max_steps is not None else max(1, math.ceil(args.epochs * n / global_batch))
-    warmup = args.warmup_steps if args.warmup_steps is not None else int(math.ceil(args.warmup_ratio * total))
-    warmup = min(warmup, total)
-    device = accelerator.device
-    orig_device = next(model.parameters()).device
-
-    # Seed everything first so that a fresh run and a resumed one start from the same place.
-    random.seed(args.seed)
-    np.random.seed(args.seed % (2**32))
-    torch.manual_seed(args.seed)
-
-    # AdamW; no weight decay on biases and normalisation weights (1-d tensors).
-    decay = [p for _, p in named_trainable if p.ndim >= 2]
-    no_decay = [p for _, p in named_trainable if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-    schedule = linear_warmup_decay(total, warmup) if args.lr_schedule == "linear" else constant_after_warmup(warmup)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    grouped = None
-    if args.group_by_length:
-        if not callable(getattr(train_dataset, "lengths", None)):
-            raise ValueError("group_by_length=True needs a dataset with a lengths() method")
-        grouped = _GroupedStream(train_dataset.lengths(), args.seed, global_batch)
-
-    was_training = model.training
-    pmodel, poptimizer = accelerator.prepare(model, optimizer)
-    raw = accelerator.unwrap_model(pmodel)
-
-    step = 0
-    history: list[dict[str, float]] = []
-    best: float | None = None
-    best_weights = _BestWeights()
-    track_best = args.restore_best or args.early_stopping_patience is not None
-    bad_evals = 0
-    stopped_early = False
-    last_eval: dict[str, float] = {}
-    last_ckpt: str | None = None
-    resumed_from = 0
-
-    ckpt_root = args.output_dir
-    if ckpt_root is not None and is_main:
-        os.makedirs(ckpt_root, exist_ok=True)
-
-    # ------------------------------------------------------------------ resume
-    if args.resume:
-        found = _find_checkpoint(ckpt_root)  # type: ignore[arg-type]
-        if found is None and is_main:  # the first start of a job that always passes resume=True
-            warnings.warn(f"resume=True but {ckpt_root!r} holds no complete checkpoint "
-                          f"({CHECKPOINT_NAME}/{_STATE_FILE}): starting from step 0", UserWarning, stacklevel=3)
-        if found is not None:
-            with open(os.path.join(found, _STATE_FILE)) as fh:
-                st = json.load(fh)
-            names = [k for k, _ in named_trainable]
-            if st["trainable_names"] != names:
-                raise ValueError(
-                    f"checkpoint {found} holds trainable parameters {st['trainable_names'][:3]}... "
-                    f"({len(st['trainable_names'])}) that do not match the model's ({len(names)}); "
-                    "resume needs the same model, adapter config and modules_to_save"
-                )
-            if st["world_size"] != world or st["global_batch_size"] != global_batch or st["total_steps"] != total:
-                raise ValueError(
-                    f"checkpoint {found} was written with world_size={st['world_size']}, "
-                    f"global batch {st['global_batch_size']}, {st['total_steps']} steps; this run has "
-                    f"world_size={world}, global batch {global_batch}, {total} steps: they must match to resume"
-                )
-            # every .pt file is read before any state is set: a refused file changes nothing
-            opt_state = _load_state(os.path.join(found, _OPTIM_FILE))
-            sched_state = _load_state(os.path.join(found, _SCHED_FILE))
-            rng_state = _load_state(os.path.join(found, f"rng_state_{rank}.pt"))
-            scaler_path = os.path.join(found, _SCALER_FILE)
-            scaler_state = (_load_state(scaler_path) if accelerator.scaler is not None and os.path.isfile(scaler_path)
-                            else None)
-            weights = load_file(os.path.join(found, _WEIGHTS_FILE))
-            params = dict(raw.named_parameters())
-            with torch.no_grad():
-                for k, t in weights.items():
-                    params[k].copy_(t.to(params[k].device, params[k].dtype))
-            poptimizer.load_state_dict(opt_state)
-            scheduler.load_state_dict(sched_state)
-            if scaler_state is not None:
-                accelerator.scaler.load_state_dict(scaler_state)
-            _set_rng_state(rng_state)
-            step = resumed_from = int(st["step"])
-            history = st["history"]
-            best, bad_evals = st["best"], int(st["bad_evals"])
-            if os.path.isfile(os.path.join(found, _BEST_FILE)):
-                best_weights.tensors, best_weights.step = load_file(os.path.join(found, _BEST_FILE)), st["best_step"]
-            last_eval = st.get("last_eval", {})
-            stopped_early = bool(st.get("stopped_early", False))
-            last_ckpt = found
-
-    def save_checkpoint() -> str:
-        final = os.path.join(ckpt_root, CHECKPOINT_NAME)  # type: ignore[arg-type]
-        tmp = os.path.join(ckpt_root, "." + CHECKPOINT_NAME + ".tmp")  # type: ignore[arg-type]
-        old = os.path.join(ckpt_root, "." + CHECKPOINT_NAME + ".old")  # type: ignore[arg-type]
-        if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        accelerator.wait_for_everyone()
-        torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{rank}.pt"))
-        opt_state = poptimizer.state_dict()
-        if is_main:
-            tensors = {k: p.detach().to("cpu").contiguous() for k, p in raw.named_parameters() if p.requires_grad}
-            save_file(tensors, os.path.join(tmp, _WEIGHTS_FILE))
-            torch.save(opt_state, os.path.join(tmp, _OPTIM_FILE))
-            torch.save(scheduler.state_dict(), os.path.join(tmp, _SCHED_FILE))
-            if accelerator.scaler is not None:
-                torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, _SCALER_FILE))
-            _maybe_save_adapter(raw, os.path.join(tmp, "adapter"))
-            if best_weights.tensors:
-                save_file(best_weights.tensors, os.path.join(tmp, _BEST_FILE))
-            state = {
-                "step": step, "total_steps": total, "world_size": world,
-                "global_batch_size": global_batch, "seed": args.seed,
-                "data_order": {"kind": "philox_epoch_permutations", "seed": args.seed,
-                               "consumed": step * global_batch, "dataset_size": n},
-                "trainable_names": [k for k, _ in named_trainable],
-                "history": history, "best": best, "best_step": best_weights.step, "bad_evals": bad_evals,
-                "last_eval": last_eval, "stopped_early": stopped_early,
-                "args": asdict(args), "mixed_precision": mp,
-            }
-            with open(os.path.join(tmp, _STATE_FILE), "w") as fh:
-                json.dump(state, fh, indent=1)
-        accelerator.wait_for_everyone()
-        if is_main:
-            if os.path.isdir(final):
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        return final
-
-    def run_eval() -> dict[str, float]:
-        metrics: list[Any] = [None]
-        if is_main:
-            raw.eval()
-            with torch.no_grad(), accelerator.autocast():
-                metrics[0] = {k: float(v) for k, v in eval_fn(raw).items()}  # type: ignore[misc]
-            raw.train()
-        if world > 1:
-            broadcast_object_list(metrics, from_process=0)
-        return metrics[0]
-
-    def step_metric(metrics: dict[str, float]) -> float:
-        key = args.early_stopping_metric or next(iter(metrics))
-        if key not in metrics:
-            raise ValueError(
-                f"early_stopping_metric={key!r} is not among the eval metrics {sorted(metrics)}"
-            )
-        return metrics[key]
-
-    # ------------------------------------------------------------------ loop
-    kind = _peak_memory_start(device)
-    t0 = time.perf_counter()
-    pbar = None
-    if args.progress and is_main:
-        from tqdm.auto import tqdm
-
-        pbar = tqdm(total=total, initial=step, desc=args.desc, leave=False, dynamic_ncols=True)
-    pmodel.train()
-    tracker = _SavedTensorBytes({t.untyped_storage().data_ptr() for t in
-                                 list(raw.parameters()) + list(raw.buffers())})
-    try:
-        while step < total and not stopped_early:
-            gidx = grouped(step) if grouped is not None else _stream_indices(n, args.seed, step * global_batch,
-                                                                               global_batch)
-            loss_sum = torch.zeros((), device=device)
-            for m in range(ga):
-                lo = (m * world + rank) * b
-                batch = collate_fn([train_dataset[int(i)] for i in gidx[lo : lo + b]])
-                batch = send_to_device(batch, device)
-                sync = m == ga - 1
-                ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(pmodel)
-                with ctx:
-                    with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
-                        loss = loss_fn(pmodel, batch) if loss_fn is not None else pmodel(**batch).loss
-                    tracker.reset()
-                    if loss.ndim != 0:
-                        raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
-                    accelerator.backward(loss / ga)
-                loss_sum += loss.detach().float() / ga
-            if world > 1:
-                loss_sum = accelerator.reduce(loss_sum, reduction="mean")
-            loss_val = float(loss_sum)
-            if not _finite(loss_val):
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({loss_val}) at step {step + 1}/{total}; stopped before the "
-                    f"update. Last good checkpoint: {last_ckpt or 'none written (set output_dir and checkpoint_every)'}",
-                    step + 1, last_ckpt,
-                )
-            # Without clipping the norm is still computed (max_norm=inf scales by 1): a finite
-            # loss can have a NaN gradient, which must not reach the weights or a checkpoint.
-            max_norm = args.max_grad_norm if args.max_grad_norm is not None else math.inf
-            grad_norm = float(accelerator.clip_grad_norm_([p for _, p in named_trainable], max_norm))
-            if not _finite(grad_norm) and accelerator.scaler is None:
-                raise NonFiniteLossError(
-                    f"non-finite gradient norm ({grad_norm}) at step {step + 1}/{total}; stopped before "
-                    f"the update. Last good checkpoint: {last_ckpt or 'none written'}",
-                    step + 1, last_ckpt,
-                )
-            lr_now = scheduler.get_last_lr()[0]
-            poptimizer.step()
-            scheduler.step()
-            poptimizer.zero_grad(set_to_none=True)
-            step += 1
-            rec: dict[str, float] = {"step": step, "epoch": step * global_batch / n,
-                                     "loss": loss_val, "lr": lr_now, "grad_norm": grad_norm}
-            do_eval = eval_fn is not None and (
-                step == total or (args.eval_every is not None and step % args.eval_every == 0)
-            )
-            if do_eval:
-                last_eval = run_eval()
-                rec.update(last_eval)
-                if track_best:
-                    val = step_metric(last_eval)
-                    improved = best is None or (val > best if args.greater_is_better else val < best)
-                    if improved:
-                        best, bad_evals = val, 0
-                        if args.restore_best:
-                            best_weights.capture(named_trainable, step)
-                    elif step >= args.early_stopping_min_steps:
-                        bad_evals += 1
-                        if args.early_stopping_patience is not None and bad_evals >= args.early_stopping_patience:
-                            stopped_early = True
-            history.append(rec)
-            if pbar is not None:
-                post = {"loss": f"{loss_val:.4f}", "lr": f"{lr_now:.2e}"}
-                if last_eval:
-                    k0 = next(iter(last_eval))
-                    post[k0] = f"{last_eval[k0]:.4f}"
-                pbar.set_postfix(post, refresh=False)
-                pbar.update(1)
-            if ckpt_root is not None and (
-                (args.checkpoint_every is not None and step % args.checkpoint_every == 0)
-                or step == total or stopped_early
-            ):
-                last_ckpt = save_checkpoint()
-        # A run that stops early (or resumes a finished checkpoint) ends with its last eval;
-        # a run without eval_every still gets one final evaluation.
-        if eval_fn is not None and not last_eval:
-            last_eval = run_eval()
-            if history:
-                history[-1].update(last_eval)
-        restored = args.restore_best and best_weights.step is not None and best_weights.step != step
-        if restored:
-            best_weights.restore(raw)
-            # The final metrics are those of the restored weights: the best evaluation's.
-            last_eval = next((dict((k, h[k]) for k in last_eval) for h in history if h["step"] == best_weights.step),
-                             last_eval)
-    finally:
-        if pbar is not None:
-            pbar.close()
-        wall = time.perf_counter() - t0
-        peak = _peak_memory_end(device, kind)
-        accelerator.wait_for_everyone()
-        # Undo what prepare() did to the caller's model (autocast wrapper, device).
-        model = accelerator.unwrap_model(pmodel, keep_fp32_wrapper=False)
-        model.to(orig_device)
-        model.train(was_training)
-        accelerator.free_memory()
-
-    final = dict(last_eval)
-    tail = [h["loss"] for h in history[-max(1, min(10, len(history))):]] if history else []
-    if tail:
-        final["train_loss"] = float(np.mean(tail))
-    return FitResult(
-        history=history, final_metrics=final, steps=step, wall_time_s=wall,
-        peak_memory_bytes=peak, trainable_params=trainable_params, peak_memory_kind=kind,
-        total_steps=total, stopped_early=stopped_early, best_metric=best,
-        best_step=best_weights.step if args.restore_best else None, restored_best=restored,
-        resumed_from_step=resumed_from, checkpoint_dir=last_ckpt, world_size=world,
-        global_batch_size=global_batch, saved_activation_bytes=tracker.peak,
-    )
+    return _Run(model, train_dataset, collate_fn, args, eval_fn, loss_fn).run()
 
 
 def _maybe_save_adapter(model: nn.Module, path: str) -> None:

@@ -36,36 +36,60 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("compare", help="compare lora / b-only / a-only / head-only on a real task",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_data(p)
-    add_list(p, "--strategies", kind=str_list, default=None,
-             help=f"commas or spaces (default: {','.join(DEFAULT_STRATEGIES)})")
-    add_list(p, "--ranks", "-r", default=None, help=f"adapter rank(s) r (default: {DEFAULT.r})")
+    add_protocol_options(p, _compare_defaults(DEFAULT), lr_note="validation accuracy",
+                         targets_note="the architecture's, query,value for BERT")
+    add_output_dir(p, "asymlora-compare", "output folder (default: ./asymlora-compare)")
+    p.add_argument("--quick", action="store_true", help="about-a-minute smoke run of the same protocol on small subsets")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(func=run)
+
+
+def _compare_defaults(b) -> dict:
+    return dict(strategies=list(DEFAULT_STRATEGIES), ranks=[b.r], seeds=list(b.seeds), lrs=list(b.lrs),
+                max_lr_extensions=b.max_lr_extensions, max_steps=b.max_steps, eval_every=b.eval_every,
+                patience=b.patience, min_steps=b.min_steps, warmup_steps=b.warmup_steps, batch_size=b.batch_size,
+                max_length=b.max_length, max_train=b.max_train, max_val=b.max_val, max_test=b.max_test)
+
+
+def _show_default(v) -> str:
+    if v is None:
+        return "all"
+    if isinstance(v, list):
+        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+    return str(v)
+
+
+def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targets_note: str) -> None:
+    """The flags of the fair protocol, shared by ``compare`` and ``sft`` (``d``: the defaults
+    shown in the help; ``protocol_settings`` fills in the ones not given)."""
+    show = _show_default
+    add_list(p, "--strategies", kind=str_list, default=None, help=f"commas or spaces (default: {show(d['strategies'])})")
+    add_list(p, "--ranks", "-r", default=None, help=f"adapter rank(s) r (default: {show(d['ranks'])})")
     add_list(p, "--seeds", default=None,
              help="seeds, commas or spaces, paired across strategies; the first one picks the learning rates "
-                  "(default: 0,1,2)")
+                  f"(default: {show(d['seeds'])})")
     add_list(p, "--lrs", kind=float_list, default=None,
-             help=f"learning-rate grid, one picked per strategy on validation "
-                  f"(default: {','.join(f'{x:g}' for x in DEFAULT.lrs)})")
+             help=f"learning-rate grid, one picked per strategy on {lr_note} (default: {show(d['lrs'])})")
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every strategy (no selection)")
     p.add_argument("--max-lr-extensions", type=int, default=None,
                    help="when the best rate is at an edge of the grid, try up to N further rates beyond it "
-                        "(default: 0 = only report it)")
+                        f"(default: {d['max_lr_extensions']} = only report it)")
     p.add_argument("--max-steps", "--steps", type=int, default=None, dest="max_steps",
-                   help=f"step cap of a run; runs normally stop earlier, on a plateau (default: {DEFAULT.max_steps})")
-    p.add_argument("--eval-every", type=int, default=None, help=f"validate every N steps (default: {DEFAULT.eval_every})")
+                   help=f"step cap of a run; runs normally stop earlier, on a plateau (default: {d['max_steps']})")
+    p.add_argument("--eval-every", type=int, default=None, help=f"validate every N steps (default: {d['eval_every']})")
     p.add_argument("--patience", type=int, default=None,
-                   help=f"stop after N evaluations without a new best (default: {DEFAULT.patience})")
+                   help=f"stop after N evaluations without a new best (default: {d['patience']})")
     p.add_argument("--min-steps", type=int, default=None,
-                   help=f"evaluations before this step do not use up patience (default: {DEFAULT.min_steps})")
-    p.add_argument("--warmup-steps", type=int, default=None, help=f"linear warm-up steps (default: {DEFAULT.warmup_steps})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {DEFAULT.batch_size})")
-    p.add_argument("--max-length", type=int, default=None, help=f"max tokens per text (default: {DEFAULT.max_length})")
-    p.add_argument("--max-train", type=int, default=None, help="cap on training examples (default: all)")
-    p.add_argument("--max-val", type=int, default=None, help=f"cap on validation examples (default: {DEFAULT.max_val})")
-    p.add_argument("--max-test", type=int, default=None, help="cap on test examples (default: all)")
+                   help=f"evaluations before this step do not use up patience (default: {d['min_steps']})")
+    p.add_argument("--warmup-steps", type=int, default=None, help=f"linear warm-up steps (default: {d['warmup_steps']})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {d['batch_size']})")
+    p.add_argument("--max-length", type=int, default=None, help=f"max tokens per text (default: {d['max_length']})")
+    p.add_argument("--max-train", type=int, default=None, help=f"cap on training examples (default: {show(d['max_train'])})")
+    p.add_argument("--max-val", type=int, default=None, help=f"cap on validation examples (default: {show(d['max_val'])})")
+    p.add_argument("--max-test", type=int, default=None, help=f"cap on test examples (default: {show(d['max_test'])})")
     p.add_argument("--margin", type=float, default=None,
                    help="equivalence margin of the verdicts, in accuracy points (default: 1)")
-    add_list(p, "--target-modules", kind=str_list, default=None,
-                   help="adapted module names (default: the architecture's, query,value for BERT)")
+    add_list(p, "--target-modules", kind=str_list, default=None, help=f"adapted module names (default: {targets_note})")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of this process (default: a short probe picks all CPUs or 1)")
     p.add_argument("--workers", type=int, default=None,
@@ -73,32 +97,30 @@ def register(subparsers) -> None:
                         "core, at most 2; 1 on a GPU)")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                    help="auto = bf16 (or fp16) on a GPU and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
-    add_output_dir(p, "asymlora-compare", "output folder (default: ./asymlora-compare)")
-    p.add_argument("--quick", action="store_true", help="about-a-minute smoke run of the same protocol on small subsets")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.set_defaults(func=run)
+
+
+_PROTOCOL_KEYS = ("strategies", "ranks", "seeds", "lrs", "max_lr_extensions", "max_steps", "eval_every", "patience",
+                  "min_steps", "warmup_steps", "batch_size", "max_length", "max_train", "max_val", "max_test")
+
+
+def protocol_settings(args: argparse.Namespace, d: dict) -> dict:
+    """The protocol fields of a config: each flag given, else its default from ``d``."""
+    out = {k: d[k] if getattr(args, k) is None else getattr(args, k) for k in _PROTOCOL_KEYS}
+    out.update(lr=args.lr, margin=(1.0 if args.margin is None else args.margin) / 100, threads=args.threads,
+               workers=args.workers, mixed_precision=args.mixed_precision, progress=not args.no_progress)
+    if args.target_modules is not None:
+        out["target_modules"] = args.target_modules
+    return out
 
 
 def config_from_args(args: argparse.Namespace):
     from asymlora.compare import CompareConfig
 
-    b = QUICK if args.quick else DEFAULT
-    pick = lambda v, d: d if v is None else v  # noqa: E731
     return CompareConfig(
         model=args.model, data=args.data, text_column=args.text_column, label_column=args.label_column,
-        strategies=pick(args.strategies, list(DEFAULT_STRATEGIES)), ranks=pick(args.ranks, [b.r]),
-        seeds=pick(args.seeds, list(b.seeds)), lrs=pick(args.lrs, list(b.lrs)), lr=args.lr,
-        max_lr_extensions=pick(args.max_lr_extensions, b.max_lr_extensions),
-        max_steps=pick(args.max_steps, b.max_steps), eval_every=pick(args.eval_every, b.eval_every),
-        patience=pick(args.patience, b.patience), min_steps=pick(args.min_steps, b.min_steps),
-        warmup_steps=pick(args.warmup_steps, b.warmup_steps),
-        batch_size=pick(args.batch_size, b.batch_size), max_length=pick(args.max_length, b.max_length),
-        max_train=pick(args.max_train, b.max_train), max_val=pick(args.max_val, b.max_val),
-        max_test=pick(args.max_test, b.max_test), margin=pick(args.margin, 1.0) / 100,
-        output_dir=args.output_dir, threads=args.threads, workers=args.workers, mixed_precision=args.mixed_precision,
-        target_modules=args.target_modules, quick=args.quick, progress=not args.no_progress,
-        plots=not args.no_plots,
+        **protocol_settings(args, _compare_defaults(QUICK if args.quick else DEFAULT)),
+        output_dir=args.output_dir, quick=args.quick, plots=not args.no_plots,
     )
 
 

@@ -13,9 +13,9 @@ import os
 import time
 from typing import Any
 
+from asymlora.bundled import SMOLLM2_ALIAS as BUNDLED
 from asymlora.errors import UserError
 
-BUNDLED = "smollm2"
 DEFAULT_OUT = "asymlora-eval"
 DEFAULT_TASKS = ["arc_easy", "arc_challenge", "sciq", "piqa"]
 DESCRIPTION = """\
@@ -87,14 +87,6 @@ def validate(args: argparse.Namespace) -> None:
     p.check(not args.base or bool(args.adapter), "--base only applies with --adapter")
     p.output_folder("--output-dir", args.output_dir)
     p.raise_if_any()
-
-
-def model_dir(name: str) -> str:
-    if name != BUNDLED:
-        return name
-    from asymlora.bundled import smollm2_dir
-
-    return os.fspath(smollm2_dir())
 
 
 def check_adapters_fit(path: str, adapters: list[str]) -> None:
@@ -199,7 +191,9 @@ def run(args: argparse.Namespace) -> int:
     from asymlora.lmeval.data import datasets_root
 
     datasets_root()  # the benchmark data is installed (else a one-line error naming the install step)
-    path = model_dir(args.model)
+    from asymlora.bundled import resolve_model
+
+    path = resolve_model(args.model)  # the bundled SmolLM2 is converted from its GGUF once, then cached
     check_adapters_fit(path, args.adapter)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

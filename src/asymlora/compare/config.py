@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from typing import ClassVar
 from dataclasses import dataclass, field
 
 from asymlora.errors import UserError
@@ -112,6 +113,10 @@ class CompareConfig:
     progress: bool = True
     plots: bool = True
 
+    # how the protocol ranks the pilot runs of the lr grid (asymlora.compare.protocol._Schedule)
+    selection_metric: ClassVar[str] = "val_accuracy"
+    selection_higher_is_better: ClassVar[bool] = True
+
     @property
     def targets(self) -> list[str] | str | None:
         """``target_modules`` as the adapter core takes it (``target_spec``)."""
@@ -170,14 +175,19 @@ class CompareConfig:
             out.append(f"--margin {self.margin!r}: must be in [0, 1) (a fraction: 0.01 = 1 point)")
         if self.weight_decay < 0:
             out.append(f"--weight-decay {self.weight_decay!r}: must be >= 0")
-        if self.model is not None and not os.path.isfile(os.path.join(self.model, "config.json")):
-            out.append(f"--model {self.model!r} is not a folder with a transformers model (config.json)")
-        if self.data not in ("fortunes", "tweets") and not os.path.exists(self.data):
-            out.append(f"--data {self.data!r} is neither a named dataset (fortunes, tweets) nor an existing path")
         if self.mixed_precision == "fp16" and not _cuda_available():
             out.append("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16, no or auto")
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             out.append(f"--output-dir {self.output_dir!r} exists and is not a folder")
+        return out + self.task_problems()
+
+    def task_problems(self) -> list[str]:
+        """The model and data settings (the protocol's are checked by ``problems``)."""
+        out: list[str] = []
+        if self.model is not None and not os.path.isfile(os.path.join(self.model, "config.json")):
+            out.append(f"--model {self.model!r} is not a folder with a transformers model (config.json)")
+        if self.data not in ("fortunes", "tweets") and not os.path.exists(self.data):
+            out.append(f"--data {self.data!r} is neither a named dataset (fortunes, tweets) nor an existing path")
         return out
 
     def validate(self) -> None:

@@ -60,7 +60,7 @@ class Phases:
         self.seconds = {k: 0.0 for k in self.NAMES}
 
     def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] += seconds
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds  # other protocols add their own phases
 
     def to_dict(self) -> dict[str, float]:
         return {k: round(v, 2) for k, v in self.seconds.items()}
@@ -69,12 +69,15 @@ class Phases:
 # ----------------------------------------------------------------------------- the protocol
 
 
-def select_lr(pilots: dict[float, dict[str, Any]]) -> float:
-    """The rate whose pilot run reached the best validation accuracy; ties go to the smaller
-    rate (the more conservative choice)."""
+def select_lr(pilots: dict[float, dict[str, Any]], metric: str = "val_accuracy",
+              higher_is_better: bool = True) -> float:
+    """The rate whose pilot run reached the best validation ``metric`` (by default the highest
+    accuracy; ``asymlora sft`` picks the lowest loss); ties go to the smaller rate (the more
+    conservative choice)."""
     if not pilots:
         raise ValueError("no pilot runs to choose a learning rate from")
-    return min(pilots, key=lambda lr: (-pilots[lr]["val_accuracy"], lr))
+    sign = -1.0 if higher_is_better else 1.0
+    return min(pilots, key=lambda lr: (sign * pilots[lr][metric], lr))
 
 
 def _report_run(tag: str, rec: dict[str, Any], pilot: bool) -> None:
@@ -87,8 +90,12 @@ def _report_run(tag: str, rec: dict[str, Any], pilot: bool) -> None:
 class _Schedule:
     """Pilots of every strategy first; a strategy's other seeds as soon as its pilots are in."""
 
-    def __init__(self, specs: list[StrategySpec], cfg: CompareConfig, phases: Phases) -> None:
-        self.cfg, self.phases = cfg, phases
+    def __init__(self, specs: list[StrategySpec], cfg: CompareConfig, phases: Phases,
+                 report_run: Callable[[str, dict[str, Any], bool], None] = _report_run) -> None:
+        self.cfg, self.phases, self.report_run = cfg, phases, report_run
+        # what the pilots are ranked by (class attributes of the config: compare ranks by
+        # validation accuracy, sft by validation loss)
+        self.metric, self.higher = cfg.selection_metric, cfg.selection_higher_is_better
         self.total = len(specs) * (len(cfg.lr_grid()) + len(cfg.seeds) - 1)
         self.started = 0
         self.pilots: dict[str, dict[float, dict[str, Any]]] = {s.label: {} for s in specs}
@@ -107,7 +114,7 @@ class _Schedule:
         """Book a finished run; returns the jobs it unlocks (the strategy's other seeds)."""
         self.phases.add("pilot" if job.pilot else "train", rec["wall_time_s"] - eval_s)
         self.phases.add("eval", eval_s)
-        _report_run(tag, rec, pilot=job.pilot and self.cfg.selects_lr)
+        self.report_run(tag, rec, job.pilot and self.cfg.selects_lr)
         if not job.pilot:
             self.runs[(job.spec.label, job.seed)] = dict(rec, role="run")
             return []
@@ -115,14 +122,14 @@ class _Schedule:
         pilots[job.lr] = rec
         if len(pilots) < len(self.cfg.lr_grid()) + self.extensions.get(job.spec.label, 0):
             return []
-        chosen = select_lr(pilots)
+        chosen = select_lr(pilots, self.metric, self.higher)
         beyond = grid_extension(sorted(pilots), chosen)
         if beyond is not None and self.extensions.get(job.spec.label, 0) < self.cfg.max_lr_extensions:
             # The best rate is at the edge of what was tried: the optimum may lie beyond it.
             self.extensions[job.spec.label] = self.extensions.get(job.spec.label, 0) + 1
             self.total += 1
             return [Job(job.spec, job.seed, beyond, True)]
-        self.selections[job.spec.label] = _selection(job.spec, self.cfg, pilots, chosen)
+        self.selections[job.spec.label] = _selection(job.spec, self.cfg, pilots, chosen, self.metric)
         self.runs[(job.spec.label, job.seed)] = dict(pilots[chosen], role="pilot-winner" if self.cfg.selects_lr
                                                      else "run")
         return [Job(job.spec, seed, chosen, False) for seed in self.cfg.seeds[1:]]
@@ -143,15 +150,16 @@ def grid_extension(tried: list[float], chosen: float) -> float | None:
 
 
 def _selection(spec: StrategySpec, cfg: CompareConfig, pilots: dict[float, dict[str, Any]],
-               chosen: float) -> dict[str, Any]:
+               chosen: float, metric: str = "val_accuracy") -> dict[str, Any]:
     tried = sorted(pilots)
     edge = None if grid_extension(tried, chosen) is None else ("lower" if chosen == tried[0] else "upper")
+    what = metric.removeprefix("val_").replace("_", " ")
     return {
-        "strategy": spec.label, "chosen_lr": chosen, "selected_on": f"validation accuracy, seed {cfg.seeds[0]}",
+        "strategy": spec.label, "chosen_lr": chosen, "selected_on": f"validation {what}, seed {cfg.seeds[0]}",
         "at_edge": edge,
-        "grid": [{"lr": lr, "val_accuracy": r["val_accuracy"], "best_step": r["best_step"], "steps": r["steps"],
+        "grid": [{"lr": lr, metric: r[metric], "best_step": r["best_step"], "steps": r["steps"],
                   "stopped_early": r["stopped_early"],
-                  "curve": [(h["step"], h["val_accuracy"]) for h in r["history"] if "val_accuracy" in h]}
+                  "curve": [(h["step"], h[metric]) for h in r["history"] if metric in h]}
                  for lr, r in sorted(pilots.items())],
     }
 

@@ -20,8 +20,9 @@ _SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "val_accuracy", "val_macro_f1
                  "final_train_loss")
 
 
-def summarize(runs: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
-    """Per strategy label: mean and sample std over seeds of the run metrics."""
+def summarize(runs: list[dict[str, Any]], order: list[str],
+              keys: tuple[str, ...] = _SUMMARY_KEYS) -> list[dict[str, Any]]:
+    """Per strategy label: mean and sample std over seeds of the run metrics ``keys``."""
     rows = []
     for label in order:
         rs = [r for r in runs if r["strategy"] == label]
@@ -32,7 +33,7 @@ def summarize(runs: list[dict[str, Any]], order: list[str]) -> list[dict[str, An
                                "trainable_params": rs[0]["trainable_params"],
                                "adapter_params": rs[0]["adapter_params"],
                                "plateaued": sum(bool(r.get("stopped_early")) for r in rs)}
-        for key in _SUMMARY_KEYS:
+        for key in keys:
             vals = [r[key] for r in rs if r.get(key) is not None and not _isnan(r[key])]
             row[key + "_mean"], row[key + "_std"] = mean_std(vals)
         rows.append(row)

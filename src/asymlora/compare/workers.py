@@ -8,7 +8,7 @@ import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -31,15 +31,18 @@ class Job:
 
 class InProcess:
     """Runs each job at once in this process; ``submit`` returns a finished future, so the
-    scheduler below serves the in-process and the worker-pool cases alike."""
+    scheduler below serves the in-process and the worker-pool cases alike. ``execute(task, cfg,
+    job, tag, features)`` does one job (default: a compare run)."""
 
-    def __init__(self, task: Task, cfg: CompareConfig, features: dict[str, HeadFeatures] | None) -> None:
+    def __init__(self, task: Any, cfg: CompareConfig, features: dict[str, HeadFeatures] | None,
+                 execute: Callable[..., Any] | None = None) -> None:
         self.task, self.cfg, self.features = task, cfg, features
+        self.execute = execute or _execute
 
-    def submit(self, job: Job, tag: str) -> Future:
+    def submit(self, job: Any, tag: str) -> Future:
         fut: Future = Future()
         try:
-            fut.set_result(_execute(self.task, self.cfg, job, tag, self.features))
+            fut.set_result(self.execute(self.task, self.cfg, job, tag, self.features))
         except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
             fut.set_exception(err)
         return fut
@@ -48,26 +51,31 @@ class InProcess:
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(cfg: CompareConfig) -> None:
+def _worker_init(cfg: CompareConfig, prepare: Callable[[Any], Any]) -> None:
     """Each worker process loads the task once and computes with one thread."""
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    _WORKER["task"], _WORKER["cfg"] = prepare_task(cfg), cfg
+    _WORKER["task"], _WORKER["cfg"] = prepare(cfg), cfg
 
 
-def _worker_job(job: Job, tag: str) -> tuple[dict[str, Any], float]:
-    return _execute(_WORKER["task"], _WORKER["cfg"], job, tag, None)
+def _worker_job(execute: Callable[..., Any], job: Any, tag: str) -> Any:
+    return execute(_WORKER["task"], _WORKER["cfg"], job, tag, None)
 
 
 class Pool:
-    """``workers`` processes with one thread each, each loading the task once."""
+    """``workers`` processes with one thread each, each loading the task once with
+    ``prepare(cfg)`` and running jobs with ``execute`` (defaults: a compare task and run; both
+    must be module-level functions, which is what a spawned process can receive)."""
 
-    def __init__(self, cfg: CompareConfig, workers: int) -> None:
+    def __init__(self, cfg: CompareConfig, workers: int, prepare: Callable[[Any], Any] | None = None,
+                 execute: Callable[..., Any] | None = None) -> None:
+        self.execute = execute or _execute
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_worker_init, initargs=(replace(cfg, progress=False),))
+                                        initializer=_worker_init,
+                                        initargs=(replace(cfg, progress=False), prepare or prepare_task))
 
-    def submit(self, job: Job, tag: str) -> Future:
-        return self.pool.submit(_worker_job, job, tag)
+    def submit(self, job: Any, tag: str) -> Future:
+        return self.pool.submit(_worker_job, self.execute, job, tag)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,285 @@
+"""``asymlora sft``: the fair protocol of ``asymlora compare`` on a causal LM.
+
+1. **Tuning** (``asymlora.compare.protocol._Schedule``): per strategy, one pilot run per rate of
+   the grid on the first seed; the rate with the lowest validation response loss wins (ties:
+   the smaller rate; an edge choice is flagged); the pilot at that rate is the first seed's
+   run, the other seeds train at it. Every run stops when the validation loss has not reached
+   a new minimum for ``patience`` evaluations (counted from ``min_steps``) and is scored with
+   its best weights: test response loss and exact match of greedy answers.
+2. **Benchmarks** (``asymlora.lmeval``): the base model and every strategy × seed's final
+   adapter on the multiple-choice benchmarks of ``cfg.tasks``, so "did tuning move general
+   ability, and equally for both strategies?" is answered on the same items.
+3. **Verdicts**: each strategy against LoRA at the same r, paired by seed, on test exact match
+   and on each benchmark's accuracy (``asymlora.compare.stats``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from concurrent.futures import FIRST_COMPLETED, wait
+from typing import Any
+
+import torch
+
+from asymlora.commands.options import plural
+from asymlora.compare.protocol import Phases, _run_all, _Schedule
+from asymlora.compare.report import paired_verdicts, summarize
+from asymlora.compare.stats import mean_std
+from asymlora.compare.task import set_threads
+from asymlora.compare.workers import InProcess, Job, Pool, worker_count
+from asymlora.fileio import atomic_write_text
+from asymlora.sft.config import SFTConfig
+from asymlora.sft.run import LMTask, prepare_lm_task, train_one
+
+__all__ = ["run_sft", "format_sft_table"]
+
+SUMMARY_KEYS = ("test_exact_match", "test_loss", "val_loss", "lr", "best_step", "steps", "val_slope_last_quarter",
+                "wall_time_s", "final_train_loss")
+BASE = "base (untuned)"
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _report_run(tag: str, rec: dict[str, Any], pilot: bool) -> None:
+    end = "plateau" if rec["stopped_early"] else "step cap"
+    _log(f"{tag} {rec['strategy']:<10} seed {rec['seed']} lr {rec['lr']:<7g} val loss {rec['val_loss']:.4f}  "
+         f"test loss {rec['test_loss']:.4f}  exact match {100 * rec['test_exact_match']:.1f}  best step "
+         f"{rec['best_step']}/{rec['steps']} ({end})  {rec['wall_time_s']:.0f} s" + ("  [pilot]" if pilot else ""))
+
+
+def _execute_run(task: LMTask, cfg: SFTConfig, job: Job, tag: str, _features: Any) -> tuple[dict[str, Any], float]:
+    desc = f"{tag} {job.spec.label} " + (f"lr {job.lr:g}" if job.pilot else f"seed {job.seed}")
+    return train_one(task, job.spec, job.seed, job.lr, cfg, desc=desc)
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def _prepare_bench(cfg: SFTConfig) -> tuple[str, Any]:
+    from transformers import AutoTokenizer
+
+    from asymlora.bundled import resolve_model
+
+    path = resolve_model(cfg.model)
+    return path, AutoTokenizer.from_pretrained(path)
+
+
+def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None, tag: str,
+                   _features: Any) -> tuple[str | None, dict[str, Any], float]:
+    """Score the base model (``adapter`` None) or base + adapter on the benchmarks."""
+    from transformers import AutoModelForCausalLM
+
+    import asymlora
+    from asymlora.compare.run import autocast, resolve_precision
+    from asymlora.lmeval import evaluate
+
+    path, tokenizer = state
+    t = time.perf_counter()
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if adapter is not None:
+        asymlora.load_adapter(lm, adapter)
+    with autocast(resolve_precision(cfg.mixed_precision)):
+        scores = evaluate(lm, tokenizer, cfg.tasks, limit=cfg.bench_limit)
+    out = {name: {"acc": s.acc, "acc_stderr": s.acc_stderr, "acc_norm": s.acc_norm,
+                  "acc_norm_stderr": s.acc_norm_stderr, "n": s.n} for name, s in scores.items()}
+    seconds = time.perf_counter() - t
+    _log(f"{tag} benchmarks of {os.path.basename(adapter) if adapter else BASE}: "
+         + "  ".join(f"{k} {100 * v['acc']:.1f}" for k, v in out.items()) + f"  {seconds:.0f} s")
+    return adapter, out, seconds
+
+
+def _run_benchmarks(cfg: SFTConfig, runs: list[dict[str, Any]], workers: int, state: Any) -> dict[str | None, Any]:
+    jobs: list[str | None] = [None] + [r["adapter_dir"] for r in runs]
+    executor: Any = (Pool(cfg, workers, prepare=_prepare_bench, execute=_execute_bench) if workers > 1
+                     else InProcess(state(), cfg, None, execute=_execute_bench))
+    try:
+        pending = [executor.submit(job, f"[bench {i + 1}/{len(jobs)}]") for i, job in enumerate(jobs)]
+        out: dict[str | None, Any] = {}
+        while pending:
+            done, rest = wait(pending, return_when=FIRST_COMPLETED)
+            pending = list(rest)
+            for fut in done:
+                adapter, scores, seconds = fut.result()
+                out[adapter] = {"scores": scores, "seconds": seconds}
+        return out
+    finally:
+        if isinstance(executor, Pool):
+            executor.close()
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+
+def run_sft(cfg: SFTConfig) -> dict[str, Any]:
+    """Tune every strategy by the protocol, score the benchmarks, write the reports."""
+    cfg.validate()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    t_start = time.perf_counter()
+    prev_threads = torch.get_num_threads()
+    threads, _ = set_threads(cfg.threads)
+    try:
+        return _run(cfg, threads, t_start)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
+    specs = cfg.runs()
+    phases = Phases()
+    task = prepare_lm_task(cfg)
+    phases.add("load", task.timings["load"])
+    phases.add("tokenise", task.timings["tokenise"])
+    workers = worker_count(cfg, specs)
+    settings = _settings(cfg, task, threads, workers)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    sched = _Schedule(specs, cfg, phases, report_run=_report_run)
+    _log(f"asymlora sft: {settings['model_name']} ({settings['model_params'] / 1e6:.0f}M params) on "
+         f"{cfg.data} question→answer pairs: train {task.sizes['train']} / val {task.sizes['val']} / test "
+         f"{task.sizes['test']}; {', '.join(s.label for s in specs)}; lr grid "
+         f"{', '.join(f'{x:g}' for x in cfg.lr_grid())}; seeds {', '.join(map(str, cfg.seeds))}: "
+         f"{plural(sched.total, 'run')} of batch {cfg.batch_size} until the validation loss stops falling "
+         f"(at most {plural(cfg.max_steps, 'step')}); " + (f"{workers} worker processes × 1 thread" if workers > 1
+                                                          else plural(threads, "thread")))
+
+    def checkpoint_results() -> None:
+        runs, selections = sched.ordered(specs)
+        partial = _assemble(cfg, settings, specs, runs, selections, {}, phases, t_start, complete=False)
+        atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(partial, indent=1))
+
+    local = InProcess(task, cfg, None, execute=_execute_run)
+    pool = Pool(cfg, workers, prepare=prepare_lm_task, execute=_execute_run) if workers > 1 else None
+    t_runs = time.perf_counter()
+    try:
+        _run_all(specs, cfg, sched, {True: pool or local, False: local}, checkpoint_results)
+    finally:
+        if pool is not None:
+            pool.close()
+    settings["runs_wall_s"] = round(time.perf_counter() - t_runs, 2)
+    runs, selections = sched.ordered(specs)
+    bench: dict[str | None, Any] = {}
+    if cfg.tasks:
+        t = time.perf_counter()
+        bench = _run_benchmarks(cfg, runs, workers, lambda: (task.model_path, task.tokenizer))
+        phases.add("benchmarks", time.perf_counter() - t)
+    results = _assemble(cfg, settings, specs, runs, selections, bench, phases, t_start, complete=True)
+    atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(results, indent=1))
+    atomic_write_text(os.path.join(cfg.output_dir, "results.md"), format_sft_markdown(results))
+    return results
+
+
+def _settings(cfg: SFTConfig, task: LMTask, threads: int, workers: int) -> dict[str, Any]:
+    import transformers
+
+    import asymlora
+
+    return {
+        "model": task.model_path, "model_name": os.path.basename(os.path.normpath(task.model_path)),
+        "model_params": sum(p.numel() for p in task.lm.parameters()), "data": cfg.sources, "sizes": task.sizes,
+        "strategies": [s.label for s in cfg.runs()], "ranks": cfg.ranks, "seeds": cfg.seeds, "lr_grid": cfg.lr_grid(),
+        "selected_on": "validation response loss (lowest)", "max_steps": cfg.max_steps, "eval_every": cfg.eval_every,
+        "patience": cfg.patience, "min_steps": cfg.min_steps, "warmup_steps": cfg.warmup_steps,
+        "lr_schedule": "linear warm-up, then constant", "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+        "alpha": "2r (scaling alpha/r = 2)", "target_modules": cfg.target_modules,
+        "loss": "response-only (assistant tokens of the model's chat template)",
+        "tasks": cfg.tasks, "bench_limit": cfg.bench_limit, "max_new_tokens": cfg.max_new_tokens,
+        "margin": cfg.margin, "min_delta": cfg.min_delta, "threads": threads, "workers": workers, "precision": cfg.mixed_precision,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "asymlora": asymlora.__version__},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    }
+
+
+def _bench_rows(runs: list[dict[str, Any]], bench: dict[str | None, Any], order: list[str],
+                tasks: list[str]) -> list[dict[str, Any]]:
+    """Benchmark accuracy per strategy (mean ± std over seeds) and of the base model."""
+    if not bench:
+        return []
+    rows = [{"strategy": BASE, "n_models": 1,
+             **{f"{t}_{k}": bench[None]["scores"][t][k] for t in tasks for k in ("acc", "acc_norm", "acc_stderr", "n")}}]
+    for label in order:
+        rs = [r for r in runs if r["strategy"] == label and r["adapter_dir"] in bench]
+        if not rs:
+            continue
+        row: dict[str, Any] = {"strategy": label, "n_models": len(rs)}
+        for t in tasks:
+            for k in ("acc", "acc_norm"):
+                row[f"{t}_{k}"], row[f"{t}_{k}_std"] = mean_std([bench[r["adapter_dir"]]["scores"][t][k] for r in rs])
+        rows.append(row)
+    return rows
+
+
+def _assemble(cfg: SFTConfig, settings: dict[str, Any], specs: list[Any], runs: list[dict[str, Any]],
+              selections: list[dict[str, Any]], bench: dict[str | None, Any], phases: Phases, t_start: float,
+              complete: bool) -> dict[str, Any]:
+    order = [s.label for s in specs]
+    for r in runs:  # each run's benchmark scores, for the paired verdicts
+        for t, s in (bench.get(r["adapter_dir"], {}).get("scores") or {}).items():
+            r[f"{t}_acc"] = s["acc"]
+    verdicts = []
+    if complete:  # exact match in points (margin: cfg.margin), log-likelihood per token in nats (margin 0.01)
+        verdicts += paired_verdicts(runs, specs, cfg.margin, metric="test_exact_match")
+        verdicts += paired_verdicts(runs, specs, 0.01, metric="test_loglik")
+    for t in cfg.tasks if bench else []:
+        verdicts += paired_verdicts(runs, specs, cfg.margin, metric=f"{t}_acc")
+    return {
+        "complete": complete, "settings": settings, "lr_selection": selections,
+        "summary": summarize(runs, order, SUMMARY_KEYS), "benchmarks": _bench_rows(runs, bench, order, cfg.tasks),
+        "paired_verdicts": [v.to_dict() for v in verdicts], "verdict_lines": [f"{v.metric}: {v.line()}" for v in verdicts],
+        "runs": runs, "phases_s": phases.to_dict(), "total_time_s": round(time.perf_counter() - t_start, 1),
+    }
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def format_sft_table(results: dict[str, Any]) -> str:
+    """Tuning results per strategy: test exact match and losses (mean ± std over seeds)."""
+    lines = [f"{'strategy':<12} {'lr':>7} {'exact match %':>15} {'test loss':>15} {'val loss':>9} "
+             f"{'steps (best)':>13} {'trainable':>10}"]
+    for row in results["summary"]:
+        lines.append(f"{row['strategy']:<12} {row['lr_mean']:>7g} {100 * row['test_exact_match_mean']:>8.2f} ± "
+                     f"{100 * row['test_exact_match_std']:<4.2f} {row['test_loss_mean']:>8.4f} ± "
+                     f"{row['test_loss_std']:<6.4f}{row['val_loss_mean']:>8.4f} {row['steps_mean']:>7.0f} "
+                     f"({row['best_step_mean']:.0f}) {row['adapter_params']:>10,}")
+    return "\n".join(lines)
+
+
+def format_bench_table(results: dict[str, Any], tasks: list[str]) -> str:
+    rows = results.get("benchmarks") or []
+    if not rows:
+        return ""
+    head = f"{'model':<16}" + "".join(f" {t + ' acc / acc_norm':>28}" for t in tasks)
+    lines = [head]
+    for row in rows:
+        cells = "".join(f" {100 * row[t + '_acc']:>12.1f} / {100 * row[t + '_acc_norm']:<13.1f}" for t in tasks)
+        lines.append(f"{row['strategy']:<16}{cells}")
+    return "\n".join(lines)
+
+
+def format_sft_markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    out = [f"# asymlora sft: {s['model_name']} on {', '.join(s['data'])}", "",
+           f"Sizes: {s['sizes']}. Strategies {', '.join(s['strategies'])}; lr grid "
+           f"{', '.join(f'{x:g}' for x in s['lr_grid'])} selected on {s['selected_on']}; seeds {s['seeds']}; "
+           f"batch {s['batch_size']}, ≤{s['max_steps']} steps, validation every {s['eval_every']} steps, patience "
+           f"{s['patience']} from step {s['min_steps']}; {s['loss']}; targets {s['target_modules']}, {s['alpha']}.",
+           "", "```", format_sft_table(results), "```", ""]
+    for sel in results["lr_selection"]:
+        grid = ", ".join(f"{g['lr']:g}: {g['val_loss']:.4f}" for g in sel["grid"])
+        edge = f" (on the {sel['at_edge']} edge of the grid)" if sel.get("at_edge") else ""
+        out.append(f"- lr for {sel['strategy']}: {sel['chosen_lr']:g}{edge} — validation loss by lr: {grid}")
+    bench = format_bench_table(results, s["tasks"])
+    if bench:
+        out += ["", f"Benchmarks ({s['bench_limit'] or 'all'} items each; accuracy %, mean over seeds):", "",
+                "```", bench, "```"]
+    if results["verdict_lines"]:
+        out += ["", "Paired differences against LoRA, 95 % t-interval over seeds:", ""]
+        out += [f"- {line}" for line in results["verdict_lines"]]
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in results["phases_s"].items())
+    out += ["", f"Total {results['total_time_s']:.0f} s ({phases}).", ""]
+    return "\n".join(out)

@@ -1,0 +1,131 @@
+"""One run of ``asymlora sft``: a strategy × seed at one learning rate, trained by the rules of
+``asymlora.compare`` (warm-up then a constant rate, validation every ``eval_every`` steps,
+patience, best-step restore) with the validation response loss as the criterion; then scored
+on the held-out test questions (response loss, and exact match of greedy answers) and its
+adapter saved."""
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from asymlora.compare.config import StrategySpec
+from asymlora.compare.run import autocast, resolve_precision
+from asymlora.compare.stats import curve_slope
+from asymlora.sft.config import SFTConfig
+from asymlora.sft.data import ChatQADataset, QAPair, collate_chat, load_qa, split_qa
+from asymlora.sft.model import ResponseOnlyLM, exact_match_rate, generate_answers, response_nll
+
+__all__ = ["LMTask", "prepare_lm_task", "train_one", "adapter_dir"]
+
+
+@dataclass
+class LMTask:
+    """The base model (never modified: every run adapts a copy), its tokenizer and the data."""
+
+    model_path: str
+    lm: Any
+    tokenizer: Any
+    train: ChatQADataset
+    val_batches: list[dict[str, torch.Tensor]]
+    test_batches: list[dict[str, torch.Tensor]]
+    test_pairs: list[QAPair]
+    collate: Any
+    sizes: dict[str, int]
+    timings: dict[str, float]
+
+
+def _batches(ds: ChatQADataset, collate: Any, size: int = 64) -> list[dict[str, torch.Tensor]]:
+    """Evaluation batches, sorted by length (less padding; the loss is token-weighted anyway)."""
+    items = sorted(ds.items, key=lambda it: len(it["input_ids"]))
+    return [collate(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def prepare_lm_task(cfg: SFTConfig) -> LMTask:
+    """Load the model and tokenizer, split and tokenise the QA pairs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from asymlora.bundled import resolve_model
+
+    t = time.perf_counter()
+    path = resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    lm.requires_grad_(False)
+    load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    pairs = load_qa(cfg.sources)
+    train, val, test = split_qa(pairs, cfg.max_val or 256, cfg.max_test or 256, seed=cfg.split_seed,
+                                max_train=cfg.max_train)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate = functools.partial(collate_chat, pad_id=pad)
+    train_ds = ChatQADataset(train, tokenizer, cfg.max_length)
+    val_ds, test_ds = ChatQADataset(val, tokenizer, cfg.max_length), ChatQADataset(test, tokenizer, cfg.max_length)
+    sizes = {"available": len(pairs), "train": len(train_ds), "val": len(val_ds), "test": len(test_ds),
+             "train_label_tokens": train_ds.label_tokens(), "val_label_tokens": val_ds.label_tokens()}
+    return LMTask(path, lm, tokenizer, train_ds, _batches(val_ds, collate), _batches(test_ds, collate), test,
+                  collate, sizes, {"load": load_s, "tokenise": time.perf_counter() - t})
+
+
+def adapter_dir(cfg: SFTConfig, label: str, seed: int, lr: float) -> str:
+    slug = label.replace(" ", "").replace("=", "").replace("(", "").replace(")", "").replace("@", "x")
+    return os.path.join(cfg.output_dir, "adapters", f"{slug}-seed{seed}-lr{lr:g}")
+
+
+def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTConfig, *,
+              desc: str) -> tuple[dict[str, Any], float]:
+    """One strategy × seed at ``lr``; returns (record, seconds spent evaluating)."""
+    import asymlora
+    from asymlora.train import TrainArgs, fit
+
+    lm = copy.deepcopy(task.lm)
+    acfg = asymlora.AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed, target_modules=cfg.targets)
+    asymlora.wrap(lm, acfg)
+    model = ResponseOnlyLM(lm)
+    precision = resolve_precision(cfg.mixed_precision)
+    eval_s = [0.0]
+
+    def score_val(m: ResponseOnlyLM) -> dict[str, float]:
+        t = time.perf_counter()
+        loss = response_nll(m, task.val_batches)
+        eval_s[0] += time.perf_counter() - t
+        return {"val_loss": loss}
+
+    args = TrainArgs(lr=lr, max_steps=cfg.max_steps, batch_size=cfg.batch_size, seed=seed, eval_every=cfg.eval_every,
+                     warmup_steps=min(cfg.warmup_steps, cfg.max_steps - 1), lr_schedule="constant",
+                     early_stopping_patience=cfg.patience, early_stopping_min_steps=min(cfg.min_steps, cfg.max_steps),
+                     early_stopping_metric="val_loss", greater_is_better=False, restore_best=True,
+                     early_stopping_min_delta=cfg.min_delta,
+                     group_by_length=True, weight_decay=cfg.weight_decay, mixed_precision=precision,
+                     progress=cfg.progress, desc=desc)
+    res = fit(model, task.train, task.collate, args, eval_fn=score_val)
+    t = time.perf_counter()
+    with autocast(precision):  # scored at the precision validation ran at
+        test_loss = response_nll(model, task.test_batches)
+        answers = generate_answers(lm, task.tokenizer, task.test_pairs, max_length=cfg.max_length,
+                                   max_new_tokens=cfg.max_new_tokens)
+    test_em = exact_match_rate(answers, task.test_pairs)
+    out = adapter_dir(cfg, spec.label, seed, lr)
+    asymlora.save_adapter(lm, out)
+    eval_s[0] += time.perf_counter() - t
+    evals = [(h["step"], h["val_loss"]) for h in res.history if "val_loss" in h]
+    record = {
+        "strategy": spec.label, "preset": spec.preset, "rank": spec.rank, "seed": seed, "lr": lr,
+        "trainable_params": res.trainable_params, "adapter_params": asymlora.parameter_report(lm).adapter_trainable,
+        "val_loss": res.best_metric if res.best_metric is not None else res.final_metrics.get("val_loss"),
+        "test_loss": test_loss, "test_loglik": -test_loss, "test_exact_match": test_em,
+        "test_answers": answers[:20],
+        "best_step": res.best_step if res.best_step is not None else res.steps, "steps": res.steps,
+        "max_steps": cfg.max_steps, "stopped_early": res.stopped_early,
+        "val_slope_last_quarter": curve_slope([s for s, _ in evals], [v for _, v in evals]),
+        "final_train_loss": res.final_metrics.get("train_loss"),
+        "wall_time_s": res.wall_time_s + (time.perf_counter() - t), "eval_time_s": eval_s[0],
+        "peak_memory_bytes": res.peak_memory_bytes, "peak_memory_kind": res.peak_memory_kind,
+        "adapter_dir": os.path.abspath(out), "history": res.history,
+    }
+    return record, eval_s[0]

@@ -1,0 +1,159 @@
+"""asymlora sft: chat-template encoding with response-only labels, the cheap response-only loss
+against transformers' own loss, answer scoring, lr selection on a loss, and the whole protocol
+end to end on a tiny Llama with a tiny chat tokenizer."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from asymlora.compare.protocol import select_lr
+from asymlora.sft import data as D
+from asymlora.sft.model import ResponseOnlyLM, exact_match_rate, response_nll
+from conftest import perturb_trained_factors
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+COLOURS = ["red", "green", "blue", "black", "white", "yellow"]
+
+
+def _pairs(n: int = 240, seed: int = 0) -> list[D.QAPair]:
+    """A learnable synthetic QA set: the answer is a function of the item number."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = rng.randrange(30)
+        out.append(D.QAPair(f"What colour is item {k}?", (COLOURS[k % len(COLOURS)],), "synthetic"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_llama(tmp_path_factory) -> Path:
+    """A tiny LlamaForCausalLM and a BPE tokenizer with a ChatML template, saved as a folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("chat-llama")
+    texts = [f"user\n{p.question}\nassistant\n{p.answers[0]}\n" for p in _pairs(200)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|im_start|>",
+                                                                                     "<|im_end|>", "<pad>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<unk>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+                      # with the default 0.02 the frozen output layer caps every logit below ~0.7 (RMSNorm
+                      # fixes |h|): no adapter could make a confident prediction
+                      initializer_range=0.3)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def _load(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def test_encode_chat_labels_exactly_the_answer(tiny_chat_llama):
+    _, tok = _load(tiny_chat_llama)
+    ids, labels = D.encode_chat(tok, "What colour is item 3?", "black", max_length=64)
+    prompt, _ = D.encode_chat(tok, "What colour is item 3?", None, max_length=64)
+    assert ids[:len(prompt)] == prompt and all(x == -100 for x in labels[:len(prompt)])
+    learned = [i for i, y in zip(ids, labels) if y != -100]
+    assert learned == ids[len(prompt):] and tok.decode(learned) == "black<|im_end|>"
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+
+
+def test_response_only_loss_equals_transformers_loss(tiny_chat_llama):
+    """The decoder + output layer at labelled positions only gives exactly the model's own
+    causal-LM loss, and the same gradients."""
+    import asymlora
+
+    lm, tok = _load(tiny_chat_llama)
+    asymlora.wrap(lm, asymlora.AsymLoraConfig.preset("lora", r=4, seed=0, target_modules=["q_proj", "v_proj"]))
+    perturb_trained_factors(lm)  # non-zero B, so the adapter takes part in the loss
+    ds = D.ChatQADataset(_pairs(12), tok, 64)
+    batch = D.collate_chat(ds.items, tok.pad_token_id)
+    ours = ResponseOnlyLM(lm)(**batch).loss
+    ref = lm(**batch).loss
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    g_ours = torch.autograd.grad(ours, [p for p in lm.parameters() if p.requires_grad])
+    g_ref = torch.autograd.grad(lm(**batch).loss, [p for p in lm.parameters() if p.requires_grad])
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    # token-weighted over batches: splitting the data differently gives the same mean
+    whole = response_nll(ResponseOnlyLM(lm), [batch])
+    parts = response_nll(ResponseOnlyLM(lm), [D.collate_chat(ds.items[:5], 3), D.collate_chat(ds.items[5:], 3)])
+    assert whole == pytest.approx(parts, rel=1e-5)
+
+
+def test_answer_normalisation_and_exact_match():
+    assert D.normalize_answer("  The  Strand!") == "strand"
+    assert D.exact_match("the strand", ["The Strand"]) and D.exact_match("Blvd.", ["Sunset", "blvd"])
+    assert not D.exact_match("Strand Magazine", ["The Strand"])
+    pairs = [D.QAPair("q", ("Paris",), "x"), D.QAPair("q", ("1968", "late 1968"), "x")]
+    assert exact_match_rate(["paris.", "1969"], pairs) == 0.5
+
+
+def test_split_is_seeded_and_disjoint():
+    pairs = [D.QAPair(f"q{i}", ("a",), "x") for i in range(50)]
+    a = D.split_qa(pairs, 5, 7, seed=3)
+    assert a == D.split_qa(pairs, 5, 7, seed=3) and a != D.split_qa(pairs, 5, 7, seed=4)
+    train, val, test = a
+    assert (len(train), len(val), len(test)) == (38, 5, 7)
+    assert len({p.question for p in train + val + test}) == 50
+    assert len(D.split_qa(pairs, 5, 7, max_train=10)[0]) == 10
+    with pytest.raises(ValueError, match="no training pairs"):
+        D.split_qa(pairs, 25, 25)
+
+
+def test_select_lr_on_a_loss_picks_the_minimum():
+    pilots = {1e-3: {"val_loss": 2.0}, 3e-3: {"val_loss": 1.5}, 1e-2: {"val_loss": 1.5}}
+    assert select_lr(pilots, "val_loss", higher_is_better=False) == 3e-3  # tie → the smaller rate
+    assert select_lr({1e-3: {"val_accuracy": 0.5}, 3e-3: {"val_accuracy": 0.7}}) == 3e-3
+
+
+@pytest.mark.slow
+def test_sft_protocol_end_to_end(tiny_chat_llama, tmp_path, monkeypatch):
+    """Both strategies learn the synthetic task (validation loss far below the untuned model's),
+    the chosen rate is the argmin of the pilots, every seed's adapter is saved and reloads to
+    the same test loss, and the verdicts pair the seeds."""
+    import asymlora
+    from asymlora.sft import SFTConfig, run_sft
+    from asymlora.sft import run as R
+
+    monkeypatch.setattr(R, "load_qa", lambda sources: _pairs(400))
+    cfg = SFTConfig(model=str(tiny_chat_llama), strategies=["lora", "b-only"], ranks=[8], seeds=[0, 1],
+                    lrs=[3e-3, 1e-2], max_steps=60, eval_every=10, patience=2, min_steps=20, warmup_steps=5,
+                    batch_size=8, max_length=48, max_val=32, max_test=32, tasks=[], workers=1,
+                    mixed_precision="no", output_dir=str(tmp_path / "out"), progress=False,
+                    target_modules=["all-linear"])
+    res = run_sft(cfg)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["complete"] and (tmp_path / "out" / "results.md").is_file()
+
+    lm, tok = _load(tiny_chat_llama)
+    task = R.prepare_lm_task(cfg)
+    base_loss = response_nll(ResponseOnlyLM(lm), task.val_batches)
+    for sel in res["lr_selection"]:
+        losses = {g["lr"]: g["val_loss"] for g in sel["grid"]}
+        assert sel["chosen_lr"] == min(losses, key=losses.get)
+    assert len(res["runs"]) == 4
+    for run in res["runs"]:
+        assert run["val_loss"] < base_loss - 2.0, (run["strategy"], run["val_loss"], base_loss)
+        fresh, _ = _load(tiny_chat_llama)
+        asymlora.load_adapter(fresh, run["adapter_dir"])
+        assert response_nll(ResponseOnlyLM(fresh), task.test_batches) == pytest.approx(run["test_loss"], rel=1e-4)
+    (verdict,) = [v for v in res["paired_verdicts"] if v["metric"] == "test_exact_match"]
+    assert verdict["seeds"] == [0, 1] and verdict["reference"] == "lora r=8"
