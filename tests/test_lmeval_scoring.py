@@ -120,8 +120,9 @@ def test_shared_prefix_clusters_each_question_and_caps_at_the_needed_positions()
 def test_real_architectures_match_a_naive_full_forward(build):
     """Batched, deduplicated, prefix-shared, output layer applied only where needed == one
     plain forward pass per request with the full logits."""
-    model, tok = build(), CharTokenizer()
-    reqs = [(c[:10].replace("Question", "Q"), x) for c, x in REQUESTS]
+    model, tok = build(), CharTokenizer()  # GPT-2 here has 32 positions: every input fits
+    reqs = [(c, x) for c in ("Q: sky?\nA:", "Q: the ground?\nA:", "ends in space ") for x in (" blue", " green sea",
+                                                                                             " A", " B")]
 
     def naive(ctx: str, cont: str) -> float:
         c, x = encode_pair(tok, ctx, cont)
