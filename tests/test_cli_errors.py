@@ -109,6 +109,18 @@ CASES = [
     # results
     (["results", "/nonexistent", "-o", "OUT"], ["/nonexistent"], "OUT"),
     (["results", "{t}/badresults", "-o", "OUT"], ["result.json", "not valid JSON"], "OUT"),
+    # eval (every check before anything loads)
+    (["eval", "--tasks", "arc_easy,nope", "-o", "OUT"], ["'nope'", "arc_easy", "mmlu"], "OUT"),
+    (["eval", "--tasks", "sciq", "--shots", "3", "-o", "OUT"], ["--shots 3", "mmlu"], "OUT"),
+    (["eval", "--tasks", "mmlu", "--shots", "6", "--limit", "0", "-o", "OUT"], ["--shots 6", "0..5", "--limit"],
+     "OUT"),
+    (["eval", "--model", "/nonexistent", "--adapter", "/nonexistent/ad", "-o", "OUT"],
+     ["'/nonexistent'", "--adapter '/nonexistent/ad'"], "OUT"),
+    (["eval", "--adapter", "{t}/good", "--adapter", "{t}/good", "--batch-size", "0", "-o", "OUT"],
+     ["--adapter", "repeats", "--batch-size"], "OUT"),
+    (["eval", "--seed", "1", "--threads", "0", "-o", "OUT"], ["--seed only applies with --limit", "--threads"], "OUT"),
+    (["eval", "--base", "--tasks", "piqa,piqa", "-o", "OUT"], ["--base only applies with --adapter", "repeats"],
+     "OUT"),
     # bench
     (["bench", "--only", "nope", "-o", "OUT"], ["'nope'"], "OUT"),
     (["bench", "--threads", "0", "-o", "OUT"], ["--threads", "0"], "OUT"),

@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "export": "export",
     "bench": "bench",
     "probe": "probe",
+    "eval": "eval",
 }
 
 
