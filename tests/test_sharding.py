@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(WORKER))
 import sharded_worker as worker  # noqa: E402
 
 LAUNCH_ENV = ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
-              "ACCELERATE_DEEPSPEED_CONFIG_FILE")
+              "ACCELERATE_DEEPSPEED_CONFIG_FILE", "FSDP_OFFLOAD_PARAMS", "FSDP_ACTIVATION_CHECKPOINTING",
+              "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
 
 
 @pytest.fixture
@@ -63,6 +64,17 @@ def test_accelerate_fsdp_config_without_gpu_is_refused_not_run_as_plain_training
 def test_other_accelerate_sharding_configs_without_gpu_are_refused(tmp_path, launch_env, env, match):
     launch_env(**env)
     with pytest.raises(UserError, match=match):
+        tiny_fit(tmp_path)
+
+
+@pytest.mark.parametrize("env,setting", [
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params: true"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+      "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "offload_optimizer_device: cpu"),
+])
+def test_launch_settings_the_engine_does_not_apply_are_refused(tmp_path, launch_env, env, setting):
+    launch_env(**env)
+    with pytest.raises(UserError, match=rf"config sets {setting}, which asymlora's sharding does not apply"):
         tiny_fit(tmp_path)
 
 
@@ -121,10 +133,15 @@ def _env() -> dict:
     return env
 
 
+# DeepSpeed's first start on a machine JIT-builds its shared-memory op (g++ and ninja; cached in
+# ~/.cache/torch_extensions), which takes about a minute on 2 cores: its runs get more time.
+TIMEOUT_S = {"fsdp2": 300, "zero2": 600, "zero3": 600}
+
+
 def _sharded_run(tmp_path, sharding: str):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            WORKER, str(tmp_path), sharding, "2"]
-    _run_within(cmd, _env(), f"the 2-process {sharding} run (torchrun --standalone)")
+    _run_within(cmd, _env(), f"the 2-process {sharding} run (torchrun --standalone)", TIMEOUT_S[sharding])
 
 
 def _factors(folder) -> dict[str, torch.Tensor]:

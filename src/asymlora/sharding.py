@@ -73,6 +73,17 @@ def launcher_request() -> str | None:
     return None
 
 
+# Accelerate launch settings the engine does not apply: asking for one is refused, not ignored.
+_UNAPPLIED = {"FSDP_OFFLOAD_PARAMS": "fsdp_offload_params", "FSDP_ACTIVATION_CHECKPOINTING":
+              "fsdp_activation_checkpointing", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "offload_optimizer_device",
+              "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "offload_param_device"}
+
+
+def _unapplied_settings() -> list[str]:
+    return [f"{key}: {os.environ[env]}" for env, key in _UNAPPLIED.items()
+            if os.environ.get(env, "").strip().lower() not in ("", "false", "none", "0")]
+
+
 def accelerate_in_force(accelerator: Any) -> str | None:
     """The sharding Accelerate's own state realises ("fsdp1", "fsdp2", "zero<stage>") or None."""
     from accelerate.utils import DistributedType
@@ -93,6 +104,10 @@ def resolve_sharding(asked: str | None, accelerator: Any) -> str:
     if asked is not None and launcher is not None and asked != launcher:
         raise UserError(f"TrainArgs.sharding={asked!r} but the Accelerate launch config asks for {launcher!r}: "
                         "ask for one sharding (drop one of the two)")
+    unapplied = _unapplied_settings() if launcher is not None else []
+    if unapplied:
+        raise UserError(f"the Accelerate launch config sets {', '.join(unapplied)}, which asymlora's sharding does "
+                        "not apply (it takes only the FSDP version or ZeRO stage): remove it from the config")
     if asked is None and launcher is not None and realised != launcher:
         raise UserError(
             f"the Accelerate launch config asks for {launcher!r} but Accelerate runs "
