@@ -362,12 +362,12 @@ DDP_SCRIPT = textwrap.dedent("""
 DDP_TIMEOUT_S = 300
 
 
-def _run_within(cmd: list[str], env: dict, what: str) -> subprocess.CompletedProcess:
+def _run_within(cmd: list[str], env: dict, what: str, timeout_s: int = DDP_TIMEOUT_S) -> subprocess.CompletedProcess:
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as err:
         tail = (err.stderr or b"")[-2000:]
-        pytest.fail(f"{what} did not finish within {DDP_TIMEOUT_S} s ({os.cpu_count()} CPUs here; a hung gloo "
+        pytest.fail(f"{what} did not finish within {timeout_s} s ({os.cpu_count()} CPUs here; a hung gloo "
                     f"rendezvous or an overloaded machine). Last stderr:\n"
                     f"{tail.decode(errors='replace') if isinstance(tail, bytes) else tail}", pytrace=False)
     assert proc.returncode == 0, f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"

@@ -6,7 +6,10 @@ a linear warm-up then linear decay of the learning rate, gradient accumulation, 
 clipping, optional mixed precision, periodic evaluation and optional early stopping.
 
 The same code runs in one process (the default) or data-parallel under
-``accelerate launch`` / ``torchrun`` (DDP; gloo on CPU, NCCL on GPU) with no change.
+``accelerate launch`` / ``torchrun`` (DDP; gloo on CPU, NCCL on GPU) with no change, or
+sharded (FSDP2, DeepSpeed ZeRO-2/3; ``TrainArgs.sharding`` or an Accelerate launch config):
+``asymlora.sharding`` prepares the model, steps the optimizer and gathers full tensors for
+checkpoints; the data order, the loss and the checkpoint layout below are the same.
 
 Determinism and resumption
 --------------------------
@@ -60,6 +63,7 @@ import torch
 from torch import nn
 
 from asymlora.errors import UserError
+from asymlora.sharding import SHARDED, SHARDINGS, check_in_force, gathered_trainable, make_backend, resolve_sharding
 
 __all__ = [
     "TrainArgs",
@@ -121,6 +125,11 @@ class TrainArgs:
     plateau); ``restore_best`` still keeps the truly best weights.
     ``group_by_length``: batches of similar length (the dataset must have ``lengths()``; see
     ``_epoch_batches``).
+
+    ``sharding``: None (as launched: an Accelerate FSDP/DeepSpeed config is honoured, else
+    none), "none", "fsdp2", "zero2" or "zero3" (see ``asymlora.sharding``). A sharding that
+    would not be in force (one process, Accelerate's fallback to plain data parallel without a
+    GPU, a conflict with the launch config) stops the run with a ``UserError`` before any work.
     """
 
     output_dir: str | None = None
@@ -148,6 +157,7 @@ class TrainArgs:
     group_by_length: bool = False
     progress: bool = True
     desc: str = "train"
+    sharding: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and what is valid."""
@@ -191,6 +201,11 @@ class TrainArgs:
             bad("resume", "needs output_dir (where the checkpoint lives)")
         if not isinstance(self.seed, int):
             bad("seed", "must be an int")
+        if self.sharding is not None and self.sharding not in SHARDINGS:
+            bad("sharding", f"must be None or one of {', '.join(SHARDINGS)}")
+        if self.sharding in SHARDED and self.restore_best:
+            bad("restore_best", f"is not supported with sharding={self.sharding!r} (the best weights would have to "
+                "be re-sharded): keep it False and pick the best checkpoint by its evaluation")
 
 
 @dataclass
@@ -222,6 +237,7 @@ class FitResult:
     world_size: int = 1
     global_batch_size: int = 0
     saved_activation_bytes: int = 0
+    sharding: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -633,6 +649,7 @@ class _Run:
         self.trainable_params = sum(p.numel() for _, p in self.named_trainable)
         self.accelerator, self.mp = _make_accelerator(args.mixed_precision)
         acc = self.accelerator
+        self.backend = make_backend(resolve_sharding(args.sharding, acc), acc, args, self.mp)
         self.plan = _Plan.make(args, len(train_dataset), acc.num_processes, acc.process_index, acc.is_main_process)
         self.device = acc.device
         self.orig_device = next(model.parameters()).device
@@ -640,17 +657,21 @@ class _Run:
         random.seed(args.seed)
         np.random.seed(args.seed % (2**32))
         torch.manual_seed(args.seed)
-        optimizer = _adamw(self.named_trainable, args)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_schedule(args, self.plan))
         self.grouped = self._grouped_stream()
-        self.was_training = model.training
-        self.pmodel, self.optimizer = acc.prepare(model, optimizer)
-        self.raw = acc.unwrap_model(self.pmodel)
         self.state = _TrainState()
         self.track_best = args.restore_best or args.early_stopping_patience is not None
         self.ckpt_root = args.output_dir
         if self.ckpt_root is not None and self.plan.is_main:
             os.makedirs(self.ckpt_root, exist_ok=True)
+        resume = self._read_resume()  # the trainable weights go in before the model is sharded
+        self.was_training = model.training
+        self.pmodel, self.optimizer, inner = self.backend.prepare(model, lambda named: _adamw(named, args))
+        self.raw = self.backend.unwrap(self.pmodel)
+        check_in_force(self.backend, self.raw, self.plan.world)
+        self.named_trainable = [(k, p) for k, p in self.raw.named_parameters() if p.requires_grad]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(inner, _lr_schedule(args, self.plan))
+        if resume is not None:
+            self._apply_resume(resume)
 
     def _grouped_stream(self) -> _GroupedStream | None:
         if not self.args.group_by_length:
@@ -679,13 +700,13 @@ class _Run:
             lo = (m * plan.world + plan.rank) * plan.b
             batch = send_to_device(self.collate_fn([self.data[int(i)] for i in gidx[lo: lo + plan.b]]), self.device)
             sync = m == plan.accum - 1
-            with contextlib.nullcontext() if sync or plan.world == 1 else acc.no_sync(self.pmodel):
+            with contextlib.nullcontext() if sync or plan.world == 1 else self.backend.no_sync(self.pmodel):
                 with torch.autograd.graph.saved_tensors_hooks(self.tracker.pack, self.tracker.unpack):
                     loss = self.loss_fn(self.pmodel, batch) if self.loss_fn is not None else self.pmodel(**batch).loss
                 self.tracker.reset()
                 if loss.ndim != 0:
                     raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
-                acc.backward(loss / plan.accum)
+                self.backend.backward(loss / plan.accum, last=sync)
             loss_sum += loss.detach().float() / plan.accum
         if plan.world > 1:
             loss_sum = acc.reduce(loss_sum, reduction="mean")
@@ -705,13 +726,12 @@ class _Run:
             raise self._non_finite("training loss", loss_val, "none written (set output_dir and checkpoint_every)")
         acc = self.accelerator
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm is not None else math.inf
-        grad_norm = float(acc.clip_grad_norm_([p for _, p in self.named_trainable], max_norm))
+        grad_norm = self.backend.clip_grad_norm([p for _, p in self.named_trainable], max_norm)
         if not _finite(grad_norm) and acc.scaler is None:
             raise self._non_finite("gradient norm", grad_norm, "none written")
         lr_now = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        self.backend.step(self.optimizer)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, lr_now
 
     def train_step(self) -> dict[str, float]:
@@ -730,7 +750,7 @@ class _Run:
         from accelerate.utils import broadcast_object_list
 
         metrics: list[Any] = [None]
-        if self.plan.is_main:
+        if self.plan.is_main or self.backend.eval_everywhere:  # a sharded forward needs every process
             self.raw.eval()
             with torch.no_grad(), self.accelerator.autocast():
                 metrics[0] = {k: float(v) for k, v in self.eval_fn(self.raw).items()}  # type: ignore[misc]
@@ -762,13 +782,13 @@ class _Run:
             "history": saved["history"], "best": saved["best"], "best_step": saved["best_step"],
             "bad_evals": saved["bad_evals"], "plateau_ref": saved["plateau_ref"], "last_eval": saved["last_eval"],
             "stopped_early": saved["stopped_early"], "args": asdict(args), "mixed_precision": self.mp,
+            "sharding": self.backend.name,
         }
 
-    def _write_main_files(self, tmp: str, opt_state: dict) -> None:
+    def _write_main_files(self, tmp: str, opt_state: dict, full: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        tensors = {k: p.detach().to("cpu").contiguous() for k, p in self.raw.named_parameters() if p.requires_grad}
-        save_file(tensors, os.path.join(tmp, _WEIGHTS_FILE))
+        save_file({k: t.to("cpu").contiguous() for k, t in full.items()}, os.path.join(tmp, _WEIGHTS_FILE))
         torch.save(opt_state, os.path.join(tmp, _OPTIM_FILE))
         torch.save(self.scheduler.state_dict(), os.path.join(tmp, _SCHED_FILE))
         if self.accelerator.scaler is not None:
@@ -791,9 +811,10 @@ class _Run:
             os.makedirs(tmp)
         acc.wait_for_everyone()
         torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{self.plan.rank}.pt"))
-        opt_state = self.optimizer.state_dict()
-        if is_main:
-            self._write_main_files(tmp, opt_state)
+        opt_state = self.backend.optimizer_state(self.pmodel, self.optimizer)  # gathered when sharded
+        with gathered_trainable(self.raw, self.backend) as full:  # full tensors in the model while it is saved
+            if is_main:
+                self._write_main_files(tmp, opt_state, full)
         acc.wait_for_everyone()
         if is_main:
             if os.path.isdir(final):
@@ -812,6 +833,9 @@ class _Run:
                 f"({len(st['trainable_names'])}) that do not match the model's ({len(names)}); "
                 "resume needs the same model, adapter config and modules_to_save"
             )
+        if st.get("sharding", "none") != self.backend.name:
+            raise ValueError(f"checkpoint {found} was written with sharding {st.get('sharding', 'none')!r}; this run "
+                             f"uses {self.backend.name!r}: resume under the same sharding")
         plan = self.plan
         if st["world_size"] != plan.world or st["global_batch_size"] != plan.global_batch \
                 or st["total_steps"] != plan.total:
@@ -822,44 +846,50 @@ class _Run:
                 "they must match to resume"
             )
 
-    def restore(self, found: str) -> None:
-        """Load the checkpoint folder ``found``: every file is read (and refused) before any
-        state is set, so a refused file changes nothing."""
+    def _read_resume(self) -> dict[str, Any] | None:
+        """With ``resume``: read the checkpoint (every file read, and refused, before any state
+        is set, so a refused file changes nothing) and copy its trainable weights into the
+        model, which is not prepared (sharded) yet. Returns the rest for ``_apply_resume``."""
         from safetensors.torch import load_file
 
+        if not self.args.resume:
+            return None
+        found = _find_checkpoint(self.ckpt_root)  # type: ignore[arg-type]
+        if found is None:
+            if self.plan.is_main:  # the first start of a job that always passes resume=True
+                # stacklevel: _read_resume <- _Run.__init__ <- fit <- _keeps_caller_rng <- the caller
+                warnings.warn(f"resume=True but {self.ckpt_root!r} holds no complete checkpoint "
+                              f"({CHECKPOINT_NAME}/{_STATE_FILE}): starting from step 0", UserWarning, stacklevel=5)
+            return None
         with open(os.path.join(found, _STATE_FILE)) as fh:
             st = json.load(fh)
         self._check_resumable(found, st)
-        acc = self.accelerator
-        opt_state = _load_state(os.path.join(found, _OPTIM_FILE))
-        sched_state = _load_state(os.path.join(found, _SCHED_FILE))
-        rng_state = _load_state(os.path.join(found, f"rng_state_{self.plan.rank}.pt"))
         scaler_path = os.path.join(found, _SCALER_FILE)
-        scaler_state = (_load_state(scaler_path) if acc.scaler is not None and os.path.isfile(scaler_path)
-                        else None)
-        weights = load_file(os.path.join(found, _WEIGHTS_FILE))
-        _copy_into(self.raw, weights)
-        self.optimizer.load_state_dict(opt_state)
-        self.scheduler.load_state_dict(sched_state)
-        if scaler_state is not None:
-            acc.scaler.load_state_dict(scaler_state)
-        _set_rng_state(rng_state)
-        self.state.load_json(st)
-        if os.path.isfile(os.path.join(found, _BEST_FILE)):
-            self.state.best_weights.tensors = load_file(os.path.join(found, _BEST_FILE))
-            self.state.best_weights.step = st["best_step"]
-        self.state.last_ckpt = found
+        loaded = {
+            "found": found, "json": st,
+            "optimizer": _load_state(os.path.join(found, _OPTIM_FILE)),
+            "scheduler": _load_state(os.path.join(found, _SCHED_FILE)),
+            "rng": _load_state(os.path.join(found, f"rng_state_{self.plan.rank}.pt")),
+            "scaler": (_load_state(scaler_path) if self.accelerator.scaler is not None and os.path.isfile(scaler_path)
+                       else None),
+            "best": (load_file(os.path.join(found, _BEST_FILE)) if os.path.isfile(os.path.join(found, _BEST_FILE))
+                     else None),
+        }
+        _copy_into(self.model, load_file(os.path.join(found, _WEIGHTS_FILE)))
+        return loaded
 
-    def maybe_resume(self) -> None:
-        if not self.args.resume:
-            return
-        found = _find_checkpoint(self.ckpt_root)  # type: ignore[arg-type]
-        if found is None and self.plan.is_main:  # the first start of a job that always passes resume=True
-            # stacklevel: maybe_resume <- _Run.run <- fit <- _keeps_caller_rng <- the caller
-            warnings.warn(f"resume=True but {self.ckpt_root!r} holds no complete checkpoint "
-                          f"({CHECKPOINT_NAME}/{_STATE_FILE}): starting from step 0", UserWarning, stacklevel=5)
-        if found is not None:
-            self.restore(found)
+    def _apply_resume(self, loaded: dict[str, Any]) -> None:
+        """Optimizer, schedule, scaler, RNG and training state of a checkpoint read by ``_read_resume``."""
+        self.backend.load_optimizer_state(self.pmodel, self.optimizer, loaded["optimizer"])
+        self.scheduler.load_state_dict(loaded["scheduler"])
+        if loaded["scaler"] is not None:
+            self.accelerator.scaler.load_state_dict(loaded["scaler"])
+        _set_rng_state(loaded["rng"])
+        st = loaded["json"]
+        self.state.load_json(st)
+        if loaded["best"] is not None:
+            self.state.best_weights.tensors, self.state.best_weights.step = loaded["best"], st["best_step"]
+        self.state.last_ckpt = loaded["found"]
 
     # ------------------------------------------------------------------ the loop
 
@@ -896,22 +926,20 @@ class _Run:
         return restored
 
     def _release(self) -> None:
-        """Undo what prepare() did to the caller's model (autocast wrapper, device)."""
+        """Undo what prepare() did to the caller's model (autocast wrapper, device); a sharded
+        model stays sharded (``asymlora.sharding.save_adapter_gathered`` saves it)."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        model = acc.unwrap_model(self.pmodel, keep_fp32_wrapper=False)
-        model.to(self.orig_device)
+        model = self.backend.release(self.pmodel, self.orig_device)
         model.train(self.was_training)
         acc.free_memory()
 
     def run(self) -> FitResult:
-        self.maybe_resume()
         kind = _peak_memory_start(self.device)
         t0 = time.perf_counter()
         progress = _Progress(self.args, self.plan.total, self.state.step, self.plan.is_main)
         self.pmodel.train()
-        self.tracker = _SavedTensorBytes({t.untyped_storage().data_ptr() for t in
-                                          list(self.raw.parameters()) + list(self.raw.buffers())})
+        self.tracker = _SavedTensorBytes(_storage_ptrs(self.raw))
         try:
             self._loop(progress)
             restored = self._finish()
@@ -935,7 +963,14 @@ class _Run:
             best_step=st.best_weights.step if self.args.restore_best else None, restored_best=restored,
             resumed_from_step=st.resumed_from, checkpoint_dir=st.last_ckpt, world_size=plan.world,
             global_batch_size=plan.global_batch, saved_activation_bytes=self.tracker.peak,
+            sharding=self.backend.name,
         )
+
+
+def _storage_ptrs(model: nn.Module) -> set[int]:
+    """Storage addresses of the parameters and buffers (a sharded parameter: its local shard)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return {(t.to_local() if hasattr(t, "to_local") else t).untyped_storage().data_ptr() for t in tensors}
 
 
 def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
