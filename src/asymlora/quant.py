@@ -61,6 +61,16 @@ def check_scheme(name: str | None, flag: str = "--quantize") -> str | None:
     return name
 
 
+def scheme_problem(name: str | None, flag: str = "--quantize") -> str | None:
+    """:func:`check_scheme`'s message for a bad ``name`` (None when it is fine), for commands
+    that collect every bad argument before reporting."""
+    try:
+        check_scheme(name, flag)
+    except UserError as err:
+        return str(err)
+    return None
+
+
 def scheme_of(module: nn.Module) -> str | None:
     """The scheme of a quantized linear layer (``"nf4"``, ``"fp4"``, ``"int8"``,
     ``"torchao-int8"``, or ``"torchao:<tensor class>"`` for another torchao weight), else None."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from asymlora.commands.options import add_list, add_model_and_data, add_output_dir, float_list, str_list
+from asymlora.commands.options import add_list, add_model_and_data, add_output_dir, add_quantize, float_list, str_list
 from asymlora.tasks.default import DEFAULT, DEFAULT_STRATEGIES, QUICK
 
 DESCRIPTION = """\
@@ -71,6 +71,7 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="processes running adapter runs side by side, one thread each (default: one per CPU "
                         "core, at most 2; 1 on a GPU)")
+    add_quantize(p)
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                    help="auto = bf16 (or fp16) on a GPU and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
     add_output_dir(p, "asymlora-compare", "output folder (default: ./asymlora-compare)")
@@ -97,8 +98,8 @@ def config_from_args(args: argparse.Namespace):
         max_train=pick(args.max_train, b.max_train), max_val=pick(args.max_val, b.max_val),
         max_test=pick(args.max_test, b.max_test), margin=pick(args.margin, 1.0) / 100,
         output_dir=args.output_dir, threads=args.threads, workers=args.workers, mixed_precision=args.mixed_precision,
-        target_modules=args.target_modules, quick=args.quick, progress=not args.no_progress,
-        plots=not args.no_plots,
+        target_modules=args.target_modules, quantize=args.quantize, quick=args.quick,
+        progress=not args.no_progress, plots=not args.no_plots,
     )
 
 
