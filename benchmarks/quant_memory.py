@@ -29,13 +29,14 @@ tensors (the test), so the 7B numbers are what these rules give at that size.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+
+from .common import _unique_bytes, table_script
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000)
@@ -149,14 +150,6 @@ def _module_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
                 yield t
 
 
-def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    seen: dict[tuple[str, int], int] = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
-    return sum(seen.values())
-
-
 def measured_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Real bytes of a model after an optimizer step: ``trained`` (trained tensors, their grads,
     the optimizer's state), ``frozen`` (adapter buffers ``lora_A``/``lora_B``), ``base`` (all
@@ -197,19 +190,14 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="also write the markdown table to this file")
-    args = parser.parse_args(argv)
+def report() -> str:
     shapes = llama2_7b_shapes()
-    text = (f"LLaMA-2-7B: {sum(i * o for i, o in shapes.quantized):,} numbers in {len(shapes.quantized)} "
+    return (f"LLaMA-2-7B: {sum(i * o for i, o in shapes.quantized):,} numbers in {len(shapes.quantized)} "
             f"quantizable linear layers, {shapes.other_numbers:,} elsewhere\n\n" + markdown(table(shapes)))
-    print(text)
-    if args.out:
-        from asymlora.fileio import atomic_write_text
 
-        atomic_write_text(args.out, text + "\n")
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    return table_script(__doc__.splitlines()[0], report, argv)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ LLM.int8 row-wise int8, torchao int8 weight-only, each through the library's own
 """
 from __future__ import annotations
 
-import argparse
 from typing import Callable
 
 import torch
+
+from .common import table_script
 
 RATIOS = (1e-3, 1e-2, 1e-1)
 
@@ -81,16 +82,7 @@ def markdown(results: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="also write the markdown table to this file")
-    args = parser.parse_args(argv)
-    text = markdown(measure())
-    print(text)
-    if args.out:
-        from asymlora.fileio import atomic_write_text
-
-        atomic_write_text(args.out, text + "\n")
-    return 0
+    return table_script(__doc__.splitlines()[0], lambda: markdown(measure()), argv)
 
 
 if __name__ == "__main__":

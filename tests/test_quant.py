@@ -117,6 +117,34 @@ def test_b_gradient_equals_closed_form(scheme):
     assert torch.allclose(layer.lora_B.grad, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_parameter_report_counts_every_base_weight(scheme):
+    want = asymlora.parameter_report(wrap(tiny_llama(), AsymLoraConfig.preset("b-only", r=4)))
+    got = asymlora.parameter_report(wrap(quantized_llama(scheme), AsymLoraConfig.preset("b-only", r=4)))
+    assert (got.total, got.trainable, got.adapter_frozen) == (want.total, want.trainable, want.adapter_frozen)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_fit_trains_B_and_leaves_the_quantized_base_alone(scheme):
+    """The training engine on a quantized base: loss goes down, only B moves, Ŵ stays bit-identical."""
+    from asymlora.train import TrainArgs, fit
+
+    model = quantized_llama(scheme)
+    wrap(model, AsymLoraConfig.preset("b-only", r=4, target_modules=ALL_LINEAR))
+    layers = asymlora.lora_layers(model)
+    before = {n: (quant.float_weight(l.base), l.lora_A.clone()) for n, l in layers.items()}
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 9), generator=g)]
+    collate = lambda items: {k: torch.stack([it[k] for it in items]) for k in items[0]}  # noqa: E731
+    res = fit(model, data, collate, TrainArgs(lr=1e-2, max_steps=6, batch_size=8, progress=False,
+                                              mixed_precision="no"))
+    losses = [h["loss"] for h in res.history if "loss" in h]
+    assert res.steps == 6 and losses[-1] < losses[0]
+    for n, layer in layers.items():
+        assert layer.lora_B.abs().sum() > 0
+        assert torch.equal(quant.float_weight(layer.base), before[n][0]) and torch.equal(layer.lora_A, before[n][1])
+
+
 def test_svd_init_reads_the_dequantized_weight():
     model = quantized_llama("nf4")
     w = quant.float_weight(model.model.layers[0].self_attn.q_proj)

@@ -442,6 +442,12 @@ class ParameterReport:
         return "\n".join(lines)
 
 
+def _packed_numbers(model: nn.Module) -> int:
+    """Weights that ``numel()`` does not see: a bitsandbytes 4-bit weight stores two per byte."""
+    return sum(m.in_features * m.out_features - m.weight.numel() for m in model.modules()
+               if scheme_of(m) in ("nf4", "fp4"))
+
+
 def parameter_report(model: nn.Module) -> ParameterReport:
     layers = lora_layers(model)
     per_adapter: dict[str, list[int]] = {}
@@ -457,7 +463,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     adapter_params = {i for i, (_, trained) in held.items() if trained}
     adapter_frozen = sum(n for n, trained in held.values() if not trained)
     params = list(model.parameters())
-    total = sum(p.numel() for p in params) + adapter_frozen
+    total = sum(p.numel() for p in params) + adapter_frozen + _packed_numbers(model)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     adapter_trainable = sum(p.numel() for p in params if p.requires_grad and id(p) in adapter_params)
     rows = []

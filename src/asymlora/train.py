@@ -473,6 +473,14 @@ class _SavedTensorBytes:
         return t
 
 
+def _storage_ptr(t: torch.Tensor) -> int:
+    """The data pointer of ``t``'s storage; 0 for a wrapper without one (a torchao quantized weight)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
 def _keeps_caller_rng(fn: Callable[..., FitResult]) -> Callable[..., FitResult]:
     """``fit`` seeds the global python / numpy / torch (/ CUDA) RNGs from ``args.seed`` and
     draws from them (dropout); put the caller's states back on return or raise, so a call to
@@ -691,8 +699,7 @@ def fit(
 
         pbar = tqdm(total=total, initial=step, desc=args.desc, leave=False, dynamic_ncols=True)
     pmodel.train()
-    tracker = _SavedTensorBytes({t.untyped_storage().data_ptr() for t in
-                                 list(raw.parameters()) + list(raw.buffers())})
+    tracker = _SavedTensorBytes({_storage_ptr(t) for t in list(raw.parameters()) + list(raw.buffers())})
     try:
         while step < total and not stopped_early:
             gidx = grouped(step) if grouped is not None else _stream_indices(n, args.seed, step * global_batch,
