@@ -240,6 +240,22 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 1024 ** i:.2f} {units[i]}" if i else f"{int(n)} B"
 
 
+def table_script(description: str, make_text: Callable[[], str], argv: list[str] | None = None) -> int:
+    """The ``main`` of a benchmark that prints one markdown table: ``--out FILE`` also writes it."""
+    import argparse
+
+    from asymlora.fileio import atomic_write_text
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", help="also write the markdown table to this file")
+    args = parser.parse_args(argv)
+    text = make_text()
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    return 0
+
+
 @contextmanager
 def cuda_peak() -> Iterator[dict]:
     """On CUDA: yields a dict filled with ``peak_bytes`` above the memory in use at entry."""

@@ -80,6 +80,8 @@ CASES = [
     (["train", "--strategy", "qlora", "-o", "OUT"], ["'qlora'"], "OUT"),
     (["train", "-r", "0", "-o", "OUT"], ["-r/--rank must be >= 1, got 0"], "OUT"),
     (["train", "--checkpoint-every", "0", "-o", "OUT"], ["--checkpoint-every", "0"], "OUT"),
+    (["train", "--quantize", "int4", "-o", "OUT"], ["--quantize 'int4'", "nf4, fp4, int8, torchao-int8"], "OUT"),
+    (["compare", "--quantize", "q4", "-r", "0", "-o", "OUT"], ["--quantize 'q4'", "--ranks [0]"], "OUT"),
     (["train", "--data", "/nonexistent.csv", "--model", "/nonexistent", "-o", "OUT"],
      ["'/nonexistent.csv'", "'/nonexistent'"], "OUT"),
     # theory
@@ -106,6 +108,8 @@ CASES = [
     (["run", "glue-roberta-large", "--model", "/nonexistent/m", "--data", "{t}", "-o", "OUT"],
      ["'/nonexistent/m'", "hf download"], "OUT"),
     (["run", "glue-roberta-large", "--set", "novalue", "-o", "OUT"], ["'novalue'"], "OUT"),
+    (["run", "glue-roberta-large", "--quantize", "int4", "-o", "OUT"], ["--quantize 'int4'"], "OUT"),
+    (["run", "glue-roberta-large", "--set", "quantize=int4", "-o", "OUT"], ["recipe field 'quantize': 'int4'"], "OUT"),
     # results
     (["results", "/nonexistent", "-o", "OUT"], ["/nonexistent"], "OUT"),
     (["results", "{t}/badresults", "-o", "OUT"], ["result.json", "not valid JSON"], "OUT"),

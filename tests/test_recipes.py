@@ -69,6 +69,7 @@ def _base() -> dict:
     ({"ranks": [0]}, ">= 1"),
     ({"colour": 1}, "unknown recipe keys"),
     ({"dtype": "int8"}, "int8"),
+    ({"quantize": "int4"}, "recipe field 'quantize': 'int4' is not a quantization scheme"),
     ({"train": {"lr": "fast"}}, "train.lr must be a number"),
     ({"data_args": {"max_len": 3}}, "max_len"),
     ({"strategies": [{"name": "x", "preset": "b-only", "init_A": "bogus"}]}, "bogus"),

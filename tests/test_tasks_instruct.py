@@ -173,6 +173,28 @@ def test_instruct_end_to_end(tmp_path, tiny_llama, data_dir):
     assert r["info"]["n_subjects"] == 3 and r["info"]["n_test"] == 12
 
 
+def test_instruct_on_a_quantized_base(tmp_path, tiny_llama, data_dir):
+    """The recipe field ``quantize`` (here set with --set): the base's linear layers are nf4, the
+    run trains and evaluates, and the saved adapter loads back onto an nf4 base."""
+    pytest.importorskip("bitsandbytes")
+    import asymlora
+    from asymlora import quant
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "runs"
+    rc = main(["run", "alpaca-mmlu-llama2-7b", "--model", str(tiny_llama), "--data", str(data_dir),
+               "--out", str(out), "--strategies", "b-only", "--ranks", "4", "--max-steps", "2", "--batch-size", "4",
+               "--dtype", "float32", "--mixed-precision", "no", "--set", "train.grad_accum=1",
+               "--set", "quantize=nf4", "--no-progress"])
+    assert rc == 0
+    run = out / "mmlu" / "b-only-r4" / "seed0"
+    r = json.loads((run / "result.json").read_text())
+    assert r["quantize"] == "nf4" and r["steps"] == 2 and "5shot/acc" in r["metrics"]
+    base = quant.quantize_model(AutoModelForCausalLM.from_pretrained(tiny_llama), "nf4")
+    model = asymlora.load_adapter(base, run / "adapter")
+    assert set(quant.quantized_layers(model).values()) == {"nf4"} and len(asymlora.lora_layers(model)) == 4
+
+
 def test_missing_mmlu(tmp_path, tiny_llama, capsys):
     (tmp_path / "alpaca_data.json").write_text("[]")
     rc = main(["run", "alpaca-mmlu-llama2-7b", "--model", str(tiny_llama), "--data", str(tmp_path)])

@@ -35,7 +35,7 @@ from .errors import UserError
 from .fileio import MissingFileError, atomic_path, atomic_write_text
 from .init import SEED_REPRODUCIBLE, fingerprint, fingerprints_match, init_factor
 from .adapters import attach, check_new_adapter, list_adapters, shared_frozen
-from .inject import _PLAIN_NAME, _modules_to_save, _name_matches, get_config, lora_layers, wrap
+from .inject import _PLAIN_NAME, _modules_to_save, _name_matches, factor_dtype, get_config, lora_layers, wrap
 from .layer import DEFAULT_ADAPTER, LoraLinear, factor_key, is_conv1d, linear_shape
 
 # (layer name, "A"/"B", recorded fingerprint) -> a tensor already held with that fingerprint, or None
@@ -381,13 +381,12 @@ def _add_from_file(model: nn.Module, adapter_name: str, config: AsymLoraConfig, 
 
 
 def _placed(value: torch.Tensor, base: nn.Module, trained: bool) -> torch.Tensor:
-    """A factor on the base's device: frozen in the base dtype, trained in float32 when the base
-    is half precision (as ``inject.make_factors`` does); a tensor already held is kept."""
-    weight = base.weight
-    if value.device == weight.device and (value.dtype == weight.dtype or trained):
+    """A factor on the base's device in ``inject.factor_dtype`` (frozen: the base's compute
+    dtype; trained: float32 when that is half precision); a tensor already held is kept."""
+    device, dtype = base.weight.device, factor_dtype(base, trained)
+    if value.device == device and (value.dtype == dtype or trained):
         return value
-    dtype = torch.float32 if trained and weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    return value.to(device=weight.device, dtype=dtype)
+    return value.to(device=device, dtype=dtype)
 
 
 def _placeholder_inits(config: AsymLoraConfig) -> AsymLoraConfig:

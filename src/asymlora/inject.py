@@ -18,7 +18,8 @@ from torch import nn
 from .config import AsymLoraConfig, pattern_matches
 from .init import init_factor
 from .errors import UserError
-from .layer import DEFAULT_ADAPTER, LoraLinear, check_adapter_name, dense_weight, is_supported, linear_shape
+from .layer import DEFAULT_ADAPTER, LoraLinear, check_adapter_name, is_supported, linear_shape
+from .quant import compute_dtype, dequantize_model, float_linear, float_weight, refuse_merge, scheme_of
 from .multi import install_routing, uninstall_routing
 
 # Attention projections adapted by default, per transformers model_type (the usual
@@ -187,7 +188,9 @@ def make_layer(name: str, base: nn.Module, config: AsymLoraConfig, adapter_name:
 
 
 def make_factors(name: str, base: nn.Module, config: AsymLoraConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) for one base layer from the config: seeded, on the base's device and dtype."""
+    """(A, B) for one base layer from the config: seeded, on the base's device, in
+    ``factor_dtype``. The shape comes from ``in_features``/``out_features`` (a quantized base's
+    weight is packed); the ``svd`` init reads the dequantized weight."""
     d_in, d_out = linear_shape(base)
     r = config.rank_for(name)
     if r > min(d_in, d_out):
@@ -195,23 +198,27 @@ def make_factors(name: str, base: nn.Module, config: AsymLoraConfig) -> tuple[to
             f"rank r={r} for layer {name!r} exceeds min(d_in, d_out) = min({d_in}, {d_out}); "
             f"use r <= {min(d_in, d_out)}"
         )
-    weight = base.weight
-    device, dtype = weight.device, weight.dtype
-    if not dtype.is_floating_point:
-        raise TypeError(f"layer {name!r} has a {dtype} weight; quantised bases are not supported yet")
+    device = base.weight.device
     factors = []
     for factor, init_name, shape in (("A", config.init_A, (r, d_in)), ("B", config.init_B, (d_out, r))):
-        # A trained factor of a half-precision base stays float32: AdamW updates of a bf16 B
-        # lose most of their bits. A frozen factor takes the base dtype (memory, speed).
-        trained = config.trains_A if factor == "A" else config.trains_B
-        factor_dtype = torch.float32 if trained and dtype in (torch.float16, torch.bfloat16) else dtype
+        dtype = factor_dtype(base, config.trains_A if factor == "A" else config.trains_B)
         if device.type == "meta":
-            factors.append(torch.empty(shape, device="meta", dtype=factor_dtype))
+            factors.append(torch.empty(shape, device="meta", dtype=dtype))
             continue
-        w = dense_weight(base) if init_name == "svd" else None
+        w = float_weight(base) if init_name == "svd" else None
         t = init_factor(init_name, shape, factor, config.seed, name, weight=w)
-        factors.append(t.to(device=device, dtype=factor_dtype))
+        factors.append(t.to(device=device, dtype=dtype))
     return factors[0], factors[1]
+
+
+def factor_dtype(base: nn.Module, trained: bool) -> torch.dtype:
+    """The dtype of a factor on ``base``: the dtype the base computes in (for a quantized base
+    its compute dtype, ``asymlora.quant.compute_dtype``), except that a trained factor of a
+    half-precision base is float32 — AdamW updates of a bf16 B lose most of their bits."""
+    dtype = compute_dtype(base)
+    if not dtype.is_floating_point:
+        raise TypeError(f"{type(base).__name__} computes in {dtype}; adapters need a floating-point base")
+    return torch.float32 if trained and dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def wrap(model: nn.Module, config: AsymLoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
@@ -311,10 +318,19 @@ def merge_adapters(model: nn.Module, safe: bool = False, adapter_names: Sequence
     """Fold ``adapter_names`` (default: the active adapters) into the base weights."""
     names = list(model.asymlora_active if adapter_names is None else adapter_names)
     _check_known(model, names)
+    _refuse_quantized(model, names)
     for layer in lora_layers(model).values():
         if not layer.merged and any(n in layer.slots for n in names):
             layer.merge(safe=safe, adapter_names=names)
     return model
+
+
+def _refuse_quantized(model: nn.Module, names: Sequence[str]) -> None:
+    """Before any weight changes: refuse (``asymlora.quant.refuse_merge``) if a layer to merge
+    into has a quantized base."""
+    for name, layer in lora_layers(model).items():
+        if any(n in layer.slots for n in names) and (scheme := scheme_of(layer.base)) is not None:
+            raise refuse_merge(scheme, name)
 
 
 def _check_known(model: nn.Module, names: Sequence[str]) -> None:
@@ -348,14 +364,21 @@ def _forget_adapters(model: nn.Module) -> None:
     uninstall_routing(model)
 
 
-def merge_and_unload(model: nn.Module, safe: bool = True, adapter_names: Sequence[str] | None = None) -> nn.Module:
+def merge_and_unload(model: nn.Module, safe: bool = True, adapter_names: Sequence[str] | None = None,
+                     dequantize: bool = False) -> nn.Module:
     """Fold ``adapter_names`` (default: the active adapters) into the base weights and drop every
     wrapper (a plain model remains; the other adapters are discarded).
 
     With ``safe`` (default) every delta is checked for NaN/Inf before any weight changes.
+    A quantized base (``asymlora.quant``) is refused unless ``dequantize``: then every adapted
+    quantized base becomes a float ``nn.Linear`` with ``Ŵ + ΔW`` (``Ŵ`` = the dequantized
+    weight: exactly the function the adapted model computed, up to the kernel's rounding), and
+    every other quantized linear layer becomes float ``Ŵ`` too — a float model for export.
     """
     names = list(model.asymlora_active if adapter_names is None else adapter_names)
     _check_known(model, names)
+    if not dequantize:
+        _refuse_quantized(model, names)
     layers = lora_layers(model)
     if safe:
         for name, layer in layers.items():
@@ -363,11 +386,15 @@ def merge_and_unload(model: nn.Module, safe: bool = True, adapter_names: Sequenc
                 if not torch.isfinite(layer.delta_weight(adapter)).all():
                     raise ValueError(f"refusing to merge: layer {name!r} has a NaN/Inf delta weight")
     for name, layer in layers.items():
+        if dequantize and scheme_of(layer.base) is not None:
+            layer.base = float_linear(layer.base)
         if not layer.merged and any(n in layer.slots for n in names):
             layer.merge(adapter_names=names)
         layer.merged = False  # the base now owns the merged weight
         _set_submodule(model, name, layer.base)
     _forget_adapters(model)
+    if dequantize:
+        dequantize_model(model)
     return model
 
 
@@ -415,6 +442,12 @@ class ParameterReport:
         return "\n".join(lines)
 
 
+def _packed_numbers(model: nn.Module) -> int:
+    """Weights that ``numel()`` does not see: a bitsandbytes 4-bit weight stores two per byte."""
+    return sum(m.in_features * m.out_features - m.weight.numel() for m in model.modules()
+               if scheme_of(m) in ("nf4", "fp4"))
+
+
 def parameter_report(model: nn.Module) -> ParameterReport:
     layers = lora_layers(model)
     per_adapter: dict[str, list[int]] = {}
@@ -430,7 +463,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     adapter_params = {i for i, (_, trained) in held.items() if trained}
     adapter_frozen = sum(n for n, trained in held.values() if not trained)
     params = list(model.parameters())
-    total = sum(p.numel() for p in params) + adapter_frozen
+    total = sum(p.numel() for p in params) + adapter_frozen + _packed_numbers(model)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     adapter_trainable = sum(p.numel() for p in params if p.requires_grad and id(p) in adapter_params)
     rows = []

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .quant import refuse_merge, scheme_of
 
 try:  # transformers is a dependency, but the core works on any nn.Module without it.
     from transformers.pytorch_utils import Conv1D
@@ -283,12 +284,15 @@ class LoraLinear(nn.Module):
         """Fold ΔW of ``adapter_names`` (default: the active adapters) into the base weight.
 
         ``safe``: compute the merged weight first and refuse (ValueError) if ΔW or the result
-        has a NaN/Inf, leaving the layer untouched. ``keep_original``: keep a copy of the base
+        has a NaN/Inf, leaving the layer untouched. A quantized base is refused (UserError,
+        ``asymlora.quant.refuse_merge``). ``keep_original``: keep a copy of the base
         weight so ``unmerge`` restores it bit for bit (otherwise unmerge subtracts ΔW, exact up
         to float rounding of W+ΔW−ΔW).
         """
         if self.merged:
             raise RuntimeError("adapter is already merged; call unmerge() first")
+        if (scheme := scheme_of(self.base)) is not None:
+            raise refuse_merge(scheme)
         names = [n for n in (self.active if adapter_names is None else adapter_names) if n in self.slots]
         if not names:
             raise RuntimeError(f"no adapter to merge in this layer (it has {sorted(self.slots)})")

@@ -970,7 +970,15 @@ class _Run:
 def _storage_ptrs(model: nn.Module) -> set[int]:
     """Storage addresses of the parameters and buffers (a sharded parameter: its local shard)."""
     tensors = list(model.parameters()) + list(model.buffers())
-    return {(t.to_local() if hasattr(t, "to_local") else t).untyped_storage().data_ptr() for t in tensors}
+    return {_storage_ptr(t.to_local() if hasattr(t, "to_local") else t) for t in tensors}
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    """The data pointer of ``t``'s storage; 0 for a wrapper without one (a torchao quantized weight)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
 
 
 def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

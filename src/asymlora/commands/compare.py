@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from asymlora.commands.options import add_list, add_model_and_data, add_output_dir, float_list, str_list
+from asymlora.commands.options import add_list, add_model_and_data, add_output_dir, add_quantize, float_list, str_list
 from asymlora.tasks.default import DEFAULT, DEFAULT_STRATEGIES, QUICK
 
 DESCRIPTION = """\
@@ -38,6 +38,7 @@ def register(subparsers) -> None:
     add_model_and_data(p)
     add_protocol_options(p, _compare_defaults(DEFAULT), lr_note="validation accuracy",
                          targets_note="the architecture's, query,value for BERT")
+    add_quantize(p)
     add_output_dir(p, "asymlora-compare", "output folder (default: ./asymlora-compare)")
     p.add_argument("--quick", action="store_true", help="about-a-minute smoke run of the same protocol on small subsets")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -120,7 +121,7 @@ def config_from_args(args: argparse.Namespace):
     return CompareConfig(
         model=args.model, data=args.data, text_column=args.text_column, label_column=args.label_column,
         **protocol_settings(args, _compare_defaults(QUICK if args.quick else DEFAULT)),
-        output_dir=args.output_dir, quick=args.quick, plots=not args.no_plots,
+        quantize=args.quantize, output_dir=args.output_dir, quick=args.quick, plots=not args.no_plots,
     )
 
 

@@ -115,6 +115,16 @@ def check_distinct(problems: Problems, flag: str, values: Sequence[Any] | None) 
         problems.add(f"{flag} {values!r} repeats a value")
 
 
+def add_quantize(parser: argparse.ArgumentParser, default_help: str = "none: the base stays float") -> None:
+    """``--quantize SCHEME``: load the base model's linear layers quantized (``asymlora.quant``;
+    the value is checked with ``quant.check_scheme`` before any work, with the other arguments)."""
+    from asymlora.quant import SCHEMES
+
+    parser.add_argument("--quantize", default=None, metavar="SCHEME",
+                        help=f"quantize the frozen base model's linear layers (not the head): {', '.join(SCHEMES)} "
+                             f"(QLoRA-style; needs bitsandbytes / torchao) (default: {default_help})")
+
+
 def add_model_and_data(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--data``, ``--text-column``, ``--label-column``: the text-classification
     inputs that compare, train and probe share (defaults: the bundled model and fortunes)."""

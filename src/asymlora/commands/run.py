@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from asymlora.commands.options import Problems, add_list, add_output_dir, str_list
+from asymlora.commands.options import Problems, add_list, add_output_dir, add_quantize, str_list
 from asymlora.errors import UserError
 
 
@@ -38,6 +38,7 @@ def register(subparsers) -> None:
                    help="use only the first N evaluation examples (per split / domain / MMLU subject)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model weight dtype")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16", "auto"), help="autocast mode")
+    add_quantize(p, "the recipe's quantize field, else none")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-save-adapter", action="store_true", help="do not save the trained adapters")
     p.add_argument("--force", action="store_true", help="re-run runs whose result.json exists")
@@ -59,6 +60,10 @@ def _check(args: argparse.Namespace) -> Problems:
     p.positive("--epochs", args.epochs)
     p.positive("--lr", args.lr)
     p.existing("--data", args.data)
+    from asymlora.quant import scheme_problem
+
+    if problem := scheme_problem(args.quantize):
+        p.add(problem)
     wants_gpu = [f for f, on in (("--mixed-precision fp16", args.mixed_precision == "fp16"),
                                  (f"--device {args.device}", (args.device or "").startswith("cuda"))) if on]
     if wants_gpu:
@@ -87,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, out=args.output_dir, seeds=args.seeds, tasks=args.tasks,
         strategies=args.strategies, ranks=args.ranks, max_steps=args.max_steps, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples, dtype=args.dtype, mixed_precision=args.mixed_precision,
+        max_eval_samples=args.max_eval_samples, dtype=args.dtype, quantize=args.quantize, mixed_precision=args.mixed_precision,
         save_adapter=not args.no_save_adapter, force=args.force, progress=not args.no_progress,
         device=args.device,
     )

@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from asymlora.commands.options import Problems, add_list, add_model_and_data, add_output_dir, str_list
+from asymlora.commands.options import Problems, add_list, add_model_and_data, add_output_dir, add_quantize, str_list
 from asymlora.tasks.default import DEFAULT, QUICK, TRAIN_LR
 
 DESCRIPTION = """\
@@ -39,6 +39,7 @@ def register(subparsers) -> None:
              help="adapted module names, commas or spaces (default: per architecture)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: probe all CPUs vs 1)")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
+    add_quantize(p)
     add_output_dir(p, "asymlora-train", "output folder (default: ./asymlora-train)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint if present")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (compare --quick's budget)")
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=pick(args.batch_size, b.batch_size), max_length=pick(args.max_length, b.max_length),
         max_train=b.max_train, max_val=b.max_val, max_test=b.max_test, output_dir=args.output_dir,
         threads=args.threads, mixed_precision=args.mixed_precision, target_modules=args.target_modules,
-        quick=args.quick, progress=not args.no_progress)
+        quantize=args.quantize, quick=args.quick, progress=not args.no_progress)
     problems = Problems()  # every bad argument, before any work
     problems.at_least("-r/--rank", r, 1)
     for message in cfg.problems():
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         asymlora.save_adapter(model, os.path.join(cfg.output_dir, "adapter"))
     run_info["settings"] = {"data": cfg.data, "model": task.model_path, "max_steps": cfg.max_steps, "lr": lr,
                             "patience": cfg.patience, "eval_every": cfg.eval_every, "batch_size": cfg.batch_size,
-                            "max_length": cfg.max_length, "threads": threads, "label_names": task.data.label_names}
+                            "max_length": cfg.max_length, "quantize": cfg.quantize, "threads": threads, "label_names": task.data.label_names}
     atomic_write_text(os.path.join(cfg.output_dir, "metrics.json"), json.dumps(run_info, indent=1))
     print(f"{spec.label} seed {args.seed}: test accuracy {100 * run_info['test_accuracy']:.2f}%, macro-F1 "
           f"{100 * run_info['test_macro_f1']:.2f}% at the best validation step {run_info['best_step']} of "

@@ -109,6 +109,7 @@ class CompareConfig:
     workers: int | None = None               # None = one per core (at most 2) on CPU, 1 on GPU
     mixed_precision: str = "auto"
     target_modules: list[str] | None = None
+    quantize: str | None = None              # asymlora.quant scheme of the frozen base, None = float
     quick: bool = False
     progress: bool = True
     plots: bool = True
@@ -177,6 +178,8 @@ class CompareConfig:
             out.append(f"--weight-decay {self.weight_decay!r}: must be >= 0")
         if self.mixed_precision == "fp16" and not _cuda_available():
             out.append("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16, no or auto")
+        if self.quantize is not None and (problem := _quantize_problem(self.quantize)):
+            out.append(problem)  # an unknown scheme, or its package (bitsandbytes, torchao) missing
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             out.append(f"--output-dir {self.output_dir!r} exists and is not a folder")
         return out + self.task_problems()
@@ -208,6 +211,12 @@ class CompareConfig:
                     seen.add(key)
                     out.append(spec)
         return out
+
+
+def _quantize_problem(scheme: str) -> str | None:
+    from asymlora.quant import scheme_problem
+
+    return scheme_problem(scheme)
 
 
 def _cuda_available() -> bool:

@@ -109,8 +109,16 @@ class Task:
         return self.data.num_labels
 
 
+def _accelerator() -> str | None:
+    """Where a quantized base is quantized: the GPU the runs will use, else where it is."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
+
+
 def prepare_task(cfg: Any) -> Task:
-    """Load the dataset (seeded split, capped subsets), tokenise once, load the base model.
+    """Load the dataset (seeded split, capped subsets), tokenise once, load the base model
+    (its linear layers quantized, the head left float, when ``cfg.quantize`` names a scheme).
     ``Task.timings`` holds the seconds spent loading (data + model) and tokenising."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
@@ -141,6 +149,10 @@ def prepare_task(cfg: Any) -> Task:
         model_path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
         label2id={n: i for i, n in enumerate(data.label_names)})
     head = head_name(base)
+    if getattr(cfg, "quantize", None):  # every run (and the head-only features) sees the same quantized base
+        from asymlora.quant import quantize_model
+
+        quantize_model(base, cfg.quantize, skip=[head], device=_accelerator())
     if cfg.target_modules is not None:
         from asymlora import find_target_modules
 

@@ -25,6 +25,8 @@ Schema (keys not listed are rejected)::
     modules_to_save: [classifier]
     seeds: [0, 1, 2]
     dtype: float32                    # float32 | bfloat16 | float16 (model weights)
+    quantize: nf4                     # optional: none | nf4 | fp4 | int8 | torchao-int8 (asymlora.quant):
+                                      # the frozen base's linear layers, not modules_to_save (--quantize)
     train: {lr: 4e-4, epochs: 20, batch_size: 16, ...}   # TrainArgs fields
     data_args: {max_length: 128, ...} # family-specific preprocessing
     eval_args: {...}                  # family-specific evaluation
@@ -66,7 +68,7 @@ STRATEGY_KEYS = {"name", "preset", "ranks", "r", "alpha", "scaling", "dropout", 
 RECIPE_KEYS = {
     "name", "family", "table", "model", "model_hint", "data", "data_hint", "tasks", "strategies", "ranks",
     "alpha", "target_modules", "modules_to_save", "seeds", "dtype", "train", "data_args", "eval_args",
-    "task_overrides", "notes",
+    "task_overrides", "notes", "quantize",
 }
 DTYPES = ("float32", "bfloat16", "float16")
 _ALPHA_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*r\s*$")
@@ -95,6 +97,7 @@ class Recipe:
     target_modules: list[str] | str | None = None
     modules_to_save: list[str] = field(default_factory=list)
     dtype: str = "float32"
+    quantize: str | None = None
     train: dict[str, Any] = field(default_factory=dict)
     data_args: dict[str, Any] = field(default_factory=dict)
     eval_args: dict[str, Any] = field(default_factory=dict)
@@ -186,6 +189,9 @@ def validate(recipe: Recipe) -> Recipe:
         bad = set(recipe.task_overrides[t]) - {"train", "data_args", "eval_args"}
         _require(not bad, f"task_overrides[{t}] may only hold train/data_args/eval_args, got {sorted(bad)}")
     _require(recipe.dtype in DTYPES, f"dtype {recipe.dtype!r} is not one of {DTYPES}")
+    from asymlora.quant import check_scheme
+
+    check_scheme(recipe.quantize, "recipe field 'quantize':")
     for section in [recipe.train] + [o.get("train", {}) for o in recipe.task_overrides.values()]:
         bad = set(section) - TRAIN_KEYS
         _require(not bad, f"unknown train settings {sorted(bad)}; valid: {sorted(TRAIN_KEYS)}")
@@ -228,6 +234,7 @@ def recipe_from_dict(data: Mapping[str, Any], name: str | None = None, path: str
         target_modules=data.get("target_modules"),
         modules_to_save=list(data.get("modules_to_save") or []),
         dtype=str(data.get("dtype", "float32")),
+        quantize=data.get("quantize"),
         train=_coerce_train(data.get("train") or {}, "train"),
         data_args=dict(data.get("data_args") or {}),
         eval_args=dict(data.get("eval_args") or {}),
@@ -358,6 +365,7 @@ class RunOptions:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     dtype: str | None = None
+    quantize: str | None = None  # overrides the recipe's quantize ("none" turns it off)
     mixed_precision: str | None = None
     save_adapter: bool = True
     force: bool = False
@@ -482,8 +490,10 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> list[dict[str, Any]]:
     except ImportError as err:
         raise ImportError(f"the training engine asymlora.train is not available: {err}") from err
     import asymlora
+    from asymlora.quant import check_scheme, quantize_model
 
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    scheme = check_scheme(opts.quantize if opts.quantize is not None else recipe.quantize, "--quantize")
     records: list[dict[str, Any]] = []
     prepared: dict[str, Prepared] = {}
     for task, strategy, r, seed in runs:
@@ -502,6 +512,8 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> list[dict[str, Any]]:
         _log(f"[run] {recipe.name} task={task} strategy={strategy.name} r={r} seed={seed} -> {rdir}")
         torch.manual_seed(seed)
         net = prep.build_model()
+        if scheme:  # quantized layer by layer on the training device: the float model need not fit there
+            quantize_model(net, scheme, skip=trecipe.modules_to_save, device=device)
         cfg = adapter_config(trecipe, strategy, r, seed)
         asymlora.wrap(net, cfg)
         net.to(device)
@@ -528,6 +540,7 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> list[dict[str, Any]]:
             "preset": strategy.preset,
             "r": r,
             "alpha": cfg.alpha,
+            "quantize": scheme,
             "seed": seed,
             "model": model,
             "metrics": metrics,
