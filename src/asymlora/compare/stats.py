@@ -97,11 +97,12 @@ class PairedDifference:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def line(self, scale: float = 100.0, unit: str = "pts") -> str:
+    def line(self, scale: float = 100.0, unit: str = "pts", digits: int = 1) -> str:
         """``b-only r=8 vs lora r=8: +2.1 pts [−0.4, +4.6] over 3 seeds → no worse``."""
         n = len(self.seeds)
-        ci = (f" [{scale * self.lo:+.1f}, {scale * self.hi:+.1f}]" if math.isfinite(self.lo) else "")
-        return (f"{self.method} vs {self.reference}: {scale * self.mean:+.1f} {unit}{ci} over {n} "
+        f = f"+.{digits}f"
+        ci = (f" [{scale * self.lo:{f}}, {scale * self.hi:{f}}]" if math.isfinite(self.lo) else "")
+        return (f"{self.method} vs {self.reference}: {scale * self.mean:{f}} {unit}{ci} over {n} "
                 f"seed{'s' if n != 1 else ''} → {self.verdict}")
 
 

@@ -238,6 +238,13 @@ def _settings(cfg: SFTConfig, task: LMTask, threads: int, workers: int) -> dict[
     }
 
 
+def _verdict_line(v: Any) -> str:
+    """Accuracies in points; the log-likelihood per token in nats (higher is better)."""
+    if v.metric.endswith("loglik"):
+        return f"{v.metric}: {v.line(scale=1.0, unit='nats/token', digits=3)} (margin ±{v.margin:g})"
+    return f"{v.metric}: {v.line()}"
+
+
 def _bench_rows(runs: list[dict[str, Any]], bench: dict[str | None, Any], order: list[str],
                 tasks: list[str]) -> list[dict[str, Any]]:
     """Benchmark accuracy per strategy (mean ± std over seeds) and of the base model."""
@@ -273,7 +280,7 @@ def _assemble(cfg: SFTConfig, settings: dict[str, Any], specs: list[Any], runs: 
     return {
         "complete": complete, "settings": settings, "lr_selection": selections,
         "summary": summarize(runs, order, SUMMARY_KEYS), "benchmarks": _bench_rows(runs, bench, order, cfg.tasks),
-        "paired_verdicts": [v.to_dict() for v in verdicts], "verdict_lines": [f"{v.metric}: {v.line()}" for v in verdicts],
+        "paired_verdicts": [v.to_dict() for v in verdicts], "verdict_lines": [_verdict_line(v) for v in verdicts],
         "runs": runs, "phases_s": phases.to_dict(), "total_time_s": round(time.perf_counter() - t_start, 1),
     }
 
