@@ -167,3 +167,15 @@ def test_pooled_stderr_closed_form():
     within = sum(sum((x - np.mean(g)) ** 2 for x in g) for g in groups)  # Σ_j (n_j-1)·s_j²
     want = math.sqrt(within / (sum(sizes) - len(groups)) / sum(sizes))
     assert metrics.pooled_stderr(errs, sizes) == pytest.approx(want)
+
+
+def test_stderr_formulas_are_lm_evals():
+    """The same numbers as lm-eval's own functions (its mean_stderr; its pooled_sample_stderr,
+    which a size-weighted group applies to its leaf tasks: for MMLU, the subjects)."""
+    lm_metrics = pytest.importorskip("lm_eval.api.metrics")
+    rng = np.random.default_rng(0)
+    groups = [list(rng.integers(0, 2, size=n).astype(float)) for n in (2, 5, 9, 30)]
+    errs = [metrics.mean_stderr(g) for g in groups]
+    assert errs == pytest.approx([lm_metrics.mean_stderr(g) for g in groups])
+    assert metrics.pooled_stderr(errs, [len(g) for g in groups]) == pytest.approx(
+        float(lm_metrics.pooled_sample_stderr(errs, [len(g) for g in groups])))
