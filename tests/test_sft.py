@@ -158,6 +158,8 @@ def test_sft_protocol_end_to_end(tiny_chat_llama, tmp_path, monkeypatch):
         losses = {g["lr"]: g["val_loss"] for g in sel["grid"]}
         assert sel["chosen_lr"] == min(losses, key=losses.get)
     assert len(res["runs"]) == 4
+    untuned = res["settings"]["base_model_test"]
+    assert untuned["test_loss"] == pytest.approx(response_nll(ResponseOnlyLM(lm), task.test_batches), rel=1e-5)
     for run in res["runs"]:
         assert run["val_loss"] < base_loss - 2.0, (run["strategy"], run["val_loss"], base_loss)
         fresh, _ = _load(tiny_chat_llama)

@@ -31,7 +31,7 @@ from asymlora.compare.task import set_threads
 from asymlora.compare.workers import InProcess, Job, Pool, worker_count
 from asymlora.fileio import atomic_write_text
 from asymlora.sft.config import SFTConfig
-from asymlora.sft.run import LMTask, prepare_lm_task, train_one
+from asymlora.sft.run import LMTask, prepare_lm_task, score_test, train_one
 
 __all__ = ["run_sft", "score_saved_run", "format_sft_table", "format_bench_table"]
 
@@ -141,6 +141,11 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
     workers = worker_count(cfg, specs)
     settings = _settings(cfg, task, threads, workers)
     os.makedirs(cfg.output_dir, exist_ok=True)
+    t = time.perf_counter()
+    settings["base_model_test"] = score_test(task.lm, task, cfg)  # the "before" of every run's "after"
+    phases.add("eval", time.perf_counter() - t)
+    _log(f"untuned: test loss {settings['base_model_test']['test_loss']:.4f}  exact match "
+         f"{100 * settings['base_model_test']['test_exact_match']:.1f}")
     sched = _Schedule(specs, cfg, phases, report_run=_report_run)
     _log(f"asymlora sft: {settings['model_name']} ({settings['model_params'] / 1e6:.0f}M params) on "
          f"{cfg.data} question→answer pairs: train {task.sizes['train']} / val {task.sizes['val']} / test "
@@ -297,6 +302,9 @@ def format_sft_table(results: dict[str, Any]) -> str:
                      f"{100 * row['test_exact_match_std']:<4.2f} {row['test_loss_mean']:>8.4f} ± "
                      f"{row['test_loss_std']:<6.4f}{row['val_loss_mean']:>8.4f} {row['steps_mean']:>7.0f} "
                      f"({row['best_step_mean']:.0f}) {row['adapter_params']:>10,}")
+    base = results["settings"].get("base_model_test")
+    if base:
+        lines.append(f"{'untuned':<12} {'':>7} {100 * base['test_exact_match']:>8.2f}{'':7} {base['test_loss']:>8.4f}")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from asymlora.sft.config import SFTConfig
 from asymlora.sft.data import ChatQADataset, QAPair, collate_chat, load_qa, split_qa
 from asymlora.sft.model import ResponseOnlyLM, exact_match_rate, generate_answers, response_nll
 
-__all__ = ["LMTask", "prepare_lm_task", "train_one", "adapter_dir"]
+__all__ = ["LMTask", "prepare_lm_task", "train_one", "score_test", "adapter_dir"]
 
 
 @dataclass
@@ -77,6 +77,17 @@ def adapter_dir(cfg: SFTConfig, label: str, seed: int, lr: float) -> str:
     return os.path.join(cfg.output_dir, "adapters", f"{slug}-seed{seed}-lr{lr:g}")
 
 
+def score_test(lm: Any, task: LMTask, cfg: SFTConfig) -> dict[str, Any]:
+    """Test response loss, exact match of greedy answers and the first 20 answers of ``lm`` (the
+    base model before tuning, or a tuned one), at the precision the runs validate at."""
+    with autocast(resolve_precision(cfg.mixed_precision)):
+        loss = response_nll(ResponseOnlyLM(lm), task.test_batches)
+        answers = generate_answers(lm, task.tokenizer, task.test_pairs, max_length=cfg.max_length,
+                                   max_new_tokens=cfg.max_new_tokens)
+    return {"test_loss": loss, "test_loglik": -loss, "test_exact_match": exact_match_rate(answers, task.test_pairs),
+            "test_answers": answers[:20]}
+
+
 def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTConfig, *,
               desc: str) -> tuple[dict[str, Any], float]:
     """One strategy × seed at ``lr``; returns (record, seconds spent evaluating)."""
@@ -105,11 +116,7 @@ def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTCo
                      progress=cfg.progress, desc=desc)
     res = fit(model, task.train, task.collate, args, eval_fn=score_val)
     t = time.perf_counter()
-    with autocast(precision):  # scored at the precision validation ran at
-        test_loss = response_nll(model, task.test_batches)
-        answers = generate_answers(lm, task.tokenizer, task.test_pairs, max_length=cfg.max_length,
-                                   max_new_tokens=cfg.max_new_tokens)
-    test_em = exact_match_rate(answers, task.test_pairs)
+    test = score_test(lm, task, cfg)
     out = adapter_dir(cfg, spec.label, seed, lr)
     asymlora.save_adapter(lm, out)
     eval_s[0] += time.perf_counter() - t
@@ -118,8 +125,7 @@ def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTCo
         "strategy": spec.label, "preset": spec.preset, "rank": spec.rank, "seed": seed, "lr": lr,
         "trainable_params": res.trainable_params, "adapter_params": asymlora.parameter_report(lm).adapter_trainable,
         "val_loss": res.best_metric if res.best_metric is not None else res.final_metrics.get("val_loss"),
-        "test_loss": test_loss, "test_loglik": -test_loss, "test_exact_match": test_em,
-        "test_answers": answers[:20],
+        **test,
         "best_step": res.best_step if res.best_step is not None else res.steps, "steps": res.steps,
         "max_steps": cfg.max_steps, "stopped_early": res.stopped_early,
         "val_slope_last_quarter": curve_slope([s for s, _ in evals], [v for _, v in evals]),
