@@ -36,7 +36,7 @@ import torch
 from asymlora.commands.options import plural
 from asymlora.compare.config import CompareConfig, StrategySpec
 from asymlora.compare.run import autocast, resolve_precision, train_one
-from asymlora.compare.task import Task, head_features, prepare_task, set_threads
+from asymlora.compare.task import Task, head_features, prepare_task, threads_for_run
 from asymlora.compare.workers import InProcess, Job, Pool, worker_count
 from asymlora.fileio import atomic_write_text
 
@@ -230,12 +230,8 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     t_start = time.perf_counter()
-    prev_threads = torch.get_num_threads()
-    threads, probe = set_threads(cfg.threads)
-    try:
+    with threads_for_run(cfg.threads) as (threads, probe):
         return _run(cfg, threads, probe, t_start)
-    finally:
-        torch.set_num_threads(prev_threads)
 
 
 def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: float) -> dict[str, Any]:

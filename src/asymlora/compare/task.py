@@ -4,10 +4,11 @@ features that the head-only baseline trains on.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -61,6 +62,19 @@ def set_threads(threads: int | None) -> tuple[int, dict[int, float]]:
     n, times = _probe_threads([avail, 1])
     torch.set_num_threads(n)
     return n, times
+
+
+@contextlib.contextmanager
+def threads_for_run(threads: int | None) -> Iterator[tuple[int, dict[int, float]]]:
+    """``set_threads(threads)`` for the duration of a protocol run; the caller's thread count is
+    put back afterwards, whatever happens."""
+    import torch
+
+    prev = torch.get_num_threads()
+    try:
+        yield set_threads(threads)
+    finally:
+        torch.set_num_threads(prev)
 
 
 def reinit_head(model: Any, seed: int, head: str = "classifier") -> None:

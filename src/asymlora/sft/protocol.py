@@ -27,7 +27,7 @@ from asymlora.commands.options import plural
 from asymlora.compare.protocol import Phases, _run_all, _Schedule
 from asymlora.compare.report import paired_verdicts, summarize
 from asymlora.compare.stats import mean_std
-from asymlora.compare.task import set_threads
+from asymlora.compare.task import threads_for_run
 from asymlora.compare.workers import InProcess, Job, Pool, worker_count
 from asymlora.fileio import atomic_write_text
 from asymlora.sft.config import SFTConfig
@@ -124,12 +124,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t_start = time.perf_counter()
-    prev_threads = torch.get_num_threads()
-    threads, _ = set_threads(cfg.threads)
-    try:
+    with threads_for_run(cfg.threads) as (threads, _):
         return _run(cfg, threads, t_start)
-    finally:
-        torch.set_num_threads(prev_threads)
 
 
 def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
@@ -202,12 +198,8 @@ def score_saved_run(cfg: SFTConfig) -> dict[str, Any]:
         raise UserError(f"--benchmarks-only: adapter folder(s) missing: {', '.join(missing)}")
     names = settings.get("strategy_names") or [s.split(" r=")[0] for s in settings["strategies"]]
     specs = SFTConfig(strategies=names, ranks=settings["ranks"]).runs()
-    prev_threads = torch.get_num_threads()
-    set_threads(cfg.threads)
-    try:
+    with threads_for_run(cfg.threads):
         bench = _run_benchmarks(cfg, runs, worker_count(cfg, specs), lambda: _prepare_bench(cfg))
-    finally:
-        torch.set_num_threads(prev_threads)
     phases = Phases()
     for name, seconds in saved["phases_s"].items():
         phases.add(name, seconds)
