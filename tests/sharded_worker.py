@@ -121,3 +121,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # an orderly shutdown: with gloo (and DeepSpeed's shared-memory op) threads still alive at
+        # interpreter exit, a rank can die in std::terminate (seen once in a full-suite run)
+        dist.barrier()
+        dist.destroy_process_group()
