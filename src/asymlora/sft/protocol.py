@@ -205,9 +205,9 @@ def score_saved_run(cfg: SFTConfig) -> dict[str, Any]:
         phases.add(name, seconds)
     phases.add("benchmarks", time.perf_counter() - t_start)
     settings.update(tasks=cfg.tasks, bench_limit=cfg.bench_limit, mmlu_limit=cfg.mmlu_limit, shots=cfg.shots)
+    # the total counts the saved run's time plus this scoring
     results = _assemble(cfg, settings, specs, runs, saved["lr_selection"], bench, phases,
-                        time.perf_counter() - saved["total_time_s"], complete=True)
-    results["total_time_s"] = round(saved["total_time_s"] + time.perf_counter() - t_start, 1)
+                        t_start - saved["total_time_s"], complete=True)
     atomic_write_text(path, json.dumps(results, indent=1))
     atomic_write_text(os.path.join(cfg.output_dir, "results.md"), format_sft_markdown(results))
     return results

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from asymlora.compare.config import StrategySpec
-from asymlora.compare.run import autocast, resolve_precision
+from asymlora.compare.run import _Timed, autocast, resolve_precision
 from asymlora.compare.stats import curve_slope
 from asymlora.sft.config import SFTConfig
 from asymlora.sft.data import ChatQADataset, QAPair, collate_chat, load_qa, split_qa
@@ -99,13 +99,7 @@ def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTCo
     asymlora.wrap(lm, acfg)
     model = ResponseOnlyLM(lm)
     precision = resolve_precision(cfg.mixed_precision)
-    eval_s = [0.0]
-
-    def score_val(m: ResponseOnlyLM) -> dict[str, float]:
-        t = time.perf_counter()
-        loss = response_nll(m, task.val_batches)
-        eval_s[0] += time.perf_counter() - t
-        return {"val_loss": loss}
+    score_val = _Timed(lambda m: {"val_loss": response_nll(m, task.val_batches)})
 
     args = TrainArgs(lr=lr, max_steps=cfg.max_steps, batch_size=cfg.batch_size, seed=seed, eval_every=cfg.eval_every,
                      warmup_steps=min(cfg.warmup_steps, cfg.max_steps - 1), lr_schedule="constant",
@@ -119,7 +113,7 @@ def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTCo
     test = score_test(lm, task, cfg)
     out = adapter_dir(cfg, spec.label, seed, lr)
     asymlora.save_adapter(lm, out)
-    eval_s[0] += time.perf_counter() - t
+    eval_s = score_val.seconds + time.perf_counter() - t
     evals = [(h["step"], h["val_loss"]) for h in res.history if "val_loss" in h]
     record = {
         "strategy": spec.label, "preset": spec.preset, "rank": spec.rank, "seed": seed, "lr": lr,
@@ -130,8 +124,8 @@ def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTCo
         "max_steps": cfg.max_steps, "stopped_early": res.stopped_early,
         "val_slope_last_quarter": curve_slope([s for s, _ in evals], [v for _, v in evals]),
         "final_train_loss": res.final_metrics.get("train_loss"),
-        "wall_time_s": res.wall_time_s + (time.perf_counter() - t), "eval_time_s": eval_s[0],
+        "wall_time_s": res.wall_time_s + (time.perf_counter() - t), "eval_time_s": eval_s,
         "peak_memory_bytes": res.peak_memory_bytes, "peak_memory_kind": res.peak_memory_kind,
         "adapter_dir": os.path.abspath(out), "history": res.history,
     }
-    return record, eval_s[0]
+    return record, eval_s
