@@ -212,7 +212,7 @@ def test_compare_quick_end_to_end_learns(tmp_path, capsys):
     assert "lr for b-only r=4:" in printed and " vs lora r=4: " in printed
     names = sorted(os.listdir(out))
     assert names == ["lr_selection.png", "metric_by_strategy.png", "results.csv", "results.json", "results.md",
-                     "training_curves.png"]
+                     "training_curves.png", "verdicts.png"]  # the pilots' checkpoints (runs/) are gone
     res = json.loads((out / "results.json").read_text())
     assert res["complete"] is True
     s = res["settings"]
@@ -231,14 +231,19 @@ def test_compare_quick_end_to_end_learns(tmp_path, capsys):
             assert row["test_accuracy_mean"] > maj + 0.05, row  # every adapter strategy learns
     # the lr of each strategy is the validation argmax of its pilot runs on the first seed
     for sel in res["lr_selection"]:
-        best = max(sel["grid"], key=lambda g: (g["val_accuracy"], -g["lr"]))
+        finished = [g for g in sel["grid"] if g["pruned_at_step"] is None]
+        best = max(finished, key=lambda g: (g["val_accuracy"], -g["lr"]))
         assert sel["chosen_lr"] == best["lr"]
         first = [run for run in res["runs"] if run["strategy"] == sel["strategy"] and run["seed"] == s["seeds"][0]]
         assert len(first) == 1 and first[0]["lr"] == best["lr"] and first[0]["val_accuracy"] == best["val_accuracy"]
+    assert s["stopping"] == "budget" and s["rungs"] == [40]
     for run in res["runs"]:
         evals = {h["step"]: h["val_accuracy"] for h in run["history"] if "val_accuracy" in h}
-        assert run["val_accuracy"] == max(evals.values()) == evals[run["best_step"]]  # best step restored
-        assert run["steps"] <= s["max_steps"]
+        # the fixed budget: every run trains every step and is scored with its final weights
+        assert run["steps"] == run["best_step"] == s["max_steps"]
+        assert run["val_accuracy"] == evals[s["max_steps"]]
+        lrs = [h["lr"] for h in run["history"]]
+        assert max(lrs) == pytest.approx(run["lr"]) and lrs[-1] < run["lr"] / (s["max_steps"] - s["warmup_steps"]) * 1.01
     assert set(res["phases_s"]) == {"load", "tokenise", "features", "pilot", "train", "eval", "report"}
     # a frozen A keeps only A·x for backward; LoRA also keeps x for A's gradient; the head alone keeps least
     act = {row["strategy"]: row["saved_activation_bytes_mean"] for row in res["summary"]}
@@ -256,7 +261,7 @@ def test_compare_quick_end_to_end_learns(tmp_path, capsys):
     assert len(rows) == len(res["runs"]) and float(rows[0]["test_accuracy"]) == res["runs"][0]["test_accuracy"]
     md = (out / "results.md").read_text()
     assert "| strategy |" in md and " vs lora r=4: " in md
-    for png in ("metric_by_strategy.png", "training_curves.png", "lr_selection.png"):
+    for png in ("metric_by_strategy.png", "training_curves.png", "lr_selection.png", "verdicts.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert not [n for n in os.listdir(out) if n.startswith(".")]  # no temp files left behind

@@ -125,6 +125,11 @@ class TrainArgs:
     plateau); ``restore_best`` still keeps the truly best weights.
     ``group_by_length``: batches of similar length (the dataset must have ``lengths()``; see
     ``_epoch_batches``).
+    ``pause_at``: stop after this optimizer step with a checkpoint in ``output_dir`` (evaluated
+    there when ``eval_every`` divides it), as if the run had been interrupted; ``fit`` with
+    ``resume=True`` and the same settings continues it bit for bit. The schedule still runs to
+    ``max_steps``: a paused run is a prefix of the full one (used by the learning-rate search
+    to look at a run part-way and stop paying for it when it is clearly losing).
 
     ``sharding``: None (as launched: an Accelerate FSDP/DeepSpeed config is honoured, else
     none), "none", "fsdp2", "zero2" or "zero3" (see ``asymlora.sharding``). A sharding that
@@ -158,6 +163,7 @@ class TrainArgs:
     progress: bool = True
     desc: str = "train"
     sharding: str | None = None
+    pause_at: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and what is valid."""
@@ -203,6 +209,10 @@ class TrainArgs:
             bad("seed", "must be an int")
         if self.sharding is not None and self.sharding not in SHARDINGS:
             bad("sharding", f"must be None or one of {', '.join(SHARDINGS)}")
+        if self.pause_at is not None and (not isinstance(self.pause_at, int) or self.pause_at < 1):
+            bad("pause_at", "must be None or an int >= 1")
+        if self.pause_at is not None and self.output_dir is None:
+            bad("pause_at", "needs output_dir (the paused run is a checkpoint there)")
         if self.sharding in SHARDED and self.restore_best:
             bad("restore_best", f"is not supported with sharding={self.sharding!r} (the best weights would have to "
                 "be re-sharded): keep it False and pick the best checkpoint by its evaluation")
@@ -238,6 +248,7 @@ class FitResult:
     global_batch_size: int = 0
     saved_activation_bytes: int = 0
     sharding: str = "none"
+    paused: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -640,7 +651,9 @@ class _Run:
 
     def __init__(self, model: nn.Module, train_dataset: Sequence[Any], collate_fn: Callable[[list[Any]], dict],
                  args: TrainArgs, eval_fn: Callable[[nn.Module], dict[str, float]] | None,
-                 loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None) -> None:
+                 loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None,
+                 make_optimizer: Callable[[Sequence[tuple[str, nn.Parameter]]], torch.optim.Optimizer] | None = None
+                 ) -> None:
         self.model, self.data, self.collate_fn = model, train_dataset, collate_fn
         self.args, self.eval_fn, self.loss_fn = args, eval_fn, loss_fn
         self.named_trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
@@ -665,7 +678,8 @@ class _Run:
             os.makedirs(self.ckpt_root, exist_ok=True)
         resume = self._read_resume()  # the trainable weights go in before the model is sharded
         self.was_training = model.training
-        self.pmodel, self.optimizer, inner = self.backend.prepare(model, lambda named: _adamw(named, args))
+        factory = make_optimizer or (lambda named: _adamw(named, args))
+        self.pmodel, self.optimizer, inner = self.backend.prepare(model, factory)
         self.raw = self.backend.unwrap(self.pmodel)
         check_in_force(self.backend, self.raw, self.plan.world)
         self.named_trainable = [(k, p) for k, p in self.raw.named_parameters() if p.requires_grad]
@@ -766,7 +780,11 @@ class _Run:
     def _checkpoint_due(self) -> bool:
         step, every = self.state.step, self.args.checkpoint_every
         return self.ckpt_root is not None and (
-            (every is not None and step % every == 0) or step == self.plan.total or self.state.stopped_early)
+            (every is not None and step % every == 0) or step == self.plan.total or self.state.stopped_early
+            or step == self.args.pause_at)
+
+    def _paused(self) -> bool:
+        return self.args.pause_at is not None and self.state.step >= self.args.pause_at
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -895,7 +913,7 @@ class _Run:
 
     def _loop(self, progress: _Progress) -> None:
         st = self.state
-        while st.step < self.plan.total and not st.stopped_early:
+        while st.step < self.plan.total and not st.stopped_early and not self._paused():
             rec = self.train_step()
             if self._eval_due():
                 st.last_eval = self.evaluate()
@@ -912,6 +930,8 @@ class _Run:
         a run without eval_every still gets one final evaluation. Returns whether the best
         weights were put back (``restore_best``)."""
         st = self.state
+        if self._paused() and st.step < self.plan.total:
+            return False  # a paused run is a prefix: no final evaluation, nothing restored
         if self.eval_fn is not None and not st.last_eval:
             st.last_eval = self.evaluate()
             if st.history:
@@ -963,7 +983,7 @@ class _Run:
             best_step=st.best_weights.step if self.args.restore_best else None, restored_best=restored,
             resumed_from_step=st.resumed_from, checkpoint_dir=st.last_ckpt, world_size=plan.world,
             global_batch_size=plan.global_batch, saved_activation_bytes=self.tracker.peak,
-            sharding=self.backend.name,
+            sharding=self.backend.name, paused=self._paused() and st.step < plan.total,
         )
 
 
@@ -1000,6 +1020,7 @@ def fit(
     args: TrainArgs,
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
+    make_optimizer: Callable[[Sequence[tuple[str, nn.Parameter]]], torch.optim.Optimizer] | None = None,
 ) -> FitResult:
     """Train the ``requires_grad`` parameters of ``model`` on ``train_dataset``.
 
@@ -1009,13 +1030,15 @@ def fit(
     ``eval_every`` steps and at the end, and its results are shared with all processes.
     The model is trained in place; on return it is back on its original device. The global
     RNG states are seeded from ``args.seed`` during the run and restored on return.
+    ``make_optimizer(named_trainable)`` replaces the default AdamW (e.g. PEFT's LoRA-FA
+    optimizer); the lr schedule drives whatever it returns.
     """
     if not isinstance(args, TrainArgs):
         raise ValueError(f"args must be a TrainArgs, got {type(args).__name__}")
     args.validate()
     if len(train_dataset) == 0:
         raise ValueError("train_dataset is empty: need at least one example")
-    return _Run(model, train_dataset, collate_fn, args, eval_fn, loss_fn).run()
+    return _Run(model, train_dataset, collate_fn, args, eval_fn, loss_fn, make_optimizer).run()
 
 
 def _maybe_save_adapter(model: nn.Module, path: str) -> None:

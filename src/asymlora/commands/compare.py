@@ -8,32 +8,37 @@ from asymlora.commands.options import add_list, add_model_and_data, add_output_d
 from asymlora.tasks.default import DEFAULT, DEFAULT_STRATEGIES, QUICK
 
 DESCRIPTION = """\
-Fine-tune a pretrained classifier with each strategy at its own learning rate until validation
-stops improving, over paired seeds; print and save the table (test accuracy and macro-F1, mean ±
-std over seeds), the chosen rates, and one verdict line per strategy against LoRA at the same r
-(mean paired difference with its 95 % t-interval).
+Fine-tune a pretrained classifier with each strategy at its own learning rate, over paired seeds;
+print and save the table (test accuracy and macro-F1, mean ± std over seeds), the chosen rates,
+and one verdict line per strategy against LoRA at the same r (mean paired difference with its 95 %
+t-interval), drawn in verdicts.png.
 
-Protocol: for each strategy, one run per rate of --lrs on the first seed picks the rate by
-validation accuracy (a best rate on the grid's edge is reported, or with --max-lr-extensions the
-grid is extended past it); the other
-seeds train at that rate. Every run: warm-up, constant rate, validation every --eval-every steps,
-stop after --patience evaluations without a new best (counted from --min-steps; at most
---max-steps), test scored with the weights of the best validation step.
+Protocol: for each strategy, one pilot run per rate of --lrs on the first seed picks the rate by
+validation accuracy at the end of the run (a best rate on the grid's edge gets --max-lr-extensions
+more rates beyond it); a pilot clearly losing at 1/4 or 1/2 of the budget (its best possible final
+score below the leader's current one, by more than the noise) stops there (--no-prune: never). The
+other seeds train at the chosen rate. Every run (--stopping budget): --max-steps steps, warm-up,
+then a linearly decaying rate, scored on test with its final weights — a budget shown long enough
+by a twin run at twice the steps giving the same verdict (README). --stopping plateau: the older
+rule (constant rate, stop after --patience evaluations without a new best, best weights restored).
 
 With no arguments: the bundled all-MiniLM-L6-v2 encoder on topic classification of Debian
 fortunes (5 classes); strategies head-only, lora r=8 and b-only r=8; lr grid 1e-3, 3e-3, 1e-2;
-seeds 0 1 2; batch 16, 48 tokens. About 8 minutes on 2 idle CPU cores (adding a-only and
-b-only@2r: about 20). Writes results.json (with the time per phase), results.csv, results.md,
-metric_by_strategy.png, training_curves.png and lr_selection.png.
+seeds 0 1 2; 240 steps of batch 16, 48 tokens. Measured on 2 CPU cores: see the README
+("The main job") for both CPU kinds — with native bf16 (AVX512-BF16/AMX) and without (AVX2 only,
+fp32, or --mixed-precision no). Writes results.json (with the time per phase), results.csv,
+results.md, metric_by_strategy.png, training_curves.png, lr_selection.png and verdicts.png.
 
-Strategies: lora | b-only | a-only | head-only, with an optional @Kr suffix (rank K·r).
+Strategies: lora | b-only | a-only | head-only | peft-lora | peft-lora-fa, with an optional @Kr
+suffix (rank K·r). peft-lora is PEFT's own LoraModel on the same layers, rank, alpha and head;
+peft-lora-fa trains it with PEFT's LoRA-FA optimizer (A frozen at its Kaiming init).
 --data: fortunes | tweets | a .csv/.tsv/.jsonl/.json file with text and label columns |
 a folder written by datasets' save_to_disk.
 """
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("compare", help="compare lora / b-only / a-only / head-only on a real task",
+    p = subparsers.add_parser("compare", help="compare lora / b-only / a-only / head-only / PEFT's methods on a real task",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_data(p)
     add_protocol_options(p, _compare_defaults(DEFAULT), lr_note="validation accuracy",
@@ -47,7 +52,8 @@ def register(subparsers) -> None:
 
 def _compare_defaults(b) -> dict:
     return dict(strategies=list(DEFAULT_STRATEGIES), ranks=[b.r], seeds=list(b.seeds), lrs=list(b.lrs),
-                max_lr_extensions=b.max_lr_extensions, max_steps=b.max_steps, eval_every=b.eval_every,
+                max_lr_extensions=b.max_lr_extensions, stopping="budget", max_steps=b.max_steps,
+                eval_every=b.eval_every,
                 patience=b.patience, min_steps=b.min_steps, warmup_steps=b.warmup_steps, batch_size=b.batch_size,
                 max_length=b.max_length, max_train=b.max_train, max_val=b.max_val, max_test=b.max_test)
 
@@ -74,14 +80,22 @@ def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targ
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every strategy (no selection)")
     p.add_argument("--max-lr-extensions", type=int, default=None,
                    help="when the best rate is at an edge of the grid, try up to N further rates beyond it "
-                        f"(default: {d['max_lr_extensions']} = only report it)")
+                        f"(default: {d['max_lr_extensions']}; 0 = only report it)")
+    p.add_argument("--stopping", choices=["budget", "plateau"], default=None,
+                   help="budget: every run trains --max-steps steps with a linearly decaying rate and keeps its "
+                        "final weights; plateau: constant rate, stop after --patience evaluations without a new "
+                        f"best, best weights restored (default: {d['stopping']})")
     p.add_argument("--max-steps", "--steps", type=int, default=None, dest="max_steps",
-                   help=f"step cap of a run; runs normally stop earlier, on a plateau (default: {d['max_steps']})")
-    p.add_argument("--eval-every", type=int, default=None, help=f"validate every N steps (default: {d['eval_every']})")
+                   help=f"steps of every run (budget), or its step cap (plateau) (default: {d['max_steps']})")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help=f"validate every N steps (budget: the lr search's pilot runs) (default: {d['eval_every']})")
     p.add_argument("--patience", type=int, default=None,
-                   help=f"stop after N evaluations without a new best (default: {d['patience']})")
+                   help=f"plateau: stop after N evaluations without a new best (default: {d['patience']})")
     p.add_argument("--min-steps", type=int, default=None,
-                   help=f"evaluations before this step do not use up patience (default: {d['min_steps']})")
+                   help=f"plateau: evaluations before this step do not use up patience (default: {d['min_steps']})")
+    p.add_argument("--no-prune", action="store_true",
+                   help="run every pilot of the lr search to the end (default: a pilot that is clearly losing at "
+                        "1/4 or 1/2 of the budget stops there)")
     p.add_argument("--warmup-steps", type=int, default=None, help=f"linear warm-up steps (default: {d['warmup_steps']})")
     p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {d['batch_size']})")
     p.add_argument("--max-length", type=int, default=None, help=f"max tokens per text (default: {d['max_length']})")
@@ -101,15 +115,17 @@ def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targ
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-_PROTOCOL_KEYS = ("strategies", "ranks", "seeds", "lrs", "max_lr_extensions", "max_steps", "eval_every", "patience",
-                  "min_steps", "warmup_steps", "batch_size", "max_length", "max_train", "max_val", "max_test")
+_PROTOCOL_KEYS = ("strategies", "ranks", "seeds", "lrs", "max_lr_extensions", "stopping", "max_steps", "eval_every",
+                  "patience", "min_steps", "warmup_steps", "batch_size", "max_length", "max_train", "max_val",
+                  "max_test")
 
 
 def protocol_settings(args: argparse.Namespace, d: dict) -> dict:
     """The protocol fields of a config: each flag given, else its default from ``d``."""
     out = {k: d[k] if getattr(args, k) is None else getattr(args, k) for k in _PROTOCOL_KEYS}
     out.update(lr=args.lr, margin=(1.0 if args.margin is None else args.margin) / 100, threads=args.threads,
-               workers=args.workers, mixed_precision=args.mixed_precision, progress=not args.no_progress)
+               workers=args.workers, mixed_precision=args.mixed_precision, progress=not args.no_progress,
+               prune=not args.no_prune)
     if args.target_modules is not None:
         out["target_modules"] = args.target_modules
     return out
@@ -137,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     for sel in results["lr_selection"]:
         grid = "  ".join(f"{g['lr']:g}: {100 * g['val_accuracy']:.1f}" for g in sel["grid"])
         edge = (f"  — on the {sel['at_edge']} edge of the grid: the best rate may lie beyond it (widen --lrs "
-                f"or set --max-lr-extensions 1)" if sel.get("at_edge") else "")
+                f"or raise --max-lr-extensions)" if sel.get("at_edge") else "")
         print(f"lr for {sel['strategy']}: {sel['chosen_lr']:g}   (validation accuracy by lr, seed "
               f"{cfg.seeds[0]}: {grid}){edge}")
     if results["verdict_lines"]:
@@ -149,5 +165,5 @@ def run(args: argparse.Namespace) -> int:
     out = os.path.abspath(cfg.output_dir)
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in results["phases_s"].items())
     print(f"\ntotal {results['total_time_s']:.0f} s ({phases}); wrote {out}/results.json, results.csv, results.md"
-          + ("" if not cfg.plots else ", metric_by_strategy.png, training_curves.png, lr_selection.png"))
+          + ("" if not cfg.plots else ", metric_by_strategy.png, training_curves.png, lr_selection.png, verdicts.png"))
     return 0

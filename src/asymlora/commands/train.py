@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = CompareConfig(
         model=args.model, data=args.data, text_column=args.text_column, label_column=args.label_column,
         strategies=[args.strategy], ranks=[r], seeds=[args.seed], lr=lr, max_steps=pick(args.steps, b.max_steps),
+        stopping="plateau",  # one run on its own: stop on its validation plateau, best weights restored
         eval_every=eval_every, patience=pick(args.patience, b.patience), min_steps=b.min_steps,
         warmup_steps=b.warmup_steps,
         batch_size=pick(args.batch_size, b.batch_size), max_length=pick(args.max_length, b.max_length),

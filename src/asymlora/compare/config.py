@@ -1,8 +1,12 @@
 """What one ``asymlora compare`` run is: the strategies, the protocol's settings, validation.
 
-Strategies (DESIGN.md §1): ``lora`` (A kaiming, B zero, both trained), ``b-only`` (A random
-orthonormal frozen, B zero trained — the paper's recommendation), ``a-only`` (A zero trained,
-B random orthonormal frozen) and the ``head-only`` baseline (no adapter). A suffix ``@Kr``
+Strategies (docs/design.md, "The method"): ``lora`` (A kaiming, B zero, both trained),
+``b-only`` (A random orthonormal frozen, B zero trained — the paper's recommendation),
+``a-only`` (A zero trained, B random orthonormal frozen) and the ``head-only`` baseline (no
+adapter). PEFT's own methods run as peers under the same protocol: ``peft-lora`` (PEFT's
+``LoraModel`` on the same targets, rank, alpha, dropout and head) and ``peft-lora-fa`` (the same
+model trained by PEFT's LoRA-FA optimizer: A frozen at its Kaiming init, B's gradient
+preconditioned by (A·Aᵀ)⁻¹; ``asymlora.compare.peers``). A suffix ``@Kr``
 multiplies the rank: ``b-only@2r`` trains 2r·Σd_out parameters, the same as ``lora`` at r
 (r·Σ(d_in+d_out)) when d_in = d_out, as for BERT's query/value. Scaling is alpha/r with
 alpha = 2r (the paper's choice), so every strategy uses s = 2.
@@ -18,9 +22,11 @@ from dataclasses import dataclass, field
 from asymlora.errors import UserError
 from asymlora.tasks.default import DEFAULT, DEFAULT_STRATEGIES
 
-__all__ = ["ADAPTER_PRESETS", "HEAD_ONLY", "StrategySpec", "parse_strategy", "target_spec", "CompareConfig"]
+__all__ = ["ADAPTER_PRESETS", "PEFT_PRESETS", "STOPPING_RULES", "HEAD_ONLY", "StrategySpec", "parse_strategy", "target_spec", "CompareConfig"]
 
-ADAPTER_PRESETS = ("lora", "b-only", "a-only")
+ADAPTER_PRESETS = ("lora", "b-only", "a-only", "peft-lora", "peft-lora-fa")
+PEFT_PRESETS = ("peft-lora", "peft-lora-fa")
+STOPPING_RULES = ("budget", "plateau")
 HEAD_ONLY = "head-only"
 _STRATEGY_RE = re.compile(r"^(?P<name>[a-z-]+?)(?:@(?P<mult>\d+)r)?$")
 
@@ -72,12 +78,18 @@ class CompareConfig:
     """Everything a compare run needs; the defaults are the embedded default experiment
     (``asymlora.tasks.default.DEFAULT``).
 
-    Protocol: for each strategy the learning rate is picked from ``lrs`` by the best validation
-    accuracy of full runs on the first seed (the pilot); every seed then trains at that rate
-    with a constant rate after ``warmup_steps``, is evaluated on validation every
-    ``eval_every`` steps, stops after ``patience`` evaluations without improvement counted from
-    step ``min_steps`` on (or at ``max_steps``), and is scored on test with the weights of its
-    best validation step.
+    Protocol (``asymlora.compare.protocol``): for each strategy the learning rate is picked
+    from ``lrs`` by the validation score of runs on the first seed (the pilots; a best rate on
+    an edge of the grid gets up to ``max_lr_extensions`` more rates beyond it; with ``prune``
+    a pilot that is clearly losing at a rung, a fraction ``rungs`` of the budget, stops there —
+    ``asymlora.compare.pruning``); every seed then trains at that rate.
+
+    ``stopping="budget"`` (the default): every run trains ``max_steps`` steps, warm-up then a
+    linear decay to 0, and is scored with its final weights; pilots validate every
+    ``eval_every`` steps, seed runs at the end only. ``stopping="plateau"``: a constant rate
+    after warm-up, validation every ``eval_every`` steps, stop after ``patience`` evaluations
+    without a new best counted from ``min_steps`` (or at ``max_steps``), scored with the best
+    validation step's weights.
     ``lr`` set: one rate for every strategy, no selection (the old single-rate mode).
     """
 
@@ -96,6 +108,10 @@ class CompareConfig:
     patience: int = DEFAULT.patience
     min_steps: int = DEFAULT.min_steps
     warmup_steps: int = DEFAULT.warmup_steps
+    stopping: str = "budget"
+    prune: bool = True
+    rungs: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    prune_z: float = 2.0                     # noise allowance of the pruning rule, in standard errors
     batch_size: int = DEFAULT.batch_size
     max_length: int = DEFAULT.max_length
     weight_decay: float = 0.0
@@ -130,6 +146,23 @@ class CompareConfig:
     def lr_grid(self) -> list[float]:
         return [self.lr] if self.lr is not None else list(self.lrs)
 
+    @property
+    def fixed_budget(self) -> bool:
+        return self.stopping == "budget"
+
+    def rung_steps(self) -> list[int]:
+        """The steps at which pilots may be pruned: each fraction of ``rungs`` of the budget,
+        moved down to a multiple of ``eval_every`` (an evaluation happens there), strictly
+        inside the run and after at least three evaluations. Empty when pruning is off, nothing is selected, or under ``plateau``
+        (a run's length is not known in advance), and for a selection metric other than an
+        accuracy."""
+        if not (self.prune and self.fixed_budget and self.selects_lr and self.selection_metric == "val_accuracy"):
+            return []  # the rule's noise allowance is the binomial one of an accuracy
+        out = sorted({int(f * self.max_steps) // self.eval_every * self.eval_every for f in self.rungs})
+        # a rung needs three evaluations before it: the rule reads the steepest climb between two
+        # of them, and one pair alone cannot tell a dip from a stall
+        return [s for s in out if 3 * self.eval_every <= s < self.max_steps]
+
     def problems(self) -> list[str]:
         """Every invalid setting, one message each (empty when the config is valid)."""
         out: list[str] = []
@@ -152,6 +185,12 @@ class CompareConfig:
             out.append(f"--min-steps {self.min_steps!r}: must be an integer >= 0")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             out.append(f"--warmup-steps {self.warmup_steps!r}: must be an integer >= 0")
+        if self.stopping not in STOPPING_RULES:
+            out.append(f"--stopping {self.stopping!r}: use one of {', '.join(STOPPING_RULES)}")
+        if not self.rungs or any(not (isinstance(f, (int, float)) and 0 < f < 1) for f in self.rungs):
+            out.append(f"--rungs {self.rungs!r}: need one or more fractions of the budget strictly between 0 and 1")
+        if not (isinstance(self.prune_z, (int, float)) and math.isfinite(self.prune_z) and self.prune_z >= 0):
+            out.append(f"prune_z {self.prune_z!r}: must be a finite number >= 0")
         if self.max_length < 8:
             out.append(f"--max-length {self.max_length!r}: must be >= 8 tokens")
         rates = ([] if self.lr is None else [("--lr", self.lr)]) + [("--lrs", x) for x in self.lrs]

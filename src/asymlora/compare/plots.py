@@ -4,8 +4,11 @@
   values written on them, one dot per seed, the chosen lr under each name, the majority class.
 - ``training_curves.png``: validation accuracy against step for every run (seeds as thin
   lines, best steps marked) and the smoothed training loss.
-- ``lr_selection.png``: best validation accuracy of the pilot runs against the learning rate,
-  one line per strategy, the chosen rate circled.
+- ``lr_selection.png``: validation accuracy of the pilot runs against the learning rate, one
+  line per strategy, the chosen rate circled, pruned pilots marked with their rung.
+- ``verdicts.png`` (``write_verdict_plot``, also written by ``asymlora sft``): each paired
+  difference (method − LoRA) with its 95 % interval, the ±margin band and the verdict word —
+  the one figure to read first.
 
 Written atomically (rendered into memory, temp file, rename) on matplotlib's Agg backend.
 """
@@ -19,7 +22,7 @@ import numpy as np
 
 from asymlora.fileio import atomic_write_bytes
 
-__all__ = ["write_plots"]
+__all__ = ["write_plots", "write_verdict_plot"]
 
 
 def _save(fig: Any, path: str) -> str:
@@ -52,7 +55,8 @@ def _bars(plt: Any, results: dict[str, Any], path: str) -> str:
     if maj is not None:
         ax.axhline(100 * maj, color="gray", ls="--", lw=1, label="majority class")
     s = results["settings"]
-    ax.set_title(f"{s['data']}: each strategy at its own lr, best validation step; mean ± std over seeds "
+    scored = "final weights" if s.get("stopping") == "budget" else "best validation step"
+    ax.set_title(f"{s['data']}: each strategy at its own lr, {scored}; mean ± std over seeds "
                  f"{s['seeds']}", fontsize=9)
     ax.legend(loc="upper center", ncol=3, fontsize=8, frameon=False)
     try:
@@ -83,7 +87,7 @@ def _curves(plt: Any, results: dict[str, Any], path: str) -> str:
                         label=lab if i == 0 else None)
     a1.set_xlabel("step"), a1.set_ylabel("validation accuracy (%)")
     a1.set_ylim(0, 100)
-    a1.set_title("validation accuracy per run (o = best step, restored)", fontsize=9)
+    a1.set_title("validation accuracy per run (o = the step scored)", fontsize=9)
     a2.set_xlabel("step"), a2.set_ylabel("training loss (smoothed)")
     a2.set_ylim(bottom=0)
     a2.set_title("training loss per run", fontsize=9)
@@ -102,9 +106,14 @@ def _lr_selection(plt: Any, results: dict[str, Any], path: str) -> str:
         line, = ax.plot(lrs, vals, "o-", label=f"{sel['strategy']} → {sel['chosen_lr']:g}")
         ax.plot(sel["chosen_lr"], 100 * dict(zip(lrs, [g["val_accuracy"] for g in sel["grid"]]))[sel["chosen_lr"]],
                 "o", ms=12, mfc="none", color=line.get_color())
+        for g in sel["grid"]:
+            if g.get("pruned_at_step") is not None:
+                ax.plot(g["lr"], 100 * g["val_accuracy"], "x", ms=9, color=line.get_color())
+                ax.annotate(f"pruned at {g['pruned_at_step']}", (g["lr"], 100 * g["val_accuracy"]), fontsize=7,
+                            textcoords="offset points", xytext=(4, -10), color=line.get_color())
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("best validation accuracy (%)")
+    ax.set_ylabel("validation accuracy at the end (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"learning-rate selection on seed {results['settings']['seeds'][0]} (circled: chosen)", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
@@ -124,4 +133,50 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
            _curves(plt, results, os.path.join(out_dir, "training_curves.png"))]
     if results["settings"].get("selects_lr"):
         out.append(_lr_selection(plt, results, os.path.join(out_dir, "lr_selection.png")))
-    return out
+    s = results["settings"]
+    verdicts = write_verdict_plot(results["verdicts"], os.path.join(out_dir, "verdicts.png"),
+                                  f"{s['data']}, {s['model_name']}: paired test-accuracy differences over seeds "
+                                  f"{s['seeds']}")
+    return out + ([verdicts] if verdicts else [])
+
+
+def write_verdict_plot(verdicts: list[dict[str, Any]], path: str, title: str = "") -> str | None:
+    """One row per paired difference (``PairedDifference.to_dict()``): the per-seed differences
+    as dots, the mean with its interval as a bar, the ±margin band shaded, zero dashed and the
+    verdict written at the right. Accuracy-like metrics are drawn in points, log-likelihoods in
+    nats per token (each row has its own axis). None when there is no verdict to draw."""
+    if not verdicts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(verdicts), 1, figsize=(7.5, 0.95 * len(verdicts) + 0.9), squeeze=False)
+    for ax, v in zip(axes[:, 0], verdicts):
+        nats = v["metric"].endswith("loglik")
+        scale, unit = (1.0, "nats/token") if nats else (100.0, "points")
+        m, lo, hi, margin = (scale * v[k] for k in ("mean", "lo", "hi", "margin"))
+        ax.axvspan(-margin, margin, color="tab:green", alpha=0.15, lw=0)
+        ax.axvline(0, color="gray", ls="--", lw=1)
+        if np.isfinite(lo) and np.isfinite(hi):
+            ax.plot([lo, hi], [0, 0], color="k", lw=2.5, solid_capstyle="butt")
+        ax.plot(m, 0, "o", color="k", ms=7)
+        ax.plot([scale * d for d in v["differences"]], [0.18] * len(v["differences"]), ".", color="tab:blue", ms=6)
+        span = max(abs(x) for x in (lo, hi, m, 2 * margin, *(scale * d for d in v["differences"]))
+                   if np.isfinite(x)) * 1.15
+        ax.set_xlim(-span, span)
+        ax.set_ylim(-0.5, 0.5)
+        ax.set_yticks([])
+        ax.set_ylabel(f"{v['method']}\nvs {v['reference']}", rotation=0, ha="right", va="center", fontsize=8)
+        ax.text(1.01, 0.5, v["verdict"], transform=ax.transAxes, va="center", fontsize=9, fontweight="bold")
+        ax.set_xlabel(f"{v['metric']}: method − reference ({unit}); band = ±margin, bar = 95 % interval, "
+                      f"dots = seeds", fontsize=7)
+        ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

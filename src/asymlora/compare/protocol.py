@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any, Callable
@@ -35,6 +36,7 @@ import torch
 
 from asymlora.commands.options import plural
 from asymlora.compare.config import CompareConfig, StrategySpec
+from asymlora.compare.pruning import PruneDecision, accuracy_difference_se, prune_rates
 from asymlora.compare.run import autocast, resolve_precision, train_one
 from asymlora.compare.task import Task, head_features, prepare_task, threads_for_run
 from asymlora.compare.workers import InProcess, Job, Pool, worker_count
@@ -81,14 +83,34 @@ def select_lr(pilots: dict[float, dict[str, Any]], metric: str = "val_accuracy",
 
 
 def _report_run(tag: str, rec: dict[str, Any], pilot: bool) -> None:
-    end = "plateau" if rec["stopped_early"] else "step cap"
+    if rec.get("stopping") == "budget":
+        end = f"{rec['steps']} steps"
+    else:
+        end = f"best step {rec['best_step']}/{rec['steps']} ({'plateau' if rec['stopped_early'] else 'step cap'})"
     _log(f"{tag} {rec['strategy']:<18} seed {rec['seed']} lr {rec['lr']:<7g} "
-         f"val {100 * rec['val_accuracy']:.2f}  test {100 * rec['test_accuracy']:.2f}  best step "
-         f"{rec['best_step']}/{rec['steps']} ({end})  {rec['wall_time_s']:.0f} s" + ("  [pilot]" if pilot else ""))
+         f"val {100 * rec['val_accuracy']:.2f}  test {100 * rec['test_accuracy']:.2f}  {end}  "
+         f"{rec['wall_time_s']:.0f} s" + ("  [pilot]" if pilot else ""))
+
+
+def _report_pruned(tag: str, label: str, decision: PruneDecision, total_steps: int, scale: float = 100.0) -> None:
+    _log(f"{tag} {label:<18} lr {decision.lr:<7g} pruned at step {decision.step}/{total_steps}: validation "
+         f"{scale * decision.value:.2f}, at best {scale * decision.optimistic:.2f} by the end, below the leader's "
+         f"{scale * decision.leader:.2f} by more than the noise allowance ({scale * decision.allowance:.2f})  [pilot]")
+
+
+def _curve(rec: dict[str, Any], metric: str) -> list[tuple[int, float]]:
+    return [(int(h["step"]), float(h[metric])) for h in rec["history"] if metric in h]
 
 
 class _Schedule:
-    """Pilots of every strategy first; a strategy's other seeds as soon as its pilots are in."""
+    """Which run to do next, and what each finished one means.
+
+    Pilots of every strategy first (one per rate of the grid, on the first seed); with pruning
+    (``cfg.rung_steps()``) an adapter pilot pauses at each rung, and once every live pilot of its
+    strategy has reached the rung the rule of ``asymlora.compare.pruning`` drops the ones that
+    are clearly losing and continues the others from their checkpoints. When a strategy's
+    pilots are all finished or dropped, its rate is chosen (or the grid extended past an edge)
+    and its other seeds are released."""
 
     def __init__(self, specs: list[StrategySpec], cfg: CompareConfig, phases: Phases,
                  report_run: Callable[[str, dict[str, Any], bool], None] = _report_run) -> None:
@@ -96,43 +118,98 @@ class _Schedule:
         # what the pilots are ranked by (class attributes of the config: compare ranks by
         # validation accuracy, sft by validation loss)
         self.metric, self.higher = cfg.selection_metric, cfg.selection_higher_is_better
+        self.rungs = cfg.rung_steps()
         self.total = len(specs) * (len(cfg.lr_grid()) + len(cfg.seeds) - 1)
         self.started = 0
+        self.tags: dict[tuple[str, int, float], str] = {}
         self.pilots: dict[str, dict[float, dict[str, Any]]] = {s.label: {} for s in specs}
+        self.live: dict[str, set[float]] = {s.label: set() for s in specs}       # pilots not finished nor pruned
+        self.waiting: dict[str, dict[float, dict[str, Any]]] = {s.label: {} for s in specs}  # paused at a rung
+        self.pruned: dict[str, dict[float, tuple[dict[str, Any], PruneDecision]]] = {s.label: {} for s in specs}
+        self.spent: dict[tuple[str, int, float], tuple[float, float]] = {}  # (wall, eval) s of earlier segments
         self.runs: dict[tuple[str, int], dict[str, Any]] = {}
         self.selections: dict[str, dict[str, Any]] = {}
         self.extensions: dict[str, int] = {}
 
-    def tag(self) -> str:
-        self.started += 1
-        return f"[{self.started}/{self.total}]"
+    def tag(self, job: Job) -> str:
+        key = (job.spec.label, job.seed, job.lr)
+        if key not in self.tags:
+            self.started += 1
+            self.tags[key] = f"[{self.started}/{self.total}]"
+        return self.tags[key]
+
+    def _first_segment(self, spec: StrategySpec, seed: int, lr: float) -> Job:
+        until = self.rungs[0] if (self.rungs and spec.is_adapter) else None
+        self.live[spec.label].add(lr)
+        return Job(spec, seed, lr, True, until=until)
 
     def pilot_jobs(self, spec: StrategySpec) -> list[Job]:
-        return [Job(spec, self.cfg.seeds[0], lr, True) for lr in self.cfg.lr_grid()]
+        return [self._first_segment(spec, self.cfg.seeds[0], lr) for lr in self.cfg.lr_grid()]
 
     def record(self, job: Job, rec: dict[str, Any], eval_s: float, tag: str) -> list[Job]:
-        """Book a finished run; returns the jobs it unlocks (the strategy's other seeds)."""
+        """Book a finished job (a whole run, or a pilot's segment up to a rung); returns the
+        jobs it unlocks."""
         self.phases.add("pilot" if job.pilot else "train", rec["wall_time_s"] - eval_s)
         self.phases.add("eval", eval_s)
+        key = (job.spec.label, job.seed, job.lr)
+        wall, ev = self.spent.pop(key, (0.0, 0.0))
+        if rec.get("paused"):
+            self.spent[key] = (wall + rec["wall_time_s"], ev + eval_s)
+            self.waiting[job.spec.label][job.lr] = rec
+            return self._at_rung(job.spec, rec["steps"])
+        rec = dict(rec, wall_time_s=rec["wall_time_s"] + wall, eval_time_s=rec.get("eval_time_s", eval_s) + ev)
         self.report_run(tag, rec, job.pilot and self.cfg.selects_lr)
         if not job.pilot:
             self.runs[(job.spec.label, job.seed)] = dict(rec, role="run")
             return []
-        pilots = self.pilots[job.spec.label]
-        pilots[job.lr] = rec
-        if len(pilots) < len(self.cfg.lr_grid()) + self.extensions.get(job.spec.label, 0):
+        self.pilots[job.spec.label][job.lr] = rec
+        self.live[job.spec.label].discard(job.lr)
+        return self._maybe_select(job.spec)
+
+    def _next_rung(self, step: int) -> int | None:
+        return next((r for r in self.rungs if r > step), None)
+
+    def _at_rung(self, spec: StrategySpec, step: int) -> list[Job]:
+        """A pilot paused at ``step``: once every live pilot of the strategy waits there, prune."""
+        label, waiting = spec.label, self.waiting[spec.label]
+        if set(waiting) != self.live[label] or any(r["steps"] != step for r in waiting.values()):
             return []
+        curves = {lr: _curve(r, self.metric) for lr, r in waiting.items()}
+        curves.update({lr: _curve(r, self.metric) for lr, r in self.pilots[label].items()})  # finished ones
+        leader = max((c[-1][1] for c in curves.values() if c and c[-1][0] >= step), default=0.0)
+        n_val = next(iter(waiting.values())).get("val_size", 0)
+        allowance = self.cfg.prune_z * accuracy_difference_se(leader, n_val)
+        decisions = {d.lr: d for d in prune_rates(curves, step, self.cfg.max_steps, allowance, self.higher)}
+        jobs = []
+        for lr, rec in sorted(waiting.items()):
+            d = decisions.get(lr)
+            if d is not None and d.pruned:
+                self.live[label].discard(lr)
+                wall, ev = self.spent.pop((label, rec["seed"], lr), (0.0, 0.0))
+                self.pruned[label][lr] = (dict(rec, wall_time_s=wall, eval_time_s=ev), d)
+                _report_pruned(self.tags.get((label, rec["seed"], lr), "[-]"), label, d, self.cfg.max_steps)
+            else:
+                jobs.append(Job(spec, rec["seed"], lr, True, until=self._next_rung(step), resume=True))
+        waiting.clear()
+        return jobs + (self._maybe_select(spec) if not self.live[label] else [])
+
+    def _maybe_select(self, spec: StrategySpec) -> list[Job]:
+        """When no pilot of the strategy is left running: choose its rate, or extend the grid."""
+        label = spec.label
+        if self.live[label]:
+            return []
+        pilots = self.pilots[label]
         chosen = select_lr(pilots, self.metric, self.higher)
-        beyond = grid_extension(sorted(pilots), chosen)
-        if beyond is not None and self.extensions.get(job.spec.label, 0) < self.cfg.max_lr_extensions:
+        beyond = grid_extension(sorted(set(pilots) | set(self.pruned[label])), chosen)
+        if beyond is not None and self.extensions.get(label, 0) < self.cfg.max_lr_extensions:
             # The best rate is at the edge of what was tried: the optimum may lie beyond it.
-            self.extensions[job.spec.label] = self.extensions.get(job.spec.label, 0) + 1
+            self.extensions[label] = self.extensions.get(label, 0) + 1
             self.total += 1
-            return [Job(job.spec, job.seed, beyond, True)]
-        self.selections[job.spec.label] = _selection(job.spec, self.cfg, pilots, chosen, self.metric)
-        self.runs[(job.spec.label, job.seed)] = dict(pilots[chosen], role="pilot-winner" if self.cfg.selects_lr
+            return [self._first_segment(spec, self.cfg.seeds[0], beyond)]
+        self.selections[label] = _selection(spec, self.cfg, pilots, chosen, self.metric, self.pruned[label])
+        self.runs[(label, self.cfg.seeds[0])] = dict(pilots[chosen], role="pilot-winner" if self.cfg.selects_lr
                                                      else "run")
-        return [Job(job.spec, seed, chosen, False) for seed in self.cfg.seeds[1:]]
+        return [Job(spec, seed, chosen, False) for seed in self.cfg.seeds[1:]]
 
     def ordered(self, specs: list[StrategySpec]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         runs = [self.runs[(s.label, seed)] for s in specs for seed in self.cfg.seeds if (s.label, seed) in self.runs]
@@ -150,17 +227,22 @@ def grid_extension(tried: list[float], chosen: float) -> float | None:
 
 
 def _selection(spec: StrategySpec, cfg: CompareConfig, pilots: dict[float, dict[str, Any]],
-               chosen: float, metric: str = "val_accuracy") -> dict[str, Any]:
-    tried = sorted(pilots)
+               chosen: float, metric: str = "val_accuracy",
+               pruned: dict[float, tuple[dict[str, Any], PruneDecision]] | None = None) -> dict[str, Any]:
+    pruned = pruned or {}
+    tried = sorted(set(pilots) | set(pruned))
     edge = None if grid_extension(tried, chosen) is None else ("lower" if chosen == tried[0] else "upper")
     what = metric.removeprefix("val_").replace("_", " ")
+    grid = [{"lr": lr, metric: r[metric], "best_step": r["best_step"], "steps": r["steps"],
+             "stopped_early": r["stopped_early"], "pruned_at_step": None, "wall_time_s": r["wall_time_s"],
+             "curve": _curve(r, metric)} for lr, r in pilots.items()]
+    grid += [{"lr": lr, metric: d.value, "best_step": None, "steps": r["steps"], "stopped_early": False,
+              "pruned_at_step": d.step, "optimistic_final": d.optimistic, "leader_at_rung": d.leader,
+              "allowance": d.allowance, "wall_time_s": r["wall_time_s"], "curve": _curve(r, metric)}
+             for lr, (r, d) in pruned.items()]
     return {
         "strategy": spec.label, "chosen_lr": chosen, "selected_on": f"validation {what}, seed {cfg.seeds[0]}",
-        "at_edge": edge,
-        "grid": [{"lr": lr, metric: r[metric], "best_step": r["best_step"], "steps": r["steps"],
-                  "stopped_early": r["stopped_early"],
-                  "curve": [(h["step"], h[metric]) for h in r["history"] if metric in h]}
-                 for lr, r in sorted(pilots.items())],
+        "at_edge": edge, "grid": sorted(grid, key=lambda g: g["lr"]),
     }
 
 
@@ -171,7 +253,7 @@ def _run_all(specs: list[StrategySpec], cfg: CompareConfig, sched: _Schedule, ex
     pending: dict[Future, tuple[Job, str]] = {}
 
     def submit(job: Job) -> None:
-        tag = sched.tag()
+        tag = sched.tag(job)
         pending[executors[job.spec.is_adapter].submit(job, tag)] = (job, tag)
 
     for spec in sorted(specs, key=lambda s: s.is_adapter):  # the cheap head-only runs first
@@ -205,8 +287,10 @@ def _settings(cfg: CompareConfig, task: Task, specs: list[StrategySpec], threads
         "majority_class_test_accuracy": max(task.test.class_counts(k)) / len(task.test),
         "strategies": [s.label for s in specs], "ranks": cfg.ranks, "seeds": cfg.seeds,
         "lr_grid": cfg.lr_grid(), "selects_lr": cfg.selects_lr, "max_lr_extensions": cfg.max_lr_extensions, "max_steps": cfg.max_steps,
+        "stopping": cfg.stopping, "rungs": cfg.rung_steps(), "prune_z": cfg.prune_z,
         "eval_every": cfg.eval_every, "patience": cfg.patience, "min_steps": cfg.min_steps, "warmup_steps": cfg.warmup_steps,
-        "lr_schedule": "linear warm-up, then constant", "batch_size": cfg.batch_size,
+        "lr_schedule": ("linear warm-up, then linear decay to 0" if cfg.fixed_budget else "linear warm-up, then constant"),
+        "batch_size": cfg.batch_size,
         "batching": "length-grouped batches (runs of 50 batches sorted by length, batches shuffled)",
         "max_length": cfg.max_length, "weight_decay": cfg.weight_decay, "margin": cfg.margin,
         "alpha": "2r (scaling alpha/r = 2)", "target_modules": cfg.target_modules or "architecture default",
@@ -260,8 +344,13 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
          f"{task.data.name} ({task.num_labels} classes); train {len(task.train)} / val {len(task.val)} / test "
          f"{len(task.test)}; {plural(len(specs), 'strategy', 'strategies')}, lr {'grid ' if cfg.selects_lr else ''}"
          f"{grid}, {plural(len(cfg.seeds), 'seed')} ({', '.join(map(str, cfg.seeds))}): {plural(sched.total, 'run')} "
-         f"of batch {cfg.batch_size} until validation stops improving ({plural(cfg.patience, 'evaluation')} × "
-         f"{plural(cfg.eval_every, 'step')}, at most {plural(cfg.max_steps, 'step')}); "
+         f"of batch {cfg.batch_size}, " + (f"{plural(cfg.max_steps, 'step')} each with a decaying rate"
+                                            + (f" (pilots clearly losing at step {' or '.join(map(str, sched.rungs))} "
+                                               "are pruned)" if sched.rungs else "")
+                                            if cfg.fixed_budget else
+                                            f"until validation stops improving ({plural(cfg.patience, 'evaluation')} × "
+                                            f"{plural(cfg.eval_every, 'step')}, at most {plural(cfg.max_steps, 'step')})")
+         + "; "
          + (f"{workers} worker processes × 1 thread" if workers > 1 else plural(threads, "thread")))
 
     def checkpoint_results() -> None:
@@ -279,6 +368,7 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
         if pool is not None:
             pool.close()
     settings["runs_wall_s"] = round(time.perf_counter() - t_runs, 2)
+    shutil.rmtree(os.path.join(cfg.output_dir, "runs"), ignore_errors=True)  # the paused pilots' checkpoints
     t = time.perf_counter()
     runs, selections = sched.ordered(specs)
     results = assemble(cfg, settings, specs, runs, selections, phases, time.perf_counter() - t_start, complete=True)

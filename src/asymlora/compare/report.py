@@ -31,7 +31,7 @@ def summarize(runs: list[dict[str, Any]], order: list[str],
         row: dict[str, Any] = {"strategy": label, "preset": rs[0]["preset"], "rank": rs[0]["rank"],
                                "seeds": [r["seed"] for r in rs], "n": len(rs),
                                "trainable_params": rs[0]["trainable_params"],
-                               "adapter_params": rs[0]["adapter_params"],
+                               "adapter_params": rs[0]["adapter_params"], "stopping": rs[0].get("stopping", "plateau"),
                                "plateaued": sum(bool(r.get("stopped_early")) for r in rs)}
         for key in keys:
             vals = [r[key] for r in rs if r.get(key) is not None and not _isnan(r[key])]
@@ -72,20 +72,24 @@ def assemble(cfg: CompareConfig, settings: dict[str, Any], specs: list[StrategyS
 
 
 def format_table(summary: list[dict[str, Any]], markdown: bool = False) -> str:
-    """Results table: chosen lr, test metrics mean ± std over seeds, convergence, budget."""
-    head = ["strategy", "trainable", "lr", "test acc", "test macro-F1", "val acc", "best step",
-            "plateau", "saved act. (MiB)"]
+    """Results table: chosen lr, test metrics mean ± std over seeds, convergence, budget. Under
+    the plateau rule the mean best step and the runs that stopped on a plateau; under the fixed
+    budget, the steps every run took."""
+    plateau = any(r.get("stopping") == "plateau" for r in summary)
+    head = ["strategy", "trainable", "lr", "test acc", "test macro-F1", "val acc"]
+    head += ["best step", "plateau"] if plateau else ["steps"]
+    head += ["saved act. (MiB)"]
     body = []
     for r in summary:
-        body.append([
+        row = [
             r["strategy"], f"{r['trainable_params']:,}", f"{r['lr_mean']:g}",
             f"{100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f}",
             f"{100 * r['test_macro_f1_mean']:.2f} ± {100 * r['test_macro_f1_std']:.2f}",
             f"{100 * r['val_accuracy_mean']:.2f}",
-            f"{r['best_step_mean']:.0f}",
-            f"{r['plateaued']}/{r['n']}",
-            f"{r.get('saved_activation_bytes_mean', float('nan')) / 2**20:,.1f}",
-        ])
+        ]
+        row += [f"{r['best_step_mean']:.0f}", f"{r['plateaued']}/{r['n']}"] if plateau else [f"{r['steps_mean']:.0f}"]
+        row += [f"{r.get('saved_activation_bytes_mean', float('nan')) / 2**20:,.1f}"]
+        body.append(row)
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -120,6 +124,15 @@ def _markdown(results: dict[str, Any]) -> str:
                     for x in results["lr_selection"])
     grid = ", ".join(f"{x:g}" for x in s["lr_grid"])
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in results["phases_s"].items())
+    if s.get("stopping", "plateau") == "budget":
+        rule = (f"{s['max_steps']} steps: {s['warmup_steps']} warm-up steps, then a linear decay of the rate to 0; "
+                f"scored with the final weights (the lr search's pilots validate every {s['eval_every']} steps"
+                + (f"; a pilot clearly losing at step {' or '.join(map(str, s['rungs']))} is pruned there"
+                   if s.get("rungs") else "") + ")")
+    else:
+        rule = (f"{s['warmup_steps']} warm-up steps then a constant rate, validation every {s['eval_every']} steps, "
+                f"stop after {s['patience']} evaluations without a new best (counted from step {s['min_steps']}; at "
+                f"most {s['max_steps']} steps), test scored with the weights of the best validation step")
     md = [
         "# asymlora compare", "",
         f"Model `{s['model_name']}` ({s['model_params'] / 1e6:.1f}M parameters, {s['model_type']}), data "
@@ -129,16 +142,13 @@ def _markdown(results: dict[str, Any]) -> str:
         "",
         f"Protocol: learning rate per strategy from {{{grid}}} by validation accuracy on seed {s['seeds'][0]} "
         f"(chosen: {sel}); every run: batch {s['batch_size']} ({s['batching']}), max {s['max_length']} tokens, "
-        f"{s['warmup_steps']} warm-up steps then a constant rate, validation every {s['eval_every']} steps, stop "
-        f"after {s['patience']} evaluations without a new best (counted from step {s['min_steps']}; at most "
-        f"{s['max_steps']} steps), test scored with "
-        f"the weights of the best validation step. alpha = 2r; adapters on {s['adapted_layers']}; head "
+        f"{rule}. alpha = 2r; adapters on {s['adapted_layers']}; head "
         f"`{s['head']}` trained in every run (head-only: on cached frozen features). Seeds {s['seeds']}, paired; "
         f"{s['threads']} thread(s) on {s['machine']['device']}.",
         "",
-        "Mean ± sample std over seeds. *plateau*: runs whose validation accuracy stopped improving before "
-        "the step cap. *saved act.*: the largest total size of the tensors autograd kept for backward in one "
-        "step (parameters and buffers excluded).", "",
+        "Mean ± sample std over seeds. *plateau* (plateau rule only): runs whose validation accuracy stopped "
+        "improving before the step cap. *saved act.*: the largest total size of the tensors autograd kept for "
+        "backward in one step (parameters and buffers excluded).", "",
         format_table(results["summary"], markdown=True), "",
         "Paired differences in test accuracy (per seed, then mean with a 95 % t-interval; verdict margin "
         f"±{100 * s['margin']:g} point):", "",

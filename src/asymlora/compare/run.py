@@ -1,7 +1,9 @@
 """One run of ``asymlora compare``: a strategy × seed at one learning rate, trained by the
-protocol's rules (warm-up then a constant rate, validation every ``eval_every`` steps, early
-stopping with patience, best-step restore) and scored on test. The head-only baseline runs on
-cached features of the frozen encoder (``FeatureHead``)."""
+protocol's stopping rule (``CompareConfig.stopping``: a fixed budget with a linearly decaying
+rate, scored with the final weights; or the plateau rule) and scored on test. A pilot run may be
+trained in segments (``pause_at`` / ``resume``) so the lr search can look at it part-way. The
+head-only baseline runs on cached features of the frozen encoder (``FeatureHead``); PEFT's
+methods are built by ``asymlora.compare.peers``."""
 from __future__ import annotations
 
 import contextlib
@@ -86,6 +88,8 @@ def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
            features: dict[str, HeadFeatures] | None) -> tuple[Any, Any, Any, Callable, Callable, int]:
     """The model of one run and how to feed and score it:
     (model, train data, collate, val scorer, test scorer, adapter parameters)."""
+    from asymlora.compare.config import PEFT_PRESETS
+
     import asymlora
     from asymlora.tasks.text_classification import evaluate_classifier
 
@@ -106,6 +110,12 @@ def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
         for p in getattr(model, task.head).parameters():
             p.requires_grad_(True)
         adapter = 0
+    elif spec.preset in PEFT_PRESETS:
+        from asymlora.compare.peers import build_peft_model, peft_adapter_params
+
+        targets = asymlora.find_target_modules(model, cfg.targets, exclude=[task.head])
+        model = build_peft_model(model, spec.preset, spec.rank, seed, targets, task.head)
+        adapter = peft_adapter_params(model)
     else:
         acfg = asymlora.AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed,
                                               target_modules=cfg.targets, modules_to_save=[task.head])
@@ -116,10 +126,30 @@ def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
             lambda m: evaluate_classifier(m, task.test_ds, task.collate, k, prefix="test_"), adapter)
 
 
+def stopping_args(cfg: Any, pilot: bool, metric: str, higher_is_better: bool = True) -> dict[str, Any]:
+    """The ``TrainArgs`` fields of the protocol's stopping rule (shared by compare and sft).
+
+    ``budget``: ``max_steps`` steps, warm-up then a linear decay of the rate to 0, the final
+    weights kept; pilots validate every ``eval_every`` steps (the lr search and its pruning read
+    their curves), the other runs once at the end. ``plateau``: a constant rate, validation
+    every ``eval_every`` steps, patience counted from ``min_steps``, best weights restored."""
+    warmup = min(cfg.warmup_steps, cfg.max_steps - 1)
+    if cfg.stopping == "budget":
+        return dict(lr_schedule="linear", warmup_steps=warmup, eval_every=cfg.eval_every if pilot else None,
+                    restore_best=False, early_stopping_patience=None, early_stopping_metric=None)
+    return dict(lr_schedule="constant", warmup_steps=warmup, eval_every=cfg.eval_every, restore_best=True,
+                early_stopping_patience=cfg.patience, early_stopping_min_steps=min(cfg.min_steps, cfg.max_steps),
+                early_stopping_metric=metric, greater_is_better=higher_is_better,
+                early_stopping_min_delta=getattr(cfg, "min_delta", 0.0))
+
+
 def train_one(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: CompareConfig, *, desc: str,
               features: dict[str, HeadFeatures] | None = None, output_dir: str | None = None,
-              checkpoint_every: int | None = None, resume: bool = False) -> RunResult:
-    """One strategy × seed at learning rate ``lr``, by the rules of step 2 of the protocol."""
+              checkpoint_every: int | None = None, resume: bool = False, pilot: bool = False,
+              pause_at: int | None = None) -> RunResult:
+    """One strategy × seed at learning rate ``lr``, by the rules of step 2 of the protocol.
+    With ``pause_at`` the run stops there with a checkpoint in ``output_dir`` and its record
+    holds only the curve so far (``paused``); ``resume`` continues it."""
     from asymlora.train import TrainArgs, fit
 
     model, train_data, collate, score_val, score_test, adapter_params = _build(task, spec, seed, cfg, features)
@@ -127,16 +157,24 @@ def train_one(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: Compare
     if torch.cuda.is_available():  # fit() returns the model on the device it was given
         model.to("cuda")
     timed_val = _Timed(score_val)
+    make_optimizer = None
+    if spec.preset == "peft-lora-fa":
+        from asymlora.compare.peers import lorafa_optimizer_factory
+
+        make_optimizer = lorafa_optimizer_factory(model, spec.rank, lr, cfg.weight_decay)
     args = TrainArgs(lr=lr, max_steps=cfg.max_steps, batch_size=cfg.batch_size, seed=seed,
-                     eval_every=cfg.eval_every, warmup_steps=min(cfg.warmup_steps, cfg.max_steps - 1),
-                     lr_schedule="constant", early_stopping_patience=cfg.patience,
-                     early_stopping_min_steps=min(cfg.min_steps, cfg.max_steps),
-                     early_stopping_metric="val_accuracy", restore_best=True,
+                     **stopping_args(cfg, pilot, "val_accuracy"),
                      group_by_length=callable(getattr(train_data, "lengths", None)),
                      weight_decay=cfg.weight_decay, mixed_precision=precision,
                      progress=cfg.progress, desc=desc, output_dir=output_dir,
-                     checkpoint_every=checkpoint_every, resume=resume)
-    res = fit(model, train_data, collate, args, eval_fn=timed_val)
+                     checkpoint_every=checkpoint_every, resume=resume, pause_at=pause_at)
+    res = fit(model, train_data, collate, args, eval_fn=timed_val, make_optimizer=make_optimizer)
+    if res.paused:
+        record = {"strategy": spec.label, "seed": seed, "lr": lr, "paused": True, "steps": res.steps,
+                  "val_size": len(features["val"]) if spec.preset is None and features is not None
+                  else len(task.val_ds), "wall_time_s": res.wall_time_s, "eval_time_s": timed_val.seconds,
+                  "history": res.history}
+        return RunResult(record, timed_val.seconds, model)
     t = time.perf_counter()
     with autocast(precision):  # test is scored at the precision validation was
         test_m = score_test(model)
@@ -149,7 +187,7 @@ def train_one(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: Compare
         "val_accuracy": res.final_metrics.get("val_accuracy"),
         "val_macro_f1": res.final_metrics.get("val_macro_f1"),
         "best_step": res.best_step if res.best_step is not None else res.steps,
-        "steps": res.steps, "max_steps": cfg.max_steps,
+        "steps": res.steps, "max_steps": cfg.max_steps, "stopping": cfg.stopping,
         "stopped_early": res.stopped_early,
         "val_slope_last_quarter": curve_slope([s for s, _ in evals], [v for _, v in evals]),
         "final_train_loss": res.final_metrics.get("train_loss"),

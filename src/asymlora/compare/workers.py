@@ -16,17 +16,27 @@ from asymlora.compare.config import CompareConfig, StrategySpec
 from asymlora.compare.run import train_one
 from asymlora.compare.task import HeadFeatures, Task, available_cpus, prepare_task
 
-__all__ = ["Job", "InProcess", "Pool", "worker_count"]
+__all__ = ["Job", "InProcess", "Pool", "worker_count", "run_dir"]
 
 
 @dataclass(frozen=True)
 class Job:
-    """One run to do: ``pilot`` runs try a rate of the grid on the first seed."""
+    """One run to do, or one segment of it: ``pilot`` runs try a rate of the grid on the first
+    seed; ``until`` pauses the run at that step (a rung of the lr search) with a checkpoint in
+    ``run_dir``; ``resume`` continues it from there."""
 
     spec: StrategySpec
     seed: int
     lr: float
     pilot: bool
+    until: int | None = None
+    resume: bool = False
+
+
+def run_dir(cfg: CompareConfig, job: Job) -> str:
+    """Where the checkpoint of a paused run lives (``<output_dir>/runs/…``)."""
+    slug = job.spec.label.replace(" ", "").replace("=", "").replace("(", "").replace(")", "").replace("@", "x")
+    return os.path.join(cfg.output_dir, "runs", f"{slug}-seed{job.seed}-lr{job.lr:g}")
 
 
 class InProcess:
@@ -84,7 +94,9 @@ class Pool:
 def _execute(task: Task, cfg: CompareConfig, job: Job, tag: str,
              features: dict[str, HeadFeatures] | None) -> tuple[dict[str, Any], float]:
     desc = f"{tag} {job.spec.label} " + (f"lr {job.lr:g}" if job.pilot else f"seed {job.seed}")
-    out = train_one(task, job.spec, job.seed, job.lr, cfg, desc=desc, features=features)
+    segmented = job.until is not None or job.resume
+    out = train_one(task, job.spec, job.seed, job.lr, cfg, desc=desc, features=features, pilot=job.pilot,
+                    output_dir=run_dir(cfg, job) if segmented else None, resume=job.resume, pause_at=job.until)
     return out.record, out.eval_seconds
 
 

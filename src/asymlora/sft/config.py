@@ -20,10 +20,10 @@ __all__ = ["SFTConfig", "SFT_DEFAULTS", "SFT_QUICK"]
 
 #: the protocol settings of the default run and of ``--quick`` (its few-minute smoke version)
 SFT_DEFAULTS = dict(strategies=["lora", "b-only"], ranks=[8], seeds=[0, 1, 2], lrs=[1e-3, 3e-3, 1e-2],
-                    max_steps=150, eval_every=15, patience=3, min_steps=45, warmup_steps=10, batch_size=16,
-                    max_length=96, max_train=None, max_val=128, max_test=256, max_lr_extensions=0)
-SFT_QUICK = dict(strategies=["lora", "b-only"], ranks=[4], seeds=[0, 1], lrs=[1e-3, 3e-3], max_steps=40,
-                 eval_every=10, patience=2, min_steps=20, warmup_steps=5, batch_size=8, max_length=64,
+                    stopping="plateau", max_steps=300, eval_every=15, patience=3, min_steps=45, warmup_steps=10,
+                    batch_size=16, max_length=96, max_train=None, max_val=128, max_test=256, max_lr_extensions=1)
+SFT_QUICK = dict(strategies=["lora", "b-only"], ranks=[4], seeds=[0, 1], lrs=[1e-3, 3e-3], stopping="plateau",
+                 max_steps=40, eval_every=10, patience=2, min_steps=20, warmup_steps=5, batch_size=8, max_length=64,
                  max_train=640, max_val=48, max_test=48, max_lr_extensions=0)
 
 
@@ -48,6 +48,7 @@ class SFTConfig(CompareConfig):
     ranks: list[int] = _default("ranks")
     seeds: list[int] = _default("seeds")
     lrs: list[float] = _default("lrs")
+    stopping: str = _default("stopping")
     max_steps: int = _default("max_steps")
     eval_every: int = _default("eval_every")
     patience: int = _default("patience")
@@ -87,8 +88,11 @@ class SFTConfig(CompareConfig):
             out.append(f"--data {self.data!r}: give one or more of {', '.join(QA_SOURCES)} (commas)")
         for s in self.strategies:
             try:
-                if parse_strategy(s, 1).preset is None:
+                preset = parse_strategy(s, 1).preset
+                if preset is None:
                     out.append(f"strategy {HEAD_ONLY!r} has no meaning for a causal LM; use lora, b-only or a-only")
+                elif preset.startswith("peft-"):
+                    out.append(f"strategy {s!r} runs in compare only; sft takes lora, b-only or a-only")
             except UserError:
                 pass  # reported by problems()
         if self.tasks:

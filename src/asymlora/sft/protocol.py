@@ -31,7 +31,7 @@ from asymlora.compare.task import threads_for_run
 from asymlora.compare.workers import InProcess, Job, Pool, worker_count
 from asymlora.fileio import atomic_write_text
 from asymlora.sft.config import SFTConfig
-from asymlora.sft.run import LMTask, prepare_lm_task, score_test, train_one
+from asymlora.sft.run import LMTask, prepare_lm_task, score_saved_adapter, score_test, train_one
 
 __all__ = ["run_sft", "score_saved_run", "format_sft_table", "format_bench_table"]
 
@@ -45,15 +45,17 @@ def _log(msg: str) -> None:
 
 
 def _report_run(tag: str, rec: dict[str, Any], pilot: bool) -> None:
-    end = "plateau" if rec["stopped_early"] else "step cap"
+    end = ("plateau" if rec["stopped_early"] else "step cap") if rec.get("stopping") != "budget" else "budget"
+    test = ("test scored if its rate wins" if rec.get("test_deferred") else
+            f"test loss {rec['test_loss']:.4f}  exact match {100 * rec['test_exact_match']:.1f}")
     _log(f"{tag} {rec['strategy']:<10} seed {rec['seed']} lr {rec['lr']:<7g} val loss {rec['val_loss']:.4f}  "
-         f"test loss {rec['test_loss']:.4f}  exact match {100 * rec['test_exact_match']:.1f}  best step "
-         f"{rec['best_step']}/{rec['steps']} ({end})  {rec['wall_time_s']:.0f} s" + ("  [pilot]" if pilot else ""))
+         f"{test}  best step {rec['best_step']}/{rec['steps']} ({end})  {rec['wall_time_s']:.0f} s"
+         + ("  [pilot]" if pilot else ""))
 
 
 def _execute_run(task: LMTask, cfg: SFTConfig, job: Job, tag: str, _features: Any) -> tuple[dict[str, Any], float]:
     desc = f"{tag} {job.spec.label} " + (f"lr {job.lr:g}" if job.pilot else f"seed {job.seed}")
-    return train_one(task, job.spec, job.seed, job.lr, cfg, desc=desc)
+    return train_one(task, job.spec, job.seed, job.lr, cfg, desc=desc, pilot=job.pilot)
 
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -164,6 +166,12 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
     finally:
         if pool is not None:
             pool.close()
+    t = time.perf_counter()
+    for key, rec in list(sched.runs.items()):  # the winning pilots: test scored now, from their adapters
+        if rec.get("test_deferred"):
+            sched.runs[key] = score_saved_adapter(task, cfg, rec)
+            _report_run("[test]", sched.runs[key], False)
+    phases.add("eval", time.perf_counter() - t)
     settings["runs_wall_s"] = round(time.perf_counter() - t_runs, 2)
     runs, selections = sched.ordered(specs)
     bench: dict[str | None, Any] = {}
@@ -172,8 +180,7 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
         bench = _run_benchmarks(cfg, runs, workers, lambda: (task.model_path, task.tokenizer))
         phases.add("benchmarks", time.perf_counter() - t)
     results = _assemble(cfg, settings, specs, runs, selections, bench, phases, t_start, complete=True)
-    atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(results, indent=1))
-    atomic_write_text(os.path.join(cfg.output_dir, "results.md"), format_sft_markdown(results))
+    _write_reports(results, cfg.output_dir)
     return results
 
 
@@ -208,9 +215,18 @@ def score_saved_run(cfg: SFTConfig) -> dict[str, Any]:
     # the total counts the saved run's time plus this scoring
     results = _assemble(cfg, settings, specs, runs, saved["lr_selection"], bench, phases,
                         t_start - saved["total_time_s"], complete=True)
-    atomic_write_text(path, json.dumps(results, indent=1))
-    atomic_write_text(os.path.join(cfg.output_dir, "results.md"), format_sft_markdown(results))
+    _write_reports(results, cfg.output_dir)
     return results
+
+
+def _write_reports(results: dict[str, Any], out_dir: str) -> None:
+    """results.json, results.md and verdicts.png (each paired difference with its interval)."""
+    from asymlora.compare.plots import write_verdict_plot
+
+    atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
+    atomic_write_text(os.path.join(out_dir, "results.md"), format_sft_markdown(results))
+    write_verdict_plot(results["paired_verdicts"], os.path.join(out_dir, "verdicts.png"),
+                       f"{results['settings']['model_name']}: paired differences over seeds {results['settings']['seeds']}")
 
 
 def _settings(cfg: SFTConfig, task: LMTask, threads: int, workers: int) -> dict[str, Any]:
@@ -223,8 +239,9 @@ def _settings(cfg: SFTConfig, task: LMTask, threads: int, workers: int) -> dict[
         "model_params": sum(p.numel() for p in task.lm.parameters()), "data": cfg.sources, "sizes": task.sizes,
         "strategies": [s.label for s in cfg.runs()], "strategy_names": cfg.strategies, "ranks": cfg.ranks, "seeds": cfg.seeds, "lr_grid": cfg.lr_grid(),
         "selected_on": "validation response loss (lowest)", "max_steps": cfg.max_steps, "eval_every": cfg.eval_every,
-        "patience": cfg.patience, "min_steps": cfg.min_steps, "warmup_steps": cfg.warmup_steps,
-        "lr_schedule": "linear warm-up, then constant", "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+        "patience": cfg.patience, "min_steps": cfg.min_steps, "warmup_steps": cfg.warmup_steps, "stopping": cfg.stopping,
+        "max_lr_extensions": cfg.max_lr_extensions,
+        "lr_schedule": ("linear warm-up, then linear decay to 0" if cfg.fixed_budget else "linear warm-up, then constant"), "batch_size": cfg.batch_size, "max_length": cfg.max_length,
         "alpha": "2r (scaling alpha/r = 2)", "target_modules": cfg.target_modules,
         "loss": "response-only (assistant tokens of the model's chat template)",
         "tasks": cfg.tasks, "bench_limit": cfg.bench_limit, "mmlu_limit": cfg.mmlu_limit, "shots": cfg.shots, "max_new_tokens": cfg.max_new_tokens,

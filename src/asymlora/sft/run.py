@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from asymlora.compare.config import StrategySpec
-from asymlora.compare.run import _Timed, autocast, resolve_precision
+from asymlora.compare.run import _Timed, autocast, resolve_precision, stopping_args
 from asymlora.compare.stats import curve_slope
 from asymlora.sft.config import SFTConfig
 from asymlora.sft.data import ChatQADataset, QAPair, collate_chat, load_qa, split_qa
 from asymlora.sft.model import ResponseOnlyLM, exact_match_rate, generate_answers, response_nll
 
-__all__ = ["LMTask", "prepare_lm_task", "train_one", "score_test", "adapter_dir"]
+__all__ = ["LMTask", "prepare_lm_task", "train_one", "score_test", "score_saved_adapter", "adapter_dir"]
 
 
 @dataclass
@@ -88,8 +88,26 @@ def score_test(lm: Any, task: LMTask, cfg: SFTConfig) -> dict[str, Any]:
             "test_answers": answers[:20]}
 
 
+DEFERRED_TEST: dict[str, Any] = {"test_loss": None, "test_loglik": None, "test_exact_match": None,
+                                 "test_answers": [], "test_deferred": True}
+
+
+def score_saved_adapter(task: LMTask, cfg: SFTConfig, record: dict[str, Any]) -> dict[str, Any]:
+    """The test scores of a run whose scoring was deferred (a pilot that won its lr search),
+    from the adapter it saved; returns the record with them filled in."""
+    import asymlora
+
+    lm = copy.deepcopy(task.lm)
+    asymlora.load_adapter(lm, record["adapter_dir"])
+    t = time.perf_counter()
+    test = score_test(lm, task, cfg)
+    seconds = time.perf_counter() - t
+    return dict(record, **test, test_deferred=False, wall_time_s=record["wall_time_s"] + seconds,
+                eval_time_s=record["eval_time_s"] + seconds)
+
+
 def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTConfig, *,
-              desc: str) -> tuple[dict[str, Any], float]:
+              desc: str, pilot: bool = False) -> tuple[dict[str, Any], float]:
     """One strategy × seed at ``lr``; returns (record, seconds spent evaluating)."""
     import asymlora
     from asymlora.train import TrainArgs, fit
@@ -101,16 +119,15 @@ def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTCo
     precision = resolve_precision(cfg.mixed_precision)
     score_val = _Timed(lambda m: {"val_loss": response_nll(m, task.val_batches)})
 
-    args = TrainArgs(lr=lr, max_steps=cfg.max_steps, batch_size=cfg.batch_size, seed=seed, eval_every=cfg.eval_every,
-                     warmup_steps=min(cfg.warmup_steps, cfg.max_steps - 1), lr_schedule="constant",
-                     early_stopping_patience=cfg.patience, early_stopping_min_steps=min(cfg.min_steps, cfg.max_steps),
-                     early_stopping_metric="val_loss", greater_is_better=False, restore_best=True,
-                     early_stopping_min_delta=cfg.min_delta,
+    args = TrainArgs(lr=lr, max_steps=cfg.max_steps, batch_size=cfg.batch_size, seed=seed,
+                     **stopping_args(cfg, pilot, "val_loss", higher_is_better=False),
                      group_by_length=True, weight_decay=cfg.weight_decay, mixed_precision=precision,
                      progress=cfg.progress, desc=desc)
     res = fit(model, task.train, task.collate, args, eval_fn=score_val)
     t = time.perf_counter()
-    test = score_test(lm, task, cfg)
+    # Exact match is generated only where it is scored: a pilot's test scores count only if its
+    # rate wins, so pilots are scored later, from their saved adapter (``score_saved_adapter``).
+    test = DEFERRED_TEST if pilot else score_test(lm, task, cfg)
     out = adapter_dir(cfg, spec.label, seed, lr)
     asymlora.save_adapter(lm, out)
     eval_s = score_val.seconds + time.perf_counter() - t
@@ -121,7 +138,7 @@ def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTCo
         "val_loss": res.best_metric if res.best_metric is not None else res.final_metrics.get("val_loss"),
         **test,
         "best_step": res.best_step if res.best_step is not None else res.steps, "steps": res.steps,
-        "max_steps": cfg.max_steps, "stopped_early": res.stopped_early,
+        "max_steps": cfg.max_steps, "stopping": cfg.stopping, "stopped_early": res.stopped_early,
         "val_slope_last_quarter": curve_slope([s for s, _ in evals], [v for _, v in evals]),
         "final_train_loss": res.final_metrics.get("train_loss"),
         "wall_time_s": res.wall_time_s + (time.perf_counter() - t), "eval_time_s": eval_s,

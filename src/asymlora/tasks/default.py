@@ -71,8 +71,9 @@ class Budget:
     max_lr_extensions: int = 0
 
 
-DEFAULT = Budget(lrs=(1e-3, 3e-3, 1e-2), max_steps=600, eval_every=20, patience=3, min_steps=100, warmup_steps=10,
-                 batch_size=16, max_length=48, seeds=(0, 1, 2), max_train=None, max_val=256, max_test=None)
+DEFAULT = Budget(lrs=(1e-3, 3e-3, 1e-2), max_steps=240, eval_every=30, patience=3, min_steps=100, warmup_steps=15,
+                 batch_size=16, max_length=48, seeds=(0, 1, 2), max_train=None, max_val=1000, max_test=2000,
+                 max_lr_extensions=1)
 # About a minute: smaller subsets and a short cap, but the same protocol, and enough steps that
 # every adapter strategy learns (checked by the end-to-end test).
 QUICK = Budget(lrs=(3e-3, 1e-2), max_steps=80, eval_every=10, patience=2, min_steps=40, warmup_steps=5, batch_size=16,
