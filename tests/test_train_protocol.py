@@ -186,3 +186,25 @@ def test_min_delta_counts_small_improvements_as_a_plateau_but_restores_the_true_
     assert not without.stopped_early  # each small step down is a new best without min_delta
     for k, v in model.state_dict().items():
         assert torch.equal(v, snaps[4][k])
+
+
+def test_warmup_stable_decay_by_hand():
+    """T = 20, w = 4, the last quarter (5 steps) decays: 1/4 .. 4/4, eleven ones, then 5/5 .. 1/5."""
+    from asymlora.train import warmup_stable_decay
+
+    f = warmup_stable_decay(20, 4)
+    got = [f(k) for k in range(20)]
+    want = [0.25, 0.5, 0.75, 1.0] + [1.0] * 11 + [5 / 5, 4 / 5, 3 / 5, 2 / 5, 1 / 5]
+    assert got == pytest.approx(want)
+
+
+def test_fit_follows_the_wsd_schedule():
+    from asymlora.train import warmup_stable_decay
+
+    model = Lin()
+    data = [{"x": torch.randn(4), "y": torch.tensor(i % 2)} for i in range(16)]
+    collate = lambda items: {"x": torch.stack([d["x"] for d in items]), "y": torch.stack([d["y"] for d in items])}  # noqa: E731
+    res = fit(model, data, collate, TrainArgs(lr=0.1, max_steps=12, batch_size=4, warmup_steps=2, lr_schedule="wsd",
+                                             progress=False))
+    f = warmup_stable_decay(12, 2)
+    assert [h["lr"] for h in res.history] == pytest.approx([0.1 * f(k) for k in range(12)])

@@ -83,7 +83,7 @@ _OPTIM_FILE = "optimizer.pt"
 _SCHED_FILE = "scheduler.pt"
 _SCALER_FILE = "scaler.pt"
 _MIXED = ("no", "fp16", "bf16", "auto")
-_SCHEDULES = ("linear", "constant")
+_SCHEDULES = ("linear", "constant", "wsd")
 _BEST_FILE = "best_trainable.safetensors"
 # group_by_length sorts runs of this many batches by length (as transformers' length-grouped sampler).
 _LENGTH_GROUP_BATCHES = 50
@@ -114,7 +114,8 @@ class TrainArgs:
     supports it, else fp16 on CUDA, "no" on CPU). ``early_stopping_metric`` defaults to the
     first key returned by ``eval_fn``.
 
-    ``lr_schedule``: "linear" (warm-up, then linear decay to 0 at ``max_steps``) or "constant"
+    ``lr_schedule``: "linear" (warm-up, then linear decay to 0 at ``max_steps``), "wsd" (warm-up,
+    the peak rate, then a linear decay to 0 over the last quarter: ``warmup_stable_decay``) or "constant"
     (warm-up, then the peak rate until the run ends — with early stopping the run length is not
     known in advance, and a decay would flatten the curve by itself). ``warmup_steps`` overrides
     ``warmup_ratio``. ``restore_best``: keep the trainable weights of the best evaluation (by
@@ -272,6 +273,29 @@ def constant_after_warmup(warmup_steps: int) -> Callable[[int], float]:
 
     def factor(k: int) -> float:
         return (k + 1) / warmup_steps if k < warmup_steps else 1.0
+
+    return factor
+
+
+WSD_DECAY_FRACTION = 0.25
+
+
+def warmup_stable_decay(total_steps: int, warmup_steps: int,
+                        decay_fraction: float = WSD_DECAY_FRACTION) -> Callable[[int], float]:
+    """Warm-up, stable, decay: ``(k+1)/w`` for ``k < w``, then 1 until the last
+    ``d = ceil(decay_fraction·T)`` steps, then ``(T − k)/d`` down to ``1/d`` at ``k = T − 1``.
+    Most steps run at the peak rate, and the short decay at the end still brings the weights to
+    rest (Hu et al. 2024, MiniCPM; Hägele et al. 2024 find it matches a cosine schedule of the same
+    length)."""
+    decay = max(1, math.ceil(decay_fraction * total_steps))
+    start = max(warmup_steps, total_steps - decay)
+
+    def factor(k: int) -> float:
+        if k < warmup_steps:
+            return (k + 1) / warmup_steps
+        if k < start:
+            return 1.0
+        return max(0.0, (total_steps - k) / max(1, total_steps - start))
 
     return factor
 
@@ -641,6 +665,8 @@ def _adamw(named_trainable: Sequence[tuple[str, nn.Parameter]], args: TrainArgs)
 def _lr_schedule(args: TrainArgs, plan: _Plan) -> Callable[[int], float]:
     if args.lr_schedule == "linear":
         return linear_warmup_decay(plan.total, plan.warmup)
+    if args.lr_schedule == "wsd":
+        return warmup_stable_decay(plan.total, plan.warmup)
     return constant_after_warmup(plan.warmup)
 
 

@@ -85,6 +85,9 @@ def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targ
                    help="budget: every run trains --max-steps steps with a linearly decaying rate and keeps its "
                         "final weights; plateau: constant rate, stop after --patience evaluations without a new "
                         f"best, best weights restored (default: {d['stopping']})")
+    p.add_argument("--schedule", choices=["linear", "wsd"], default=None,
+                   help="budget: the rate decays linearly from the end of warm-up (linear) or over the last "
+                        "quarter only (wsd: warm-up, stable, decay)")
     p.add_argument("--max-steps", "--steps", type=int, default=None, dest="max_steps",
                    help=f"steps of every run (budget), or its step cap (plateau) (default: {d['max_steps']})")
     p.add_argument("--eval-every", type=int, default=None,
@@ -126,6 +129,8 @@ def protocol_settings(args: argparse.Namespace, d: dict) -> dict:
     out.update(lr=args.lr, margin=(1.0 if args.margin is None else args.margin) / 100, threads=args.threads,
                workers=args.workers, mixed_precision=args.mixed_precision, progress=not args.no_progress,
                prune=not args.no_prune)
+    if getattr(args, "schedule", None) is not None:
+        out["schedule"] = args.schedule
     if args.target_modules is not None:
         out["target_modules"] = args.target_modules
     return out
@@ -151,10 +156,12 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(results["summary"]))
     print()
     for sel in results["lr_selection"]:
-        grid = "  ".join(f"{g['lr']:g}: {100 * g['val_accuracy']:.1f}" for g in sel["grid"])
+        grid = "  ".join(f"{g['lr']:.3g}: {100 * g['val_accuracy']:.1f}"
+                         + (f" (pruned at step {g['pruned_at_step']})" if g.get("pruned_at_step") else "")
+                         for g in sel["grid"])
         edge = (f"  — on the {sel['at_edge']} edge of the grid: the best rate may lie beyond it (widen --lrs "
                 f"or raise --max-lr-extensions)" if sel.get("at_edge") else "")
-        print(f"lr for {sel['strategy']}: {sel['chosen_lr']:g}   (validation accuracy by lr, seed "
+        print(f"lr for {sel['strategy']}: {sel['chosen_lr']:.3g}   (validation accuracy by lr, seed "
               f"{cfg.seeds[0]}: {grid}){edge}")
     if results["verdict_lines"]:
         print()

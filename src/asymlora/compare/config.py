@@ -1,6 +1,6 @@
 """What one ``asymlora compare`` run is: the strategies, the protocol's settings, validation.
 
-Strategies (docs/design.md, "The method"): ``lora`` (A kaiming, B zero, both trained),
+Strategies (docs/design.md §1): ``lora`` (A kaiming, B zero, both trained),
 ``b-only`` (A random orthonormal frozen, B zero trained — the paper's recommendation),
 ``a-only`` (A zero trained, B random orthonormal frozen) and the ``head-only`` baseline (no
 adapter). PEFT's own methods run as peers under the same protocol: ``peft-lora`` (PEFT's
@@ -109,6 +109,7 @@ class CompareConfig:
     min_steps: int = DEFAULT.min_steps
     warmup_steps: int = DEFAULT.warmup_steps
     stopping: str = "budget"
+    schedule: str = "linear"                 # budget: "linear" decay from warm-up, or "wsd" (decay in the last quarter)
     prune: bool = True
     rungs: list[float] = field(default_factory=lambda: [0.25, 0.5])
     prune_z: float = 2.0                     # noise allowance of the pruning rule, in standard errors
@@ -185,6 +186,8 @@ class CompareConfig:
             out.append(f"--min-steps {self.min_steps!r}: must be an integer >= 0")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             out.append(f"--warmup-steps {self.warmup_steps!r}: must be an integer >= 0")
+        if self.schedule not in ("linear", "wsd"):
+            out.append(f"--schedule {self.schedule!r}: use linear or wsd")
         if self.stopping not in STOPPING_RULES:
             out.append(f"--stopping {self.stopping!r}: use one of {', '.join(STOPPING_RULES)}")
         if not self.rungs or any(not (isinstance(f, (int, float)) and 0 < f < 1) for f in self.rungs):

@@ -1,4 +1,4 @@
-"""The protocol of ``asymlora compare`` (DESIGN.md §8): each strategy at its own learning rate,
+"""The protocol of ``asymlora compare`` (docs/design.md §4): each strategy at its own learning rate,
 picked on validation; every run trained until its validation curve stops improving; paired seeds.
 
 1. **Learning rate.** For each strategy, one run per rate of the grid on the first seed (the
@@ -289,7 +289,10 @@ def _settings(cfg: CompareConfig, task: Task, specs: list[StrategySpec], threads
         "lr_grid": cfg.lr_grid(), "selects_lr": cfg.selects_lr, "max_lr_extensions": cfg.max_lr_extensions, "max_steps": cfg.max_steps,
         "stopping": cfg.stopping, "rungs": cfg.rung_steps(), "prune_z": cfg.prune_z,
         "eval_every": cfg.eval_every, "patience": cfg.patience, "min_steps": cfg.min_steps, "warmup_steps": cfg.warmup_steps,
-        "lr_schedule": ("linear warm-up, then linear decay to 0" if cfg.fixed_budget else "linear warm-up, then constant"),
+        "schedule": cfg.schedule if cfg.fixed_budget else "constant",
+        "lr_schedule": ({"linear": "linear warm-up, then linear decay to 0",
+                         "wsd": "linear warm-up, the peak rate, then linear decay to 0 over the last quarter"}[cfg.schedule]
+                        if cfg.fixed_budget else "linear warm-up, then constant"),
         "batch_size": cfg.batch_size,
         "batching": "length-grouped batches (runs of 50 batches sorted by length, batches shuffled)",
         "max_length": cfg.max_length, "weight_decay": cfg.weight_decay, "margin": cfg.margin,

@@ -125,7 +125,7 @@ def _markdown(results: dict[str, Any]) -> str:
     grid = ", ".join(f"{x:g}" for x in s["lr_grid"])
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in results["phases_s"].items())
     if s.get("stopping", "plateau") == "budget":
-        rule = (f"{s['max_steps']} steps: {s['warmup_steps']} warm-up steps, then a linear decay of the rate to 0; "
+        rule = (f"{s['max_steps']} steps ({s['warmup_steps']} of them warm-up): {s['lr_schedule']}; "
                 f"scored with the final weights (the lr search's pilots validate every {s['eval_every']} steps"
                 + (f"; a pilot clearly losing at step {' or '.join(map(str, s['rungs']))} is pruned there"
                    if s.get("rungs") else "") + ")")
