@@ -2,7 +2,7 @@
 
 An adapted linear map is ``y = W0·x + s·B·(A·x)`` with ``A`` (r×d_in), ``B`` (d_out×r) and
 ``s = alpha/r`` ("standard") or ``alpha/sqrt(r)`` ("rslora"). ``train`` says which factors are
-optimised; the other one is frozen at its initial value (DESIGN.md §1).
+optimised; the other one is frozen at its initial value (docs/design.md §1).
 
 Everything that can be checked without a model is checked in ``__post_init__``; what needs the
 model (ranks against layer shapes, targets that match nothing) is checked by ``asymlora.inject``
@@ -24,7 +24,7 @@ from .init import INITIALIZERS
 TRAIN_CHOICES = ("A", "B", "AB")
 SCALING_CHOICES = ("standard", "rslora")
 
-# name -> (train, init_A, init_B). Same table as DESIGN.md §1.
+# name -> (train, init_A, init_B). Same table as docs/design.md §1.
 PRESETS: dict[str, tuple[str, str, str]] = {
     "lora": ("AB", "kaiming", "zero"),
     "b-only": ("B", "orthogonal", "zero"),
@@ -73,7 +73,7 @@ class AsymLoraConfig:
     # ------------------------------------------------------------------ construction
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "AsymLoraConfig":
-        """A named strategy: ``lora``, ``b-only`` or ``a-only`` (DESIGN.md §1), with overrides.
+        """A named strategy: ``lora``, ``b-only`` or ``a-only`` (docs/design.md §1), with overrides.
 
         ``alpha`` defaults to ``2r`` as in the paper's experiments.
         """
