@@ -157,3 +157,31 @@ def test_a_paused_and_resumed_run_equals_the_uninterrupted_one(tmp_path, preset)
 def test_pause_at_needs_an_output_dir():
     with pytest.raises(ValueError, match="pause_at"):
         _args(pause_at=2).validate()
+
+
+def test_peft_lora_trains_exactly_as_our_lora_given_the_same_a():
+    """Our ``lora`` and PEFT's differ only in the draw of A (ours is seeded per layer, PEFT's
+    comes from the global RNG). Given the same A, fit trains them to the same weights and the
+    same outputs: a gap between the two rows of a compare is the draw, not the implementation."""
+    data = _data()
+    ours = asymlora.wrap(tiny_bert(seed=1).train(), asymlora.AsymLoraConfig.preset(
+        "lora", r=R, seed=0, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    theirs = _peft_model("peft-lora")
+    peft_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, layer in asymlora.lora_layers(ours).items():
+            a, b = layer.factors(layer.primary)
+            peft_params[f"base_model.model.{name}.lora_A.default.weight"].copy_(a)
+            peft_params[f"base_model.model.{name}.lora_B.default.weight"].copy_(b)
+    fit(ours, data, _collate, _args())
+    fit(theirs, data, _collate, _args())
+    peft_params = dict(theirs.named_parameters())
+    for name, layer in asymlora.lora_layers(ours).items():
+        a, b = layer.factors(layer.primary)
+        assert torch.allclose(a, peft_params[f"base_model.model.{name}.lora_A.default.weight"], atol=1e-6)
+        assert torch.allclose(b, peft_params[f"base_model.model.{name}.lora_B.default.weight"], atol=1e-6)
+        assert torch.count_nonzero(b) > 0
+    ours.eval(), theirs.eval()
+    batch = _collate(data[:8])
+    with torch.no_grad():
+        assert torch.allclose(ours(**batch).logits, theirs(**batch).logits, atol=1e-5)
