@@ -438,6 +438,10 @@ def test_cli_merge(tmp_path, capsys):
     for m in ("m2", "m3"):
         for ln, d in _folder_deltas(tmp_path / m).items():
             assert (d - (0.5 * clients[0][ln] + 0.5 * clients[1][ln])).abs().max() <= 1e-6
+    # a negative weight (a task vector difference), given as its own token
+    assert main(["merge", *folders, "--weights", "1", "-1", "-o", str(tmp_path / "diff")]) == 0
+    for ln, d in _folder_deltas(tmp_path / "diff").items():
+        assert (d - (clients[0][ln] - clients[1][ln])).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("args,match", [
