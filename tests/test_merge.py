@@ -7,14 +7,12 @@ and PEFT's own loaded model.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 
 import pytest
 import torch
-from torch import nn
 
 import asymlora
 from asymlora import AsymLoraConfig
