@@ -100,6 +100,11 @@ CASES = [
     (["export", "/nonexistent", "-o", "OUT"], ["'/nonexistent'"], "OUT"),
     (["export", "{t}/tampered", "-o", "OUT"], ["r=8", "r=4"], "OUT"),
     (["export", "{t}/good"], ["--output-dir"], None),
+    # merge
+    (["merge", "{t}/good", "/nonexistent/ad", "--weights", "1", "-o", "OUT"],
+     ["'/nonexistent/ad' is not an adapter folder", "--weights has 1 value [1.0] for 2 adapters"], "OUT"),
+    (["merge", "{t}/good", "{t}/tampered", "-o", "OUT"], ["r=8", "r=4"], "OUT"),
+    (["merge", "{t}/good", "{t}/many/run1/adapter", "-o", "OUT"], ["has another frozen A"], "OUT"),
     # run
     (["run", "nosuchrecipe", "-o", "OUT"], ["'nosuchrecipe'"], "OUT"),
     (["run", "nosuchrecipe", "--seeds", "-1", "-o", "OUT"], ["'nosuchrecipe'", "--seeds", "-1"], "OUT"),
@@ -221,7 +226,7 @@ def test_multiline_messages_become_one_line(monkeypatch, capsys):
 
 # --------------------------------------------------------------------------- one convention
 OUTPUT_COMMANDS = [["compare"], ["sft"], ["train"], ["run", "r"], ["theory", "bound"], ["theory", "simulate"],
-                   ["similarity"], ["export", "a"], ["bench"], ["results", "d"]]
+                   ["similarity"], ["export", "a"], ["merge", "a", "b"], ["bench"], ["results", "d"]]
 
 
 @pytest.mark.parametrize("prefix", OUTPUT_COMMANDS, ids=[" ".join(p) for p in OUTPUT_COMMANDS])
@@ -239,7 +244,8 @@ def test_output_dir_short_long_and_hidden_alias(prefix, capsys):
 
 
 LISTS = [(["compare"], "--seeds"), (["compare"], "--ranks"), (["sft"], "--seeds"), (["run", "r"], "--seeds"), (["run", "r"], "--ranks"),
-         (["theory", "bound"], "--r"), (["theory", "bound"], "--n"), (["theory", "simulate"], "--ranks")]
+         (["theory", "bound"], "--r"), (["theory", "bound"], "--n"), (["theory", "simulate"], "--ranks"),
+         (["merge", "a", "b", "c"], "--weights")]
 
 
 @pytest.mark.parametrize("prefix,flag", LISTS, ids=[f"{' '.join(p)} {f}" for p, f in LISTS])

@@ -6,6 +6,7 @@ Foundation Models", ICML 2024).
     model = asymlora.wrap(model, cfg)
     print(asymlora.parameter_report(model))
     asymlora.save_adapter(model, "out/adapter")               # B + seed: A is rebuilt on load
+    asymlora.add_weighted_adapter(model, ["t1", "t2"], [1, -0.5], "mix")  # exact for b-only, one seed
 """
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ from .checkpoint import (  # noqa: E402
     load_factors,
     save_adapter,
 )
+from .merging import add_weighted_adapter, save_weighted_adapter  # noqa: E402
 
 __all__ = [
     "AsymLoraConfig",
@@ -68,4 +70,6 @@ __all__ = [
     "list_adapters",
     "active_adapters",
     "mixed_batch",
+    "add_weighted_adapter",
+    "save_weighted_adapter",
 ]

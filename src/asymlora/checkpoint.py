@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -65,6 +66,19 @@ def _saved_parameters(model: nn.Module, config: AsymLoraConfig) -> dict[str, tor
 
 
 # ---------------------------------------------------------------------------- our format
+@dataclass
+class LayerFactors:
+    """One adapter's update ``s·B·A`` in one layer, as saved: the factors, the scaling ``s``,
+    which factors trained, and whether the base is a transformers ``Conv1D``."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    trains_A: bool
+    trains_B: bool
+    conv1d: bool = False
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, store_frozen: bool = False,
                  adapter_name: str | None = None) -> str:
     """Save adapter ``adapter_name`` (default: the active one) of ``model`` to ``directory``
@@ -76,21 +90,38 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, store_frozen: b
     """
     config = get_config(model, adapter_name)
     adapter_name = _resolve_name(model, adapter_name)
+    layers = {
+        name: LayerFactors(*layer.factors(adapter_name), layer.slots[adapter_name].scaling,
+                           layer.trains(adapter_name, "A"), layer.trains(adapter_name, "B"), is_conv1d(layer.base))
+        for name, layer in _layers_of(model, adapter_name).items()
+    }
+    base_model = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return write_adapter(directory, config, layers, _saved_parameters(model, config), base_model,
+                         type(model).__name__, store_frozen=store_frozen)
+
+
+def write_adapter(directory: str | os.PathLike, config: AsymLoraConfig, layers: dict[str, LayerFactors],
+                  saved: dict[str, torch.Tensor], base_model: str | None, base_class: str | None,
+                  store_frozen: bool = False, extra: dict[str, Any] | None = None) -> str:
+    """Write an adapter folder in our format from its factors (``save_adapter`` without a model).
+
+    ``saved``: parameter name -> tensor of ``config.modules_to_save``; ``extra``: more keys for
+    ``adapter_config.json`` (e.g. how the adapter was made), never read back by ``load_adapter``.
+    """
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     layers_meta: dict[str, Any] = {}
-    for name, layer in _layers_of(model, adapter_name).items():
+    for name, lf in layers.items():
         entry: dict[str, Any] = {
-            "in_features": layer.in_features,
-            "out_features": layer.out_features,
-            "r": layer.slots[adapter_name].r,
-            "scaling": layer.slots[adapter_name].scaling,
-            "conv1d": is_conv1d(layer.base),
+            "in_features": int(lf.A.shape[1]),
+            "out_features": int(lf.B.shape[0]),
+            "r": int(lf.A.shape[0]),
+            "scaling": float(lf.scaling),
+            "conv1d": bool(lf.conv1d),
         }
-        for factor, init_name in (("A", config.init_A), ("B", config.init_B)):
-            value = layer.factor(adapter_name, factor)
-            trained = layer.trains(adapter_name, factor)
+        for factor, init_name, value, trained in (("A", config.init_A, lf.A, lf.trains_A),
+                                                  ("B", config.init_B, lf.B, lf.trains_B)):
             stored = trained or store_frozen or init_name not in SEED_REPRODUCIBLE
             if stored:
                 tensors[f"{name}.lora_{factor}"] = value
@@ -101,16 +132,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, store_frozen: b
                 "fingerprint": fingerprint(value),
             }
         layers_meta[name] = entry
-    for p_name, p in _saved_parameters(model, config).items():
+    for p_name, p in saved.items():
         tensors[SAVED_PREFIX + p_name] = p
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "asymlora_version": __version__,
-        "base_model": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "base_class": type(model).__name__,
+        "base_model": base_model,
+        "base_class": base_class,
         "config": config.to_dict(),
         "layers": layers_meta,
+        **(extra or {}),
     }
     header = {"format": FORMAT, "config": json.dumps(config.to_dict(), sort_keys=True)}  # see _check_config_matches_layers
     _atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), header)

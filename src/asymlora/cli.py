@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "theory": "theory",
     "similarity": "similarity",
     "export": "export",
+    "merge": "merge",
     "bench": "bench",
     "probe": "probe",
     "eval": "eval",

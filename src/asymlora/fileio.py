@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from typing import Iterator
 
@@ -38,6 +39,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary folder beside ``path``; on success rename it to ``path``, so the
+    folder appears complete or not at all. ``path`` must not exist, or be an empty folder
+    (checked before the block runs: a UserError). On failure the temporary folder is removed."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise UserError(f"output folder {path!r} already exists and is not empty; remove it or pick another folder")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
+        if os.path.isdir(path):
+            os.rmdir(path)  # the empty folder that was there (fails if something was written meanwhile)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
