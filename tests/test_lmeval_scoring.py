@@ -17,7 +17,7 @@ from torch import nn
 
 from asymlora.lmeval import metrics
 from asymlora.lmeval.scoring import _group_inputs, _units, encode_pair, loglikelihoods, max_length
-from conftest import tiny_gpt2, tiny_llama
+from conftest import require, tiny_gpt2, tiny_llama
 
 
 class CharTokenizer:
@@ -172,7 +172,7 @@ def test_pooled_stderr_closed_form():
 def test_stderr_formulas_are_lm_evals():
     """The same numbers as lm-eval's own functions (its mean_stderr; its pooled_sample_stderr,
     which a size-weighted group applies to its leaf tasks: for MMLU, the subjects)."""
-    lm_metrics = pytest.importorskip("lm_eval.api.metrics")
+    lm_metrics = require("lm_eval.api.metrics")
     rng = np.random.default_rng(0)
     groups = [list(rng.integers(0, 2, size=n).astype(float)) for n in (2, 5, 9, 30)]
     errs = [metrics.mean_stderr(g) for g in groups]

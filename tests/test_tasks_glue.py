@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from asymlora.cli import main  # noqa: E402
 from asymlora.tasks import glue  # noqa: E402
+from conftest import require  # noqa: E402
 
 WORDS = "the movie was good bad great awful plot actors fun boring a an is it not very".split()
 
@@ -126,7 +127,7 @@ def test_read_tsv_pair_tasks(tmp_path, task, header, row, expected):
 
 
 def test_saved_dataset_layout(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = require("datasets")
     dd = datasets.DatasetDict({
         "train": datasets.Dataset.from_dict({"sentence1": ["a b", "c d"], "sentence2": ["e", "f"], "label": [0, 1]}),
         "validation": datasets.Dataset.from_dict({"sentence1": ["x"], "sentence2": ["y"], "label": [1]}),
@@ -153,7 +154,6 @@ def test_missing_model_message(tmp_path, glue_dir, capsys):
 
 
 def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir):
-    pytest.importorskip("asymlora.train")
     out = tmp_path / "runs"
     rc = main(["run", "glue-roberta-large", "--model", str(tiny_roberta), "--data", str(glue_dir),
                "--out", str(out), "--tasks", "sst2", "cola", "stsb", "mnli", "--strategies", "b-only",

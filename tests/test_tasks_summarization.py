@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("rouge_score")
+import torch  # noqa: E402
+
+from conftest import require  # noqa: E402
+
+require("rouge_score")
 
 from asymlora.cli import main  # noqa: E402
 from asymlora.tasks import summarization as S  # noqa: E402
@@ -93,7 +95,6 @@ def test_label_masking(tiny_bart):
 
 
 def test_xsum_end_to_end(tmp_path, tiny_bart, data_dir):
-    pytest.importorskip("asymlora.train")
     out = tmp_path / "runs"
     rc = main(["run", "xsum-bart-large", "--model", str(tiny_bart), "--data", str(data_dir), "--out", str(out),
                "--strategies", "b-only", "--ranks", "4", "--max-steps", "2", "--batch-size", "4",
@@ -111,7 +112,6 @@ def test_xsum_end_to_end(tmp_path, tiny_bart, data_dir):
 
 
 def test_cnndm_end_to_end_csv_validation(tmp_path, tiny_bart, data_dir):
-    pytest.importorskip("asymlora.train")
     out = tmp_path / "runs"
     rc = main(["run", "cnndm-bart-large", "--model", str(tiny_bart), "--data", str(data_dir), "--out", str(out),
                "--strategies", "a-only", "--ranks", "2", "--max-steps", "1", "--batch-size", "4",

@@ -12,8 +12,10 @@ import torch
 
 import asymlora
 from asymlora.errors import UserError
+from conftest import require
 
-from trl import SFTConfig, SFTTrainer
+require("trl")
+from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from asymlora.integrations.trl import ADAPTER_DIR, AsymLoraCallback, adapter_trainable_parameters, check_for_trainer
 
