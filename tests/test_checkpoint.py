@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -89,7 +90,10 @@ def test_tampered_shape_refused(tmp_path):
         load_adapter(tiny_bert(), tmp_path / "ad")
     save_adapter(model, tmp_path / "ad2")
     _tamper(tmp_path / "ad2" / CONFIG_NAME, lambda m: m["layers"][name].__setitem__("in_features", 16))
-    with pytest.raises(ValueError):
+    # the stored A of that layer is r x in_features = 4 x 32 (the tiny BERT's hidden size)
+    with pytest.raises(ValueError, match=rf"stored {re.escape(name)}\.lora_A has shape \(4, 32\) but "
+                                         rf"adapter_config\.json says layer '{re.escape(name)}' is 16->32 at r=4, "
+                                         r"which needs \(4, 16\)"):
         load_adapter(tiny_bert(), tmp_path / "ad2")
 
 

@@ -153,7 +153,7 @@ def test_missing_model_message(tmp_path, glue_dir, capsys):
     assert rc == 2 and "not found" in err and "hf download" in err
 
 
-def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir):
+def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir, monkeypatch, capsys):
     out = tmp_path / "runs"
     rc = main(["run", "glue-roberta-large", "--model", str(tiny_roberta), "--data", str(glue_dir),
                "--out", str(out), "--tasks", "sst2", "cola", "stsb", "mnli", "--strategies", "b-only",
@@ -172,11 +172,24 @@ def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir):
         assert r["adapter_trainable_params"] > 0
     assert (out / "sst2" / "b-only-r4" / "seed0" / "adapter" / "adapter_config.json").is_file()
     assert res["stsb"]["info"]["n_train"] == 40 and res["mnli"]["info"]["n_eval"] == {"m": 10, "mm": 10}
-    # a second invocation skips completed runs
+    # a second invocation skips completed runs: no training, the result and adapter files untouched
+    done = out / "sst2" / "b-only-r4" / "seed0"
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (done / "result.json",
+                                                                  done / "adapter" / "adapter_model.safetensors")}
+    import asymlora.train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a completed run was trained again")
+
+    monkeypatch.setattr(asymlora.train, "fit", no_training)
+    capsys.readouterr()
     rc = main(["run", "glue-roberta-large", "--model", str(tiny_roberta), "--data", str(glue_dir),
                "--out", str(out), "--tasks", "sst2", "--strategies", "b-only", "--ranks", "4", "--seeds", "0",
                "--max-steps", "2", "--no-progress"])
     assert rc == 0
+    assert f"[skip] {done / 'result.json'} exists" in capsys.readouterr().err
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == files
+    monkeypatch.undo()
     # results table
     rc = main(["results", str(out), "--out", str(tmp_path / "table")])
     assert rc == 0
