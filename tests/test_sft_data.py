@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from asymlora.init import single_thread
 from asymlora.lmeval.data import datasets_root
 from asymlora.sft import data as D
 from asymlora.sft.model import ResponseOnlyLM, exact_match_rate, generate_answers
@@ -107,22 +108,23 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_chat_llama):  # n
 
 
 def test_exact_match_rises_when_the_answers_are_learnt(tiny_chat_llama):  # noqa: F811
-    """100 full fine-tuning steps on a fixed set of 8 questions with the response-only
+    """60 full fine-tuning steps on a fixed set of 8 questions with the response-only
     loss: the tuned model answers them (exact match ≥ 7/8), the untuned one does not."""
     colours = ["red", "green", "blue", "black", "white", "yellow", "red", "blue"]
     pairs = [D.QAPair(f"What colour is item {k}?", (c,), "synthetic") for k, c in zip((2, 5, 8, 11, 14, 17, 20, 23), colours)]
     lm, tok = _load(tiny_chat_llama)
-    before = exact_match_rate(generate_answers(lm, tok, pairs, max_length=64, max_new_tokens=6), pairs)
     ds = D.ChatQADataset(pairs, tok, 64)
     assert len(ds) == len(pairs)
     batch = D.collate_chat(ds.items, tok.pad_token_id)
     model = ResponseOnlyLM(lm).train()
     torch.manual_seed(0)
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
-    for _ in range(100):
-        opt.zero_grad()
-        model(**batch).loss.backward()
-        opt.step()
-    after_preds = generate_answers(lm, tok, pairs, max_length=64, max_new_tokens=6)
+    with single_thread():  # tiny matrices: extra threads only wait on each other (on a busy machine, minutes)
+        before = exact_match_rate(generate_answers(lm, tok, pairs, max_length=64, max_new_tokens=6), pairs)
+        for _ in range(60):
+            opt.zero_grad()
+            model(**batch).loss.backward()
+            opt.step()
+        after_preds = generate_answers(lm, tok, pairs, max_length=64, max_new_tokens=6)
     after = exact_match_rate(after_preds, pairs)
     assert before <= 0.25 and after >= 7 / 8, (before, after, after_preds)
