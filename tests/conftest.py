@@ -6,6 +6,11 @@ Bundled assets: a test that needs one says so with ``@pytest.mark.needs_assets("
 naming what was skipped and the install step. Under CI (environment variable ``CI`` set to
 ``true``/``1``, as GitHub Actions and most CI services do) a missing asset fails the whole run
 before any test starts, whatever tests are selected, with the install step of each missing one.
+
+Test dependencies (peft, lm-eval, DeepSpeed, rouge-score, ...): a test takes one with
+``require("peft")`` (returns the module). Locally a missing one skips the test with the reason;
+under CI it fails the test, naming the package and its install step. The package's own modules
+(``asymlora.*``) are imported plainly: one that fails to import is always a failure.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import importlib
 import random
 import warnings
 from dataclasses import dataclass
@@ -98,6 +104,34 @@ ASSETS = {
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+# import name -> (pip package, install step); the install step of every one is `make install`
+TEST_DEPENDENCIES = {
+    "peft": "peft", "lm_eval": "lm-eval", "deepspeed": "deepspeed", "rouge_score": "rouge-score",
+    "datasets": "datasets", "scipy": "scipy", "bitsandbytes": "bitsandbytes", "torchao": "torchao",
+    "trl": "trl", "gguf": "gguf", "PIL": "pillow", "yaml": "pyyaml",
+}
+
+
+def require(module: str):
+    """Import a test dependency and return the module. Missing (or failing to import): locally
+    the calling test is skipped, under CI it fails; either way the message names the package and
+    how to install it. Use inside a test or fixture, or at module level (then a failure is a
+    collection error of that file, and a skip skips the file)."""
+    top = module.split(".")[0]
+    if top == "asymlora":
+        raise ValueError("import asymlora's own modules plainly: one that fails to import is a failure, not a skip")
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # ImportError, or a broken install that raises something else on import
+        error = f"{type(e).__name__}: {e}"
+    package = TEST_DEPENDENCIES.get(top, top)
+    message = (f"test dependency {package} is missing: `import {module}` failed ({error}); "
+               f"install: `pip install {package}` (all of them: `pip install -e '.[test]'`, or `make install`)")
+    if in_ci():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message, allow_module_level=True)  # at module level: the whole file
 
 
 def missing_assets(names=None) -> list[str]:

@@ -119,13 +119,33 @@ def test_fused_forward_matches_current_forward(conv1d):
 
 
 # ------------------------------------------------------------------ the suite runs
+# goals whose values do not depend on timing: they must pass on any machine, in quick mode too
+DETERMINISTIC_GOALS = ("peak train memory < PEFT LoRA", "checkpoint ≤ ", "memory of K b-only adapters ≤ ")
+
+
 def _check_results(results: dict) -> None:
+    from benchmarks import report
+
     text = json.dumps(results)  # serialisable
     assert json.loads(text)["quick"] is True
     assert results["goals"], "no goal rows"
     for row in results["goals"]:
         assert set(row) >= {"goal", "config", "value", "pass"}
-        assert isinstance(row["pass"], bool) and row["value"] == row["value"]  # not NaN
+        assert row["value"] == row["value"]  # not NaN
+        if row["goal"].startswith(DETERMINISTIC_GOALS):
+            assert row["pass"] is True, row
+    # each checkpoint verdict is the ratio of the two files' bytes, against the report's threshold
+    ckpt = {f"{c['model']} r={c['r']} {c['targets']}": c["weights_bytes"] for c in results.get("checkpoint", [])}
+    for row in results["goals"]:
+        if row["goal"].startswith("checkpoint ≤ "):
+            sizes = ckpt[row["config"]]
+            assert row["value"] == sizes["asym_b_only"] / sizes["peft_lora"]
+            assert row["pass"] is (row["value"] <= report.CKPT_RATIO)
+    # peak memory: b-only's tracked peak against PEFT LoRA's, from the train rows themselves
+    for g in results.get("train", []):
+        ours = g["variants"]["asym-b-only"]["memory"]["tracked_peak_bytes"]
+        peft = g["variants"]["peft-lora"]["memory"]["tracked_peak_bytes"]
+        assert ours < peft, (g["model"], ours, peft)
 
 
 def test_quick_suite_subset_produces_wellformed_results():
@@ -134,6 +154,7 @@ def test_quick_suite_subset_produces_wellformed_results():
 
     results = run_suite(quick=True, only=["layer_memory", "checkpoint"], log=lambda *a: None)
     _check_results(results)
+    assert sum(row["goal"].startswith("checkpoint ≤ ") for row in results["goals"]) == len(results["checkpoint"]) == 3
     for c in results["checkpoint"]:
         assert c["weights_bytes"]["ratio"] < 0.6          # B only vs A and B
         assert c["zero_init_fix_gives_identical_factors"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import asymlora
 from asymlora import AsymLoraConfig, load_adapter, save_adapter, wrap
 from asymlora.checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_peft, import_peft, load_factors
 from asymlora.init import single_thread
-from conftest import MODEL_BUILDERS, perturb_trained_factors, tiny_bert
+from conftest import MODEL_BUILDERS, perturb_trained_factors, require, tiny_bert
 
 _CHILD = r"""
 import sys, torch
@@ -89,7 +90,10 @@ def test_tampered_shape_refused(tmp_path):
         load_adapter(tiny_bert(), tmp_path / "ad")
     save_adapter(model, tmp_path / "ad2")
     _tamper(tmp_path / "ad2" / CONFIG_NAME, lambda m: m["layers"][name].__setitem__("in_features", 16))
-    with pytest.raises(ValueError):
+    # the stored A of that layer is r x in_features = 4 x 32 (the tiny BERT's hidden size)
+    with pytest.raises(ValueError, match=rf"stored {re.escape(name)}\.lora_A has shape \(4, 32\) but "
+                                         rf"adapter_config\.json says layer '{re.escape(name)}' is 16->32 at r=4, "
+                                         r"which needs \(4, 16\)"):
         load_adapter(tiny_bert(), tmp_path / "ad2")
 
 
@@ -140,12 +144,15 @@ def test_rank_pattern_round_trip(tmp_path, tokens):
 
 
 # ------------------------------------------------------------------------------------ PEFT
-peft = pytest.importorskip("peft")
+@pytest.fixture
+def peft():
+    """PEFT, for the tests below only: without it the adapter-file tests above still run."""
+    return require("peft")
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
 @pytest.mark.parametrize("preset,scaling", [("b-only", "standard"), ("lora", "rslora")])
-def test_export_loads_in_peft_with_same_outputs(tmp_path, tokens, arch, preset, scaling):
+def test_export_loads_in_peft_with_same_outputs(tmp_path, tokens, arch, preset, scaling, peft):
     extra = {"modules_to_save": ["classifier"]} if arch == "bert" else {}
     cfg = AsymLoraConfig.preset(preset, r=4, scaling=scaling, rank_pattern={r"(layers?|h)\.1": 2}, **extra)
     model = wrap(MODEL_BUILDERS[arch](seed=0), cfg)
@@ -163,7 +170,7 @@ def test_export_loads_in_peft_with_same_outputs(tmp_path, tokens, arch, preset, 
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
-def test_import_peft_adapter(tmp_path, tokens, arch):
+def test_import_peft_adapter(tmp_path, tokens, arch, peft):
     targets = ["query", "value"] if arch == "bert" else ["c_attn"]
     extra = {"modules_to_save": ["classifier"]} if arch == "bert" else {}
     lcfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, rank_pattern={targets[-1]: 2} if arch == "bert" else {},
@@ -184,7 +191,7 @@ def test_import_peft_adapter(tmp_path, tokens, arch):
     assert all(not l.train_A and l.train_B for l in asymlora.lora_layers(model).values())
 
 
-def test_cli_export_converts_without_base_model(tmp_path, tokens):
+def test_cli_export_converts_without_base_model(tmp_path, tokens, peft):
     from asymlora.cli import main
 
     model = wrap(tiny_bert(), AsymLoraConfig.preset("b-only", r=4, modules_to_save=["classifier"]))

@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 import asymlora
 from asymlora import AsymLoraConfig, load_adapter, save_adapter, wrap
 from asymlora.checkpoint import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, import_peft
-from conftest import perturb_trained_factors, tiny_bert
+from conftest import perturb_trained_factors, require, tiny_bert
 
-peft = pytest.importorskip("peft")
+peft = require("peft")
 
 QV = ["query", "value"]
 

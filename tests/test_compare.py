@@ -21,6 +21,7 @@ from asymlora.compare.config import StrategySpec
 from asymlora.compare.report import paired_verdicts
 from asymlora.compare.stats import curve_slope, paired_difference, t_quantile, verdict
 from asymlora.errors import UserError
+from conftest import require
 
 # a missing asset fails the run under CI=true and skips (with a summary line) locally: tests/conftest.py
 needs_real = pytest.mark.needs_assets("minilm", "fortunes")
@@ -78,7 +79,7 @@ def test_t_quantile_matches_tables():
     # two-sided 95 % critical values from any t table
     for df, t in ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (10, 2.228), (30, 2.042)):
         assert t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
-    scipy_stats = pytest.importorskip("scipy.stats")
+    scipy_stats = require("scipy.stats")
     for df in (1, 2, 5, 17, 120):
         for p in (0.9, 0.975, 0.995):
             assert t_quantile(p, df) == pytest.approx(scipy_stats.t.ppf(p, df), rel=1e-7)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("lm_eval")
+from conftest import require
+
+require("lm_eval")
 
 # imported at collection: importing lm-eval's stack installs warning filters (urllib3's
 # DependencyWarning), which the global-state guard would report as a test's leak

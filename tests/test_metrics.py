@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from asymlora.tasks import metrics as M
+from conftest import require
 
 
 def test_accuracy_and_f1_by_hand():
@@ -37,7 +38,7 @@ def test_mcc_equals_phi_coefficient():
 
 
 def test_pearson_spearman_vs_scipy():
-    stats = pytest.importorskip("scipy.stats")
+    stats = require("scipy.stats")
     x = [0.1, 2.0, 2.0, 3.5, 4.0, 1.0, 5.5]
     y = [0.0, 1.0, 2.5, 2.5, 5.0, 0.5, 4.0]
     assert M.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
@@ -67,7 +68,7 @@ def test_glue_metrics_by_hand():
 
 
 def test_rouge_known_pair_by_hand():
-    pytest.importorskip("rouge_score")
+    require("rouge_score")
     ref = "the cat sat on the mat"
     pred = "the cat lay on the mat"
     # unigrams: ref {the:2, cat, sat, on, mat}, pred {the:2, cat, lay, on, mat}: overlap 5 of 6 each side

@@ -20,7 +20,7 @@ import asymlora
 from asymlora import AsymLoraConfig, quant, wrap
 from asymlora.checkpoint import CONFIG_NAME
 from asymlora.errors import UserError
-from conftest import perturb_trained_factors, tiny_llama
+from conftest import perturb_trained_factors, require, tiny_llama
 
 SCHEMES = ["nf4", "fp4", "int8", "torchao-int8"]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -198,7 +198,7 @@ def from_pretrained_quantized(folder, scheme: str):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_peft_export_loads_in_peft_on_the_same_quantized_base(scheme, llama_folder, tmp_path, tokens):
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     model = from_pretrained_quantized(llama_folder, scheme)
     assert set(quant.quantized_layers(model).values()) == {scheme}
     wrap(model, AsymLoraConfig.preset("b-only", r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
@@ -253,18 +253,36 @@ def test_float_export_computes_the_adapted_function_and_reloads(scheme, llama_fo
 def test_float_weight_undoes_the_bf16_cpu_repacking():
     """bitsandbytes repacks a 4-bit weight (bf16 scales) on the first no-grad eval call on CPUs
     with AVX512-BF16; float_weight must still return Ŵ (up to the bf16 rounding of the scales)."""
-    import bitsandbytes as bnb
+    bnb = require("bitsandbytes")
 
     torch.manual_seed(0)
-    layer = quant.quantize_model(torch.nn.Sequential(torch.nn.Linear(128, 64)), "nf4")[0]  # K >= 2 blocks
-    before = quant.float_weight(layer)
-    layer.support_avx512bf16_for_cpu = bnb.nn.modules.has_avx512bf16()
+    linear = torch.nn.Linear(128, 64)
+    w = linear.weight.detach().clone()
+    layer = quant.quantize_model(torch.nn.Sequential(linear), "nf4")[0]  # K >= 2 blocks
+    # Ŵ by bitsandbytes' own dequantization, before any repacking
+    want = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    # nf4: 16 levels in [-1, 1] times each block's absmax; half the widest gap (0.72 to 1) is 0.14
+    # of the absmax, plus the rounding of the stored scales
+    assert 0 < (want - w).abs().max() <= 0.2 * w.abs().max()
+    assert torch.equal(quant.float_weight(layer), want)
+    # repack the way the first no-grad eval call does on CPUs with AVX512-BF16 (a layout change,
+    # done here whatever this CPU has, so the unpacking path always runs)
+    layer.weight.data, layer.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
+        layer.weight.data, layer.weight.quant_state)
+    assert layer.weight.quant_state.packing_format_for_cpu
+    assert torch.allclose(quant.float_weight(layer), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+    # and where this CPU has the bf16 kernel, the repacking the forward call itself does
+    again = torch.nn.Linear(128, 64)
     with torch.no_grad():
-        layer.eval()(torch.randn(2, layer.in_features))
-    if layer.support_avx512bf16_for_cpu:  # this CPU has the bf16 kernel: the weight was repacked
-        assert layer.weight.quant_state.packing_format_for_cpu
-    after = quant.float_weight(layer)
-    assert torch.allclose(after, before, atol=1e-2 * before.abs().max().item())
+        again.weight.copy_(w)
+    fresh = quant.quantize_model(torch.nn.Sequential(again), "nf4")[0]
+    if bnb.nn.modules.has_avx512bf16():
+        fresh.support_avx512bf16_for_cpu = True
+        with torch.no_grad():
+            fresh.eval()(torch.randn(2, fresh.in_features))
+        assert fresh.weight.quant_state.packing_format_for_cpu
+        assert torch.allclose(quant.float_weight(fresh), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
 # ----------------------------------------------------------------------------- scheme names

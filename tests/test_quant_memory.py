@@ -13,7 +13,7 @@ import torch
 
 import asymlora
 from asymlora import quant
-from conftest import tiny_llama
+from conftest import require, tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -26,7 +26,7 @@ from benchmarks.quant_memory import (  # noqa: E402
 def _adapt(model, method: str, names: list[str], r: int):
     if method == "asymlora b-only":
         return asymlora.wrap(model, asymlora.AsymLoraConfig.preset("b-only", r=r, target_modules=names))
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=names))
 
 

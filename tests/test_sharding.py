@@ -18,7 +18,7 @@ import asymlora
 from asymlora.errors import UserError
 from asymlora.sharding import launcher_request, shard_units
 from asymlora.train import TrainArgs, fit
-from conftest import tiny_llama
+from conftest import require, tiny_llama
 from test_train import _run_within
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_worker.py")
@@ -199,7 +199,7 @@ def test_fsdp2_two_cpu_processes_match_one_process(tmp_path, one_process):
 @pytest.mark.slow  # three Python processes; DeepSpeed JIT-builds a small op with g++/ninja on first use
 @pytest.mark.parametrize("sharding", ["zero3", "zero2"])
 def test_deepspeed_two_cpu_processes_match_one_process(tmp_path, one_process, sharding):
-    pytest.importorskip("deepspeed", reason="pip install '.[sharded]' (deepspeed) for the ZeRO tests")
+    require("deepspeed")
     _sharded_run(tmp_path, sharding)
     _check_guard(tmp_path, sharding)
     _check_against_one_process(tmp_path, one_process)

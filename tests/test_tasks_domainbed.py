@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-Image = pytest.importorskip("PIL.Image")
+import torch  # noqa: E402
+
+from conftest import require  # noqa: E402
+
+Image = require("PIL.Image")
 
 from asymlora.cli import main  # noqa: E402
 from asymlora.tasks import domainbed as D  # noqa: E402
@@ -69,7 +71,6 @@ def test_envs_train_on_one_and_leave_one_out():
 
 
 def test_domainbed_end_to_end(tmp_path, tiny_vit, data_dir):
-    pytest.importorskip("asymlora.train")
     out = tmp_path / "runs"
     rc = main(["run", "domainbed-vit-b16", "--model", str(tiny_vit), "--data", str(data_dir), "--out", str(out),
                "--tasks", "VLCS", "--strategies", "b-only", "--ranks", "2", "--seeds", "0", "1",

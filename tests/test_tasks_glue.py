@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from asymlora.cli import main  # noqa: E402
 from asymlora.tasks import glue  # noqa: E402
+from conftest import require  # noqa: E402
 
 WORDS = "the movie was good bad great awful plot actors fun boring a an is it not very".split()
 
@@ -126,7 +127,7 @@ def test_read_tsv_pair_tasks(tmp_path, task, header, row, expected):
 
 
 def test_saved_dataset_layout(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = require("datasets")
     dd = datasets.DatasetDict({
         "train": datasets.Dataset.from_dict({"sentence1": ["a b", "c d"], "sentence2": ["e", "f"], "label": [0, 1]}),
         "validation": datasets.Dataset.from_dict({"sentence1": ["x"], "sentence2": ["y"], "label": [1]}),
@@ -152,8 +153,7 @@ def test_missing_model_message(tmp_path, glue_dir, capsys):
     assert rc == 2 and "not found" in err and "hf download" in err
 
 
-def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir):
-    pytest.importorskip("asymlora.train")
+def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir, monkeypatch, capsys):
     out = tmp_path / "runs"
     rc = main(["run", "glue-roberta-large", "--model", str(tiny_roberta), "--data", str(glue_dir),
                "--out", str(out), "--tasks", "sst2", "cola", "stsb", "mnli", "--strategies", "b-only",
@@ -172,11 +172,24 @@ def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir):
         assert r["adapter_trainable_params"] > 0
     assert (out / "sst2" / "b-only-r4" / "seed0" / "adapter" / "adapter_config.json").is_file()
     assert res["stsb"]["info"]["n_train"] == 40 and res["mnli"]["info"]["n_eval"] == {"m": 10, "mm": 10}
-    # a second invocation skips completed runs
+    # a second invocation skips completed runs: no training, the result and adapter files untouched
+    done = out / "sst2" / "b-only-r4" / "seed0"
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (done / "result.json",
+                                                                  done / "adapter" / "adapter_model.safetensors")}
+    import asymlora.train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a completed run was trained again")
+
+    monkeypatch.setattr(asymlora.train, "fit", no_training)
+    capsys.readouterr()
     rc = main(["run", "glue-roberta-large", "--model", str(tiny_roberta), "--data", str(glue_dir),
                "--out", str(out), "--tasks", "sst2", "--strategies", "b-only", "--ranks", "4", "--seeds", "0",
                "--max-steps", "2", "--no-progress"])
     assert rc == 0
+    assert f"[skip] {done / 'result.json'} exists" in capsys.readouterr().err
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == files
+    monkeypatch.undo()
     # results table
     rc = main(["results", str(out), "--out", str(tmp_path / "table")])
     assert rc == 0

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch  # noqa: E402
+
+from conftest import require  # noqa: E402
 
 from asymlora.cli import main  # noqa: E402
 from asymlora.tasks import instruct as I  # noqa: E402
@@ -158,7 +159,6 @@ def test_mmlu_eval_matches_manual_scoring(tiny_llama, data_dir):
 
 
 def test_instruct_end_to_end(tmp_path, tiny_llama, data_dir):
-    pytest.importorskip("asymlora.train")
     out = tmp_path / "runs"
     rc = main(["run", "alpaca-mmlu-llama2-7b", "--model", str(tiny_llama), "--data", str(data_dir),
                "--out", str(out), "--strategies", "b-only", "--ranks", "4", "--max-steps", "2", "--batch-size", "4",
@@ -176,7 +176,7 @@ def test_instruct_end_to_end(tmp_path, tiny_llama, data_dir):
 def test_instruct_on_a_quantized_base(tmp_path, tiny_llama, data_dir):
     """The recipe field ``quantize`` (here set with --set): the base's linear layers are nf4, the
     run trains and evaluates, and the saved adapter loads back onto an nf4 base."""
-    pytest.importorskip("bitsandbytes")
+    require("bitsandbytes")
     import asymlora
     from asymlora import quant
     from transformers import AutoModelForCausalLM

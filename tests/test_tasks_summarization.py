@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("rouge_score")
+import torch  # noqa: E402
+
+from conftest import require  # noqa: E402
+
+require("rouge_score")
 
 from asymlora.cli import main  # noqa: E402
 from asymlora.tasks import summarization as S  # noqa: E402
@@ -92,9 +94,22 @@ def test_label_masking(tiny_bart):
     assert (batch["labels"][0] != -100).all()
 
 
-def test_xsum_end_to_end(tmp_path, tiny_bart, data_dir):
-    pytest.importorskip("asymlora.train")
+def test_xsum_end_to_end(tmp_path, tiny_bart, data_dir, monkeypatch):
     out = tmp_path / "runs"
+    # the model generates as usual (a random tiny model: no word in common with the references),
+    # and the run then scores known predictions: the first reference itself, the first half of
+    # the second, an unrelated word
+    refs = [row["target"] for row in S.load_split("xsum", data_dir, "test")[:3]]
+    half = refs[1].split()[: len(refs[1].split()) // 2]
+    preds = [refs[0], " ".join(half), "zebra"]
+    generated = []
+    real_generate = S.generate_summaries
+
+    def known_predictions(*args, **kwargs):
+        generated.append(real_generate(*args, **kwargs))
+        return preds
+
+    monkeypatch.setattr(S, "generate_summaries", known_predictions)
     rc = main(["run", "xsum-bart-large", "--model", str(tiny_bart), "--data", str(data_dir), "--out", str(out),
                "--strategies", "b-only", "--ranks", "4", "--max-steps", "2", "--batch-size", "4",
                "--max-eval-samples", "3", "--no-progress", "--set", "eval_args.max_new_tokens=6",
@@ -103,15 +118,27 @@ def test_xsum_end_to_end(tmp_path, tiny_bart, data_dir):
     for s in ("b-only",):
         r = json.loads((out / "xsum" / f"{s}-r4" / "seed0" / "result.json").read_text())
         assert {"rouge1", "rouge2", "rougeL", "rougeLsum"} <= set(r["metrics"])
-        assert all(0.0 <= r["metrics"][k] <= 1.0 for k in ("rouge1", "rouge2", "rougeL"))
-        assert list(r["columns"]) == ["XSum R-1", "XSum R-2", "XSum R-L"]
+        # the scores are those of the predictions against the first 3 test references, in order:
+        # ROUGE-1 F of a prefix of k of n distinct-enough words is 2k/(n+k) (precision 1, recall k/n)
+        from rouge_score import rouge_scorer
+
+        assert len(generated) == 1 and len(generated[0]) == 3
+        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+        by_hand = [scorer.score(ref, pred) for pred, ref in zip(preds, refs)]
+        n, k = len(refs[1].split()), len(half)
+        assert by_hand[1]["rouge1"].fmeasure == pytest.approx(2 * k / (n + k))
+        assert r["metrics"]["rouge1"] == pytest.approx((1 + 2 * k / (n + k) + 0) / 3, abs=1e-12)
+        for key in ("rouge1", "rouge2", "rougeL"):
+            assert r["metrics"][key] == pytest.approx(sum(x[key].fmeasure for x in by_hand) / 3, abs=1e-12)
+        assert r["metrics"]["gen_len"] == pytest.approx(sum(len(p.split()) for p in preds) / 3)
+        assert r["columns"] == {"XSum R-1": r["metrics"]["rouge1"], "XSum R-2": r["metrics"]["rouge2"],
+                                "XSum R-L": r["metrics"]["rougeLsum"]}
         assert r["info"]["eval_split"] == "test" and r["info"]["n_eval"] == 3
         assert r["info"]["generation"]["num_beams"] == 8 and r["info"]["generation"]["max_new_tokens"] == 6
         assert r["adapter_config"]["target_modules"] == ["q_proj", "k_proj", "v_proj"]
 
 
 def test_cnndm_end_to_end_csv_validation(tmp_path, tiny_bart, data_dir):
-    pytest.importorskip("asymlora.train")
     out = tmp_path / "runs"
     rc = main(["run", "cnndm-bart-large", "--model", str(tiny_bart), "--data", str(data_dir), "--out", str(out),
                "--strategies", "a-only", "--ranks", "2", "--max-steps", "1", "--batch-size", "4",

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from asymlora.tasks import text_classification as tc
+from conftest import require
 
 def _disjoint_and_complete(ds: tc.TextDataset, total: int) -> None:
     texts = ds.train.texts + ds.val.texts + ds.test.texts
@@ -88,7 +89,7 @@ def test_local_csv_and_jsonl(tmp_path):
 
 
 def test_datasets_saved_to_disk(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = require("datasets")
     rows = _rows(30)
     feats = datasets.Features({"text": datasets.Value("string"),
                                "label": datasets.ClassLabel(names=["cat", "dog", "fish"])})

@@ -12,8 +12,10 @@ import torch
 
 import asymlora
 from asymlora.errors import UserError
+from conftest import require
 
-from trl import SFTConfig, SFTTrainer
+require("trl")
+from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from asymlora.integrations.trl import ADAPTER_DIR, AsymLoraCallback, adapter_trainable_parameters, check_for_trainer
 
@@ -185,10 +187,34 @@ def test_callback_subdir_checked(subdir):
         AsymLoraCallback(subdir)
 
 
-def test_example_main(tmp_path, capsys):
+def test_example_main(tmp_path, capsys, monkeypatch):
+    trained = []
+    real_difference = example.max_logit_difference
+
+    def keep_trained(a, b, ids):  # the example's own comparison, a = the model it trained
+        trained.append(a)
+        return real_difference(a, b, ids)
+
+    monkeypatch.setattr(example, "max_logit_difference", keep_trained)
     out = example.main(["--steps", "4", "-r", "2", "--output", str(tmp_path), "--target-modules", "q_proj,v_proj"])
-    assert out["reload_max_diff"] == 0.0 and out["peft_max_diff"] < 1e-5
     assert out["losses"][-1] < out["losses"][0]
+    # checked here, not by the example's own numbers: on every training prompt, the trained model,
+    # its adapter loaded onto a fresh base and the PEFT conversion loaded by PEFT give the same
+    # logits, which are not the base model's (the adapter was trained and saved after training)
+    from peft import PeftModel
+
+    model, tokenizer = base_model()
+    base = model.eval()
+    reloaded = asymlora.load_adapter(base_model()[0], out["adapter_dir"]).eval()
+    peft_model = PeftModel.from_pretrained(base_model()[0], out["peft_dir"]).eval()
+    assert len(trained) == 2 and trained[0] is trained[1]
+    for prompt, _ in PAIRS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        want = logits(trained[0], ids)
+        assert torch.equal(logits(reloaded, ids), want)
+        torch.testing.assert_close(logits(peft_model, ids), want, rtol=0, atol=1e-5)
+        assert (logits(base, ids) - want).abs().max() > 1e-3
     assert os.path.isfile(os.path.join(out["adapter_dir"], "adapter_model.safetensors"))
     assert "max |Δlogit|" in capsys.readouterr().out
 
