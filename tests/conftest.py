@@ -106,7 +106,7 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
-# import name -> (pip package, install step); the install step of every one is `make install`
+# import name -> (pip package, install step); the install step of every one is `make install-test`
 TEST_DEPENDENCIES = {
     "peft": "peft", "lm_eval": "lm-eval", "deepspeed": "deepspeed", "rouge_score": "rouge-score",
     "datasets": "datasets", "scipy": "scipy", "bitsandbytes": "bitsandbytes", "torchao": "torchao",
@@ -128,7 +128,7 @@ def require(module: str):
         error = f"{type(e).__name__}: {e}"
     package = TEST_DEPENDENCIES.get(top, top)
     message = (f"test dependency {package} is missing: `import {module}` failed ({error}); "
-               f"install: `pip install {package}` (all of them: `pip install -e '.[test]'`, or `make install`)")
+               f"install: `pip install {package}` (all of them: `pip install -e '.[test]'`, or `make install-test`)")
     if in_ci():
         pytest.fail(message, pytrace=False)
     pytest.skip(message, allow_module_level=True)  # at module level: the whole file

@@ -14,9 +14,9 @@ import torch
 import asymlora
 from asymlora.compare.peers import build_peft_model, lorafa_optimizer_factory, peft_adapter_params
 from asymlora.train import TrainArgs, _stream_indices, fit, linear_warmup_decay
-from conftest import tiny_bert
+from conftest import require, tiny_bert
 
-peft = pytest.importorskip("peft")
+peft = require("peft")
 
 TARGETS = ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value",
            "bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.value"]

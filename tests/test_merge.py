@@ -18,9 +18,9 @@ import asymlora
 from asymlora import AsymLoraConfig
 from asymlora.errors import UserError
 from asymlora.layer import is_conv1d
-from conftest import tiny_bert, tiny_gpt2, tiny_llama
+from conftest import require, tiny_bert, tiny_gpt2, tiny_llama
 
-peft = pytest.importorskip("peft")
+peft = require("peft")
 
 
 def _perturb(model, seed=1, scale=0.2):

