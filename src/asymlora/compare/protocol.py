@@ -176,7 +176,8 @@ class _Schedule:
             return []
         curves = {lr: _curve(r, self.metric) for lr, r in waiting.items()}
         curves.update({lr: _curve(r, self.metric) for lr, r in self.pilots[label].items()})  # finished ones
-        leader = max((c[-1][1] for c in curves.values() if c and c[-1][0] >= step), default=0.0)
+        at_step = [v for c in curves.values() for s, v in c if s == step]  # finished pilots: their value here
+        leader = (max if self.higher else min)(at_step, default=0.0)
         n_val = next(iter(waiting.values())).get("val_size", 0)
         allowance = self.cfg.prune_z * accuracy_difference_se(leader, n_val)
         decisions = {d.lr: d for d in prune_rates(curves, step, self.cfg.max_steps, allowance, self.higher)}
