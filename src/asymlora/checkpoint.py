@@ -32,7 +32,7 @@ from torch import nn
 from . import __version__
 from .config import AsymLoraConfig
 from .errors import UserError
-from .fileio import MissingFileError, atomic_path, atomic_write_text
+from .fileio import MissingFileError, atomic_folder, fault_point
 from .init import SEED_REPRODUCIBLE, fingerprint, fingerprints_match, init_factor
 from .adapters import attach, check_new_adapter, list_adapters, shared_frozen
 from .inject import _PLAIN_NAME, _modules_to_save, _name_matches, factor_dtype, get_config, lora_layers, wrap
@@ -49,9 +49,18 @@ SAVED_PREFIX = "saved."
 PEFT_PREFIX = "base_model.model."
 
 
-def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+def _write_adapter_folder(directory: str, tensors: dict[str, torch.Tensor], header: dict[str, str],
+                          config: dict[str, Any]) -> None:
+    """Write the weights and the config as one unit: both go into a new hidden folder that then
+    replaces ``directory`` in one step (``fileio.atomic_folder``), so a process killed at any
+    moment leaves the previous adapter or the new one, never the weights of one with the
+    config of the other."""
+    with atomic_folder(directory, owned=(WEIGHTS_NAME, CONFIG_NAME)) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                  os.path.join(tmp, WEIGHTS_NAME), metadata=header)
+        fault_point("adapter.weights_written")
+        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(config, indent=2))
 
 
 def _saved_parameters(model: nn.Module, config: AsymLoraConfig) -> dict[str, torch.Tensor]:
@@ -71,13 +80,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, store_frozen: b
     (created if needed) and return its path.
 
     ``store_frozen``: also store seed-reproducible frozen factors (otherwise rebuilt on load).
-    The weights file is written before the config, each through a temp file and a rename, so a
-    crash never leaves a config that points at missing or half-written weights.
+    The folder is replaced as a whole (``_write_adapter_folder``): a crash at any point leaves
+    the previous adapter or this one.
     """
     config = get_config(model, adapter_name)
     adapter_name = _resolve_name(model, adapter_name)
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     layers_meta: dict[str, Any] = {}
     for name, layer in _layers_of(model, adapter_name).items():
@@ -113,8 +121,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, store_frozen: b
         "layers": layers_meta,
     }
     header = {"format": FORMAT, "config": json.dumps(config.to_dict(), sort_keys=True)}  # see _check_config_matches_layers
-    _atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), header)
-    atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(meta, indent=2))
+    _write_adapter_folder(directory, tensors, header, meta)
     return directory
 
 
@@ -122,7 +129,7 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
     directory = os.fspath(directory)
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise MissingFileError(f"no {CONFIG_NAME} in {directory!r}: not an adapter folder")
+        raise MissingFileError(f"no {CONFIG_NAME} in {directory!r}: not an adapter folder{_interrupted_save(directory)}")
     try:
         with open(path, encoding="utf-8") as fh:
             meta = json.load(fh)
@@ -137,6 +144,18 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
             f"{path} has format_version {meta['format_version']}, this asymlora reads <= {FORMAT_VERSION}; upgrade asymlora"
         )
     return meta
+
+
+def _interrupted_save(directory: str) -> str:
+    """A hint when ``directory`` is missing because a save was killed between the two renames
+    of ``fileio.atomic_folder``'s fallback: the previous adapter waits complete in a sibling."""
+    parent, name = os.path.split(os.path.abspath(directory))
+    if os.path.lexists(directory) or not os.path.isdir(parent):
+        return ""
+    kept = sorted(os.path.join(parent, e, name) for e in os.listdir(parent)
+                  if e.startswith(f".old-{name}-") and os.path.isfile(os.path.join(parent, e, name, CONFIG_NAME)))
+    return (f" (a save into it was interrupted; the previous adapter is complete in {kept[-1]!r}: move it back "
+            f"to {directory!r} or save again)") if kept else ""
 
 
 def _saved_config(weights_path: str) -> dict[str, Any] | None:
@@ -477,9 +496,7 @@ def _write_peft(
     for p_name, p in saved.items():
         tensors[PEFT_PREFIX + p_name] = p
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    _atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), {"format": "pt"})
-    atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(peft_config, indent=2))
+    _write_adapter_folder(directory, tensors, {"format": "pt"}, peft_config)
     return directory
 
 
