@@ -140,6 +140,7 @@ def test_save_adapter_killed_leaves_the_previous_or_the_new_adapter(tmp_path, ve
     assert_is_version(target, versions, 2)
 
 
+@pytest.mark.slow  # the fallback is not what runs on Linux
 def test_save_adapter_killed_between_the_fallback_renames(tmp_path, versions):
     """Without the one-step swap (not Linux) a kill between the two renames leaves no adapter
     under the name, the previous one complete beside it, and a load that says where it is."""
@@ -154,6 +155,7 @@ def test_save_adapter_killed_between_the_fallback_renames(tmp_path, versions):
         asymlora.load_adapter(base_model(), str(target))
 
 
+@pytest.mark.slow
 def test_save_adapter_without_the_swap_is_still_whole(tmp_path, versions):
     """The fallback's other kill points leave the previous or the new folder, as the swap does."""
     target = tmp_path / "adapter"
@@ -206,3 +208,60 @@ def test_save_adapter_killed_at_random_moments(tmp_path, versions):
         got = folder_bytes(target)
         assert got in (versions[1]["bytes"], versions[2]["bytes"]), f"kill {i}: a mix of two saves"
         assert_is_version(target, versions, 1 if got == versions[1]["bytes"] else 2)
+
+
+# ----------------------------------------------------------------------------- asymlora train, killed
+
+from test_cli_train import assets, train  # noqa: E402,F401  (assets: a tiny BERT folder and a CSV)
+
+TRAIN_CODE = "import sys; from asymlora.cli import main; sys.exit(main(sys.argv[1:]))"
+
+# (fault point, the checkpoint step a resume must start from). The run: 6 steps, a checkpoint
+# every 2; each checkpoint also saves an adapter inside it, so the 4th adapter folder written is
+# OUTPUT/adapter, after training.
+# Two of them run with -m "not slow" (each starts an interpreter and trains).
+TRAIN_KILLS = [
+    pytest.param("checkpoint.written:1", 2, marks=pytest.mark.slow),  # between two checkpoints
+    ("checkpoint.writing:2", 2),           # while step 4's checkpoint files are being written
+    ("checkpoint.between_renames:1", 2),   # step 2's moved aside, step 4's not yet in place (the
+                                           # first checkpoint has nothing to move)
+    pytest.param("folder.filled:4", 6, marks=pytest.mark.slow),  # while the trained adapter is written
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert train(assets, out) == 0
+    return out
+
+
+@pytest.mark.parametrize("point,resume_step", TRAIN_KILLS)
+def test_train_killed_then_resumed_equals_uninterrupted(assets, uninterrupted, tmp_path, monkeypatch,  # noqa: F811
+                                                        point, resume_step):
+    from asymlora.tasks import text_classification as tc
+    from asymlora.train import _find_checkpoint
+
+    model_dir, data = assets
+    out = tmp_path / "run"
+    kill_at([sys.executable, "-c", TRAIN_CODE, "train", "--model", model_dir, "--data", data, "--quick", "--steps", "6",
+             "--eval-every", "2", "--checkpoint-every", "2", "--mixed-precision", "no", "--threads", "1",
+             "--no-progress", "-o", str(out)], point, tmp_path / "paused")
+    assert not (out / "metrics.json").exists() and not (out / "adapter").exists()
+    found = _find_checkpoint(str(out))
+    assert found is not None and json.loads(open(os.path.join(found, "trainer_state.json")).read())["step"] == resume_step
+
+    # collate calls of the resumed run tell where it started: each step, each validation (every
+    # 2 steps) and the final test take one
+    real_call, calls = tc.PadCollator.__call__, []
+    monkeypatch.setattr(tc.PadCollator, "__call__", lambda self, items: (calls.append(1), real_call(self, items))[1])
+    assert train(assets, out, "--resume") == 0
+    assert len(calls) == (6 - resume_step) + (6 - resume_step) // 2 + 1
+
+    ref, got = (json.loads((d / "metrics.json").read_text()) for d in (uninterrupted, out))
+    for key in ("test_accuracy", "test_macro_f1", "val_accuracy", "best_step", "steps"):
+        assert got[key] == ref[key], key
+    assert [h["loss"] for h in got["history"]] == [h["loss"] for h in ref["history"]]
+    a, b = (load_file(str(d / "adapter" / WEIGHTS_NAME)) for d in (uninterrupted, out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "adapter" / CONFIG_NAME).read_text() == (uninterrupted / "adapter" / CONFIG_NAME).read_text()

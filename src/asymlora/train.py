@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from asymlora.errors import UserError
+from asymlora.fileio import fault_point
 from asymlora.sharding import SHARDED, SHARDINGS, check_in_force, gathered_trainable, make_backend, resolve_sharding
 
 __all__ = [
@@ -790,6 +791,7 @@ class _Run:
 
         save_file({k: t.to("cpu").contiguous() for k, t in full.items()}, os.path.join(tmp, _WEIGHTS_FILE))
         torch.save(opt_state, os.path.join(tmp, _OPTIM_FILE))
+        fault_point("checkpoint.writing")  # kill tests: half the files are in the new folder
         torch.save(self.scheduler.state_dict(), os.path.join(tmp, _SCHED_FILE))
         if self.accelerator.scaler is not None:
             torch.save(self.accelerator.scaler.state_dict(), os.path.join(tmp, _SCALER_FILE))
@@ -820,8 +822,10 @@ class _Run:
             if os.path.isdir(final):
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
+                fault_point("checkpoint.between_renames")  # kill tests: only .checkpoint.old is complete
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
+            fault_point("checkpoint.written")  # kill tests: between two checkpoints
         acc.wait_for_everyone()
         return final
 
