@@ -288,3 +288,18 @@ def test_import_peft_file_cut_short_is_a_one_line_refusal(tmp_path):
     with pytest.raises(UserError, match=r"is not a readable safetensors file \(damaged or cut short\)"):
         import_peft(model, folder)
     assert not asymlora.lora_layers(model)
+
+
+def test_import_peft_accepts_layers_left_out_by_exclude_modules(tmp_path):
+    """A layer target_modules matches but exclude_modules removes has no factors: not missing."""
+    from asymlora.checkpoint import import_peft
+
+    peft = pytest.importorskip("peft")
+    skip = "bert.encoder.layer.1.attention.self.value"
+    try:
+        config = peft.LoraConfig(r=4, target_modules=["query", "value"], exclude_modules=[skip])
+    except TypeError:
+        pytest.skip("this PEFT has no exclude_modules")
+    peft.get_peft_model(tiny_bert(), config).save_pretrained(tmp_path / "p")
+    model = import_peft(tiny_bert(), str(tmp_path / "p"))
+    assert skip not in asymlora.lora_layers(model) and len(asymlora.lora_layers(model)) == 3

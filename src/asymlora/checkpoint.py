@@ -652,7 +652,9 @@ def _read_peft(model: nn.Module, weights_path: str, pc: dict[str, Any]
             if lack not in pair:
                 raise UserError(f"{weights_path} has lora_{have} but no lora_{lack} for layer {name!r}")
     linear = {n for n, mod in model.named_modules() if n and (isinstance(mod, nn.Linear) or is_conv1d(mod))}
-    missing = sorted(n for n in linear - set(pairs) if _peft_targets(targets, n))
+    excluded = pc.get("exclude_modules")  # PEFT leaves these out of target_modules' matches
+    missing = sorted(n for n in linear - set(pairs) if _peft_targets(targets, n) and not (
+        excluded and _peft_targets(excluded, n)))
     if missing:
         raise UserError(f"{weights_path} lacks lora_A/lora_B for layer {missing[0]!r} ({len(missing)} layer(s)), "
                         f"which {CONFIG_NAME}'s target_modules={targets!r} adapts; the file is incomplete")
