@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import asymlora
+from asymlora.errors import UserError
 from asymlora import AsymLoraConfig, load_adapter, save_adapter, wrap
 from asymlora.checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_peft, import_peft, load_factors
 from asymlora.init import single_thread
@@ -91,9 +92,8 @@ def test_tampered_shape_refused(tmp_path):
     save_adapter(model, tmp_path / "ad2")
     _tamper(tmp_path / "ad2" / CONFIG_NAME, lambda m: m["layers"][name].__setitem__("in_features", 16))
     # the stored A of that layer is r x in_features = 4 x 32 (the tiny BERT's hidden size)
-    with pytest.raises(ValueError, match=rf"stored {re.escape(name)}\.lora_A has shape \(4, 32\) but "
-                                         rf"adapter_config\.json says layer '{re.escape(name)}' is 16->32 at r=4, "
-                                         r"which needs \(4, 16\)"):
+    with pytest.raises(UserError, match=rf"tensor '{re.escape(name)}\.lora_A' has shape \(4, 32\), expected "
+                                        rf"\(4, 16\) \(adapter_config\.json: layer '{re.escape(name)}' at r=4\)"):
         load_adapter(tiny_bert(), tmp_path / "ad2")
 
 

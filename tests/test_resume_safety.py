@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from asymlora.errors import UserError
+from conftest import require
 from asymlora.train import TrainArgs, fit
 from test_train import collate, token_data, trainable_state, wrapped_bert
 
-STATE_FILES = ["rng_state_0.pt", "optimizer.pt", "scheduler.pt"]
+# scaler.pt: written only with fp16 loss scaling (CUDA), but read whenever a checkpoint holds one
+STATE_FILES = ["rng_state_0.pt", "optimizer.pt", "scheduler.pt", "scaler.pt"]
 
 
 class Trap:
@@ -78,6 +80,63 @@ def test_a_clean_checkpoint_still_resumes_with_weights_only(tmp_path, monkeypatc
     assert len(calls) == 3 and all(w is True for w in calls)  # rng state, optimizer, scheduler
 
 
+def _resume_refused(out: str, message: str) -> None:
+    model = wrapped_bert()
+    before = trainable_state(model)
+    with pytest.raises(UserError, match=message) as err:
+        fit(model, token_data(), collate,
+            TrainArgs(output_dir=out, max_steps=3, batch_size=8, checkpoint_every=2, progress=False, seed=1,
+                      resume=True))
+    assert "\n" not in str(err.value)
+    after = trainable_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_clean_scaler_state_in_a_run_without_loss_scaling_is_refused(tmp_path):
+    """A checkpoint with fp16 loss scaling does not continue exactly without it: refused, not ignored."""
+    out = str(tmp_path / "run")
+    _checkpointed_run(out)
+    torch.save(torch.amp.GradScaler("cpu").state_dict(), os.path.join(out, "checkpoint", "scaler.pt"))
+    _resume_refused(out, r"it has scaler.pt \(fp16 loss scaling\) but this run \(mixed_precision='no'\) has none")
+
+
+def _set(t, key, value):
+    t[key] = value
+
+
+def _b(t) -> str:
+    return sorted(k for k in t if "lora_B" in k)[0]
+
+
+@pytest.mark.parametrize("tamper,message", [
+    (lambda t: t[_b(t)].view(-1).__setitem__(0, float("nan")), r"tensor '.*lora_B.*' holds non-finite values"),
+    (lambda t: _set(t, "bert.embeddings.word_embeddings.weight", torch.zeros(64, 32)),
+     r"tensor 'bert.embeddings.word_embeddings.weight' is not a trainable parameter of the model"),
+    (lambda t: t.pop(_b(t)), r"tensor '.*lora_B.*' is missing"),
+    (lambda t: _set(t, _b(t), t[_b(t)][:1].contiguous()),
+     r"tensor '.*lora_B.*' is torch.float32 of shape \(1, 4\), expected a floating-point tensor of shape \(32, 4\)"),
+], ids=["nan", "extra-base-weight", "missing", "wrong-shape"])
+def test_resume_refuses_tampered_trainable_weights(tmp_path, tamper, message):
+    from safetensors.torch import load_file, save_file
+
+    out = str(tmp_path / "run")
+    _checkpointed_run(out)
+    path = os.path.join(out, "checkpoint", "trainable.safetensors")
+    tensors = load_file(path)
+    tamper(tensors)
+    save_file(tensors, path)
+    _resume_refused(out, rf"refusing to resume from .*trainable.safetensors: {message}")
+
+
+def test_resume_refuses_trainable_weights_cut_short(tmp_path):
+    out = str(tmp_path / "run")
+    _checkpointed_run(out)
+    path = os.path.join(out, "checkpoint", "trainable.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    _resume_refused(out, r"refusing to resume from .*trainable.safetensors: not a readable safetensors file")
+
+
 @pytest.mark.slow
 @pytest.mark.needs_assets("minilm", "fortunes")
 def test_cli_train_resume_refuses_trap(tmp_path, capsys):
@@ -93,3 +152,40 @@ def test_cli_train_resume_refuses_trap(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("asymlora train: error: refusing to resume from ")
     assert "rng_state_0.pt" in err and "Traceback" not in err
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+
+
+@pytest.mark.slow  # three processes (torchrun and two ranks); DeepSpeed JIT-builds an op on first use
+@pytest.mark.parametrize("sharding", ["fsdp2", "zero2", "zero3"])
+def test_sharded_resume_refuses_pickle_traps_on_every_process(tmp_path, sharding):
+    """FSDP2 / ZeRO checkpoints (the gathered optimizer state, each rank's RNG file): a trap in
+    any of them never fires, and every process refuses the resume in one line (a refusal on
+    rank 1 alone must not leave rank 0 waiting in a collective)."""
+    import json
+    import sys
+
+    from test_sharding import TIMEOUT_S, _env
+    from test_train import _run_within
+    from trap_worker import FILES
+
+    if sharding != "fsdp2":
+        require("deepspeed")
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trap_worker.py")
+    _run_within([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker,
+                 str(tmp_path), sharding], _env(), f"the 2-process {sharding} trap run", TIMEOUT_S[sharding])
+    ranks = [json.loads((tmp_path / f"traps_{r}.json").read_text()) for r in (0, 1)]
+    for name in FILES:
+        assert not (tmp_path / f"fired-{name}").exists(), f"the trap in {name} fired: it was unpickled"
+        reader = int(name[-4]) if name.startswith("rng_state_") else None  # None: every rank reads it
+        for rank, got in enumerate(ranks):
+            message = got[name]["refused"]
+            assert message is not None, f"rank {rank} resumed from a checkpoint with a trapped {name}"
+            assert "\n" not in message and message.startswith("refusing to resume from ")
+            if reader is None or reader == rank:
+                assert name in message and "not a plain state file" in message
+            else:
+                assert f"process {reader} refused its state files" in message
+            assert got[name]["unchanged"]
+    assert [got["clean_resume_from"] for got in ranks] == [4, 4]  # the restored checkpoint resumes

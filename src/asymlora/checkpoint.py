@@ -18,6 +18,7 @@ PEFT's format: ``export_peft`` writes ``adapter_config.json`` (peft_type LORA) a
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from torch import nn
 from . import __version__
 from .config import AsymLoraConfig
 from .errors import UserError
-from .fileio import MissingFileError, atomic_path, atomic_write_text
+from .fileio import MissingFileError, atomic_folder, fault_point
 from .init import SEED_REPRODUCIBLE, fingerprint, fingerprints_match, init_factor
 from .adapters import attach, check_new_adapter, list_adapters, shared_frozen
 from .inject import _PLAIN_NAME, _modules_to_save, _name_matches, factor_dtype, get_config, lora_layers, wrap
@@ -50,9 +51,18 @@ SAVED_PREFIX = "saved."
 PEFT_PREFIX = "base_model.model."
 
 
-def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+def _write_adapter_folder(directory: str, tensors: dict[str, torch.Tensor], header: dict[str, str],
+                          config: dict[str, Any]) -> None:
+    """Write the weights and the config as one unit: both go into a new hidden folder that then
+    replaces ``directory`` in one step (``fileio.atomic_folder``), so a process killed at any
+    moment leaves the previous adapter or the new one, never the weights of one with the
+    config of the other."""
+    with atomic_folder(directory, owned=(WEIGHTS_NAME, CONFIG_NAME)) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                  os.path.join(tmp, WEIGHTS_NAME), metadata=header)
+        fault_point("adapter.weights_written")
+        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(config, indent=2))
 
 
 def _saved_parameters(model: nn.Module, config: AsymLoraConfig) -> dict[str, torch.Tensor]:
@@ -85,8 +95,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, store_frozen: b
     (created if needed) and return its path.
 
     ``store_frozen``: also store seed-reproducible frozen factors (otherwise rebuilt on load).
-    The weights file is written before the config, each through a temp file and a rename, so a
-    crash never leaves a config that points at missing or half-written weights.
+    The folder is replaced as a whole (``_write_adapter_folder``): a crash at any point leaves
+    the previous adapter or this one.
     """
     config = get_config(model, adapter_name)
     adapter_name = _resolve_name(model, adapter_name)
@@ -109,7 +119,6 @@ def write_adapter(directory: str | os.PathLike, config: AsymLoraConfig, layers: 
     ``adapter_config.json`` (e.g. how the adapter was made), never read back by ``load_adapter``.
     """
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     layers_meta: dict[str, Any] = {}
     for name, lf in layers.items():
@@ -131,9 +140,13 @@ def write_adapter(directory: str | os.PathLike, config: AsymLoraConfig, layers: 
                 "stored": stored,
                 "fingerprint": fingerprint(value),
             }
+            if stored:
+                entry[factor]["dtype"] = _dtype_name(value)
         layers_meta[name] = entry
+    saved_meta: dict[str, Any] = {}
     for p_name, p in saved.items():
         tensors[SAVED_PREFIX + p_name] = p
+        saved_meta[p_name] = {"shape": list(p.shape), "dtype": _dtype_name(p)}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -142,11 +155,11 @@ def write_adapter(directory: str | os.PathLike, config: AsymLoraConfig, layers: 
         "base_class": base_class,
         "config": config.to_dict(),
         "layers": layers_meta,
+        "saved": saved_meta,
         **(extra or {}),
     }
     header = {"format": FORMAT, "config": json.dumps(config.to_dict(), sort_keys=True)}  # see _check_config_matches_layers
-    _atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), header)
-    atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(meta, indent=2))
+    _write_adapter_folder(directory, tensors, header, meta)
     return directory
 
 
@@ -154,7 +167,7 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
     directory = os.fspath(directory)
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise MissingFileError(f"no {CONFIG_NAME} in {directory!r}: not an adapter folder")
+        raise MissingFileError(f"no {CONFIG_NAME} in {directory!r}: not an adapter folder{_interrupted_save(directory)}")
     try:
         with open(path, encoding="utf-8") as fh:
             meta = json.load(fh)
@@ -171,14 +184,27 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def _interrupted_save(directory: str) -> str:
+    """A hint when ``directory`` is missing because a save was killed between the two renames
+    of ``fileio.atomic_folder``'s fallback: the previous adapter waits complete in a sibling."""
+    parent, name = os.path.split(os.path.abspath(directory))
+    if os.path.lexists(directory) or not os.path.isdir(parent):
+        return ""
+    kept = sorted(os.path.join(parent, e, name) for e in os.listdir(parent)
+                  if e.startswith(f".old-{name}-") and os.path.isfile(os.path.join(parent, e, name, CONFIG_NAME)))
+    return (f" (a save into it was interrupted; the previous adapter is complete in {kept[-1]!r}: move it back "
+            f"to {directory!r} or save again)") if kept else ""
+
+
 def _saved_config(weights_path: str) -> dict[str, Any] | None:
     """The config recorded in the weights file's header at save time (None for older files)."""
     try:
         with safe_open(weights_path, framework="pt") as fh:
             text = (fh.metadata() or {}).get("config")
+        return None if text is None else json.loads(text)
     except Exception as err:  # damaged header
-        raise UserError(f"{weights_path} is not a readable safetensors file: {err}") from err
-    return None if text is None else json.loads(text)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{weights_path} is not a readable safetensors file (damaged or cut short): {first}") from err
 
 
 def _targets_cover(targets: Any, name: str) -> bool:
@@ -235,10 +261,90 @@ def _check_config_matches_layers(meta: dict[str, Any], weights_path: str) -> Asy
     return config
 
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _check_tensor(path: str, key: str, value: torch.Tensor, shape: tuple[int, ...] | None = None,
+                  dtype: str | None = None, why: str = "") -> None:
+    """Refuse (one-line UserError naming the tensor and what was expected) a tensor of another
+    dtype (recorded at save time, else any floating-point one) or shape, or with a NaN/inf."""
+    if value.dtype not in _FLOAT_DTYPES or (dtype is not None and _dtype_name(value) != dtype):
+        want = dtype or "a floating-point dtype (float16, bfloat16, float32, float64)"
+        raise UserError(f"{path}: tensor {key!r} has dtype {_dtype_name(value)}, expected {want}{why}; refusing to "
+                        "load it")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise UserError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}{why}; "
+                        "refusing to load it")
+    bad = int((~torch.isfinite(value)).sum())
+    if bad:
+        raise UserError(f"{path}: tensor {key!r} holds {bad} non-finite value(s) (NaN or inf) of {value.numel()}, "
+                        "expected finite values; refusing to load it")
+
+
+def _load_weights(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a damaged or cut-short file is a one-line UserError."""
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a readable safetensors file (damaged or cut short): {first}") from err
+
+
+def _sha256(t: torch.Tensor) -> str:
+    """The ``sha256`` of ``asymlora.init.fingerprint`` (float32 bytes), without its moments."""
+    return hashlib.sha256(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def _in_modules_to_save(p_name: str, targets: list[str]) -> bool:
+    """Whether parameter ``p_name`` belongs to a module that ``modules_to_save`` names (the
+    module itself or one inside it, as ``_saved_parameters`` collects them)."""
+    parts = p_name.split(".")[:-1]
+    return any(_name_matches(".".join(parts[:i]), t) for i in range(1, len(parts) + 1) for t in targets)
+
+
+def _check_weights(weights_path: str, meta: dict[str, Any], config: AsymLoraConfig,
+                   tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor of an adapter's weights file is explained by its config (a stored factor of a
+    saved layer, or a parameter of ``modules_to_save``), has the recorded dtype and shape, is
+    finite and, for a factor, has the fingerprint recorded when it was saved (so the weights of
+    one save never load under the config of another)."""
+    expected: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {}
+    for name, entry in meta["layers"].items():
+        r, d_in, d_out = int(entry["r"]), int(entry["in_features"]), int(entry["out_features"])
+        for factor, shape in (("A", (r, d_in)), ("B", (d_out, r))):
+            if entry[factor]["stored"]:
+                expected[f"{name}.lora_{factor}"] = (shape, entry[factor])
+    for key in sorted(tensors):
+        if key in expected or (key.startswith(SAVED_PREFIX)
+                               and _in_modules_to_save(key[len(SAVED_PREFIX):], list(config.modules_to_save))):
+            continue
+        raise UserError(f"{weights_path} holds tensor {key!r}, which {CONFIG_NAME} does not explain (expected only "
+                        f"the stored factors of its {len(meta['layers'])} layers and {SAVED_PREFIX}<parameter> of "
+                        f"modules_to_save={list(config.modules_to_save)}); refusing to load it")
+    saved_meta = meta.get("saved") or {}
+    for key, value in tensors.items():
+        if key in expected:
+            shape, info = expected[key]
+            _check_tensor(weights_path, key, value, shape, info.get("dtype"), f" ({CONFIG_NAME}: layer "
+                          f"{key.rsplit('.', 1)[0]!r} at r={shape[0] if key.endswith('A') else shape[1]})")
+            if "sha256" in info["fingerprint"] and _sha256(value) != info["fingerprint"]["sha256"]:
+                raise UserError(f"{weights_path}: tensor {key!r} does not match the fingerprint {CONFIG_NAME} recorded "
+                                "when it was saved: the weights file was changed, or comes from another save; "
+                                "refusing to load it")
+        else:
+            info = saved_meta.get(key[len(SAVED_PREFIX):], {})
+            _check_tensor(weights_path, key, value, info.get("shape"), info.get("dtype"),
+                          f" (as saved, {CONFIG_NAME})" if info else "")
+
+
 def _read_factors(directory: str | os.PathLike, reuse: Reuse | None = None) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
     """Read an adapter folder: (meta, {layer: (A, B)}, {saved param: tensor}).
 
-    Stored factors are checked against their recorded shape; rebuilt ones are drawn from the
+    Every tensor of the file is checked first (``_check_weights``); rebuilt factors are drawn from the
     stored seed and must match the recorded fingerprint — unless ``reuse(layer, factor,
     fingerprint)`` returns a tensor already held whose fingerprint matches (shared factors).
     """
@@ -248,10 +354,8 @@ def _read_factors(directory: str | os.PathLike, reuse: Reuse | None = None) -> t
     if not os.path.isfile(weights_path):
         raise MissingFileError(f"{weights_path} is missing (only safetensors files are read)")
     config = _check_config_matches_layers(meta, weights_path)
-    try:
-        tensors = load_file(weights_path)
-    except Exception as err:  # safetensors raises its own error type for a damaged file
-        raise UserError(f"{weights_path} is not a readable safetensors file: {err}") from err
+    tensors = _load_weights(weights_path)
+    _check_weights(weights_path, meta, config, tensors)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, entry in meta["layers"].items():
         r, d_in, d_out = int(entry["r"]), int(entry["in_features"]), int(entry["out_features"])
@@ -262,12 +366,7 @@ def _read_factors(directory: str | os.PathLike, reuse: Reuse | None = None) -> t
             if info["stored"]:
                 if key not in tensors:
                     raise UserError(f"{weights_path} lacks {key!r}, which {CONFIG_NAME} says is stored")
-                value = tensors[key]
-                if tuple(value.shape) != shape:
-                    raise UserError(
-                        f"stored {key} has shape {tuple(value.shape)} but {CONFIG_NAME} says layer {name!r} "
-                        f"is {d_in}->{d_out} at r={r}, which needs {shape}"
-                    )
+                value = tensors[key]  # dtype, shape, values and fingerprint checked by _check_weights
             elif reuse is not None and (held := reuse(name, factor, info["fingerprint"])) is not None:
                 value = held
             else:
@@ -316,12 +415,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
                 f"adapter layer {name!r} was saved for a {entry['in_features']}->{entry['out_features']} layer, "
                 f"the model's is {shape[0]}->{shape[1]}: wrong base model?"
             )
-    own_params = dict(model.named_parameters())
+    own_params = _saved_parameters(model, config)  # only modules_to_save may be written, never a base weight
     for p_name, value in saved.items():
         target = own_params.get(p_name)
         if target is None or target.shape != value.shape:
-            where = "missing" if target is None else f"of shape {tuple(target.shape)}"
-            raise ValueError(f"saved parameter {p_name!r} {tuple(value.shape)} is {where} in the model")
+            where = (f"not a parameter of modules_to_save={list(config.modules_to_save)}" if target is None
+                     else f"of shape {tuple(target.shape)}")
+            raise UserError(f"saved parameter {p_name!r} {tuple(value.shape)} is {where} in the model")
     unsaved = sorted(set(_saved_parameters(model, config)) - set(saved))
     if unsaved:
         raise UserError(
@@ -509,9 +609,7 @@ def _write_peft(
     for p_name, p in saved.items():
         tensors[PEFT_PREFIX + p_name] = p
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    _atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), {"format": "pt"})
-    atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(peft_config, indent=2))
+    _write_adapter_folder(directory, tensors, {"format": "pt"}, peft_config)
     return directory
 
 
@@ -534,42 +632,100 @@ def _peft_pattern_value(patterns: dict[str, Any], name: str, default: Any) -> An
     return default
 
 
+_PEFT_FACTOR = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
+
+
+def _peft_targets(target_modules: Any, name: str) -> bool | None:
+    """Whether PEFT's ``target_modules`` covers layer ``name`` (PEFT's rule: a list entry t
+    matches ``name == t`` or a name ending in ``.t``; a string is a full regex), or None where
+    it depends on more than the name ("all-linear", unset)."""
+    if target_modules is None or target_modules == "all-linear":
+        return None
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(_name_matches(name, t) for t in target_modules)
+
+
+def _read_peft(model: nn.Module, weights_path: str, pc: dict[str, Any]
+               ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The factors ({layer: (A, B)}) and the modules_to_save values ([(model parameter, value)])
+    of a PEFT weights file, refused (UserError naming the tensor) when a tensor is unreadable,
+    not floating point, not finite, unexplained by ``pc`` (neither lora_A/lora_B of a targeted
+    layer nor a parameter of modules_to_save), or missing (a layer or saved parameter that
+    ``pc`` names). Nothing of the model is changed."""
+    tensors = _load_weights(weights_path)
+    keep = list(pc.get("modules_to_save") or [])
+    targets = pc.get("target_modules")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    params = dict(model.named_parameters())
+    others: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for key, value in sorted(tensors.items()):
+        _check_tensor(weights_path, key, value)
+        m = _PEFT_FACTOR.fullmatch(key)
+        if m and _peft_targets(targets, m.group(1)) is not False:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = value
+            continue
+        p_name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        p_name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", p_name)
+        if m or not _in_modules_to_save(p_name, keep):
+            raise UserError(f"{weights_path} holds tensor {key!r}, which {CONFIG_NAME} does not explain (expected "
+                            f"lora_A/lora_B of target_modules={targets!r} and parameters of modules_to_save={keep}); "
+                            "refusing to load it")
+        if p_name not in params:
+            raise UserError(f"PEFT tensor {key!r} matches no parameter of the model")
+        if params[p_name].shape != value.shape:
+            raise UserError(f"PEFT tensor {key!r} has shape {tuple(value.shape)}, the model's {p_name!r} "
+                            f"{tuple(params[p_name].shape)}: wrong base model?")
+        others.append((params[p_name], value))
+    if not pairs:
+        raise UserError(f"{weights_path} holds no lora_A weights")
+    for name, pair in pairs.items():
+        for have, lack in (("A", "B"), ("B", "A")):
+            if lack not in pair:
+                raise UserError(f"{weights_path} has lora_{have} but no lora_{lack} for layer {name!r}")
+    linear = {n for n, mod in model.named_modules() if n and (isinstance(mod, nn.Linear) or is_conv1d(mod))}
+    excluded = pc.get("exclude_modules")  # PEFT leaves these out of target_modules' matches
+    missing = sorted(n for n in linear - set(pairs) if _peft_targets(targets, n) and not (
+        excluded and _peft_targets(excluded, n)))
+    if missing:
+        raise UserError(f"{weights_path} lacks lora_A/lora_B for layer {missing[0]!r} ({len(missing)} layer(s)), "
+                        f"which {CONFIG_NAME}'s target_modules={targets!r} adapts; the file is incomplete")
+    present = {id(p) for p, _ in others}
+    unsaved = sorted(n for n, p in params.items() if _in_modules_to_save(n, keep) and id(p) not in present)
+    if unsaved:
+        raise UserError(f"{weights_path} lacks {unsaved[0]!r} ({len(unsaved)} parameter(s) of "
+                        f"modules_to_save={keep}); the file is incomplete")
+    return {name: (pair["A"], pair["B"]) for name, pair in pairs.items()}, others
+
+
 def import_peft(model: nn.Module, directory: str | os.PathLike, train: str = "AB") -> nn.Module:
     """Load a PEFT LoRA adapter folder onto a plain ``model`` (wrapping it) and return it.
 
     All factors come from the file; ``train`` chooses which ones train from here on (e.g.
-    ``"B"`` to continue a PEFT LoRA run with A frozen).
+    ``"B"`` to continue a PEFT LoRA run with A frozen). The file is checked before the model is
+    touched (``_read_peft``): a refused folder leaves the model as it was.
     """
     directory = os.fspath(directory)
     cfg_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
+        raise MissingFileError(f"no {CONFIG_NAME} in {directory!r}")
     if not os.path.isfile(weights_path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{weights_path} is missing; only safetensors PEFT adapters are read (never adapter_model.bin)"
         )
-    with open(cfg_path, encoding="utf-8") as fh:
-        pc = json.load(fh)
-    if pc.get("peft_type") != "LORA":
-        raise ValueError(f"{cfg_path} has peft_type={pc.get('peft_type')!r}; only 'LORA' adapters can be imported")
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            pc = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{cfg_path} is not valid JSON: {err}") from err
+    if not isinstance(pc, dict) or pc.get("peft_type") != "LORA":
+        kind = pc.get("peft_type") if isinstance(pc, dict) else None
+        raise UserError(f"{cfg_path} has peft_type={kind!r}; only 'LORA' adapters can be imported")
     for key, allowed in _PEFT_UNSUPPORTED.items():
         if pc.get(key) not in allowed:
-            raise ValueError(f"PEFT adapter uses {key}={pc.get(key)!r}, which asymlora cannot represent")
-    tensors = load_file(weights_path)
-    a_keys = {}
-    for key, value in tensors.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_A(?:\.[^.]+)?\.weight", key)
-        if m:
-            a_keys[m.group(1)] = value
-    if not a_keys:
-        raise ValueError(f"{weights_path} holds no lora_A weights")
-    factors = {}
-    for name, a in a_keys.items():
-        b_key = next((k for k in tensors if re.fullmatch(rf"(?:base_model\.model\.)?{re.escape(name)}\.lora_B(?:\.[^.]+)?\.weight", k)), None)
-        if b_key is None:
-            raise ValueError(f"{weights_path} has lora_A but no lora_B for layer {name!r}")
-        factors[name] = (a, tensors[b_key])
+            raise UserError(f"PEFT adapter uses {key}={pc.get(key)!r}, which asymlora cannot represent")
+    factors, others = _read_peft(model, weights_path, pc)
     r0, alpha0 = int(pc["r"]), float(pc["lora_alpha"])
     ranks = {name: int(a.shape[0]) for name, (a, _) in factors.items()}
     alphas = {name: float(_peft_pattern_value(pc.get("alpha_pattern") or {}, name, alpha0)) for name in factors}
@@ -594,25 +750,14 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, train: str = "AB
     modules = dict(model.named_modules())
     for name, (a, b) in factors.items():
         if name not in modules:
-            raise ValueError(f"PEFT layer {name!r} does not exist in {type(model).__name__}: wrong base model?")
+            raise UserError(f"PEFT layer {name!r} does not exist in {type(model).__name__}: wrong base model?")
         d_in, d_out = linear_shape(modules[name])
         if tuple(a.shape) != (ranks[name], d_in) or tuple(b.shape) != (d_out, ranks[name]):
-            raise ValueError(
-                f"PEFT factors of {name!r} are A{tuple(a.shape)} B{tuple(b.shape)}, the model's layer is {d_in}->{d_out}"
+            raise UserError(
+                f"{weights_path}: PEFT factors of {name!r} are A{tuple(a.shape)} B{tuple(b.shape)}, expected "
+                f"A({ranks[name]}, {d_in}) B({d_out}, {ranks[name]}) for the model's {d_in}->{d_out} layer at "
+                f"r={ranks[name]}: wrong base model?"
             )
-    params = dict(model.named_parameters())
-    others: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model parameter, value): checked before wrapping
-    for key, value in tensors.items():
-        if ".lora_A" in key or ".lora_B" in key:
-            continue
-        p_name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        p_name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", p_name)
-        if p_name not in params:
-            raise ValueError(f"PEFT tensor {key!r} matches no parameter of the model")
-        if params[p_name].shape != value.shape:
-            raise ValueError(f"PEFT tensor {key!r} has shape {tuple(value.shape)}, the model's {p_name!r} "
-                             f"{tuple(params[p_name].shape)}: wrong base model?")
-        others.append((params[p_name], value))
     wrap(model, config)  # keeps the modules_to_save and base parameters (the same objects)
     layers = lora_layers(model)
     with torch.no_grad():

@@ -70,7 +70,6 @@ from .checkpoint import (
 )
 from .config import AsymLoraConfig
 from .errors import UserError
-from .fileio import atomic_folder
 from .inject import adapter_configs, lora_layers
 from .layer import is_conv1d
 
@@ -492,8 +491,8 @@ def save_weighted_adapter(adapter_dirs: Sequence[str | os.PathLike], weights: Se
     extra = {"weighted_sum": {**report.to_dict(), "adapters": [os.fspath(f) for f in folders],
                               "modules_to_save": modules_to_save if with_saved else None}}
     extra["weighted_sum"].pop("name")
-    with atomic_folder(out) as tmp:
-        write_adapter(tmp, config, factors, saved_out, metas[0].get("base_model"), metas[0].get("base_class"),
-                      extra=extra)
+    # write_adapter fills a hidden sibling folder and swaps it in: the output appears complete or not at all
+    write_adapter(out, config, factors, saved_out, metas[0].get("base_model"), metas[0].get("base_class"),
+                  extra=extra)
     return report
 

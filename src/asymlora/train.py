@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from asymlora.errors import UserError
+from asymlora.fileio import fault_point
 from asymlora.sharding import SHARDED, SHARDINGS, check_in_force, gathered_trainable, make_backend, resolve_sharding
 
 __all__ = [
@@ -482,6 +483,46 @@ def _load_state(path: str) -> Any:
         ) from err
 
 
+def _load_weights(path: str, named_trainable: Sequence[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A checkpoint's trainable weights, refused (one-line UserError naming the tensor) unless the
+    file is readable and holds exactly the model's trainable parameters, each of its shape, a
+    floating-point dtype and finite values."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except Exception as err:  # safetensors' own error types for a damaged or cut-short file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"refusing to resume from {path}: not a readable safetensors file ({first})") from err
+    shapes = {k: tuple(p.shape) for k, p in named_trainable}
+    for key in sorted(set(tensors) ^ set(shapes)):
+        what = "is not a trainable parameter of the model" if key in tensors else "is missing"
+        raise UserError(f"refusing to resume from {path}: tensor {key!r} {what}")
+    for key, t in tensors.items():
+        if not t.is_floating_point() or tuple(t.shape) != shapes[key]:
+            raise UserError(f"refusing to resume from {path}: tensor {key!r} is {t.dtype} of shape {tuple(t.shape)}, "
+                            f"expected a floating-point tensor of shape {shapes[key]}")
+        if not bool(torch.isfinite(t).all()):
+            raise UserError(f"refusing to resume from {path}: tensor {key!r} holds non-finite values (NaN or inf)")
+    return tensors
+
+
+def _refuse_everywhere(refused: UserError | None, found: str, device: torch.device) -> None:
+    """Raise ``refused`` here, and a UserError on every other process when any process refused
+    its files (each reads its own rng_state_<rank>.pt): otherwise the others would go on into
+    collectives that the refusing one never joins, and hang."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([dist.get_rank() + 1 if refused is not None else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if refused is None and int(flag):
+            raise UserError(f"refusing to resume from {found}: process {int(flag) - 1} refused its state files "
+                            "(its error names the file)")
+    if refused is not None:
+        raise refused
+
+
 def _finite(x: float) -> bool:
     return math.isfinite(x)
 
@@ -834,6 +875,7 @@ class _Run:
 
         save_file({k: t.to("cpu").contiguous() for k, t in full.items()}, os.path.join(tmp, _WEIGHTS_FILE))
         torch.save(opt_state, os.path.join(tmp, _OPTIM_FILE))
+        fault_point("checkpoint.writing")  # kill tests: half the files are in the new folder
         torch.save(self.scheduler.state_dict(), os.path.join(tmp, _SCHED_FILE))
         if self.accelerator.scaler is not None:
             torch.save(self.accelerator.scaler.state_dict(), os.path.join(tmp, _SCALER_FILE))
@@ -864,8 +906,10 @@ class _Run:
             if os.path.isdir(final):
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
+                fault_point("checkpoint.between_renames")  # kill tests: only .checkpoint.old is complete
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
+            fault_point("checkpoint.written")  # kill tests: between two checkpoints
         acc.wait_for_everyone()
         return final
 
@@ -894,8 +938,6 @@ class _Run:
         """With ``resume``: read the checkpoint (every file read, and refused, before any state
         is set, so a refused file changes nothing) and copy its trainable weights into the
         model, which is not prepared (sharded) yet. Returns the rest for ``_apply_resume``."""
-        from safetensors.torch import load_file
-
         if not self.args.resume:
             return None
         found = _find_checkpoint(self.ckpt_root)  # type: ignore[arg-type]
@@ -909,17 +951,28 @@ class _Run:
             st = json.load(fh)
         self._check_resumable(found, st)
         scaler_path = os.path.join(found, _SCALER_FILE)
-        loaded = {
-            "found": found, "json": st,
-            "optimizer": _load_state(os.path.join(found, _OPTIM_FILE)),
-            "scheduler": _load_state(os.path.join(found, _SCHED_FILE)),
-            "rng": _load_state(os.path.join(found, f"rng_state_{self.plan.rank}.pt")),
-            "scaler": (_load_state(scaler_path) if self.accelerator.scaler is not None and os.path.isfile(scaler_path)
-                       else None),
-            "best": (load_file(os.path.join(found, _BEST_FILE)) if os.path.isfile(os.path.join(found, _BEST_FILE))
-                     else None),
-        }
-        _copy_into(self.model, load_file(os.path.join(found, _WEIGHTS_FILE)))
+        refused: UserError | None = None
+        try:  # a scaler.pt is read whenever present, so that no state file is left unchecked
+            loaded = {
+                "found": found, "json": st,
+                "optimizer": _load_state(os.path.join(found, _OPTIM_FILE)),
+                "scheduler": _load_state(os.path.join(found, _SCHED_FILE)),
+                "rng": _load_state(os.path.join(found, f"rng_state_{self.plan.rank}.pt")),
+                "scaler": _load_state(scaler_path) if os.path.isfile(scaler_path) else None,
+                "best": (_load_weights(os.path.join(found, _BEST_FILE), self.named_trainable)
+                         if os.path.isfile(os.path.join(found, _BEST_FILE)) else None),
+            }
+            weights = _load_weights(os.path.join(found, _WEIGHTS_FILE), self.named_trainable)
+            saved_scaler, scales = loaded["scaler"] is not None, self.accelerator.scaler is not None
+            if saved_scaler != scales:  # a fresh or a dropped loss scale would not continue the run exactly
+                raise UserError(f"refusing to resume from {found}: it {'has' if saved_scaler else 'has no'} "
+                                f"{_SCALER_FILE} (fp16 loss scaling) but this run (mixed_precision={self.mp!r}) "
+                                f"{'has none' if saved_scaler else 'scales the loss'}: resume with the precision "
+                                "it was written with")
+        except UserError as err:
+            refused = err
+        _refuse_everywhere(refused, found, self.device)  # a refusal on one process stops them all
+        _copy_into(self.model, weights)
         return loaded
 
     def _apply_resume(self, loaded: dict[str, Any]) -> None:
