@@ -29,7 +29,7 @@ import os
 import platform
 import shutil
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -39,8 +39,11 @@ from asymlora.compare.config import CompareConfig, StrategySpec
 from asymlora.compare.pruning import PruneDecision, accuracy_difference_se, prune_rates
 from asymlora.compare.run import autocast, resolve_precision, train_one
 from asymlora.compare.task import Task, head_features, prepare_task, threads_for_run
-from asymlora.compare.workers import InProcess, Job, Pool, worker_count
+from asymlora.compare.workers import execute, prepare_worker, worker_count
 from asymlora.fileio import atomic_write_text
+from asymlora.sweep.backends import InProcess, Job, LocalPool
+from asymlora.sweep.engine import run_jobs
+from asymlora.sweep.interrupt import stop_on_signals
 
 __all__ = ["run_compare", "select_lr", "grid_extension", "Phases", "train_one"]
 
@@ -246,29 +249,6 @@ def _selection(spec: StrategySpec, cfg: CompareConfig, pilots: dict[float, dict[
     }
 
 
-def _run_all(specs: list[StrategySpec], cfg: CompareConfig, sched: _Schedule, executors: dict[bool, Any],
-             on_progress: Callable[[], None]) -> None:
-    """Drive every job to completion; ``executors[is_adapter]`` runs a job (head-only runs stay
-    in this process, on the cached features)."""
-    pending: dict[Future, tuple[Job, str]] = {}
-
-    def submit(job: Job) -> None:
-        tag = sched.tag(job)
-        pending[executors[job.spec.is_adapter].submit(job, tag)] = (job, tag)
-
-    for spec in sorted(specs, key=lambda s: s.is_adapter):  # the cheap head-only runs first
-        for job in sched.pilot_jobs(spec):
-            submit(job)
-    while pending:
-        done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-        for fut in done:
-            job, tag = pending.pop(fut)
-            rec, eval_s = fut.result()
-            for nxt in sched.record(job, rec, eval_s, tag):
-                submit(nxt)
-        on_progress()
-
-
 def _settings(cfg: CompareConfig, task: Task, specs: list[StrategySpec], threads: int,
               thread_probe: dict[int, float]) -> dict[str, Any]:
     import transformers
@@ -314,7 +294,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     t_start = time.perf_counter()
-    with threads_for_run(cfg.threads) as (threads, probe):
+    with stop_on_signals(), threads_for_run(cfg.threads) as (threads, probe):
         return _run(cfg, threads, probe, t_start)
 
 
@@ -359,14 +339,12 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
                            complete=False)
         atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(partial, indent=1))
 
-    local = InProcess(task, cfg, features)
-    pool = Pool(cfg, workers) if workers > 1 else None
+    local = InProcess((task, features), cfg, execute)
+    pool = (LocalPool(replace(cfg, progress=False), workers, prepare_worker, execute) if workers > 1 else None)
     t_runs = time.perf_counter()
-    try:
-        _run_all(specs, cfg, sched, {False: local, True: pool or local}, checkpoint_results)
-    finally:
-        if pool is not None:
-            pool.close()
+    first = [job for spec in sorted(specs, key=lambda s: s.is_adapter) for job in sched.pilot_jobs(spec)]
+    run_jobs(first, lambda job: pool if (pool is not None and job.spec.is_adapter) else local,
+             lambda job, out, tag: sched.record(job, *out, tag), sched.tag, checkpoint_results, [local, pool or local])
     settings["runs_wall_s"] = round(time.perf_counter() - t_runs, 2)
     shutil.rmtree(os.path.join(cfg.output_dir, "runs"), ignore_errors=True)  # the paused pilots' checkpoints
     t = time.perf_counter()

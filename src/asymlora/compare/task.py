@@ -14,6 +14,8 @@ import numpy as np
 
 from asymlora.errors import UserError
 
+from asymlora.sweep.backends import available_cpus
+
 __all__ = ["Task", "prepare_task", "available_cpus", "set_threads", "reinit_head", "head_name", "HeadFeatures",
            "head_features"]
 
@@ -38,14 +40,6 @@ def _probe_threads(candidates: list[int]) -> tuple[int, dict[int, float]]:
             best = min(best, time.perf_counter() - t)
         times[n] = best
     return min(times, key=times.get), times
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        return os.cpu_count() or 1
 
 
 def set_threads(threads: int | None) -> tuple[int, dict[int, float]]:

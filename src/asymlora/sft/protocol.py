@@ -18,18 +18,21 @@ import json
 import os
 import platform
 import time
-from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from asymlora.commands.options import plural
-from asymlora.compare.protocol import Phases, _run_all, _Schedule
+from asymlora.compare.protocol import Phases, _Schedule
 from asymlora.compare.report import paired_verdicts, summarize
 from asymlora.compare.stats import mean_std
 from asymlora.compare.task import threads_for_run
-from asymlora.compare.workers import InProcess, Job, Pool, worker_count
+from asymlora.compare.workers import worker_count
 from asymlora.fileio import atomic_write_text
+from asymlora.sweep.backends import InProcess, Job, LocalPool
+from asymlora.sweep.engine import run_jobs
+from asymlora.sweep.interrupt import stop_on_signals
 from asymlora.sft.config import SFTConfig
 from asymlora.sft.run import LMTask, prepare_lm_task, score_saved_adapter, score_test, train_one
 
@@ -53,7 +56,7 @@ def _report_run(tag: str, rec: dict[str, Any], pilot: bool) -> None:
          + ("  [pilot]" if pilot else ""))
 
 
-def _execute_run(task: LMTask, cfg: SFTConfig, job: Job, tag: str, _features: Any) -> tuple[dict[str, Any], float]:
+def _execute_run(task: LMTask, cfg: SFTConfig, job: Job, tag: str) -> tuple[dict[str, Any], float]:
     desc = f"{tag} {job.spec.label} " + (f"lr {job.lr:g}" if job.pilot else f"seed {job.seed}")
     return train_one(task, job.spec, job.seed, job.lr, cfg, desc=desc, pilot=job.pilot)
 
@@ -70,8 +73,8 @@ def _prepare_bench(cfg: SFTConfig) -> tuple[str, Any]:
     return path, AutoTokenizer.from_pretrained(path)
 
 
-def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None, tag: str,
-                   _features: Any) -> tuple[str | None, dict[str, Any], float]:
+def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None,
+                   tag: str) -> tuple[str | None, dict[str, Any], float]:
     """Score the base model (``adapter`` None) or base + adapter on the benchmarks."""
     from transformers import AutoModelForCausalLM
 
@@ -100,21 +103,18 @@ def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None, 
 
 def _run_benchmarks(cfg: SFTConfig, runs: list[dict[str, Any]], workers: int, state: Any) -> dict[str | None, Any]:
     jobs: list[str | None] = [None] + [r["adapter_dir"] for r in runs]
-    executor: Any = (Pool(cfg, workers, prepare=_prepare_bench, execute=_execute_bench) if workers > 1
-                     else InProcess(state(), cfg, None, execute=_execute_bench))
-    try:
-        pending = [executor.submit(job, f"[bench {i + 1}/{len(jobs)}]") for i, job in enumerate(jobs)]
-        out: dict[str | None, Any] = {}
-        while pending:
-            done, rest = wait(pending, return_when=FIRST_COMPLETED)
-            pending = list(rest)
-            for fut in done:
-                adapter, scores, seconds = fut.result()
-                out[adapter] = {"scores": scores, "seconds": seconds}
-        return out
-    finally:
-        if isinstance(executor, Pool):
-            executor.close()
+    executor: Any = (LocalPool(replace(cfg, progress=False), workers, _prepare_bench, _execute_bench) if workers > 1
+                     else InProcess(state(), cfg, _execute_bench))
+    out: dict[str | None, Any] = {}
+
+    def book(_job: Any, result: tuple[str | None, dict[str, Any], float], _tag: str) -> list[Any]:
+        adapter, scores, seconds = result
+        out[adapter] = {"scores": scores, "seconds": seconds}
+        return []
+
+    tags = {job: f"[bench {i + 1}/{len(jobs)}]" for i, job in enumerate(jobs)}
+    run_jobs(jobs, lambda _job: executor, book, tags.__getitem__, lambda: None, [executor])
+    return out
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -126,7 +126,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t_start = time.perf_counter()
-    with threads_for_run(cfg.threads) as (threads, _):
+    with stop_on_signals(), threads_for_run(cfg.threads) as (threads, _):
         return _run(cfg, threads, t_start)
 
 
@@ -158,14 +158,12 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
         partial = _assemble(cfg, settings, specs, runs, selections, {}, phases, t_start, complete=False)
         atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(partial, indent=1))
 
-    local = InProcess(task, cfg, None, execute=_execute_run)
-    pool = Pool(cfg, workers, prepare=prepare_lm_task, execute=_execute_run) if workers > 1 else None
+    local = InProcess(task, cfg, _execute_run)
+    pool = LocalPool(replace(cfg, progress=False), workers, prepare_lm_task, _execute_run) if workers > 1 else None
     t_runs = time.perf_counter()
-    try:
-        _run_all(specs, cfg, sched, {True: pool or local, False: local}, checkpoint_results)
-    finally:
-        if pool is not None:
-            pool.close()
+    first = [job for spec in specs for job in sched.pilot_jobs(spec)]
+    run_jobs(first, lambda job: pool or local, lambda job, out, tag: sched.record(job, *out, tag), sched.tag,
+             checkpoint_results, [pool or local])
     t = time.perf_counter()
     for key, rec in list(sched.runs.items()):  # the winning pilots: test scored now, from their adapters
         if rec.get("test_deferred"):

@@ -1,0 +1,120 @@
+"""Where the runs of a sweep execute. A backend has ``submit(job, tag) -> Future`` and
+``close()``; the engine (``asymlora.sweep.engine``) waits on the futures, so every backend
+serves it alike. Every run seeds its own RNGs, so a record does not depend on where it ran.
+
+- :class:`InProcess` runs a job at once in this process (the head-only baseline on cached
+  features, and every run when there is one worker);
+- :class:`LocalPool` runs jobs in worker processes of this machine, each loading the task once.
+  On CPUs each worker computes with one thread (two single-thread runs side by side do ~1.25x
+  the work of one run on two threads: small matrices, Python overhead).
+
+``close(abort=True)`` (an interrupted sweep) stops the workers at once instead of letting them
+finish their jobs; workers also die with their parent when it is killed outright
+(``asymlora.sweep.interrupt.ignore_in_worker``)."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from asymlora.sweep.interrupt import ignore_in_worker
+
+__all__ = ["Job", "InProcess", "LocalPool", "available_cpus"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run to do, or one segment of it: ``spec`` the strategy (anything with ``label`` and
+    ``is_adapter``); ``pilot`` runs try a rate of the grid on the first seed; ``until`` pauses
+    the run at that step (a rung of the lr search) with a checkpoint; ``resume`` continues it
+    from there."""
+
+    spec: Any
+    seed: int
+    lr: float
+    pilot: bool
+    until: int | None = None
+    resume: bool = False
+
+    @property
+    def key(self) -> tuple[str, int, float]:
+        return (self.spec.label, self.seed, self.lr)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return os.cpu_count() or 1
+
+
+class InProcess:
+    """Runs each job at once in this process; ``submit`` returns a finished future.
+    ``execute(state, cfg, job, tag)`` does one job on the task ``state`` loaded here."""
+
+    def __init__(self, state: Any, cfg: Any, execute: Callable[..., Any]) -> None:
+        self.state, self.cfg, self.execute = state, cfg, execute
+
+    def submit(self, job: Any, tag: str) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(self.execute(self.state, self.cfg, job, tag))
+        except Exception as err:  # noqa: BLE001 - handed to the caller through the future
+            fut.set_exception(err)
+        return fut
+
+    def close(self, abort: bool = False) -> None:
+        pass
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(cfg: Any, prepare: Callable[[Any], Any], threads: int, env: dict[str, str]) -> None:
+    """Each worker process loads the task once with ``prepare(cfg)``."""
+    ignore_in_worker()
+    os.environ.update(env)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER["state"], _WORKER["cfg"] = prepare(cfg), cfg
+
+
+def _worker_job(execute: Callable[..., Any], job: Any, tag: str) -> Any:
+    return execute(_WORKER["state"], _WORKER["cfg"], job, tag)
+
+
+class LocalPool:
+    """``workers`` processes of this machine (spawned: no state shared with this one), each
+    loading the task with ``prepare(cfg)`` and running jobs with ``execute`` — both module-level
+    functions, which is what a spawned process can receive."""
+
+    def __init__(self, cfg: Any, workers: int, prepare: Callable[[Any], Any], execute: Callable[..., Any],
+                 threads: int = 1, env: dict[str, str] | None = None) -> None:
+        self.execute = execute
+        self._before = {p.pid for p in multiprocessing.active_children()}
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_worker_init, initargs=(cfg, prepare, threads, env or {}))
+
+    def submit(self, job: Any, tag: str) -> Future:
+        return self.pool.submit(_worker_job, self.execute, job, tag)
+
+    def close(self, abort: bool = False) -> None:
+        """Wait for the workers to finish (``abort``: stop them now — SIGTERM, then SIGKILL
+        for any still alive after 3 s)."""
+        if not abort:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            return
+        mine = [p for p in multiprocessing.active_children() if p.pid not in self._before]
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for p in mine:
+            p.terminate()
+        for p in mine:
+            p.join(3)
+            if p.is_alive():
+                p.kill()
+                p.join(1)

@@ -1,0 +1,45 @@
+"""Driving a sweep: submit the jobs a schedule releases to the backends, book each finished
+one, release what it unlocks, and save the partial results after each (docs/design.md).
+SIGTERM or SIGINT stop the sweep: every worker is stopped at once and
+:class:`asymlora.sweep.interrupt.Interrupted` propagates to the caller."""
+from __future__ import annotations
+
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import Any, Callable, Iterable
+
+from asymlora.sweep.backends import Job
+from asymlora.sweep.interrupt import stop_on_signals
+
+__all__ = ["run_jobs"]
+
+
+def run_jobs(first: Iterable[Job], backend_for: Callable[[Job], Any],
+             record: Callable[[Job, Any, str], list[Job]], tag: Callable[[Job], str],
+             on_progress: Callable[[], None], backends: Iterable[Any] = ()) -> None:
+    """Drive every job to completion: ``backend_for(job)`` runs it, ``record(job, result,
+    tag)`` books its result and returns the jobs it unlocks, ``on_progress()`` runs after each
+    batch of finished jobs. ``backends`` are closed at the end — stopped at once when the sweep
+    is interrupted or fails."""
+    pending: dict[Future, tuple[Job, str]] = {}
+    backends = list(backends)
+
+    def submit(job: Job) -> None:
+        t = tag(job)
+        pending[backend_for(job).submit(job, t)] = (job, t)
+
+    aborted = True
+    with stop_on_signals():
+        try:
+            for job in first:
+                submit(job)
+            while pending:
+                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job, t = pending.pop(fut)
+                    for nxt in record(job, fut.result(), t):
+                        submit(nxt)
+                on_progress()
+            aborted = False
+        finally:
+            for b in backends:
+                b.close(abort=aborted)
