@@ -14,8 +14,11 @@ import threading
 import time
 
 import pytest
+import torch
 
 import asymlora
+from asymlora.sweep.backends import Job
+from asymlora.sweep.resume import Journal, data_fingerprint, model_fingerprint
 
 needs_real = pytest.mark.needs_assets("minilm", "fortunes")
 
@@ -119,3 +122,94 @@ def test_a_signal_stops_every_worker_and_keeps_the_finished_runs(tmp_path, signu
     assert "Traceback" not in "".join(sweep.stderr)
     partial = json.loads((out / "results.json").read_text())
     assert partial["complete"] is False
+
+
+# ----------------------------------------------------------------------------- resume
+
+TIMINGS = ("wall_time_s", "eval_time_s", "peak_memory_bytes")
+
+
+def without_timings(obj):
+    """A record (or list of them) with its timings and memory peaks left out."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k not in TIMINGS}
+    if isinstance(obj, list):
+        return [without_timings(x) for x in obj]
+    return obj
+
+
+@pytest.mark.slow
+@needs_real
+def test_a_killed_compare_resumes_to_the_records_of_an_uninterrupted_one(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    sweep = Sweep(cut, "--workers", "2")
+    try:  # SIGKILL: no handler runs, the workers die with their parent (PR_SET_PDEATHSIG)
+        sweep.wait_for(FINISHED_RUN, timeout=900)
+        end = time.monotonic() + 1200
+        while time.monotonic() < end:  # until a worker has finished a job (an adapter pilot's first segment)
+            saved = json.loads((cut / "results.json").read_text()) if (cut / "results.json").exists() else {}
+            if any(e["job"][0] != "head-only" for e in saved.get("journal", [])):
+                break
+            time.sleep(0.5)
+        children = descendants(sweep.proc.pid)
+        sweep.proc.kill()
+        sweep.proc.wait()
+        time.sleep(10)
+        assert [p for p in children if alive(p)] == [], "workers outlived a killed parent"
+    finally:
+        sweep.kill()
+    kept = json.loads((cut / "results.json").read_text())
+    assert kept["complete"] is False and kept["journal"]
+    # a different protocol is refused in one line before any work
+    refused = Sweep(cut, "--resume", "--max-steps", "60")
+    assert refused.proc.wait(timeout=600) == 2
+    time.sleep(0.5)
+    assert [line for line in "".join(refused.stderr).splitlines() if line.startswith("asymlora compare:")] == [
+        f"asymlora compare: error: --resume: the protocol's settings differ from those of the sweep saved in {cut}; "
+        "resume with the same flags, data and model, or start over without --resume"]
+    resumed = Sweep(cut, "--workers", "2", "--resume")
+    assert resumed.proc.wait(timeout=1800) == 0, "".join(resumed.stdout + resumed.stderr)
+    time.sleep(0.5)
+    log = "".join(resumed.stdout)
+    assert f"resuming the sweep in {cut}: {len(kept['journal'])} finished job" in log
+    reference = Sweep(whole, "--workers", "2")
+    assert reference.proc.wait(timeout=1800) == 0, "".join(reference.stdout + reference.stderr)
+    a, b = json.loads((cut / "results.json").read_text()), json.loads((whole / "results.json").read_text())
+    assert a["complete"] is True and not (cut / "runs").exists()
+    assert len(a["runs"]) == len(b["runs"]) > 0
+    for ra, rb in zip(a["runs"], b["runs"]):
+        assert without_timings(ra) == without_timings(rb), (ra["strategy"], ra["seed"])
+    assert without_timings(a["lr_selection"]) == without_timings(b["lr_selection"])
+    assert a["verdict_lines"] == b["verdict_lines"]
+
+
+def test_fingerprints_change_with_the_data_and_the_model_files(tmp_path):
+    split = [{"input_ids": [1, 2, 3], "labels": 0}, {"input_ids": [4, 5], "labels": 1}]
+    batches = [{"input_ids": torch.tensor([[1, 2], [3, 4]])}]
+    fp = data_fingerprint(split, batches)
+    assert fp == data_fingerprint([dict(x) for x in split], [{"input_ids": torch.tensor([[1, 2], [3, 4]])}])
+    assert fp != data_fingerprint(split[:1], batches)
+    assert fp != data_fingerprint([split[0], {"input_ids": [4, 5], "labels": 2}], batches)
+    assert fp != data_fingerprint(split, [{"input_ids": torch.tensor([[1, 2], [3, 5]])}])
+    (tmp_path / "config.json").write_text('{"hidden_size": 8}')
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 64)
+    (tmp_path / "README.md").write_text("not part of the model")
+    fp = model_fingerprint(str(tmp_path))
+    (tmp_path / "README.md").write_text("edited")
+    assert model_fingerprint(str(tmp_path)) == fp
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 63 + b"\1")
+    assert model_fingerprint(str(tmp_path)) != fp
+
+
+def test_a_journal_hands_each_saved_outcome_back_once():
+    class Spec:
+        label, is_adapter = "b-only r=4", True
+
+    pilot, seed_run = Job(Spec(), 0, 0.01, True, until=40), Job(Spec(), 1, 0.01, False)
+    done = Journal()
+    done.add(pilot, ({"val_accuracy": 0.5, "paused": True}, 1.5))
+    saved = Journal(json.loads(json.dumps(done.to_json())))  # through results.json
+    assert saved.take(seed_run) is None
+    assert saved.take(Job(Spec(), 0, 0.01, True, until=40, resume=True)) is None  # another segment
+    assert saved.take(pilot) == ({"val_accuracy": 0.5, "paused": True}, 1.5)
+    assert saved.take(pilot) is None and saved.replayed == 1

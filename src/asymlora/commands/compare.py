@@ -113,6 +113,9 @@ def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targ
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                    help="auto = bf16 (or fp16) on a GPU and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the interrupted sweep in --output-dir: its finished runs are kept, the others "
+                        "run (refused when the settings, the data or the model differ from the saved ones)")
 
 
 _PROTOCOL_KEYS = ("strategies", "ranks", "seeds", "lrs", "max_lr_extensions", "stopping", "max_steps", "eval_every",
@@ -125,7 +128,7 @@ def protocol_settings(args: argparse.Namespace, d: dict) -> dict:
     out = {k: d[k] if getattr(args, k) is None else getattr(args, k) for k in _PROTOCOL_KEYS}
     out.update(lr=args.lr, margin=(1.0 if args.margin is None else args.margin) / 100, threads=args.threads,
                workers=args.workers, mixed_precision=args.mixed_precision, progress=not args.no_progress,
-               prune=not args.no_prune)
+               prune=not args.no_prune, resume=args.resume)
     if args.target_modules is not None:
         out["target_modules"] = args.target_modules
     return out

@@ -129,6 +129,11 @@ class CompareConfig:
     quick: bool = False
     progress: bool = True
     plots: bool = True
+    resume: bool = False                     # go on with the interrupted sweep in output_dir
+
+    # fields that do not change a run's record: left out of the settings' fingerprint (--resume)
+    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("output_dir", "threads", "workers", "progress", "plots",
+                                                     "resume")
 
     # how the protocol ranks the pilot runs of the lr grid (asymlora.compare.protocol._Schedule)
     selection_metric: ClassVar[str] = "val_accuracy"

@@ -44,6 +44,8 @@ from asymlora.fileio import atomic_write_text
 from asymlora.sweep.backends import InProcess, Job, LocalPool
 from asymlora.sweep.engine import run_jobs
 from asymlora.sweep.interrupt import stop_on_signals
+from asymlora.sweep.resume import (Journal, check_fingerprints, data_fingerprint, load_partial, model_fingerprint,
+                                   settings_fingerprint)
 
 __all__ = ["run_compare", "select_lr", "grid_extension", "Phases", "train_one"]
 
@@ -303,7 +305,18 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
 
     specs = cfg.runs()
     phases = Phases()
+    saved = load_partial(cfg.output_dir) if cfg.resume else None
+    fingerprints = {"settings": settings_fingerprint(cfg, cfg.NOT_IN_FINGERPRINT)}
+    if saved:  # refused before anything is loaded when the settings differ
+        check_fingerprints(saved["fingerprints"], fingerprints, cfg.output_dir)
     task = prepare_task(cfg)
+    fingerprints.update(data=data_fingerprint(task.train_ds, task.val_ds, task.test_ds),
+                        model=model_fingerprint(task.model_path))
+    if saved:
+        check_fingerprints(saved["fingerprints"], fingerprints, cfg.output_dir)
+    else:  # a fresh sweep: no checkpoint of an earlier one may be taken for this one's
+        shutil.rmtree(os.path.join(cfg.output_dir, "runs"), ignore_errors=True)
+    journal = Journal(saved["journal"] if saved else ())
     phases.add("load", task.timings["load"])
     phases.add("tokenise", task.timings["tokenise"])
     workers = worker_count(cfg, specs)
@@ -337,14 +350,19 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
         runs, selections = sched.ordered(specs)
         partial = assemble(cfg, settings, specs, runs, selections, phases, time.perf_counter() - t_start,
                            complete=False)
+        partial.update(fingerprints=fingerprints, journal=journal.to_json())  # what --resume reads
         atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(partial, indent=1))
 
     local = InProcess((task, features), cfg, execute)
     pool = (LocalPool(replace(cfg, progress=False), workers, prepare_worker, execute) if workers > 1 else None)
     t_runs = time.perf_counter()
     first = [job for spec in sorted(specs, key=lambda s: s.is_adapter) for job in sched.pilot_jobs(spec)]
+    if saved:
+        _log(f"resuming the sweep in {cfg.output_dir}: {plural(len(journal.entries), 'finished job')} kept "
+             "(runs, and pilots' segments up to a rung); the others run now")
     run_jobs(first, lambda job: pool if (pool is not None and job.spec.is_adapter) else local,
-             lambda job, out, tag: sched.record(job, *out, tag), sched.tag, checkpoint_results, [local, pool or local])
+             lambda job, out, tag: sched.record(job, *out, tag), sched.tag, checkpoint_results, [local, pool or local],
+             journal=journal)
     settings["runs_wall_s"] = round(time.perf_counter() - t_runs, 2)
     shutil.rmtree(os.path.join(cfg.output_dir, "runs"), ignore_errors=True)  # the paused pilots' checkpoints
     t = time.perf_counter()

@@ -33,6 +33,8 @@ from asymlora.fileio import atomic_write_text
 from asymlora.sweep.backends import InProcess, Job, LocalPool
 from asymlora.sweep.engine import run_jobs
 from asymlora.sweep.interrupt import stop_on_signals
+from asymlora.sweep.resume import (Journal, check_fingerprints, data_fingerprint, load_partial, model_fingerprint,
+                                   settings_fingerprint)
 from asymlora.sft.config import SFTConfig
 from asymlora.sft.run import LMTask, prepare_lm_task, score_saved_adapter, score_test, train_one
 
@@ -133,7 +135,16 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
     specs = cfg.runs()
     phases = Phases()
+    saved = load_partial(cfg.output_dir) if cfg.resume else None
+    fingerprints = {"settings": settings_fingerprint(cfg, cfg.NOT_IN_FINGERPRINT)}
+    if saved:  # refused before anything is loaded when the settings differ
+        check_fingerprints(saved["fingerprints"], fingerprints, cfg.output_dir)
     task = prepare_lm_task(cfg)
+    fingerprints.update(data=data_fingerprint(task.train, task.val_batches, task.test_batches),
+                        model=model_fingerprint(task.model_path))
+    if saved:
+        check_fingerprints(saved["fingerprints"], fingerprints, cfg.output_dir)
+    journal = Journal(saved["journal"] if saved else ())
     phases.add("load", task.timings["load"])
     phases.add("tokenise", task.timings["tokenise"])
     workers = worker_count(cfg, specs)
@@ -156,14 +167,18 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
     def checkpoint_results() -> None:
         runs, selections = sched.ordered(specs)
         partial = _assemble(cfg, settings, specs, runs, selections, {}, phases, t_start, complete=False)
+        partial.update(fingerprints=fingerprints, journal=journal.to_json())  # what --resume reads
         atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(partial, indent=1))
 
     local = InProcess(task, cfg, _execute_run)
     pool = LocalPool(replace(cfg, progress=False), workers, prepare_lm_task, _execute_run) if workers > 1 else None
     t_runs = time.perf_counter()
     first = [job for spec in specs for job in sched.pilot_jobs(spec)]
+    if saved:
+        _log(f"resuming the sweep in {cfg.output_dir}: {plural(len(journal.entries), 'finished run')} kept; "
+             "the others run now")
     run_jobs(first, lambda job: pool or local, lambda job, out, tag: sched.record(job, *out, tag), sched.tag,
-             checkpoint_results, [pool or local])
+             checkpoint_results, [pool or local], journal=journal)
     t = time.perf_counter()
     for key, rec in list(sched.runs.items()):  # the winning pilots: test scored now, from their adapters
         if rec.get("test_deferred"):
