@@ -213,3 +213,40 @@ def test_a_journal_hands_each_saved_outcome_back_once():
     assert saved.take(Job(Spec(), 0, 0.01, True, until=40, resume=True)) is None  # another segment
     assert saved.take(pilot) == ({"val_accuracy": 0.5, "paused": True}, 1.5)
     assert saved.take(pilot) is None and saved.replayed == 1
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def private_cross_imports(root: str) -> list[str]:
+    """``from asymlora.X... import _name`` in a module of ``asymlora`` outside package X."""
+    import ast
+
+    out = []
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
+            here = rel.split("/")[0].removesuffix(".py")
+            with open(path, encoding="utf-8") as fh:
+                tree = ast.parse(fh.read(), path)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("asymlora."):
+                    there = node.module.split(".")[1]
+                    private = [a.name for a in node.names if a.name.startswith("_") and not a.name.endswith("__")]
+                    if there != here and private:
+                        out.append(f"{rel}:{node.lineno}: from {node.module} import {', '.join(private)}")
+    return out
+
+
+def test_no_package_imports_another_ones_private_names(tmp_path):
+    root = os.path.dirname(asymlora.__file__)
+    assert private_cross_imports(root) == []
+    # the check itself finds one
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "run.py").write_text("from asymlora.compare.run import _Timed, train_one\n")
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "compare" / "ok.py").write_text("from asymlora.compare.run import _Timed\n")
+    assert private_cross_imports(str(tmp_path)) == ["sft/run.py:1: from asymlora.compare.run import _Timed"]

@@ -33,7 +33,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     try:
         yield tmp
         # mkstemp makes the file owner-only (0600); give it the permissions open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -41,7 +41,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The file-creation mask of this process (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

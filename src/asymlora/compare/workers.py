@@ -1,19 +1,17 @@
 """How a job of ``asymlora compare`` executes on a backend of ``asymlora.sweep.backends``:
 the state a worker loads once (``prepare_worker``), one job on it (``execute``), where a paused
-run's checkpoint lives (``run_dir``) and how many workers run side by side (``worker_count``)."""
+run's checkpoint lives (``run_dir``)."""
 from __future__ import annotations
 
 import os
 from typing import Any
 
-import torch
-
-from asymlora.compare.config import CompareConfig, StrategySpec
+from asymlora.compare.config import CompareConfig
 from asymlora.compare.run import train_one
 from asymlora.compare.task import HeadFeatures, Task, prepare_task
-from asymlora.sweep.backends import Job, available_cpus
+from asymlora.sweep.backends import Job
 
-__all__ = ["Job", "prepare_worker", "execute", "worker_count", "run_dir"]
+__all__ = ["prepare_worker", "execute", "run_dir"]
 
 
 def run_dir(cfg: CompareConfig, job: Job) -> str:
@@ -37,14 +35,3 @@ def execute(state: tuple[Task, dict[str, HeadFeatures] | None], cfg: CompareConf
     out = train_one(task, job.spec, job.seed, job.lr, cfg, desc=desc, features=features, pilot=job.pilot,
                     output_dir=run_dir(cfg, job) if segmented else None, resume=job.resume, pause_at=job.until)
     return out.record, out.eval_seconds
-
-
-def worker_count(cfg: CompareConfig, specs: list[StrategySpec]) -> int:
-    """Worker processes for the adapter runs: ``cfg.workers``, or on a CPU-only machine one
-    per available core up to 2 (the setting measured on the 2-core machine; larger pools were
-    not measured), one when there is a GPU."""
-    if cfg.workers is not None:
-        return cfg.workers
-    if torch.cuda.is_available() or not any(s.is_adapter for s in specs):
-        return 1
-    return max(1, min(2, available_cpus()))

@@ -1,6 +1,6 @@
 """``asymlora sft``: the fair protocol of ``asymlora compare`` on a causal LM.
 
-1. **Tuning** (``asymlora.compare.protocol._Schedule``): per strategy, one pilot run per rate of
+1. **Tuning** (``asymlora.sweep.schedule``): per strategy, one pilot run per rate of
    the grid on the first seed; the rate with the lowest validation response loss wins (ties:
    the smaller rate; an edge choice is flagged); the pilot at that rate is the first seed's
    run, the other seeds train at it. Every run stops when the validation loss has not reached
@@ -10,7 +10,7 @@
    adapter on the multiple-choice benchmarks of ``cfg.tasks``, so "did tuning move general
    ability, and equally for both strategies?" is answered on the same items.
 3. **Verdicts**: each strategy against LoRA at the same r, paired by seed, on test exact match
-   and on each benchmark's accuracy (``asymlora.compare.stats``).
+   and on each benchmark's accuracy (``asymlora.sweep.stats``).
 """
 from __future__ import annotations
 
@@ -24,15 +24,13 @@ from typing import Any
 import torch
 
 from asymlora.commands.options import plural
-from asymlora.compare.protocol import Phases, _Schedule
-from asymlora.compare.report import paired_verdicts, summarize
-from asymlora.compare.stats import mean_std
-from asymlora.compare.task import threads_for_run
-from asymlora.compare.workers import worker_count
+from asymlora.sweep.stats import mean_std, paired_verdicts, summarize_runs
 from asymlora.fileio import atomic_write_text
-from asymlora.sweep.backends import InProcess, Job, LocalPool
+from asymlora.sweep.backends import InProcess, Job, LocalPool, threads_for_run, worker_count
 from asymlora.sweep.engine import run_jobs
 from asymlora.sweep.interrupt import stop_on_signals
+from asymlora.sweep.schedule import Schedule
+from asymlora.sweep.timing import Phases
 from asymlora.sweep.resume import (Journal, check_fingerprints, data_fingerprint, load_partial, model_fingerprint,
                                    settings_fingerprint)
 from asymlora.sft.config import SFTConfig
@@ -81,7 +79,7 @@ def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None,
     from transformers import AutoModelForCausalLM
 
     import asymlora
-    from asymlora.compare.run import resolve_precision
+    from asymlora.sweep.training import resolve_precision
     from asymlora.lmeval import evaluate
 
     path, tokenizer = state
@@ -155,7 +153,7 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
     phases.add("eval", time.perf_counter() - t)
     _log(f"untuned: test loss {settings['base_model_test']['test_loss']:.4f}  exact match "
          f"{100 * settings['base_model_test']['test_exact_match']:.1f}")
-    sched = _Schedule(specs, cfg, phases, report_run=_report_run)
+    sched = Schedule(specs, cfg, phases, report_run=_report_run)
     _log(f"asymlora sft: {settings['model_name']} ({settings['model_params'] / 1e6:.0f}M params) on "
          f"{cfg.data} question→answer pairs: train {task.sizes['train']} / val {task.sizes['val']} / test "
          f"{task.sizes['test']}; {', '.join(s.label for s in specs)}; lr grid "
@@ -306,7 +304,7 @@ def _assemble(cfg: SFTConfig, settings: dict[str, Any], specs: list[Any], runs: 
         verdicts += paired_verdicts(runs, specs, cfg.margin, metric=f"{t}_acc")
     return {
         "complete": complete, "settings": settings, "lr_selection": selections,
-        "summary": summarize(runs, order, SUMMARY_KEYS), "benchmarks": _bench_rows(runs, bench, order, cfg.tasks),
+        "summary": summarize_runs(runs, order, SUMMARY_KEYS), "benchmarks": _bench_rows(runs, bench, order, cfg.tasks),
         "paired_verdicts": [v.to_dict() for v in verdicts], "verdict_lines": [_verdict_line(v) for v in verdicts],
         "runs": runs, "phases_s": phases.to_dict(), "total_time_s": round(time.perf_counter() - t_start, 1),
     }
