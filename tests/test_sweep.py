@@ -250,3 +250,24 @@ def test_no_package_imports_another_ones_private_names(tmp_path):
     (tmp_path / "compare").mkdir()
     (tmp_path / "compare" / "ok.py").write_text("from asymlora.compare.run import _Timed\n")
     assert private_cross_imports(str(tmp_path)) == ["sft/run.py:1: from asymlora.compare.run import _Timed"]
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+@pytest.mark.slow
+@needs_real
+def test_the_ray_backend_gives_the_records_of_the_local_one(tmp_path):
+    pytest.importorskip("ray")
+    on_ray = Sweep(tmp_path / "ray", "--backend", "ray", "--cpus-per-run", "1")  # a local Ray cluster on CPU
+    assert on_ray.proc.wait(timeout=1800) == 0, "".join(on_ray.stdout + on_ray.stderr)
+    local = Sweep(tmp_path / "local", "--workers", "2")
+    assert local.proc.wait(timeout=1800) == 0, "".join(local.stdout + local.stderr)
+    time.sleep(0.5)
+    assert "Ray tasks on a local cluster, 1 CPU each" in "".join(on_ray.stdout)
+    a = json.loads((tmp_path / "ray" / "results.json").read_text())
+    b = json.loads((tmp_path / "local" / "results.json").read_text())
+    assert len(a["runs"]) == len(b["runs"]) > 0
+    for ra, rb in zip(a["runs"], b["runs"]):
+        assert without_timings(ra) == without_timings(rb), (ra["strategy"], ra["seed"])
+    assert without_timings(a["lr_selection"]) == without_timings(b["lr_selection"])

@@ -65,6 +65,14 @@ def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targ
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                    help="auto = bf16 (or fp16) on a GPU and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="where runs execute: local = worker processes of this machine (one per GPU, each pinned "
+                        "to it); ray = each run a Ray task (default: local)")
+    p.add_argument("--ray-address", default=None,
+                   help="ray: join a running cluster (auto, or HOST:PORT of `ray start --head`); default: start a "
+                        "local one on this machine, loopback only")
+    p.add_argument("--cpus-per-run", type=float, default=1, help="ray: CPUs each run asks for (default: 1)")
+    p.add_argument("--gpus-per-run", type=float, default=0, help="ray: GPUs each run asks for (default: 0)")
     p.add_argument("--resume", action="store_true",
                    help="go on with the interrupted sweep in --output-dir: its finished runs are kept, the others "
                         "run (refused when the settings, the data or the model differ from the saved ones)")
@@ -80,7 +88,8 @@ def protocol_settings(args: argparse.Namespace, d: dict) -> dict:
     out = {k: d[k] if getattr(args, k) is None else getattr(args, k) for k in _PROTOCOL_KEYS}
     out.update(lr=args.lr, margin=(1.0 if args.margin is None else args.margin) / 100, threads=args.threads,
                workers=args.workers, mixed_precision=args.mixed_precision, progress=not args.no_progress,
-               prune=not args.no_prune, resume=args.resume)
+               prune=not args.no_prune, resume=args.resume, backend=args.backend,
+               ray_address=args.ray_address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
     if args.target_modules is not None:
         out["target_modules"] = args.target_modules
     return out

@@ -37,7 +37,7 @@ from asymlora.sweep.training import autocast, resolve_precision
 from asymlora.compare.task import Task, head_features, prepare_task
 from asymlora.compare.workers import execute, prepare_worker
 from asymlora.fileio import atomic_write_text
-from asymlora.sweep.backends import InProcess, LocalPool, threads_for_run, worker_count
+from asymlora.sweep.backends import InProcess, adapter_backend, describe_backend, threads_for_run, worker_count
 from asymlora.sweep.engine import run_jobs
 from asymlora.sweep.interrupt import stop_on_signals
 from asymlora.sweep.schedule import Schedule, grid_extension, select_lr
@@ -155,7 +155,7 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
                                             f"until validation stops improving ({plural(cfg.patience, 'evaluation')} × "
                                             f"{plural(cfg.eval_every, 'step')}, at most {plural(cfg.max_steps, 'step')})")
          + "; "
-         + (f"{workers} worker processes × 1 thread" if workers > 1 else plural(threads, "thread")))
+         + describe_backend(cfg, workers, threads))
 
     def checkpoint_results() -> None:
         runs, selections = sched.ordered(specs)
@@ -165,7 +165,7 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
         atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(partial, indent=1))
 
     local = InProcess((task, features), cfg, execute)
-    pool = (LocalPool(replace(cfg, progress=False), workers, prepare_worker, execute) if workers > 1 else None)
+    pool = adapter_backend(cfg, workers, prepare_worker, execute)
     t_runs = time.perf_counter()
     first = [job for spec in sorted(specs, key=lambda s: s.is_adapter) for job in sched.pilot_jobs(spec)]
     if saved:

@@ -26,7 +26,7 @@ import torch
 from asymlora.commands.options import plural
 from asymlora.sweep.stats import mean_std, paired_verdicts, summarize_runs
 from asymlora.fileio import atomic_write_text
-from asymlora.sweep.backends import InProcess, Job, LocalPool, threads_for_run, worker_count
+from asymlora.sweep.backends import InProcess, Job, LocalPool, adapter_backend, describe_backend, threads_for_run, worker_count
 from asymlora.sweep.engine import run_jobs
 from asymlora.sweep.interrupt import stop_on_signals
 from asymlora.sweep.schedule import Schedule
@@ -159,8 +159,7 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
          f"{task.sizes['test']}; {', '.join(s.label for s in specs)}; lr grid "
          f"{', '.join(f'{x:g}' for x in cfg.lr_grid())}; seeds {', '.join(map(str, cfg.seeds))}: "
          f"{plural(sched.total, 'run')} of batch {cfg.batch_size} until the validation loss stops falling "
-         f"(at most {plural(cfg.max_steps, 'step')}); " + (f"{workers} worker processes × 1 thread" if workers > 1
-                                                          else plural(threads, "thread")))
+         f"(at most {plural(cfg.max_steps, 'step')}); " + describe_backend(cfg, workers, threads))
 
     def checkpoint_results() -> None:
         runs, selections = sched.ordered(specs)
@@ -169,7 +168,7 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
         atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(partial, indent=1))
 
     local = InProcess(task, cfg, _execute_run)
-    pool = LocalPool(replace(cfg, progress=False), workers, prepare_lm_task, _execute_run) if workers > 1 else None
+    pool = adapter_backend(cfg, workers, prepare_lm_task, _execute_run)
     t_runs = time.perf_counter()
     first = [job for spec in specs for job in sched.pilot_jobs(spec)]
     if saved:

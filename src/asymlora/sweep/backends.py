@@ -6,7 +6,12 @@ serves it alike. Every run seeds its own RNGs, so a record does not depend on wh
   features, and every run when there is one worker);
 - :class:`LocalPool` runs jobs in worker processes of this machine, each loading the task once.
   On CPUs each worker computes with one thread (two single-thread runs side by side do ~1.25x
-  the work of one run on two threads: small matrices, Python overhead).
+  the work of one run on two threads: small matrices, Python overhead); with G GPUs, G
+  workers, each pinned to its own GPU;
+- :class:`RayBackend` runs each job as a Ray task asking for ``cpus_per_run`` CPUs and
+  ``gpus_per_run`` GPUs, on a running cluster (``address``: ``auto`` or ``HOST:PORT``) or on a
+  local one started for the sweep (loopback only). A Ray worker process loads the task once and
+  keeps it for the jobs it is given later.
 
 ``close(abort=True)`` (an interrupted sweep) stops the workers at once instead of letting them
 finish their jobs; workers also die with their parent when it is killed outright
@@ -23,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 from asymlora.sweep.interrupt import ignore_in_worker
 
-__all__ = ["Job", "InProcess", "LocalPool", "available_cpus", "set_threads", "threads_for_run", "worker_count"]
+__all__ = ["Job", "InProcess", "LocalPool", "RayBackend", "BACKENDS", "adapter_backend", "describe_backend", "available_cpus", "set_threads", "threads_for_run", "worker_count"]
 
 
 @dataclass(frozen=True)
@@ -104,16 +109,23 @@ def threads_for_run(threads: int | None) -> Iterator[tuple[int, dict[int, float]
         torch.set_num_threads(prev)
 
 
-def worker_count(cfg: Any, specs: list[Any]) -> int:
-    """Worker processes for the adapter runs: ``cfg.workers``, or on a CPU-only machine one
-    per available core up to 2 (the setting measured on the 2-core machine; larger pools were
-    not measured), one when there is a GPU."""
-    if cfg.workers is not None:
-        return cfg.workers
+def _cuda_count() -> int:
     import torch
 
-    if torch.cuda.is_available() or not any(s.is_adapter for s in specs):
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def worker_count(cfg: Any, specs: list[Any]) -> int:
+    """Worker processes for the adapter runs: ``cfg.workers``, or one per GPU (each pinned to
+    its own, ``CUDA_VISIBLE_DEVICES``), or on a CPU-only machine one per available core up to 2
+    (the setting measured on the 2-core machine; larger pools were not measured)."""
+    if cfg.workers is not None:
+        return cfg.workers
+    if not any(s.is_adapter for s in specs):
         return 1
+    gpus = _cuda_count()
+    if gpus:
+        return gpus
     return max(1, min(2, available_cpus()))
 
 
@@ -139,10 +151,14 @@ class InProcess:
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(cfg: Any, prepare: Callable[[Any], Any], threads: int, env: dict[str, str]) -> None:
-    """Each worker process loads the task once with ``prepare(cfg)``."""
+def _worker_init(cfg: Any, prepare: Callable[[Any], Any], threads: int, env: dict[str, str],
+                 gpus: Any = None) -> None:
+    """Each worker process loads the task once with ``prepare(cfg)``; with ``gpus`` (a queue of
+    GPU indices, one per worker) it takes one and sees only that GPU."""
     ignore_in_worker()
     os.environ.update(env)
+    if gpus is not None:  # before anything initialises CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -163,8 +179,14 @@ class LocalPool:
                  threads: int = 1, env: dict[str, str] | None = None) -> None:
         self.execute = execute
         self._before = {p.pid for p in multiprocessing.active_children()}
-        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_worker_init, initargs=(cfg, prepare, threads, env or {}))
+        ctx = multiprocessing.get_context("spawn")
+        gpus = None
+        if _cuda_count() > 1:  # one worker per GPU, each pinned to its own
+            gpus = ctx.Queue()
+            for i in range(workers):
+                gpus.put(i % _cuda_count())
+        self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                        initargs=(cfg, prepare, threads, env or {}, gpus))
 
     def submit(self, job: Any, tag: str) -> Future:
         return self.pool.submit(_worker_job, self.execute, job, tag)
@@ -184,3 +206,90 @@ class LocalPool:
             if p.is_alive():
                 p.kill()
                 p.join(1)
+
+
+BACKENDS = ("local", "ray")
+
+_RAY_STATE: dict[Any, Any] = {}
+
+
+def _ray_job(prepare: Callable[[Any], Any], execute: Callable[..., Any], cfg: Any, key: str, threads: int,
+             job: Any, tag: str) -> Any:
+    """One job in a Ray worker process: the task is loaded on its first job of this sweep."""
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if key not in _RAY_STATE:
+        _RAY_STATE.clear()  # a worker kept from another sweep: free its task first
+        _RAY_STATE[key] = prepare(cfg)
+    return execute(_RAY_STATE[key], cfg, job, tag)
+
+
+class RayBackend:
+    """Each job a Ray task with ``num_cpus=cpus_per_run`` and ``num_gpus=gpus_per_run``; the
+    run computes with ``cpus_per_run`` threads (1 by default, as a local worker does, so the
+    records are the same)."""
+
+    def __init__(self, cfg: Any, prepare: Callable[[Any], Any], execute: Callable[..., Any], *,
+                 address: str | None = None, cpus_per_run: float = 1, gpus_per_run: float = 0,
+                 key: str = "") -> None:
+        import ray
+
+        self.ray = ray
+        self.started = not ray.is_initialized()
+        if self.started:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:  # a local cluster of this machine, reachable only from it; its workers inherit our environment
+                for attempt in range(3):  # Ray gives a new node 30 s to register: too little on a busy machine
+                    try:
+                        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+                        break
+                    except Exception:  # noqa: BLE001 - ray raises a bare Exception for this timeout
+                        ray.shutdown()
+                        if attempt == 2:
+                            raise
+        self.remote = ray.remote(_ray_job).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
+        self.args = (prepare, execute, cfg, key, max(1, int(cpus_per_run)))
+        self.refs: list[Any] = []
+
+    def submit(self, job: Any, tag: str) -> Future:
+        ref = self.remote.remote(*self.args, job, tag)
+        self.refs.append(ref)
+        return ref.future()
+
+    def close(self, abort: bool = False) -> None:
+        if abort:
+            for ref in self.refs:
+                try:
+                    self.ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001 - finished already, or its worker is gone
+                    pass
+        if self.started:
+            self.ray.shutdown()
+
+
+def adapter_backend(cfg: Any, workers: int, prepare: Callable[[Any], Any], execute: Callable[..., Any]) -> Any:
+    """Where the adapter runs of a sweep go: ``cfg.backend`` "ray" → :class:`RayBackend`;
+    "local" → :class:`LocalPool` of ``workers`` processes, or None (this process) for one."""
+    from dataclasses import replace
+
+    quiet = replace(cfg, progress=False)
+    if cfg.backend == "ray":
+        from asymlora.sweep.resume import settings_fingerprint
+
+        return RayBackend(quiet, prepare, execute, address=cfg.ray_address, cpus_per_run=cfg.cpus_per_run,
+                          gpus_per_run=cfg.gpus_per_run, key=settings_fingerprint(quiet))
+    return LocalPool(quiet, workers, prepare, execute) if workers > 1 else None
+
+
+def describe_backend(cfg: Any, workers: int, threads: int) -> str:
+    """How the adapter runs execute, for the sweep's first line."""
+    from asymlora.commands.options import plural
+
+    if cfg.backend == "ray":
+        where = cfg.ray_address or "a local cluster"
+        return (f"Ray tasks on {where}, {cfg.cpus_per_run:g} CPU"
+                + (f" and {cfg.gpus_per_run:g} GPU" if cfg.gpus_per_run else "") + " each")
+    return f"{workers} worker processes × 1 thread" if workers > 1 else plural(threads, "thread")

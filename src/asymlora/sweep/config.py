@@ -123,10 +123,15 @@ class SweepConfig:
     quick: bool = False
     progress: bool = True
     resume: bool = False                     # go on with the interrupted sweep in output_dir
+    backend: str = "local"                   # where runs execute: local processes, or Ray tasks
+    ray_address: str | None = None           # ray: "auto" or HOST:PORT of a running cluster; None = a local one
+    cpus_per_run: float = 1                  # ray: CPUs a run asks for (its torch threads)
+    gpus_per_run: float = 0                  # ray: GPUs a run asks for
 
     # fields that do not change a run's record: left out of the settings' fingerprint (--resume)
     NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("output_dir", "threads", "workers", "progress", "plots",
-                                                     "resume")
+                                                     "resume", "backend", "ray_address", "cpus_per_run",
+                                                     "gpus_per_run")
 
     # how the protocol ranks the pilot runs of the lr grid (asymlora.sweep.schedule.Schedule)
     selection_metric: ClassVar[str] = "val_accuracy"
@@ -213,6 +218,16 @@ class SweepConfig:
             out.append(f"--margin {self.margin!r}: must be in [0, 1) (a fraction: 0.01 = 1 point)")
         if self.weight_decay < 0:
             out.append(f"--weight-decay {self.weight_decay!r}: must be >= 0")
+        if self.backend not in ("local", "ray"):
+            out.append(f"--backend {self.backend!r}: use local or ray")
+        elif self.backend == "ray" and not _ray_installed():
+            out.append("--backend ray needs the ray package (pip install 'asymlora[ray]')")
+        if self.backend != "ray" and self.ray_address is not None:
+            out.append(f"--ray-address {self.ray_address!r} goes with --backend ray")
+        if not (isinstance(self.cpus_per_run, (int, float)) and self.cpus_per_run >= 1):
+            out.append(f"--cpus-per-run {self.cpus_per_run!r}: must be a number >= 1")
+        if not (isinstance(self.gpus_per_run, (int, float)) and self.gpus_per_run >= 0):
+            out.append(f"--gpus-per-run {self.gpus_per_run!r}: must be a number >= 0")
         if self.mixed_precision == "fp16" and not _cuda_available():
             out.append("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16, no or auto")
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
@@ -247,3 +262,9 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _ray_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
