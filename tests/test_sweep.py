@@ -171,6 +171,7 @@ def test_a_killed_compare_resumes_to_the_records_of_an_uninterrupted_one(tmp_pat
     assert resumed.proc.wait(timeout=1800) == 0, "".join(resumed.stdout + resumed.stderr)
     time.sleep(0.5)
     log = "".join(resumed.stdout)
+    (tmp_path / "resumed.log").write_text(log)  # kept with pytest's tmp folders, to read what a resume prints
     assert f"resuming the sweep in {cut}: {len(kept['journal'])} finished job" in log
     reference = Sweep(whole, "--workers", "2")
     assert reference.proc.wait(timeout=1800) == 0, "".join(reference.stdout + reference.stderr)

@@ -226,6 +226,32 @@ def _ray_job(prepare: Callable[[Any], Any], execute: Callable[..., Any], cfg: An
     return execute(_RAY_STATE[key], cfg, job, tag)
 
 
+def _child_pids() -> set[int]:
+    """This process's direct children (from /proc; empty where there is none)."""
+    me, out = str(os.getpid()), set()
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    if fh.read().rsplit(")", 1)[1].split()[1] == me:
+                        out.add(int(name))
+            except (OSError, IndexError):
+                continue
+    return out
+
+
+def _stop_pids(pids: set[int]) -> None:
+    import signal
+
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
 class RayBackend:
     """Each job a Ray task with ``num_cpus=cpus_per_run`` and ``num_gpus=gpus_per_run``; the
     run computes with ``cpus_per_run`` threads (1 by default, as a local worker does, so the
@@ -243,11 +269,13 @@ class RayBackend:
                 ray.init(address=address, log_to_driver=False)
             else:  # a local cluster of this machine, reachable only from it; its workers inherit our environment
                 for attempt in range(3):  # Ray gives a new node 30 s to register: too little on a busy machine
+                    before = _child_pids()
                     try:
                         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
                         break
                     except Exception:  # noqa: BLE001 - ray raises a bare Exception for this timeout
                         ray.shutdown()
+                        _stop_pids(_child_pids() - before)  # the failed node's processes (its GCS outlives shutdown)
                         if attempt == 2:
                             raise
         self.remote = ray.remote(_ray_job).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
