@@ -19,7 +19,7 @@ from asymlora.cli import main
 from asymlora.compare import CompareConfig, format_table, parse_strategy, select_lr, summarize
 from asymlora.compare.config import StrategySpec
 from asymlora.compare.report import paired_verdicts
-from asymlora.compare.stats import curve_slope, paired_difference, t_quantile, verdict
+from asymlora.sweep.stats import curve_slope, paired_difference, t_quantile, verdict
 from asymlora.errors import UserError
 from conftest import require
 
@@ -289,7 +289,7 @@ def test_compare_on_a_local_csv_single_rate(tmp_path):
 
 
 def test_grid_extension_steps_beyond_an_edge_only():
-    from asymlora.compare.protocol import grid_extension
+    from asymlora.sweep.schedule import grid_extension
 
     grid = [1e-3, 3e-3, 1e-2]
     assert grid_extension(grid, 3e-3) is None

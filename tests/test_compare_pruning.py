@@ -1,5 +1,5 @@
-"""The lr search's pruning rule (``asymlora.compare.pruning``) and the schedule that applies it
-(``asymlora.compare.protocol._Schedule``), on synthetic validation curves whose final values
+"""The lr search's pruning rule (``asymlora.sweep.pruning``) and the schedule that applies it
+(``asymlora.sweep.schedule.Schedule``), on synthetic validation curves whose final values
 are known in closed form: the rule never drops the rate a full search picks — here the slowest
 starter — and stops paying for a rate that is clearly losing."""
 from __future__ import annotations
@@ -9,8 +9,9 @@ import math
 import pytest
 
 from asymlora.compare.config import CompareConfig
-from asymlora.compare.protocol import Phases, _Schedule, select_lr
-from asymlora.compare.pruning import accuracy_difference_se, optimistic_final, prune_rates
+from asymlora.sweep.schedule import Schedule, select_lr
+from asymlora.sweep.timing import Phases
+from asymlora.sweep.pruning import accuracy_difference_se, optimistic_final, prune_rates
 
 T, EVERY = 240, 30
 
@@ -106,11 +107,11 @@ def test_noise_allowance_is_the_binomial_standard_error_of_a_difference():
     assert accuracy_difference_se(0.8, 0) == math.inf
 
 
-def _simulate(cfg: CompareConfig, curves) -> tuple[_Schedule, dict[float, int]]:
+def _simulate(cfg: CompareConfig, curves) -> tuple[Schedule, dict[float, int]]:
     """Drive the schedule with records drawn from ``curves`` (lr -> curve); returns it and the
     steps each pilot trained (the cost the search paid)."""
     (spec,) = cfg.runs()
-    sched = _Schedule([spec], cfg, Phases(), report_run=lambda *a: None)
+    sched = Schedule([spec], cfg, Phases(), report_run=lambda *a: None)
     trained: dict[float, int] = {}
     queue = sched.pilot_jobs(spec)
     while queue:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from asymlora.compare.protocol import select_lr
+from asymlora.sweep.schedule import select_lr
 from asymlora.sft import data as D
 from asymlora.sft.model import ResponseOnlyLM, exact_match_rate, response_nll
 from conftest import perturb_trained_factors

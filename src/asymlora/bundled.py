@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from asymlora.fileio import MissingFileError, _umask
+from asymlora.fileio import MissingFileError, current_umask
 
 __all__ = ["SMOLLM2_PACKAGE", "SMOLLM2_GGUF", "SMOLLM2_ALIAS", "cache_root", "smollm2_gguf", "smollm2_dir", "resolve_model"]
 
@@ -76,7 +76,7 @@ def smollm2_dir(cache: str | os.PathLike | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_FOLDER}.", dir=root))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the cache is an ordinary folder
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the cache is an ordinary folder
         _convert(gguf, tmp)
         if folder.exists():  # an incomplete leftover from an older interrupted run
             shutil.rmtree(folder)

@@ -17,6 +17,7 @@ import argparse
 import importlib
 import os
 import shutil
+import signal
 import sys
 from typing import Sequence
 
@@ -113,6 +114,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(err).split())  # one line
         print(f"{_command_name(args)}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # SIGINT, or SIGTERM during a sweep (asymlora.sweep.interrupt)
+        signum = getattr(err, "signum", signal.SIGINT)
+        saved = os.path.join(out, "results.json") if out else None
+        kept = (f"; the finished runs are kept in {saved} (add --resume to go on)"
+                if saved and os.path.isfile(saved) else "")
+        print(f"{_command_name(args)}: stopped by {signal.Signals(signum).name}{kept}", file=sys.stderr)
+        if hasattr(err, "signum"):  # a sweep: its workers are stopped and its results on disk; skip the
+            sys.stdout.flush()      # interpreter's teardown of the loaded models (tens of seconds on a busy
+            sys.stderr.flush()      # machine) so that the process ends when asked to
+            os._exit(128 + signum)
+        return 128 + signum
     except BrokenPipeError:  # output piped into `head` etc.: stop quietly
         try:
             sys.stdout = open(os.devnull, "w")

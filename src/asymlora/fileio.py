@@ -54,7 +54,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     try:
         yield tmp
         # mkstemp makes the file owner-only (0600); give it the permissions open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -103,7 +103,7 @@ def atomic_folder(path: str | os.PathLike, owned: Collection[str]) -> Iterator[s
             shutil.copytree(path, tmp, symlinks=True, dirs_exist_ok=True, copy_function=_link_or_copy,
                             ignore=lambda folder, names: [n for n in names if folder == path and n in owned])
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it owner-only
         fault_point("folder.filled")
         _switch(tmp, path)
     finally:
@@ -169,7 +169,8 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), b)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The file-creation mask of this process (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

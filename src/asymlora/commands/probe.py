@@ -145,7 +145,7 @@ def find_targets(model: Any, names: list[str] | None, r: int) -> dict[str, Any]:
     """Target layers (head excluded); UserError for no match, r too large or too much memory."""
     import asymlora
     from asymlora.analysis.probe import probe_memory_bytes
-    from asymlora.compare.config import target_spec
+    from asymlora.sweep.config import target_spec
     from asymlora.compare.task import head_name
     from asymlora.layer import linear_shape
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from asymlora.commands.compare import add_protocol_options, protocol_settings
+from asymlora.commands.protocol_options import add_protocol_options, protocol_settings
 from asymlora.commands.options import add_list, add_output_dir, str_list
 
 DESCRIPTION = """\

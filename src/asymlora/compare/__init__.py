@@ -1,12 +1,13 @@
-"""``asymlora compare``: each adapter strategy fine-tuned on one real task at its own learning
-rate, trained until validation stops improving, over paired seeds, with a verdict per strategy
-against LoRA. One module per concern:
+"""``asymlora compare``: each adapter strategy fine-tuned on one real classification task at
+its own learning rate, over paired seeds, with a verdict per strategy against LoRA — a task on
+the sweep engine (``asymlora.sweep``: lr search, pruning, backends, resume, statistics). One
+module per concern of the task:
 
-- ``config``   — strategies and the protocol's settings, validated up front;
+- ``config``   — the task's settings on top of the protocol's (``SweepConfig``);
 - ``task``     — data, tokenisation, the base model and the head-only features, loaded once;
-- ``protocol`` — learning-rate selection, scheduling, the time per phase;
-- ``run``      — one run by the protocol's rules;  ``workers`` — where runs execute;
-- ``stats``    — mean ± std, paired differences with t-intervals, verdicts, curve slopes;
+- ``protocol`` — the compare sweep: settings block, progress lines, results.json;
+- ``run``      — one run by the protocol's rules;  ``workers`` — one job on a backend;
+- ``peers``    — PEFT's LoRA and LoRA-FA under the same protocol;
 - ``report``   — tables, verdict lines, results.json/csv/md;  ``plots`` — the PNGs.
 """
 from asymlora.compare.config import ADAPTER_PRESETS, HEAD_ONLY, CompareConfig, StrategySpec, parse_strategy

@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 from typing import Any
 
 from asymlora.compare.config import CompareConfig, StrategySpec
-from asymlora.compare.stats import PairedDifference, mean_std, paired_difference
+from asymlora.sweep.stats import paired_verdicts, summarize_runs
 from asymlora.fileio import atomic_write_text
 
 __all__ = ["summarize", "paired_verdicts", "assemble", "format_table", "write_reports"]
@@ -22,43 +21,8 @@ _SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "val_accuracy", "val_macro_f1
 
 def summarize(runs: list[dict[str, Any]], order: list[str],
               keys: tuple[str, ...] = _SUMMARY_KEYS) -> list[dict[str, Any]]:
-    """Per strategy label: mean and sample std over seeds of the run metrics ``keys``."""
-    rows = []
-    for label in order:
-        rs = [r for r in runs if r["strategy"] == label]
-        if not rs:
-            continue
-        row: dict[str, Any] = {"strategy": label, "preset": rs[0]["preset"], "rank": rs[0]["rank"],
-                               "seeds": [r["seed"] for r in rs], "n": len(rs),
-                               "trainable_params": rs[0]["trainable_params"],
-                               "adapter_params": rs[0]["adapter_params"], "stopping": rs[0].get("stopping", "plateau"),
-                               "plateaued": sum(bool(r.get("stopped_early")) for r in rs)}
-        for key in keys:
-            vals = [r[key] for r in rs if r.get(key) is not None and not _isnan(r[key])]
-            row[key + "_mean"], row[key + "_std"] = mean_std(vals)
-        rows.append(row)
-    return rows
-
-
-def _isnan(x: Any) -> bool:
-    return isinstance(x, float) and math.isnan(x)
-
-
-def paired_verdicts(runs: list[dict[str, Any]], specs: list[StrategySpec], margin: float,
-                    metric: str = "test_accuracy") -> list[PairedDifference]:
-    """Every adapter strategy other than lora against lora at its base rank, paired by seed."""
-    by = {(r["strategy"], r["seed"]): r[metric] for r in runs}
-    labels = {(s.preset, s.rank): s.label for s in specs}
-    out = []
-    for s in specs:
-        ref = labels.get(("lora", s.base_rank))
-        if s.preset is None or ref is None or s.label == ref:
-            continue
-        mine = {seed: v for (lab, seed), v in by.items() if lab == s.label}
-        theirs = {seed: v for (lab, seed), v in by.items() if lab == ref}
-        if set(mine) & set(theirs):
-            out.append(paired_difference(s.label, ref, metric, mine, theirs, margin=margin))
-    return out
+    """``asymlora.sweep.stats.summarize`` over compare's metrics by default."""
+    return summarize_runs(runs, order, keys)
 
 
 def assemble(cfg: CompareConfig, settings: dict[str, Any], specs: list[StrategySpec], runs: list[dict[str, Any]],

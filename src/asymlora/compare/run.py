@@ -6,7 +6,6 @@ head-only baseline runs on cached features of the frozen encoder (``FeatureHead`
 methods are built by ``asymlora.compare.peers``."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -17,24 +16,12 @@ import torch
 from torch import nn
 
 from asymlora.compare.config import HEAD_ONLY, CompareConfig, StrategySpec
-from asymlora.compare.stats import curve_slope
+from asymlora.sweep.stats import curve_slope
 from asymlora.compare.task import HeadFeatures, Task, reinit_head
+from asymlora.sweep.timing import Timed
+from asymlora.sweep.training import autocast, resolve_precision, stopping_args
 
-__all__ = ["RunResult", "FeatureHead", "train_one", "resolve_precision", "autocast"]
-
-
-class _Timed:
-    """Wraps an eval function and adds up the seconds spent in it."""
-
-    def __init__(self, fn: Callable[[Any], dict[str, float]]) -> None:
-        self.fn, self.seconds = fn, 0.0
-
-    def __call__(self, model: Any) -> dict[str, float]:
-        t = time.perf_counter()
-        try:
-            return self.fn(model)
-        finally:
-            self.seconds += time.perf_counter() - t
+__all__ = ["RunResult", "FeatureHead", "train_one"]
 
 
 @dataclass
@@ -126,24 +113,6 @@ def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
             lambda m: evaluate_classifier(m, task.test_ds, task.collate, k, prefix="test_"), adapter)
 
 
-def stopping_args(cfg: Any, pilot: bool, metric: str, higher_is_better: bool = True) -> dict[str, Any]:
-    """The ``TrainArgs`` fields of the protocol's stopping rule (shared by compare and sft).
-
-    ``budget``: ``max_steps`` steps, warm-up then a linear decay of the rate to 0, the final
-    weights kept; pilots validate every ``eval_every`` steps (the lr search and its pruning read
-    their curves), the other runs once at the end. ``plateau``: a constant rate, validation
-    every ``eval_every`` steps, patience counted from ``min_steps``, best weights restored."""
-    warmup = min(cfg.warmup_steps, cfg.max_steps - 1)
-    if cfg.stopping == "budget":
-        return dict(lr_schedule=getattr(cfg, "schedule", "linear"), warmup_steps=warmup,
-                    eval_every=cfg.eval_every if pilot else None,
-                    restore_best=False, early_stopping_patience=None, early_stopping_metric=None)
-    return dict(lr_schedule="constant", warmup_steps=warmup, eval_every=cfg.eval_every, restore_best=True,
-                early_stopping_patience=cfg.patience, early_stopping_min_steps=min(cfg.min_steps, cfg.max_steps),
-                early_stopping_metric=metric, greater_is_better=higher_is_better,
-                early_stopping_min_delta=getattr(cfg, "min_delta", 0.0))
-
-
 def train_one(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: CompareConfig, *, desc: str,
               features: dict[str, HeadFeatures] | None = None, output_dir: str | None = None,
               checkpoint_every: int | None = None, resume: bool = False, pilot: bool = False,
@@ -157,7 +126,7 @@ def train_one(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: Compare
     precision = resolve_precision(cfg.mixed_precision)
     if torch.cuda.is_available():  # fit() returns the model on the device it was given
         model.to("cuda")
-    timed_val = _Timed(score_val)
+    timed_val = Timed(score_val)
     make_optimizer = None
     if spec.preset == "peft-lora-fa":
         from asymlora.compare.peers import lorafa_optimizer_factory
@@ -199,23 +168,3 @@ def train_one(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: Compare
         "history": res.history,
     }
     return RunResult(record, eval_s, model)
-
-
-def resolve_precision(mode: str) -> str:
-    """compare's "auto": bf16 autocast on a GPU that has it (else fp16) and on CPUs with native
-    bf16 matrix instructions (``asymlora.train.cpu_has_native_bf16``), else full fp32. The
-    trained factors and the optimizer stay fp32 either way."""
-    if mode != "auto":
-        return mode
-    if torch.cuda.is_available():
-        return "auto"  # fit() picks bf16 or fp16 on the GPU
-    from asymlora.train import cpu_has_native_bf16
-
-    return "bf16" if cpu_has_native_bf16() else "no"
-
-
-def autocast(precision: str) -> Any:
-    """bf16 autocast on the CPU when ``precision`` is bf16 (fit() handles the GPU)."""
-    if precision == "bf16" and not torch.cuda.is_available():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()

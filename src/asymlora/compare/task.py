@@ -14,67 +14,10 @@ import numpy as np
 
 from asymlora.errors import UserError
 
+from asymlora.sweep.backends import available_cpus, set_threads, threads_for_run  # noqa: F401 (re-exported)
+
 __all__ = ["Task", "prepare_task", "available_cpus", "set_threads", "reinit_head", "head_name", "HeadFeatures",
            "head_features"]
-
-
-def _probe_threads(candidates: list[int]) -> tuple[int, dict[int, float]]:
-    """Time a transformer-sized matmul at each thread count and keep the fastest.
-
-    On a busy machine, OpenMP threads that wait for a core can make 2 threads 10-20x slower
-    than 1 (measured here: 22 ms vs 1.1 ms for 256x384 @ 384x384 at load 6 on 2 cores)."""
-    import torch
-
-    x, w = torch.randn(512, 384), torch.randn(1536, 384)
-    times: dict[int, float] = {}
-    for n in candidates:
-        torch.set_num_threads(n)
-        torch.nn.functional.linear(x, w)
-        best = float("inf")
-        for _ in range(3):
-            t = time.perf_counter()
-            for _ in range(4):
-                torch.nn.functional.linear(x, w)
-            best = min(best, time.perf_counter() - t)
-        times[n] = best
-    return min(times, key=times.get), times
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        return os.cpu_count() or 1
-
-
-def set_threads(threads: int | None) -> tuple[int, dict[int, float]]:
-    """``threads`` or, when None, the faster of all available CPUs and 1 (see ``_probe_threads``)."""
-    import torch
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-        return threads, {}
-    avail = available_cpus()
-    if avail == 1:
-        torch.set_num_threads(1)
-        return 1, {}
-    n, times = _probe_threads([avail, 1])
-    torch.set_num_threads(n)
-    return n, times
-
-
-@contextlib.contextmanager
-def threads_for_run(threads: int | None) -> Iterator[tuple[int, dict[int, float]]]:
-    """``set_threads(threads)`` for the duration of a protocol run; the caller's thread count is
-    put back afterwards, whatever happens."""
-    import torch
-
-    prev = torch.get_num_threads()
-    try:
-        yield set_threads(threads)
-    finally:
-        torch.set_num_threads(prev)
 
 
 def reinit_head(model: Any, seed: int, head: str = "classifier") -> None:

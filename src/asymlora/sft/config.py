@@ -1,6 +1,6 @@
 """What one ``asymlora sft`` run is: instruction tuning of a causal LM on question → answer
 pairs, each strategy at its own learning rate, converged, over paired seeds — the protocol of
-``asymlora compare`` (``asymlora.compare.protocol``) with the validation *loss* of the
+``asymlora compare`` (``asymlora.sweep``) with the validation *loss* of the
 response tokens as the criterion (lr selection: lowest; early stopping: no new minimum).
 
 The defaults are the LLaMA-class run of README "Instruction tuning on real LLaMA weights": the bundled
@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from asymlora.compare.config import HEAD_ONLY, CompareConfig, parse_strategy
+from asymlora.sweep.config import HEAD_ONLY, SweepConfig, parse_strategy
 from asymlora.errors import UserError
 
 __all__ = ["SFTConfig", "SFT_DEFAULTS", "SFT_QUICK"]
@@ -33,8 +33,8 @@ def _default(name: str):
 
 
 @dataclass
-class SFTConfig(CompareConfig):
-    """``CompareConfig``'s protocol settings (strategies, ranks, seeds, lrs, max_steps, …) with
+class SFTConfig(SweepConfig):
+    """``SweepConfig``'s protocol settings (strategies, ranks, seeds, lrs, max_steps, …) with
     the sft defaults, plus the LM task: ``model`` (a folder or ``smollm2``), ``sources`` (QA
     sets of ``asymlora.sft.data``), ``tasks`` (benchmarks scored before and after tuning by
     ``asymlora.lmeval``; empty = none) and ``bench_limit`` (items per benchmark)."""
@@ -69,7 +69,6 @@ class SFTConfig(CompareConfig):
     # a validation loss that has not dropped by more than this (nats per token) over `patience`
     # evaluations is a plateau (asymlora.train.TrainArgs.early_stopping_min_delta)
     min_delta: float = 0.02
-    plots: bool = False
 
     @property
     def sources(self) -> list[str]:

@@ -1,6 +1,6 @@
 """``asymlora sft``: the fair protocol of ``asymlora compare`` on a causal LM.
 
-1. **Tuning** (``asymlora.compare.protocol._Schedule``): per strategy, one pilot run per rate of
+1. **Tuning** (``asymlora.sweep.schedule``): per strategy, one pilot run per rate of
    the grid on the first seed; the rate with the lowest validation response loss wins (ties:
    the smaller rate; an edge choice is flagged); the pilot at that rate is the first seed's
    run, the other seeds train at it. Every run stops when the validation loss has not reached
@@ -10,7 +10,7 @@
    adapter on the multiple-choice benchmarks of ``cfg.tasks``, so "did tuning move general
    ability, and equally for both strategies?" is answered on the same items.
 3. **Verdicts**: each strategy against LoRA at the same r, paired by seed, on test exact match
-   and on each benchmark's accuracy (``asymlora.compare.stats``).
+   and on each benchmark's accuracy (``asymlora.sweep.stats``).
 """
 from __future__ import annotations
 
@@ -18,18 +18,21 @@ import json
 import os
 import platform
 import time
-from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from asymlora.commands.options import plural
-from asymlora.compare.protocol import Phases, _run_all, _Schedule
-from asymlora.compare.report import paired_verdicts, summarize
-from asymlora.compare.stats import mean_std
-from asymlora.compare.task import threads_for_run
-from asymlora.compare.workers import InProcess, Job, Pool, worker_count
+from asymlora.sweep.stats import mean_std, paired_verdicts, summarize_runs
 from asymlora.fileio import atomic_write_text
+from asymlora.sweep.backends import InProcess, Job, LocalPool, adapter_backend, describe_backend, threads_for_run, worker_count
+from asymlora.sweep.engine import run_jobs
+from asymlora.sweep.interrupt import stop_on_signals
+from asymlora.sweep.schedule import Schedule
+from asymlora.sweep.timing import Phases
+from asymlora.sweep.resume import (Journal, check_fingerprints, data_fingerprint, load_partial, model_fingerprint,
+                                   settings_fingerprint)
 from asymlora.sft.config import SFTConfig
 from asymlora.sft.run import LMTask, prepare_lm_task, score_saved_adapter, score_test, train_one
 
@@ -53,7 +56,7 @@ def _report_run(tag: str, rec: dict[str, Any], pilot: bool) -> None:
          + ("  [pilot]" if pilot else ""))
 
 
-def _execute_run(task: LMTask, cfg: SFTConfig, job: Job, tag: str, _features: Any) -> tuple[dict[str, Any], float]:
+def _execute_run(task: LMTask, cfg: SFTConfig, job: Job, tag: str) -> tuple[dict[str, Any], float]:
     desc = f"{tag} {job.spec.label} " + (f"lr {job.lr:g}" if job.pilot else f"seed {job.seed}")
     return train_one(task, job.spec, job.seed, job.lr, cfg, desc=desc, pilot=job.pilot)
 
@@ -70,13 +73,13 @@ def _prepare_bench(cfg: SFTConfig) -> tuple[str, Any]:
     return path, AutoTokenizer.from_pretrained(path)
 
 
-def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None, tag: str,
-                   _features: Any) -> tuple[str | None, dict[str, Any], float]:
+def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None,
+                   tag: str) -> tuple[str | None, dict[str, Any], float]:
     """Score the base model (``adapter`` None) or base + adapter on the benchmarks."""
     from transformers import AutoModelForCausalLM
 
     import asymlora
-    from asymlora.compare.run import resolve_precision
+    from asymlora.sweep.training import resolve_precision
     from asymlora.lmeval import evaluate
 
     path, tokenizer = state
@@ -100,21 +103,18 @@ def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None, 
 
 def _run_benchmarks(cfg: SFTConfig, runs: list[dict[str, Any]], workers: int, state: Any) -> dict[str | None, Any]:
     jobs: list[str | None] = [None] + [r["adapter_dir"] for r in runs]
-    executor: Any = (Pool(cfg, workers, prepare=_prepare_bench, execute=_execute_bench) if workers > 1
-                     else InProcess(state(), cfg, None, execute=_execute_bench))
-    try:
-        pending = [executor.submit(job, f"[bench {i + 1}/{len(jobs)}]") for i, job in enumerate(jobs)]
-        out: dict[str | None, Any] = {}
-        while pending:
-            done, rest = wait(pending, return_when=FIRST_COMPLETED)
-            pending = list(rest)
-            for fut in done:
-                adapter, scores, seconds = fut.result()
-                out[adapter] = {"scores": scores, "seconds": seconds}
-        return out
-    finally:
-        if isinstance(executor, Pool):
-            executor.close()
+    executor: Any = (LocalPool(replace(cfg, progress=False), workers, _prepare_bench, _execute_bench) if workers > 1
+                     else InProcess(state(), cfg, _execute_bench))
+    out: dict[str | None, Any] = {}
+
+    def book(_job: Any, result: tuple[str | None, dict[str, Any], float], _tag: str) -> list[Any]:
+        adapter, scores, seconds = result
+        out[adapter] = {"scores": scores, "seconds": seconds}
+        return []
+
+    tags = {job: f"[bench {i + 1}/{len(jobs)}]" for i, job in enumerate(jobs)}
+    run_jobs(jobs, lambda _job: executor, book, tags.__getitem__, lambda: None, [executor])
+    return out
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -126,14 +126,23 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t_start = time.perf_counter()
-    with threads_for_run(cfg.threads) as (threads, _):
+    with stop_on_signals(), threads_for_run(cfg.threads) as (threads, _):
         return _run(cfg, threads, t_start)
 
 
 def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
     specs = cfg.runs()
     phases = Phases()
+    saved = load_partial(cfg.output_dir) if cfg.resume else None
+    fingerprints = {"settings": settings_fingerprint(cfg, cfg.NOT_IN_FINGERPRINT)}
+    if saved:  # refused before anything is loaded when the settings differ
+        check_fingerprints(saved["fingerprints"], fingerprints, cfg.output_dir)
     task = prepare_lm_task(cfg)
+    fingerprints.update(data=data_fingerprint(task.train, task.val_batches, task.test_batches),
+                        model=model_fingerprint(task.model_path))
+    if saved:
+        check_fingerprints(saved["fingerprints"], fingerprints, cfg.output_dir)
+    journal = Journal(saved["journal"] if saved else ())
     phases.add("load", task.timings["load"])
     phases.add("tokenise", task.timings["tokenise"])
     workers = worker_count(cfg, specs)
@@ -144,28 +153,29 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
     phases.add("eval", time.perf_counter() - t)
     _log(f"untuned: test loss {settings['base_model_test']['test_loss']:.4f}  exact match "
          f"{100 * settings['base_model_test']['test_exact_match']:.1f}")
-    sched = _Schedule(specs, cfg, phases, report_run=_report_run)
+    sched = Schedule(specs, cfg, phases, report_run=_report_run)
     _log(f"asymlora sft: {settings['model_name']} ({settings['model_params'] / 1e6:.0f}M params) on "
          f"{cfg.data} question→answer pairs: train {task.sizes['train']} / val {task.sizes['val']} / test "
          f"{task.sizes['test']}; {', '.join(s.label for s in specs)}; lr grid "
          f"{', '.join(f'{x:g}' for x in cfg.lr_grid())}; seeds {', '.join(map(str, cfg.seeds))}: "
          f"{plural(sched.total, 'run')} of batch {cfg.batch_size} until the validation loss stops falling "
-         f"(at most {plural(cfg.max_steps, 'step')}); " + (f"{workers} worker processes × 1 thread" if workers > 1
-                                                          else plural(threads, "thread")))
+         f"(at most {plural(cfg.max_steps, 'step')}); " + describe_backend(cfg, workers, threads))
 
     def checkpoint_results() -> None:
         runs, selections = sched.ordered(specs)
         partial = _assemble(cfg, settings, specs, runs, selections, {}, phases, t_start, complete=False)
+        partial.update(fingerprints=fingerprints, journal=journal.to_json())  # what --resume reads
         atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(partial, indent=1))
 
-    local = InProcess(task, cfg, None, execute=_execute_run)
-    pool = Pool(cfg, workers, prepare=prepare_lm_task, execute=_execute_run) if workers > 1 else None
+    local = InProcess(task, cfg, _execute_run)
+    pool = adapter_backend(cfg, workers, prepare_lm_task, _execute_run)
     t_runs = time.perf_counter()
-    try:
-        _run_all(specs, cfg, sched, {True: pool or local, False: local}, checkpoint_results)
-    finally:
-        if pool is not None:
-            pool.close()
+    first = [job for spec in specs for job in sched.pilot_jobs(spec)]
+    if saved:
+        _log(f"resuming the sweep in {cfg.output_dir}: {plural(len(journal.entries), 'finished run')} kept; "
+             "the others run now")
+    run_jobs(first, lambda job: pool or local, lambda job, out, tag: sched.record(job, *out, tag), sched.tag,
+             checkpoint_results, [pool or local], journal=journal)
     t = time.perf_counter()
     for key, rec in list(sched.runs.items()):  # the winning pilots: test scored now, from their adapters
         if rec.get("test_deferred"):
@@ -293,7 +303,7 @@ def _assemble(cfg: SFTConfig, settings: dict[str, Any], specs: list[Any], runs: 
         verdicts += paired_verdicts(runs, specs, cfg.margin, metric=f"{t}_acc")
     return {
         "complete": complete, "settings": settings, "lr_selection": selections,
-        "summary": summarize(runs, order, SUMMARY_KEYS), "benchmarks": _bench_rows(runs, bench, order, cfg.tasks),
+        "summary": summarize_runs(runs, order, SUMMARY_KEYS), "benchmarks": _bench_rows(runs, bench, order, cfg.tasks),
         "paired_verdicts": [v.to_dict() for v in verdicts], "verdict_lines": [_verdict_line(v) for v in verdicts],
         "runs": runs, "phases_s": phases.to_dict(), "total_time_s": round(time.perf_counter() - t_start, 1),
     }

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from asymlora.compare.config import StrategySpec
-from asymlora.compare.run import _Timed, autocast, resolve_precision, stopping_args
-from asymlora.compare.stats import curve_slope
+from asymlora.sweep.config import StrategySpec
+from asymlora.sweep.timing import Timed
+from asymlora.sweep.training import autocast, resolve_precision, stopping_args
+from asymlora.sweep.stats import curve_slope
 from asymlora.sft.config import SFTConfig
 from asymlora.sft.data import ChatQADataset, QAPair, collate_chat, load_qa, split_qa
 from asymlora.sft.model import ResponseOnlyLM, exact_match_rate, generate_answers, response_nll
@@ -117,7 +118,7 @@ def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTCo
     asymlora.wrap(lm, acfg)
     model = ResponseOnlyLM(lm)
     precision = resolve_precision(cfg.mixed_precision)
-    score_val = _Timed(lambda m: {"val_loss": response_nll(m, task.val_batches)})
+    score_val = Timed(lambda m: {"val_loss": response_nll(m, task.val_batches)})
 
     args = TrainArgs(lr=lr, max_steps=cfg.max_steps, batch_size=cfg.batch_size, seed=seed,
                      **stopping_args(cfg, pilot, "val_loss", higher_is_better=False),

@@ -1,0 +1,57 @@
+"""Driving a sweep: submit the jobs a schedule releases to the backends, book each finished
+one, release what it unlocks, and save the partial results after each (docs/design.md).
+SIGTERM or SIGINT stop the sweep: every worker is stopped at once and
+:class:`asymlora.sweep.interrupt.Interrupted` propagates to the caller."""
+from __future__ import annotations
+
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import Any, Callable, Iterable
+
+from asymlora.sweep.backends import Job
+from asymlora.sweep.interrupt import stop_on_signals
+from asymlora.sweep.resume import Journal
+
+__all__ = ["run_jobs"]
+
+
+def run_jobs(first: Iterable[Job], backend_for: Callable[[Job], Any],
+             record: Callable[[Job, Any, str], list[Job]], tag: Callable[[Job], str],
+             on_progress: Callable[[], None], backends: Iterable[Any] = (), journal: Journal | None = None) -> None:
+    """Drive every job to completion: ``backend_for(job)`` runs it, ``record(job, result,
+    tag)`` books its result and returns the jobs it unlocks, ``on_progress()`` runs after each
+    batch of finished jobs. ``backends`` are closed at the end — stopped at once when the sweep
+    is interrupted or fails. With a ``journal``, a job whose outcome it saved is booked from
+    there instead of running again (``--resume``), and every new outcome is added to it."""
+    pending: dict[Future, tuple[Job, str]] = {}
+    backends = list(backends)
+
+    def submit(job: Job) -> None:
+        t = tag(job)
+        saved = journal.take(job) if journal is not None else None
+        if saved is None:
+            fut = backend_for(job).submit(job, t)
+        else:
+            fut = Future()
+            fut.set_result(saved)
+            fut.replayed = True  # type: ignore[attr-defined]
+        pending[fut] = (job, t)
+
+    aborted = True
+    with stop_on_signals():
+        try:
+            for job in first:
+                submit(job)
+            while pending:
+                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job, t = pending.pop(fut)
+                    outcome = fut.result()
+                    if journal is not None and not getattr(fut, "replayed", False):
+                        journal.add(job, outcome)
+                    for nxt in record(job, outcome, t):
+                        submit(nxt)
+                on_progress()
+            aborted = False
+        finally:
+            for b in backends:
+                b.close(abort=aborted)
