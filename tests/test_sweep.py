@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -260,7 +261,8 @@ def test_no_package_imports_another_ones_private_names(tmp_path):
 @pytest.mark.slow
 @needs_real
 def test_the_ray_backend_gives_the_records_of_the_local_one(tmp_path):
-    require("ray")
+    with warnings.catch_warnings():  # importing ray adds a blanket ignore of urllib3's DependencyWarning
+        require("ray")
     on_ray = Sweep(tmp_path / "ray", "--backend", "ray", "--cpus-per-run", "1")  # a local Ray cluster on CPU
     assert on_ray.proc.wait(timeout=1800) == 0, "".join(on_ray.stdout + on_ray.stderr)
     local = Sweep(tmp_path / "local", "--workers", "2")
