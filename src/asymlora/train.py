@@ -851,7 +851,8 @@ class _Run:
             or step == self.args.pause_at)
 
     def _paused(self) -> bool:
-        return self.args.pause_at is not None and self.state.step >= self.args.pause_at
+        """Stopped at ``pause_at`` short of the end (a run that reaches ``max_steps`` has finished)."""
+        return self.args.pause_at is not None and self.args.pause_at <= self.state.step < self.plan.total
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -1009,7 +1010,7 @@ class _Run:
         a run without eval_every still gets one final evaluation. Returns whether the best
         weights were put back (``restore_best``)."""
         st = self.state
-        if self._paused() and st.step < self.plan.total:
+        if self._paused():
             return False  # a paused run is a prefix: no final evaluation, nothing restored
         if self.eval_fn is not None and not st.last_eval:
             st.last_eval = self.evaluate()
@@ -1062,7 +1063,7 @@ class _Run:
             best_step=st.best_weights.step if self.args.restore_best else None, restored_best=restored,
             resumed_from_step=st.resumed_from, checkpoint_dir=st.last_ckpt, world_size=plan.world,
             global_batch_size=plan.global_batch, saved_activation_bytes=self.tracker.peak,
-            sharding=self.backend.name, paused=self._paused() and st.step < plan.total,
+            sharding=self.backend.name, paused=self._paused(),
         )
 
 

@@ -141,9 +141,8 @@ def train_one(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: Compare
     res = fit(model, train_data, collate, args, eval_fn=timed_val, make_optimizer=make_optimizer)
     if res.paused:
         record = {"strategy": spec.label, "seed": seed, "lr": lr, "paused": True, "steps": res.steps,
-                  "val_size": len(features["val"]) if spec.preset is None and features is not None
-                  else len(task.val_ds), "wall_time_s": res.wall_time_s, "eval_time_s": timed_val.seconds,
-                  "history": res.history}
+                  "val_size": len(task.val_ds),  # cached head features, when used, are of the same texts
+                  "wall_time_s": res.wall_time_s, "eval_time_s": timed_val.seconds, "history": res.history}
         return RunResult(record, timed_val.seconds, model)
     t = time.perf_counter()
     with autocast(precision):  # test is scored at the precision validation was

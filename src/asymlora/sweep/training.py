@@ -19,7 +19,7 @@ def stopping_args(cfg: Any, pilot: bool, metric: str, higher_is_better: bool = T
     every ``eval_every`` steps, patience counted from ``min_steps``, best weights restored."""
     warmup = min(cfg.warmup_steps, cfg.max_steps - 1)
     if cfg.stopping == "budget":
-        return dict(lr_schedule=getattr(cfg, "schedule", "linear"), warmup_steps=warmup,
+        return dict(lr_schedule=cfg.schedule, warmup_steps=warmup,
                     eval_every=cfg.eval_every if pilot else None,
                     restore_best=False, early_stopping_patience=None, early_stopping_metric=None)
     return dict(lr_schedule="constant", warmup_steps=warmup, eval_every=cfg.eval_every, restore_best=True,
