@@ -21,6 +21,7 @@ import time
 import torch
 
 import asymlora
+from asymlora.core.inject import lora_layers
 
 from .models import build_base, target_names
 
@@ -33,7 +34,7 @@ def _folder_bytes(path: str, skip=("README.md",)) -> int:
 
 def zero_init_on_load():
     """Formerly the proposed load fix (wrap with cheap placeholder inits before the file's factors
-    overwrite them); it is now what ``asymlora.checkpoint._placeholder_inits`` does, so this is a no-op
+    overwrite them); it is now what ``asymlora.formats.native._placeholder_inits`` does, so this is a no-op
     kept for the report's "fixed" column."""
     return contextlib.nullcontext()
 
@@ -97,9 +98,9 @@ def run_one(kind: str, r: int, targets: str, quick: bool, repeats: int, workdir:
             times[k].append(time.perf_counter() - t0)
     reset()
     # the fixed load must give the same model as the normal one
-    a = asymlora.lora_layers(asymlora.load_adapter(copy.deepcopy(base), d_ours))
+    a = lora_layers(asymlora.load_adapter(copy.deepcopy(base), d_ours))
     with zero_init_on_load():
-        b = asymlora.lora_layers(asymlora.load_adapter(copy.deepcopy(base), d_ours))
+        b = lora_layers(asymlora.load_adapter(copy.deepcopy(base), d_ours))
     same = all(torch.equal(a[n].lora_A, b[n].lora_A) and torch.equal(a[n].lora_B, b[n].lora_B) for n in a)
     w_ours, w_peft = os.path.getsize(os.path.join(d_ours, WEIGHTS)), os.path.getsize(os.path.join(d_peft, WEIGHTS))
     f_ours, f_peft = _folder_bytes(d_ours), _folder_bytes(d_peft)

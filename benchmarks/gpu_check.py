@@ -70,9 +70,10 @@ def _bench_variant(kind: str) -> dict:
     for p in base.parameters():
         p.requires_grad_(False)
     if kind == "asym-b-only":
-        import asymlora
+        from asymlora.core.config import AsymLoraConfig
+        from asymlora.core.inject import wrap
 
-        model = asymlora.wrap(base, asymlora.AsymLoraConfig.preset("b-only", r=BENCH["r"], target_modules=BENCH["targets"]))
+        model = wrap(base, AsymLoraConfig.preset("b-only", r=BENCH["r"], target_modules=BENCH["targets"]))
     else:
         from peft import LoraConfig, get_peft_model
 

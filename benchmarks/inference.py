@@ -11,6 +11,7 @@ import copy
 import torch
 
 import asymlora
+from asymlora.core.inject import lora_layers
 
 from .common import interleaved_times, summarize
 from .models import build_base, make_inputs, target_names
@@ -30,7 +31,7 @@ def run(quick: bool = False, repeats: int | None = None, log=print) -> list[dict
                                                                                     target_modules=names))
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            for layer in asymlora.lora_layers(adapted).values():
+            for layer in lora_layers(adapted).values():
                 layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.02)
         adapted.eval()
         merged = asymlora.merge_and_unload(copy.deepcopy(adapted))

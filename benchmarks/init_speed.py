@@ -3,9 +3,9 @@
 32 layers × {q,k,v,o: 4096→4096; gate, up: 4096→11008; down: 11008→4096} = 224 layers.
 
 asymlora (b-only): per layer, A = seeded Haar-orthonormal r×d_in (QR of a d_in×r Gaussian,
-``asymlora.init.init_factor``) and B = 0. Every layer is timed, nothing extrapolated. The layer
+``asymlora.core.init.init_factor``) and B = 0. Every layer is timed, nothing extrapolated. The layer
 names and shapes come from a LLaMA-2-7B config instantiated on the ``meta`` device (no
-weights; ``asymlora.inject.find_target_modules`` works there).
+weights; ``asymlora.core.inject.find_target_modules`` works there).
 
 Paper's code (LoRASYM, reimplemented): per layer, W ~ U(−0.5, 0.5)^{d_out×d_in}, then a full
 ``torch.linalg.svd(W)`` (``full_matrices=True``, the default the paper's code uses), A = first r
@@ -20,15 +20,15 @@ import time
 
 import torch
 
-from asymlora.init import init_factor, single_thread
+from asymlora.core.init import init_factor, single_thread
 
 
 def llama2_7b_layers(scale: int = 1) -> list[tuple[str, int, int]]:
     """(qualified name, d_in, d_out) of the 224 target layers, from a meta-device model."""
     from transformers import LlamaConfig, LlamaModel
 
-    from asymlora.inject import find_target_modules
-    from asymlora.layer import linear_shape
+    from asymlora.core.inject import find_target_modules
+    from asymlora.core.layer import linear_shape
 
     cfg = LlamaConfig(hidden_size=4096 // scale, intermediate_size=11008 // scale, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000 // scale)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import asymlora
-from asymlora.inject import find_target_modules
+from asymlora.core.inject import find_target_modules, lora_layers
 
 VARIANTS = ["floor", "asym-b-only", "asym-lora", "peft-lora", "peft-lora-frozenA", "asym-b-only-fused"]
 
@@ -133,7 +133,7 @@ def build_variant(name: str, base: nn.Module, kind: str, r: int, targets: str, d
             from .patches import use_fused_forward
 
             use_fused_forward(model)
-        n = len(asymlora.lora_layers(model))
+        n = len(lora_layers(model))
     else:
         from peft import LoraConfig, get_peft_model
 

@@ -27,8 +27,11 @@ import statistics
 import torch
 
 import asymlora
+from asymlora.core.adapters import add_adapter
+from asymlora.core.inject import lora_layers
 
-from .common import interleaved_times, spread as _spread, summarize
+from .common import interleaved_times, summarize
+from .common import spread as _spread
 from .models import build_base, make_inputs, target_names
 
 KS = (1, 4, 16, 64)
@@ -56,9 +59,9 @@ def build_ours(base, names: list[str], r: int, n_adapters: int):
     cfg = asymlora.AsymLoraConfig.preset("b-only", r=r, alpha=2 * r, target_modules=names)
     asymlora.wrap(model, cfg, adapter_name="t0")
     for k in range(1, n_adapters):
-        asymlora.add_adapter(model, f"t{k}", cfg)
+        add_adapter(model, f"t{k}", cfg)
     for k in range(n_adapters):
-        _randomize([layer.factor(f"t{k}", "B") for layer in asymlora.lora_layers(model).values()], seed=k)
+        _randomize([layer.factor(f"t{k}", "B") for layer in lora_layers(model).values()], seed=k)
     return model.eval()
 
 
@@ -72,7 +75,7 @@ def build_peft(base, names: list[str], r: int, n_adapters: int, ours):
         model.add_adapter(f"t{k}", pcfg)
     mods = dict(model.base_model.model.named_modules())
     with torch.no_grad():
-        for name, layer in asymlora.lora_layers(ours).items():
+        for name, layer in lora_layers(ours).items():
             for k in range(n_adapters):
                 a, b = layer.factors(f"t{k}")
                 mods[name].lora_A[f"t{k}"].weight.copy_(a)
@@ -83,7 +86,7 @@ def build_peft(base, names: list[str], r: int, n_adapters: int, ours):
 def adapter_memory(ours, peft_model, k: int) -> dict:
     """Numbers held by the first k adapters, each storage once."""
     seen: dict[int, int] = {}
-    for layer in asymlora.lora_layers(ours).values():
+    for layer in lora_layers(ours).values():
         for j in range(k):
             for t in layer.factors(f"t{j}"):
                 seen[t.untyped_storage().data_ptr()] = t.numel()
@@ -166,7 +169,7 @@ def run(quick: bool = False, repeats: int | None = None, log=print) -> dict:
     def med(xs: list[float]) -> float:
         return float(statistics.median(xs))
 
-    layer_shapes = [(layer.in_features, layer.out_features) for layer in asymlora.lora_layers(single).values()]
+    layer_shapes = [(layer.in_features, layer.out_features) for layer in lora_layers(single).values()]
     single_over = overhead("asym-single")
     sweep = []
     for k in spec["ks"]:

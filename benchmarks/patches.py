@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asymlora.layer import LoraLinear
+from asymlora.core.layer import LoraLinear
 
 
 def fused_forward(self: LoraLinear, x: torch.Tensor) -> torch.Tensor:

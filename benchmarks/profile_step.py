@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from .common import setup_threads
 from .models import build_base, build_variant, make_inputs
 
+
 def profile_variant(variant, inputs, steps: int = 2) -> dict:
     step = variant.step_fn(inputs)
     step()  # warm-up

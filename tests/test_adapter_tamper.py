@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
+from conftest import perturb_trained_factors, require, tiny_bert
 from safetensors.torch import load_file, save_file
 
-import asymlora
 from asymlora import AsymLoraConfig, load_adapter, save_adapter, wrap
-from asymlora.checkpoint import CONFIG_NAME, WEIGHTS_NAME, convert_to_peft, load_factors
+from asymlora.core.inject import lora_layers
 from asymlora.errors import UserError
-from conftest import perturb_trained_factors, require, tiny_bert
+from asymlora.formats.native import CONFIG_NAME, WEIGHTS_NAME, load_factors
+from asymlora.formats.peft import convert_to_peft
 
 # (field, new value, regex the message must match): the saved adapter has r=4, alpha=8, seed=3,
 # targets query,value, and the preset's train/init.
@@ -55,7 +56,7 @@ def test_edited_config_field_refused_model_untouched(tmp_path, field, value, mes
     before = _plain_state(model)
     with pytest.raises(UserError, match=message):
         load_adapter(model, folder)
-    assert not asymlora.lora_layers(model)  # not wrapped
+    assert not lora_layers(model)  # not wrapped
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(UserError, match=message):  # the other readers refuse it too
@@ -181,13 +182,13 @@ WEIGHT_TAMPERS = [
 
 def _refused_leaves_model_as_it_was(model, folder, message) -> None:
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    wrapped = bool(asymlora.lora_layers(model))
+    wrapped = bool(lora_layers(model))
     with pytest.raises(UserError, match=message) as err:
         load_adapter(model, folder)
     assert "\n" not in str(err.value)  # one line
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert bool(asymlora.lora_layers(model)) == wrapped
+    assert bool(lora_layers(model)) == wrapped
 
 
 @pytest.mark.parametrize("tamper,message", [t[1:] for t in WEIGHT_TAMPERS], ids=[t[0] for t in WEIGHT_TAMPERS])
@@ -262,7 +263,7 @@ PEFT_TAMPERS = [
 
 @pytest.mark.parametrize("tamper,message", [t[1:] for t in PEFT_TAMPERS], ids=[t[0] for t in PEFT_TAMPERS])
 def test_import_peft_refuses_tampered_weights_model_untouched(tmp_path, tamper, message):
-    from asymlora.checkpoint import import_peft
+    from asymlora.formats.peft import import_peft
 
     folder = _peft_saved(tmp_path)
     import_peft(tiny_bert(), folder)  # the untampered folder imports
@@ -274,11 +275,11 @@ def test_import_peft_refuses_tampered_weights_model_untouched(tmp_path, tamper, 
     assert "\n" not in str(err.value)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert not asymlora.lora_layers(model)
+    assert not lora_layers(model)
 
 
 def test_import_peft_file_cut_short_is_a_one_line_refusal(tmp_path):
-    from asymlora.checkpoint import import_peft
+    from asymlora.formats.peft import import_peft
 
     folder = _peft_saved(tmp_path)
     path = f"{folder}/{WEIGHTS_NAME}"
@@ -287,12 +288,12 @@ def test_import_peft_file_cut_short_is_a_one_line_refusal(tmp_path):
     model = tiny_bert()
     with pytest.raises(UserError, match=r"is not a readable safetensors file \(damaged or cut short\)"):
         import_peft(model, folder)
-    assert not asymlora.lora_layers(model)
+    assert not lora_layers(model)
 
 
 def test_import_peft_accepts_layers_left_out_by_exclude_modules(tmp_path):
     """A layer target_modules matches but exclude_modules removes has no factors: not missing."""
-    from asymlora.checkpoint import import_peft
+    from asymlora.formats.peft import import_peft
 
     peft = require("peft")
     skip = "bert.encoder.layer.1.attention.self.value"
@@ -302,4 +303,4 @@ def test_import_peft_accepts_layers_left_out_by_exclude_modules(tmp_path):
         pytest.skip("this PEFT has no exclude_modules")
     peft.get_peft_model(tiny_bert(), config).save_pretrained(tmp_path / "p")
     model = import_peft(tiny_bert(), str(tmp_path / "p"))
-    assert skip not in asymlora.lora_layers(model) and len(asymlora.lora_layers(model)) == 3
+    assert skip not in lora_layers(model) and len(lora_layers(model)) == 3

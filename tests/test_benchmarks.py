@@ -90,7 +90,8 @@ def test_b_only_layer_keeps_r_numbers_per_token():
 # ------------------------------------------------------------------ proposed forward
 @pytest.mark.parametrize("conv1d", [False, True])
 def test_fused_forward_matches_current_forward(conv1d):
-    import asymlora
+    from asymlora.core.config import AsymLoraConfig
+    from asymlora.core.inject import wrap
     from benchmarks.patches import use_fused_forward
 
     torch.manual_seed(0)
@@ -100,8 +101,8 @@ def test_fused_forward_matches_current_forward(conv1d):
         base = nn.Sequential(Conv1D(12, 10))
     else:
         base = nn.Sequential(nn.Linear(10, 12))
-    cfg = asymlora.AsymLoraConfig.preset("b-only", r=3, alpha=6, target_modules=["0"])
-    m1 = asymlora.wrap(base, cfg)
+    cfg = AsymLoraConfig.preset("b-only", r=3, alpha=6, target_modules=["0"])
+    m1 = wrap(base, cfg)
     with torch.no_grad():
         m1[0].lora_B.normal_()
     import copy

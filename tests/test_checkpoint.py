@@ -10,13 +10,14 @@ import sys
 
 import pytest
 import torch
-
-import asymlora
-from asymlora.errors import UserError
-from asymlora import AsymLoraConfig, load_adapter, save_adapter, wrap
-from asymlora.checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_peft, import_peft, load_factors
-from asymlora.init import single_thread
 from conftest import MODEL_BUILDERS, perturb_trained_factors, require, tiny_bert
+
+from asymlora import AsymLoraConfig, load_adapter, save_adapter, wrap
+from asymlora.core.init import single_thread
+from asymlora.core.inject import lora_layers
+from asymlora.errors import UserError
+from asymlora.formats.native import CONFIG_NAME, WEIGHTS_NAME, load_factors
+from asymlora.formats.peft import export_peft, import_peft
 
 _CHILD = r"""
 import sys, torch
@@ -85,7 +86,7 @@ def test_tampered_seed_refused(tmp_path):
 def test_tampered_shape_refused(tmp_path):
     model = wrap(tiny_bert(), AsymLoraConfig.preset("lora", r=4))
     save_adapter(model, tmp_path / "ad")
-    name = next(iter(asymlora.lora_layers(model)))
+    name = next(iter(lora_layers(model)))
     _tamper(tmp_path / "ad" / CONFIG_NAME, lambda m: m["layers"][name].__setitem__("r", 3))
     with pytest.raises(ValueError, match=r"says r=4 but layer .* was saved with r=3"):
         load_adapter(tiny_bert(), tmp_path / "ad")
@@ -138,7 +139,7 @@ def test_rank_pattern_round_trip(tmp_path, tokens):
     perturb_trained_factors(model)
     save_adapter(model, tmp_path / "ad")
     fresh = load_adapter(tiny_bert(), tmp_path / "ad")
-    assert {l.r for l in asymlora.lora_layers(fresh).values()} == {2, 4}
+    assert {l.r for l in lora_layers(fresh).values()} == {2, 4}
     with torch.no_grad():
         assert torch.equal(fresh(tokens).logits, model(tokens).logits)
 
@@ -188,11 +189,11 @@ def test_import_peft_adapter(tmp_path, tokens, arch, peft):
     with torch.no_grad():
         got = model(tokens).logits
     assert (got - want).abs().max().item() <= 1e-5
-    assert all(not l.train_A and l.train_B for l in asymlora.lora_layers(model).values())
+    assert all(not l.train_A and l.train_B for l in lora_layers(model).values())
 
 
 def test_cli_export_converts_without_base_model(tmp_path, tokens, peft):
-    from asymlora.cli import main
+    from asymlora.cli.main import main
 
     model = wrap(tiny_bert(), AsymLoraConfig.preset("b-only", r=4, modules_to_save=["classifier"]))
     perturb_trained_factors(model)

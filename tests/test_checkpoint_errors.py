@@ -10,12 +10,13 @@ import re
 
 import pytest
 import torch
+from conftest import perturb_trained_factors, require, tiny_bert
 from safetensors.torch import load_file, save_file
 
-import asymlora
 from asymlora import AsymLoraConfig, load_adapter, save_adapter, wrap
-from asymlora.checkpoint import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, import_peft
-from conftest import perturb_trained_factors, require, tiny_bert
+from asymlora.core.inject import lora_layers
+from asymlora.formats.native import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
+from asymlora.formats.peft import import_peft
 
 peft = require("peft")
 
@@ -72,7 +73,7 @@ def test_missing_factor_in_the_weights_file(adapter):
     with pytest.raises(ValueError, match=re.escape(f"lacks {name!r}, which {CONFIG_NAME} says is stored")):
         load_adapter(model, adapter)
     assert_unchanged(model, before)
-    assert asymlora.lora_layers(model) == {}  # not wrapped either
+    assert lora_layers(model) == {}  # not wrapped either
 
 
 def test_missing_saved_module_parameter_in_the_weights_file(adapter):
@@ -102,7 +103,7 @@ def test_peft_folder_given_to_load_adapter_points_to_import_peft(tmp_path):
     model = tiny_bert()
     before = state(model)
     with pytest.raises(ValueError, match=re.escape("is not an asymlora adapter (format=None) (a PEFT adapter: "
-                                                   "use asymlora.checkpoint.import_peft)")):
+                                                   "use asymlora.import_peft)")):
         load_adapter(model, tmp_path / "p")
     assert_unchanged(model, before)
 
@@ -179,18 +180,21 @@ def test_import_refuses_a_head_of_another_shape_before_wrapping(tmp_path):
                                          r"wrong base model\?"):
         import_peft(model, folder)
     assert_unchanged(model, before)
-    assert asymlora.lora_layers(model) == {}
+    assert lora_layers(model) == {}
 
 
 def test_convert_to_peft_refuses_to_overwrite_its_input(tmp_path):
     """The adapter folder is left byte-for-byte as it was, also through a second path to it."""
-    import asymlora
-    from asymlora.checkpoint import convert_to_peft
-    from asymlora.errors import UserError
     from conftest import tiny_bert
 
-    model = asymlora.wrap(tiny_bert(), asymlora.AsymLoraConfig.preset("b-only", r=4))
-    asymlora.save_adapter(model, tmp_path / "ad")
+    from asymlora.core.config import AsymLoraConfig
+    from asymlora.core.inject import wrap
+    from asymlora.errors import UserError
+    from asymlora.formats.native import save_adapter
+    from asymlora.formats.peft import convert_to_peft
+
+    model = wrap(tiny_bert(), AsymLoraConfig.preset("b-only", r=4))
+    save_adapter(model, tmp_path / "ad")
     before = {p.name: p.read_bytes() for p in (tmp_path / "ad").iterdir()}
     (tmp_path / "link").symlink_to(tmp_path / "ad")
     for out in (tmp_path / "ad", tmp_path / "link"):

@@ -9,12 +9,12 @@ import json
 import os
 
 import pytest
+from conftest import perturb_trained_factors, tiny_bert
 
 from asymlora import AsymLoraConfig, save_adapter, wrap
-from asymlora.checkpoint import CONFIG_NAME
-from asymlora.cli import build_parser, main
+from asymlora.cli.main import build_parser, main
 from asymlora.errors import UserError
-from conftest import perturb_trained_factors, tiny_bert
+from asymlora.formats.native import CONFIG_NAME
 
 
 def _adapter(folder, seed: int = 0):
@@ -181,7 +181,7 @@ def test_bad_input_is_one_line_exit_2(files, tmp_path, capsys, monkeypatch, argv
 # --------------------------------------------------------------------------- the error path itself
 def _fake_command(monkeypatch, fn):
     """Make `asymlora bench` run ``fn(args)`` (bench has an --output-dir and cheap imports)."""
-    import asymlora.commands.bench as bench
+    import asymlora.cli.bench as bench
 
     monkeypatch.setattr(bench, "run", fn)
 
@@ -307,7 +307,7 @@ def test_similarity_run_folder_of_asymlora_run(tmp_path, capsys):
         assert f"{d}: using {d}/adapter (the final adapter; skipped 1 checkpoint copy)" in text
     # and it compared those: the B cosine in the table is the one of the two final adapters' B,
     # by hand (the checkpoint copies are identical, seed 9, and would give 1)
-    from asymlora.checkpoint import load_factors
+    from asymlora.formats.native import load_factors
 
     final = [load_factors(f"{d}/adapter") for d in dirs]
     rows = {r["layer"]: float(r["value"]) for r in csv.DictReader(open(tmp_path / "sim" / "similarity.csv"))
@@ -338,7 +338,7 @@ def test_similarity_searches_two_levels_only(tmp_path, capsys):
 
 
 def test_no_singular_plural_mistakes():
-    from asymlora.commands.options import plural
+    from asymlora.cli.options import plural
 
     assert plural(1, "thread") == "1 thread" and plural(2, "pair") == "2 pairs"
     assert plural(1, "copy", "copies") == "1 copy" and plural(0, "copy", "copies") == "0 copies"

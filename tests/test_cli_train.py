@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from asymlora.cli import main
+from asymlora.cli.main import main
 
 WORDS = {"cat": "cat cats kitten meow purr whiskers", "dog": "dog dogs puppy bark woof fetch",
          "fish": "fish swim fins water gills tank"}
@@ -65,15 +65,15 @@ def plain_loop_accuracy(model_dir, data, adapter_dir=None) -> float:
     """Test accuracy of the saved adapter on a fresh base model: one example at a time, no padding."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    import asymlora
-    from asymlora.tasks.default import QUICK
-    from asymlora.tasks.text_classification import load_text_dataset, subsample_stratified
+    from asymlora.compare.data import load_text_dataset, subsample_stratified
+    from asymlora.formats.native import load_adapter
+    from asymlora.sweep.budget import QUICK
 
     test = subsample_stratified(load_text_dataset(data, 0).test, QUICK.max_test, 0)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     if adapter_dir is not None:
-        asymlora.load_adapter(model, adapter_dir)
+        load_adapter(model, adapter_dir)
     right = 0
     with torch.no_grad():
         for text, label in zip(test.texts, test.labels):
@@ -105,7 +105,7 @@ def test_train_writes_checkpoint_adapter_and_metrics(assets, tmp_path, capsys):
 def test_train_resume_after_kill_matches_uninterrupted(assets, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from asymlora.tasks import text_classification as tc
+    from asymlora.compare import data as tc
 
     assert train(assets, tmp_path / "ref") == 0
     ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())

@@ -14,14 +14,20 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import pytest
 import torch
+from conftest import require
 
-from asymlora.cli import main
-from asymlora.compare import CompareConfig, format_table, parse_strategy, select_lr, summarize
+from asymlora.cli.main import main
+from asymlora.compare import (
+    CompareConfig,
+    format_table,
+    parse_strategy,
+    select_lr,
+    summarize,
+)
 from asymlora.compare.config import StrategySpec
 from asymlora.compare.report import paired_verdicts
-from asymlora.sweep.stats import curve_slope, paired_difference, t_quantile, verdict
 from asymlora.errors import UserError
-from conftest import require
+from asymlora.sweep.stats import curve_slope, paired_difference, t_quantile, verdict
 
 # a missing asset fails the run under CI=true and skips (with a summary line) locally: tests/conftest.py
 needs_real = pytest.mark.needs_assets("minilm", "fortunes")
@@ -165,9 +171,9 @@ def test_head_features_and_feature_head_reproduce_the_full_model():
     full model with the same head (eval mode)."""
     from transformers import BertConfig, BertForSequenceClassification
 
+    from asymlora.compare.data import PadCollator
     from asymlora.compare.run import FeatureHead
     from asymlora.compare.task import head_features
-    from asymlora.tasks.text_classification import PadCollator
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

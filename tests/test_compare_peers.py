@@ -5,16 +5,19 @@ LoRA under AdamW and for PEFT's LoRA-FA optimizer; a run paused at a rung and re
 checkpoint equals the uninterrupted one."""
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
+from conftest import require, tiny_bert
 
 import asymlora
-from asymlora.compare.peers import build_peft_model, lorafa_optimizer_factory, peft_adapter_params
-from asymlora.train import TrainArgs, _stream_indices, fit, linear_warmup_decay
-from conftest import require, tiny_bert
+from asymlora.compare.peers import (
+    build_peft_model,
+    lorafa_optimizer_factory,
+    peft_adapter_params,
+)
+from asymlora.core.inject import lora_layers
+from asymlora.training.loop import TrainArgs, _stream_indices, fit, linear_warmup_decay
 
 peft = require("peft")
 
@@ -68,7 +71,7 @@ def test_peft_lora_is_our_lora_layout():
                                                                            target_modules=["query", "value"],
                                                                            modules_to_save=["classifier"]))
     theirs = _peft_model("peft-lora")
-    assert sorted(asymlora.lora_layers(ours)) == TARGETS
+    assert sorted(lora_layers(ours)) == TARGETS
     peft_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
                    if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert sorted(peft_layers) == TARGETS
@@ -169,14 +172,14 @@ def test_peft_lora_trains_exactly_as_our_lora_given_the_same_a():
     theirs = _peft_model("peft-lora")
     peft_params = dict(theirs.named_parameters())
     with torch.no_grad():
-        for name, layer in asymlora.lora_layers(ours).items():
+        for name, layer in lora_layers(ours).items():
             a, b = layer.factors(layer.primary)
             peft_params[f"base_model.model.{name}.lora_A.default.weight"].copy_(a)
             peft_params[f"base_model.model.{name}.lora_B.default.weight"].copy_(b)
     fit(ours, data, _collate, _args())
     fit(theirs, data, _collate, _args())
     peft_params = dict(theirs.named_parameters())
-    for name, layer in asymlora.lora_layers(ours).items():
+    for name, layer in lora_layers(ours).items():
         a, b = layer.factors(layer.primary)
         assert torch.allclose(a, peft_params[f"base_model.model.{name}.lora_A.default.weight"], atol=1e-6)
         assert torch.allclose(b, peft_params[f"base_model.model.{name}.lora_B.default.weight"], atol=1e-6)

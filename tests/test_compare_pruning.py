@@ -9,9 +9,9 @@ import math
 import pytest
 
 from asymlora.compare.config import CompareConfig
+from asymlora.sweep.pruning import accuracy_difference_se, optimistic_final, prune_rates
 from asymlora.sweep.schedule import Schedule, select_lr
 from asymlora.sweep.timing import Phases
-from asymlora.sweep.pruning import accuracy_difference_se, optimistic_final, prune_rates
 
 T, EVERY = 240, 30
 

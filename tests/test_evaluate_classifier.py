@@ -7,7 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from asymlora.tasks.text_classification import PadCollator, classification_metrics, evaluate_classifier
+from asymlora.compare.data import (
+    PadCollator,
+    classification_metrics,
+    evaluate_classifier,
+)
 
 
 class Tokens:

@@ -7,7 +7,14 @@ import sys
 import pytest
 import torch
 
-from asymlora.init import INITIALIZERS, factor_generator, fingerprint, fingerprints_match, haar_orthonormal, init_factor
+from asymlora.core.init import (
+    INITIALIZERS,
+    factor_generator,
+    fingerprint,
+    fingerprints_match,
+    haar_orthonormal,
+    init_factor,
+)
 
 
 def test_orthogonal_A_rows_and_B_columns_orthonormal():
@@ -44,7 +51,7 @@ def test_different_layers_seeds_and_factors_differ():
 
 
 _CHILD = (
-    "import hashlib, torch; from asymlora.init import init_factor;"
+    "import hashlib, torch; from asymlora.core.init import init_factor;"
     "t = init_factor('orthogonal', (8, 64), 'A', seed=11, layer_name='model.layers.3.self_attn.q_proj');"
     "print(hashlib.sha256(t.numpy().tobytes()).hexdigest())"
 )

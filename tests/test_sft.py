@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import perturb_trained_factors
 
-from asymlora.sweep.schedule import select_lr
 from asymlora.sft import data as D
 from asymlora.sft.model import ResponseOnlyLM, exact_match_rate, response_nll
-from conftest import perturb_trained_factors
+from asymlora.sweep.schedule import select_lr
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -78,10 +78,11 @@ def test_encode_chat_labels_exactly_the_answer(tiny_chat_llama):
 def test_response_only_loss_equals_transformers_loss(tiny_chat_llama):
     """The decoder + output layer at labelled positions only gives exactly the model's own
     causal-LM loss, and the same gradients."""
-    import asymlora
+    from asymlora.core.config import AsymLoraConfig
+    from asymlora.core.inject import wrap
 
     lm, tok = _load(tiny_chat_llama)
-    asymlora.wrap(lm, asymlora.AsymLoraConfig.preset("lora", r=4, seed=0, target_modules=["q_proj", "v_proj"]))
+    wrap(lm, AsymLoraConfig.preset("lora", r=4, seed=0, target_modules=["q_proj", "v_proj"]))
     perturb_trained_factors(lm)  # non-zero B, so the adapter takes part in the loss
     ds = D.ChatQADataset(_pairs(12), tok, 64)
     batch = D.collate_chat(ds.items, tok.pad_token_id)
@@ -134,7 +135,7 @@ def test_sft_protocol_end_to_end(tiny_chat_llama, tmp_path, monkeypatch):
     with --benchmarks-only on other tasks)."""
     import dataclasses
 
-    import asymlora
+    from asymlora.formats.native import load_adapter
     from asymlora.lmeval import evaluate
     from asymlora.sft import SFTConfig, run_sft
     from asymlora.sft import run as R
@@ -163,7 +164,7 @@ def test_sft_protocol_end_to_end(tiny_chat_llama, tmp_path, monkeypatch):
     for run in res["runs"]:
         assert run["val_loss"] < base_loss - 2.0, (run["strategy"], run["val_loss"], base_loss)
         fresh, _ = _load(tiny_chat_llama)
-        asymlora.load_adapter(fresh, run["adapter_dir"])
+        load_adapter(fresh, run["adapter_dir"])
         assert response_nll(ResponseOnlyLM(fresh), task.test_batches) == pytest.approx(run["test_loss"], rel=1e-4)
     (verdict,) = [v for v in res["paired_verdicts"] if v["metric"] == "test_exact_match"]
     assert verdict["seeds"] == [0, 1] and verdict["reference"] == "lora r=8"
@@ -171,7 +172,7 @@ def test_sft_protocol_end_to_end(tiny_chat_llama, tmp_path, monkeypatch):
     def direct(adapter, task):
         model, _ = _load(tiny_chat_llama)
         if adapter is not None:
-            asymlora.load_adapter(model, adapter)
+            load_adapter(model, adapter)
         return evaluate(model, tok, [task], limit=6)[task]
 
     base_row, *rows = res["benchmarks"]

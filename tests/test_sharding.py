@@ -13,13 +13,13 @@ import sys
 
 import pytest
 import torch
+from conftest import require, tiny_llama
+from test_train import _run_within
 
 import asymlora
 from asymlora.errors import UserError
-from asymlora.sharding import launcher_request, shard_units
-from asymlora.train import TrainArgs, fit
-from conftest import require, tiny_llama
-from test_train import _run_within
+from asymlora.training.loop import TrainArgs, fit
+from asymlora.training.sharding import launcher_request, shard_units
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_worker.py")
 sys.path.insert(0, os.path.dirname(WORKER))

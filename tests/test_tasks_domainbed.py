@@ -9,14 +9,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
-
 from conftest import require  # noqa: E402
 
 Image = require("PIL.Image")
 
-from asymlora.cli import main  # noqa: E402
-from asymlora.tasks import domainbed as D  # noqa: E402
-from asymlora.tasks.recipe import load_recipe  # noqa: E402
+from asymlora.cli.main import main  # noqa: E402
+from asymlora.recipes import domainbed as D  # noqa: E402
+from asymlora.recipes.base import load_recipe  # noqa: E402
 
 DOMAINS = ("Caltech101", "LabelMe", "SUN09", "VOC2007")
 CLASSES = ("bird", "car", "dog")

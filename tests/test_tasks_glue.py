@@ -13,11 +13,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from asymlora.cli import main  # noqa: E402
-from asymlora.tasks import glue  # noqa: E402
 from conftest import require  # noqa: E402
+
+from asymlora.cli.main import main  # noqa: E402
+from asymlora.recipes import glue  # noqa: E402
 
 WORDS = "the movie was good bad great awful plot actors fun boring a an is it not very".split()
 
@@ -32,7 +31,14 @@ def _sentences(n: int, seed: int) -> list[str]:
 
 
 def make_tokenizer(texts: list[str], path: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -176,12 +182,12 @@ def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir, monkeypatch, capsys):
     done = out / "sst2" / "b-only-r4" / "seed0"
     files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (done / "result.json",
                                                                   done / "adapter" / "adapter_model.safetensors")}
-    import asymlora.train
+    import asymlora.training.loop
 
     def no_training(*args, **kwargs):
         raise AssertionError("a completed run was trained again")
 
-    monkeypatch.setattr(asymlora.train, "fit", no_training)
+    monkeypatch.setattr(asymlora.training.loop, "fit", no_training)
     capsys.readouterr()
     rc = main(["run", "glue-roberta-large", "--model", str(tiny_roberta), "--data", str(glue_dir),
                "--out", str(out), "--tasks", "sst2", "--strategies", "b-only", "--ranks", "4", "--seeds", "0",
@@ -199,7 +205,7 @@ def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir, monkeypatch, capsys):
 
 
 def test_stsb_model_is_regression(tiny_roberta, glue_dir):
-    from asymlora.tasks.recipe import RunOptions, load_recipe
+    from asymlora.recipes.base import RunOptions, load_recipe
 
     recipe = load_recipe("glue-roberta-large").for_task("stsb")
     prep = glue.prepare("stsb", str(tiny_roberta), glue_dir, recipe, RunOptions(max_eval_samples=4))

@@ -11,11 +11,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
-
 from conftest import require  # noqa: E402
 
-from asymlora.cli import main  # noqa: E402
-from asymlora.tasks import instruct as I  # noqa: E402
+from asymlora.cli.main import main  # noqa: E402
+from asymlora.recipes import instruct as I  # noqa: E402
 
 SUBJECTS = {"abstract_algebra": "STEM", "philosophy": "humanities", "marketing": "other"}
 
@@ -41,7 +40,14 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory, data_dir) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     path = tmp_path_factory.mktemp("llama")
@@ -177,9 +183,11 @@ def test_instruct_on_a_quantized_base(tmp_path, tiny_llama, data_dir):
     """The recipe field ``quantize`` (here set with --set): the base's linear layers are nf4, the
     run trains and evaluates, and the saved adapter loads back onto an nf4 base."""
     require("bitsandbytes")
-    import asymlora
-    from asymlora import quant
     from transformers import AutoModelForCausalLM
+
+    from asymlora.core import quant
+    from asymlora.core.inject import lora_layers
+    from asymlora.formats.native import load_adapter
 
     out = tmp_path / "runs"
     rc = main(["run", "alpaca-mmlu-llama2-7b", "--model", str(tiny_llama), "--data", str(data_dir),
@@ -191,8 +199,8 @@ def test_instruct_on_a_quantized_base(tmp_path, tiny_llama, data_dir):
     r = json.loads((run / "result.json").read_text())
     assert r["quantize"] == "nf4" and r["steps"] == 2 and "5shot/acc" in r["metrics"]
     base = quant.quantize_model(AutoModelForCausalLM.from_pretrained(tiny_llama), "nf4")
-    model = asymlora.load_adapter(base, run / "adapter")
-    assert set(quant.quantized_layers(model).values()) == {"nf4"} and len(asymlora.lora_layers(model)) == 4
+    model = load_adapter(base, run / "adapter")
+    assert set(quant.quantized_layers(model).values()) == {"nf4"} and len(lora_layers(model)) == 4
 
 
 def test_missing_mmlu(tmp_path, tiny_llama, capsys):

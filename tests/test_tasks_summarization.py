@@ -10,13 +10,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
-
 from conftest import require  # noqa: E402
 
 require("rouge_score")
 
-from asymlora.cli import main  # noqa: E402
-from asymlora.tasks import summarization as S  # noqa: E402
+from asymlora.cli.main import main  # noqa: E402
+from asymlora.recipes import summarization as S  # noqa: E402
 
 WORDS = "police said the man was arrested on monday after a fire in the city council meeting report".split()
 
@@ -32,8 +31,19 @@ def _docs(n: int, seed: int) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def tiny_bart(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        PreTrainedTokenizerFast,
+    )
 
     path = tmp_path_factory.mktemp("bart")
     tok = Tokenizer(models.BPE())

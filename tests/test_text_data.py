@@ -7,9 +7,10 @@ import os
 
 import numpy as np
 import pytest
-
-from asymlora.tasks import text_classification as tc
 from conftest import require
+
+from asymlora.compare import data as tc
+
 
 def _disjoint_and_complete(ds: tc.TextDataset, total: int) -> None:
     texts = ds.train.texts + ds.val.texts + ds.test.texts

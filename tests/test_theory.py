@@ -337,7 +337,7 @@ def test_meta_llama_preset_shapes_from_local_config(tmp_path):
 
 # ---- CLI -----------------------------------------------------------------------------------------
 def test_cli_simulate_writes_artefacts(tmp_path, capsys):
-    from asymlora.cli import main
+    from asymlora.cli.main import main
 
     out = tmp_path / "th"
     rc = main(["theory", "simulate", "--d-in", "16", "--d-out", "16", "--ranks", "1", "4", "8",
@@ -352,7 +352,7 @@ def test_cli_simulate_writes_artefacts(tmp_path, capsys):
 
 
 def test_cli_bound_preset_and_shapes(tmp_path, capsys):
-    from asymlora.cli import main
+    from asymlora.cli.main import main
 
     out = tmp_path / "b"
     assert main(["theory", "bound", "--model", "llama-2-7b", "--q", "16", "--out", str(out)]) == 0
@@ -367,7 +367,7 @@ def test_cli_bound_preset_and_shapes(tmp_path, capsys):
 
 
 def test_cli_bad_input_and_bare_help(tmp_path, capsys):
-    from asymlora.cli import main
+    from asymlora.cli.main import main
 
     assert main(["theory", "simulate", "--spectra", "nope", "--out", str(tmp_path)]) == 2
     assert "valid: isotropic" in capsys.readouterr().err

@@ -14,8 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from asymlora.train import FitResult, NonFiniteLossError, TrainArgs, fit, linear_warmup_decay
-
+from asymlora.training.loop import (
+    FitResult,
+    NonFiniteLossError,
+    TrainArgs,
+    fit,
+    linear_warmup_decay,
+)
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -31,10 +36,11 @@ def make_bert(num_labels: int = 3, seed: int = 0, dropout: float = 0.1):
 
 
 def wrapped_bert(preset: str = "b-only", seed: int = 0, dropout: float = 0.1):
-    import asymlora
+    from asymlora.core.config import AsymLoraConfig
+    from asymlora.core.inject import wrap
 
     model = make_bert(seed=seed, dropout=dropout)
-    return asymlora.wrap(model, asymlora.AsymLoraConfig.preset(preset, r=4, seed=seed, modules_to_save=["classifier"]))
+    return wrap(model, AsymLoraConfig.preset(preset, r=4, seed=seed, modules_to_save=["classifier"]))
 
 
 def token_data(n: int = 40, length: int = 10, seed: int = 0):
@@ -241,10 +247,10 @@ def test_frozen_A_saves_fewer_activations_than_lora():
 
 @pytest.mark.parametrize("preset,frozen,trained", [("b-only", "lora_A", "lora_B"), ("a-only", "lora_B", "lora_A")])
 def test_frozen_factors_unchanged_trained_ones_change(preset, frozen, trained):
-    import asymlora
+    from asymlora.core.inject import lora_layers
 
     model = wrapped_bert(preset)
-    layers = asymlora.lora_layers(model)
+    layers = lora_layers(model)
     assert layers
     before_frozen = {n: getattr(l, frozen).clone() for n, l in layers.items()}
     before_trained = {n: getattr(l, trained).detach().clone() for n, l in layers.items()}
@@ -338,11 +344,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_transformers_trainer_trains_a_wrapped_model(tmp_path):
     """A wrapped model needs no special handling in transformers' Trainer."""
-    import asymlora
     from transformers import Trainer, TrainingArguments
 
+    from asymlora.core.inject import lora_layers
+
     model = wrapped_bert("b-only", dropout=0.0)
-    layers = asymlora.lora_layers(model)
+    layers = lora_layers(model)
     a0 = {n: l.lora_A.clone() for n, l in layers.items()}
     b0 = {n: l.lora_B.detach().clone() for n, l in layers.items()}
     targs = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8,
@@ -360,7 +367,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, {tests!r})
     from test_train import Toy, toy_data, collate
-    from asymlora.train import TrainArgs, fit
+    from asymlora.training.loop import TrainArgs, fit
     torch.set_num_threads(1)
     m = Toy()
     res = fit(m, toy_data(), collate, TrainArgs(lr=1e-2, max_steps=6, batch_size=int(sys.argv[2]),

@@ -13,10 +13,10 @@ import re
 
 import pytest
 import torch
-
-import asymlora.train as train_mod
-from asymlora.train import NonFiniteLossError, TrainArgs, fit
 from test_train import Toy, _crashing_loss, collate, toy_data, trainable_state
+
+import asymlora.training.loop as train_mod
+from asymlora.training.loop import NonFiniteLossError, TrainArgs, fit
 
 KW = dict(lr=1e-2, batch_size=8, progress=False)
 

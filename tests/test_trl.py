@@ -9,15 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require
 
 import asymlora
+from asymlora.core.adapters import add_adapter, set_adapter
+from asymlora.core.inject import lora_layers
 from asymlora.errors import UserError
-from conftest import require
+from asymlora.formats.peft import convert_to_peft
 
 require("trl")
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from asymlora.integrations.trl import ADAPTER_DIR, AsymLoraCallback, adapter_trainable_parameters, check_for_trainer
+from asymlora.integrations.trl import (
+    ADAPTER_DIR,
+    AsymLoraCallback,
+    adapter_trainable_parameters,
+    check_for_trainer,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trl_sft.py"
 _spec = importlib.util.spec_from_file_location("trl_sft_example", EXAMPLE)
@@ -78,7 +86,7 @@ def test_sft_round_trip(tmp_path, preset, data):
     held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     trained = {n for n, p in model.named_parameters() if id(p) in held}
     factor = {"b-only": ["lora_B"], "a-only": ["lora_A"], "lora": ["lora_A", "lora_B"]}[preset]
-    layers = asymlora.lora_layers(model)
+    layers = lora_layers(model)
     assert trained == {f"{n}.{f}" for n in layers for f in factor} == set(adapter_trainable_parameters(model))
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -98,7 +106,7 @@ def test_sft_round_trip(tmp_path, preset, data):
 
     # PEFT format: PEFT's own forward on its own LoRA layers gives the same logits (float32 sums in
     # another order: 1e-5 absolute on logits of size ~1).
-    peft_dir = asymlora.convert_to_peft(final, tmp_path / "peft")
+    peft_dir = convert_to_peft(final, tmp_path / "peft")
     peft_model = PeftModel.from_pretrained(base_model()[0], peft_dir)
     torch.testing.assert_close(logits(peft_model, ids), trained_logits, rtol=0, atol=1e-5)
 
@@ -145,7 +153,7 @@ def test_modules_to_save_train_and_reload(tmp_path):
 def test_frozen_trained_factor_is_refused(tmp_path):
     model, tok = base_model()
     asymlora.wrap(model, asymlora.AsymLoraConfig.preset("b-only", r=4))
-    next(iter(asymlora.lora_layers(model).values())).lora_B.requires_grad_(False)
+    next(iter(lora_layers(model).values())).lora_B.requires_grad_(False)
     with pytest.raises(UserError, match=r"does not train 1 trained factor.*lora_B"):
         _trainer(tmp_path, model, tok).train()
 
@@ -162,11 +170,11 @@ def test_output_layer_adapter_is_refused(tmp_path):
 def test_several_active_adapters_are_refused():
     model, _ = base_model()
     asymlora.wrap(model, asymlora.AsymLoraConfig.preset("b-only", r=4), adapter_name="one")
-    asymlora.add_adapter(model, "two", asymlora.AsymLoraConfig.preset("b-only", r=4))
-    asymlora.set_adapter(model, ["one", "two"])
+    add_adapter(model, "two", asymlora.AsymLoraConfig.preset("b-only", r=4))
+    set_adapter(model, ["one", "two"])
     with pytest.raises(UserError, match=r"2 adapters are active \(\['one', 'two'\]\)"):
         check_for_trainer(model)
-    asymlora.set_adapter(model, "two")
+    set_adapter(model, "two")
     check_for_trainer(model)
 
 

@@ -21,8 +21,9 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import sharded_worker as sw  # noqa: E402
+
 from asymlora.errors import UserError  # noqa: E402
-from asymlora.train import fit  # noqa: E402
+from asymlora.training.loop import fit  # noqa: E402
 
 # every state file a resume reads with torch.load (scaler.pt: read whenever present, also by a
 # run without loss scaling, which refuses it)

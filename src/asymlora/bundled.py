@@ -25,7 +25,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from asymlora.fileio import MissingFileError, current_umask
+from asymlora.errors import MissingFileError
+from asymlora.fileio import current_umask
 
 __all__ = ["SMOLLM2_PACKAGE", "SMOLLM2_GGUF", "SMOLLM2_ALIAS", "cache_root", "smollm2_gguf", "smollm2_dir", "resolve_model"]
 

@@ -6,9 +6,16 @@ callers that already catch ``ValueError`` keep working.
 """
 from __future__ import annotations
 
-__all__ = ["UserError"]
+__all__ = ["UserError", "MissingFileError"]
 
 
 class UserError(ValueError):
     """A bad argument, file, dataset or adapter folder supplied by the user; the message names
     the bad value and what would be valid."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named (or an asset they must install) is not there.
+
+    Both a :class:`UserError` (the CLI prints it in one line) and a ``FileNotFoundError``
+    (what library callers catch for a missing file)."""

@@ -26,9 +26,9 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Callable, Collection, Iterator, Optional
+from collections.abc import Callable, Collection, Iterator
 
-from .errors import UserError
+from asymlora.errors import UserError
 
 FAULT_ENV = "ASYMLORA_FAULT_PAUSE"  # "<point>" or "<point>:<n>": stop the n-th time (default 1st)
 FAULT_MARK_ENV = "ASYMLORA_FAULT_MARK"  # a file written when the process stops there
@@ -142,8 +142,8 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
-@functools.lru_cache(maxsize=None)
-def _renameat2() -> Optional[Callable[..., int]]:
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
     """glibc's ``renameat2`` on Linux, else None."""
     if not sys.platform.startswith("linux"):
         return None
@@ -186,10 +186,3 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
-
-
-class MissingFileError(UserError, FileNotFoundError):
-    """A file or folder the user named (or an asset they must install) is not there.
-
-    Both a :class:`UserError` (the CLI prints it in one line) and a ``FileNotFoundError``
-    (what library callers catch for a missing file)."""

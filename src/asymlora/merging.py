@@ -10,7 +10,7 @@ alpha/√r). The wanted result of combining adapters i = 1..K with weights wᵢ 
     T = Σ wᵢ·ΔWᵢ = Σ wᵢ·sᵢ·Bᵢ·Aᵢ                       (per layer; negative wᵢ allowed)
 
 * ``exact``: b-only adapters made with one seed hold the *same* frozen A in a layer
-  (``asymlora.adapters``), so T = s·(Σ wᵢ·(sᵢ/s)·Bᵢ)·A: a new b-only adapter on that same A,
+  (``asymlora.core.adapters``), so T = s·(Σ wᵢ·(sᵢ/s)·Bᵢ)·A: a new b-only adapter on that same A,
   with the same rank r, whose B is the weighted sum of the B's. Nothing is approximated, the
   rank does not grow, and the result can be trained further like any b-only adapter (FFA-LoRA,
   ICLR 2024, freezes A in federated learning for this reason). The same holds for a-only
@@ -51,27 +51,28 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters import attach, check_new_adapter
-from .checkpoint import (
+from asymlora.core.adapters import attach, check_new_adapter
+from asymlora.core.config import AsymLoraConfig
+from asymlora.core.inject import adapter_configs, lora_layers
+from asymlora.core.layer import is_conv1d
+from asymlora.errors import UserError
+from asymlora.formats.native import (
     WEIGHTS_NAME,
     LayerFactors,
-    _check_config_matches_layers,
-    _layers_of,
-    _placed,
-    _read_factors,
+    adapter_layers,
+    check_config_matches_layers,
+    placed_like_base,
     read_adapter_meta,
+    read_factors,
     write_adapter,
 )
-from .config import AsymLoraConfig
-from .errors import UserError
-from .inject import adapter_configs, lora_layers
-from .layer import is_conv1d
 
 __all__ = ["METHODS", "MergeReport", "add_weighted_adapter", "save_weighted_adapter"]
 
@@ -91,7 +92,7 @@ class MergeReport:
     method: str
     adapters: list[str]
     weights: list[float]        # as applied (after ``normalize``)
-    shared: Optional[str]       # "A" / "B": the frozen factor all inputs share; None: none shared
+    shared: str | None       # "A" / "B": the frozen factor all inputs share; None: none shared
     ranks: dict[str, int]       # layer -> rank of the result
     layer_errors: dict[str, float] = field(default_factory=dict)
     error: float = 0.0
@@ -148,7 +149,7 @@ def _check_weights(adapters: Sequence[str], weights: Sequence[float], normalize:
     return weights
 
 
-def _check_method(method: str, rank: Optional[int]) -> None:
+def _check_method(method: str, rank: int | None) -> None:
     if method not in METHODS:
         raise UserError(f"method {method!r} is not one of {', '.join(METHODS)}")
     if method == "svd":
@@ -158,7 +159,7 @@ def _check_method(method: str, rank: Optional[int]) -> None:
         raise UserError(f"rank={rank!r} is only used by method 'svd' (method {method!r} sets the rank itself)")
 
 
-def _frozen_factor(adapter: Adapter) -> Optional[str]:
+def _frozen_factor(adapter: Adapter) -> str | None:
     """"A" if the adapter trains only B in every layer (b-only), "B" if only A; else None."""
     if all(not lf.trains_A and lf.trains_B for lf in adapter.values()):
         return "A"
@@ -183,7 +184,7 @@ def _describe(adapter: Adapter) -> str:
     return "trains " + " or ".join(sorted({"".join(f for f, t in zip("AB", k) if t) or "nothing" for k in kinds}))
 
 
-def shared_frozen_factor(sources: dict[str, Adapter]) -> tuple[Optional[str], list[str]]:
+def shared_frozen_factor(sources: dict[str, Adapter]) -> tuple[str | None, list[str]]:
     """The frozen factor ("A" or "B") that every adapter of ``sources`` holds with equal values
     in every layer, and [] — or None and the reasons, one per adapter that differs."""
     names = list(sources)
@@ -239,8 +240,8 @@ def _dense(lf: LayerFactors) -> torch.Tensor:
     return lf.scaling * (lf.B.detach().to("cpu", torch.float64) @ lf.A.detach().to("cpu", torch.float64))
 
 
-def _combine_layer(parts: list[LayerFactors], weights: list[float], method: str, shared: Optional[str],
-                   rank: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _combine_layer(parts: list[LayerFactors], weights: list[float], method: str, shared: str | None,
+                   rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(A', B', s') of the result in one layer (float64 on CPU, except a shared frozen factor,
     which is returned as the very tensor the inputs hold)."""
     first = parts[0]
@@ -285,8 +286,8 @@ def _combine_layer(parts: list[LayerFactors], weights: list[float], method: str,
     return a_new, b_new, 1.0
 
 
-def combine(sources: dict[str, Adapter], weights: list[float], method: str, rank: Optional[int],
-            name: str) -> tuple[dict[str, LayerFactors], Optional[str], MergeReport]:
+def combine(sources: dict[str, Adapter], weights: list[float], method: str, rank: int | None,
+            name: str) -> tuple[dict[str, LayerFactors], str | None, MergeReport]:
     """The result of combining ``sources`` (name -> layer -> factors) with ``weights``: its
     factors per layer (in the dtype of the first adapter's trained factor), the shared frozen
     factor ("A"/"B"/None) and the report with the measured errors. Everything is checked first."""
@@ -326,7 +327,7 @@ def combine(sources: dict[str, Adapter], weights: list[float], method: str, rank
     return out, shared, report
 
 
-def result_config(base: AsymLoraConfig, factors: dict[str, LayerFactors], shared: Optional[str],
+def result_config(base: AsymLoraConfig, factors: dict[str, LayerFactors], shared: str | None,
                   method: str, modules_to_save: list[str]) -> AsymLoraConfig:
     """The config of the result: the first adapter's when the frozen factor is shared and the
     method keeps it (same seed, init, rank, alpha); otherwise a LoRA config (train "AB") with
@@ -344,7 +345,7 @@ def result_config(base: AsymLoraConfig, factors: dict[str, LayerFactors], shared
 
 # ---------------------------------------------------------------------------- on a model
 def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                         method: str = "exact", rank: Optional[int] = None, normalize: bool = False) -> MergeReport:
+                         method: str = "exact", rank: int | None = None, normalize: bool = False) -> MergeReport:
     """Add adapter ``adapter_name`` whose update is Σ wᵢ·ΔWᵢ of the named ``adapters`` with
     ``weights`` (negative allowed; ``normalize``: divided by their sum, a weighted mean) and
     return the report with its measured error (module docstring).
@@ -370,7 +371,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     sources = {
         n: {ln: LayerFactors(*layer.factors(n), layer.slots[n].scaling, layer.trains(n, "A"), layer.trains(n, "B"),
                              is_conv1d(layer.base))
-            for ln, layer in _layers_of(model, n).items()}
+            for ln, layer in adapter_layers(model, n).items()}
         for n in names
     }
     factors, shared, report = combine(sources, weights, method, rank, adapter_name)
@@ -380,7 +381,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         placed = {}
         for ln, lf in factors.items():
             base = layers[ln].base
-            placed[ln] = (_placed(lf.A, base, lf.trains_A), _placed(lf.B, base, lf.trains_B))
+            placed[ln] = (placed_like_base(lf.A, base, lf.trains_A), placed_like_base(lf.B, base, lf.trains_B))
     for ln, lf in factors.items():
         attach(model, adapter_name, ln, layers[ln], *placed[ln], config, lf.scaling)
     model.asymlora_configs[adapter_name] = config  # type: ignore[index]
@@ -397,7 +398,7 @@ def _folder_check(folders: list[str], method: str) -> list[dict[str, Any]]:
         weights_path = os.path.join(folder, WEIGHTS_NAME)
         if not os.path.isfile(weights_path):
             raise UserError(f"{weights_path} is missing: {folder!r} is not a complete adapter folder")
-        _check_config_matches_layers(meta, weights_path)
+        check_config_matches_layers(meta, weights_path)
         metas.append(meta)
     if method == "exact":
         recorded = {f: {ln: LayerFactors(_Recorded(e["A"]), _Recorded(e["B"]), e["scaling"], e["A"]["trained"],
@@ -417,12 +418,12 @@ class _Recorded:
         self.fp = info["fingerprint"]
         self.shape = tuple(self.fp["shape"])
 
-    def equal(self, other: "_Recorded") -> bool:
+    def equal(self, other: _Recorded) -> bool:
         return self.fp["sha256"] == other.fp["sha256"] and self.shape == other.shape
 
 
 def save_weighted_adapter(adapter_dirs: Sequence[str | os.PathLike], weights: Sequence[float],
-                          output_dir: str | os.PathLike, method: str = "exact", rank: Optional[int] = None,
+                          output_dir: str | os.PathLike, method: str = "exact", rank: int | None = None,
                           normalize: bool = False, modules_to_save: str = "refuse") -> MergeReport:
     """Combine saved adapter folders into one saved adapter folder, Σ wᵢ·ΔWᵢ, without the base
     model, and return the report (also recorded as ``"weighted_sum"`` in the new
@@ -460,13 +461,13 @@ def save_weighted_adapter(adapter_dirs: Sequence[str | os.PathLike], weights: Se
         keep = list(configs[0].modules_to_save)
     reuse_cache: dict[tuple[str, str, str], torch.Tensor] = {}
 
-    def reuse(layer: str, factor: str, recorded: dict) -> Optional[torch.Tensor]:
+    def reuse(layer: str, factor: str, recorded: dict) -> torch.Tensor | None:
         return reuse_cache.get((layer, factor, recorded["sha256"]))  # rebuild a shared frozen factor once
 
     sources: dict[str, Adapter] = {}
     saved_params: list[dict[str, torch.Tensor]] = []
     for folder in folders:
-        meta, factors, saved = _read_factors(folder, reuse)
+        meta, factors, saved = read_factors(folder, reuse)
         adapter = {}
         for ln, (a, b) in factors.items():
             entry = meta["layers"][ln]

@@ -44,14 +44,11 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
-
-from asymlora.errors import UserError
-from asymlora.fileio import MissingFileError
 
 from asymlora.analysis.similarity import (
     FACTORS,
@@ -60,6 +57,7 @@ from asymlora.analysis.similarity import (
     compare_factors,
     nanmean,
 )
+from asymlora.errors import MissingFileError, UserError
 
 __all__ = [
     "RELATIONS",
@@ -323,11 +321,11 @@ class DemoResult:
 
 
 def _factors(model) -> dict:
-    import asymlora
+    from asymlora.core.inject import lora_layers
 
     return {
         name: (layer.lora_A.detach().float().cpu().clone(), layer.lora_B.detach().float().cpu().clone())
-        for name, layer in asymlora.lora_layers(model).items()
+        for name, layer in lora_layers(model).items()
     }
 
 
@@ -361,15 +359,17 @@ def _run_demo(settings: DemoSettings | None, out_dir: str | os.PathLike | None,
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    import asymlora
-    from asymlora.tasks.text_classification import (
+    from asymlora.compare.data import (
         PadCollator,
         TokenizedDataset,
         evaluate_classifier,
         load_named_dataset,
         subsample_stratified,
     )
-    from asymlora.train import TrainArgs, fit
+    from asymlora.core.config import AsymLoraConfig
+    from asymlora.core.inject import wrap
+    from asymlora.formats.native import save_adapter
+    from asymlora.training.loop import TrainArgs, fit
 
     t0 = time.time()
     if settings.threads is not None:
@@ -409,11 +409,11 @@ def _run_demo(settings: DemoSettings | None, out_dir: str | os.PathLike | None,
         for spec in specs:
             t = tasks[spec.task]
             model = copy.deepcopy(t["base"])
-            cfg = asymlora.AsymLoraConfig(
+            cfg = AsymLoraConfig(
                 r=settings.r, alpha=2.0 * settings.r, train="AB", init_A=init_a, init_B=init_b,
                 seed=spec.init_seed, modules_to_save=["classifier"],
             )
-            asymlora.wrap(model, cfg)
+            wrap(model, cfg)
             res = fit(model, t["train"], collate, TrainArgs(
                 lr=settings.lr, max_steps=settings.steps, batch_size=settings.batch_size,
                 seed=spec.data_seed, progress=False, desc=spec.label))
@@ -432,7 +432,7 @@ def _run_demo(settings: DemoSettings | None, out_dir: str | os.PathLike | None,
                 f"{entry['loss_first']:.3f} -> {entry['loss_last20pct']:.3f}  val acc {acc:.3f} "
                 f"(majority {t['majority']:.3f})")
             if out is not None:
-                asymlora.save_adapter(model, out / scheme / spec.label.replace("/", "_"))
+                save_adapter(model, out / scheme / spec.label.replace("/", "_"))
             factors.append(_factors(model))
             del model
         report = compare_factors(factors, [s.label for s in specs])

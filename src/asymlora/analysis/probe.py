@@ -52,15 +52,16 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from asymlora.core.layer import linear_shape
 from asymlora.errors import UserError
-from asymlora.layer import linear_shape
 from asymlora.theory.linear import (
     LinearProblem,
     effective_rank,
@@ -102,7 +103,7 @@ class LayerMoments:
     n_tokens: int = 0
 
     @classmethod
-    def empty(cls, name: str, d_in: int, d_out: int) -> "LayerMoments":
+    def empty(cls, name: str, d_in: int, d_out: int) -> LayerMoments:
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
         return cls(name, d_in, d_out, z(d_in, d_in), z(d_out, d_in), z(d_in))
 

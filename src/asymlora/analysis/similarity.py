@@ -43,10 +43,11 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Iterable, Literal, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -328,7 +329,7 @@ def compare_factors(
     """Similarity of the A's and of the B's of every pair of runs, per layer.
 
     ``runs[i]`` maps layer name -> ``(A, B)`` with ``A`` r×d_in and ``B`` d_out×r (the
-    output of :func:`asymlora.checkpoint.load_factors`).  Layers compared: ``layers`` if
+    output of :func:`asymlora.formats.native.load_factors`).  Layers compared: ``layers`` if
     given, else those present in every run (natural sort order).  For each layer and pair:
     the subspace similarity (row spaces of A, column spaces of B) and the plain cosine
     (NaN when the ranks differ).
@@ -482,13 +483,13 @@ def compare_adapters(
     *,
     rtol: float | None = None,
 ) -> SimilarityReport:
-    """Load each saved adapter with :func:`asymlora.checkpoint.load_factors` and run
+    """Load each saved adapter with :func:`asymlora.formats.native.load_factors` and run
     :func:`compare_factors` on them.  ``run_dirs`` may name adapter folders or run folders
     holding exactly one adapter."""
     if len(run_dirs) < 2:
         raise UserError(f"need at least 2 run directories, got {len(run_dirs)}")
     dirs = [resolve_adapter_dir(d) for d in run_dirs]
-    from asymlora.checkpoint import load_factors  # core API; imported lazily
+    from asymlora.formats.native import load_factors  # core API; imported lazily
 
     runs = [load_factors(str(d)) for d in dirs]
     return compare_factors(runs, labels or _run_labels([Path(d) for d in run_dirs]), rtol=rtol)

@@ -10,10 +10,21 @@ module per concern of the task:
 - ``peers``    — PEFT's LoRA and LoRA-FA under the same protocol;
 - ``report``   — tables, verdict lines, results.json/csv/md;  ``plots`` — the PNGs.
 """
-from asymlora.compare.config import ADAPTER_PRESETS, HEAD_ONLY, CompareConfig, StrategySpec, parse_strategy
+from asymlora.compare.config import (
+           ADAPTER_PRESETS,
+           HEAD_ONLY,
+           CompareConfig,
+           StrategySpec,
+           parse_strategy,
+)
 from asymlora.compare.protocol import run_compare, select_lr
+from asymlora.compare.report import (
+           format_table,
+           paired_verdicts,
+           summarize,
+           write_reports,
+)
 from asymlora.compare.run import train_one
-from asymlora.compare.report import format_table, paired_verdicts, summarize, write_reports
 from asymlora.compare.task import Task, prepare_task, set_threads
 
 __all__ = ["ADAPTER_PRESETS", "HEAD_ONLY", "CompareConfig", "StrategySpec", "parse_strategy", "run_compare",

@@ -9,8 +9,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from asymlora.sweep.config import (ADAPTER_PRESETS, HEAD_ONLY, PEFT_PRESETS, STOPPING_RULES, StrategySpec, SweepConfig,
-                                   parse_strategy, target_spec)
+from asymlora.sweep.config import (
+    ADAPTER_PRESETS,
+    HEAD_ONLY,
+    PEFT_PRESETS,
+    STOPPING_RULES,
+    StrategySpec,
+    SweepConfig,
+    parse_strategy,
+    target_spec,
+)
 
 __all__ = ["ADAPTER_PRESETS", "PEFT_PRESETS", "STOPPING_RULES", "HEAD_ONLY", "StrategySpec", "parse_strategy",
            "target_spec", "CompareConfig"]
@@ -20,7 +28,7 @@ __all__ = ["ADAPTER_PRESETS", "PEFT_PRESETS", "STOPPING_RULES", "HEAD_ONLY", "St
 class CompareConfig(SweepConfig):
     """A compare sweep: ``SweepConfig``'s protocol settings plus the classification task —
     ``model`` (None: the bundled all-MiniLM-L6-v2), ``data`` (fortunes, tweets or a file),
-    its text and label columns, ``quantize`` (an ``asymlora.quant`` scheme of the frozen base)
+    its text and label columns, ``quantize`` (an ``asymlora.core.quant`` scheme of the frozen base)
     and ``plots``."""
 
     model: str | None = None
@@ -44,6 +52,6 @@ class CompareConfig(SweepConfig):
 
 
 def _quantize_problem(scheme: str) -> str | None:
-    from asymlora.quant import scheme_problem
+    from asymlora.core.quant import scheme_problem
 
     return scheme_problem(scheme)

@@ -14,7 +14,8 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ def build_peft_model(model: nn.Module, preset: str, rank: int, seed: int, target
 
 def lorafa_optimizer_factory(model: nn.Module, rank: int, lr: float, weight_decay: float
                              ) -> Callable[[Sequence[tuple[str, nn.Parameter]]], torch.optim.Optimizer]:
-    """What ``asymlora.train.fit(make_optimizer=…)`` takes: PEFT's LoRA-FA optimizer on ``model``
+    """What ``asymlora.training.loop.fit(make_optimizer=…)`` takes: PEFT's LoRA-FA optimizer on ``model``
     (alpha = 2r, as every strategy here)."""
     _require_peft()
     from peft.optimizers import create_lorafa_optimizer

@@ -6,30 +6,22 @@
   lines, best steps marked) and the smoothed training loss.
 - ``lr_selection.png``: validation accuracy of the pilot runs against the learning rate, one
   line per strategy, the chosen rate circled, pruned pilots marked with their rung.
-- ``verdicts.png`` (``write_verdict_plot``, also written by ``asymlora sft``): each paired
-  difference (method − LoRA) with its 95 % interval, the ±margin band and the verdict word —
-  the one figure to read first.
+- ``verdicts.png`` (``asymlora.sweep.plots.write_verdict_plot``, shared with ``asymlora sft``):
+  each paired difference (method − LoRA) with its 95 % interval, the ±margin band and the
+  verdict word — the one figure to read first.
 
 Written atomically (rendered into memory, temp file, rename) on matplotlib's Agg backend.
 """
 from __future__ import annotations
 
-import io
 import os
 from typing import Any
 
 import numpy as np
 
-from asymlora.fileio import atomic_write_bytes
+from asymlora.sweep.plots import save_figure, write_verdict_plot
 
-__all__ = ["write_plots", "write_verdict_plot"]
-
-
-def _save(fig: Any, path: str) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+__all__ = ["write_plots"]
 
 
 def _bars(plt: Any, results: dict[str, Any], path: str) -> str:
@@ -60,7 +52,7 @@ def _bars(plt: Any, results: dict[str, Any], path: str) -> str:
                  f"{s['seeds']}", fontsize=9)
     ax.legend(loc="upper center", ncol=3, fontsize=8, frameon=False)
     try:
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -93,7 +85,7 @@ def _curves(plt: Any, results: dict[str, Any], path: str) -> str:
     a2.set_title("training loss per run", fontsize=9)
     a1.legend(fontsize=7, loc="lower right"), a2.legend(fontsize=7)
     try:
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -118,7 +110,7 @@ def _lr_selection(plt: Any, results: dict[str, Any], path: str) -> str:
     ax.set_title(f"learning-rate selection on seed {results['settings']['seeds'][0]} (circled: chosen)", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     try:
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -138,45 +130,3 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
                                   f"{s['data']}, {s['model_name']}: paired test-accuracy differences over seeds "
                                   f"{s['seeds']}")
     return out + ([verdicts] if verdicts else [])
-
-
-def write_verdict_plot(verdicts: list[dict[str, Any]], path: str, title: str = "") -> str | None:
-    """One row per paired difference (``PairedDifference.to_dict()``): the per-seed differences
-    as dots, the mean with its interval as a bar, the ±margin band shaded, zero dashed and the
-    verdict written at the right. Accuracy-like metrics are drawn in points, log-likelihoods in
-    nats per token (each row has its own axis). None when there is no verdict to draw."""
-    if not verdicts:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(verdicts), 1, figsize=(7.5, 0.95 * len(verdicts) + 0.9), squeeze=False)
-    for ax, v in zip(axes[:, 0], verdicts):
-        nats = v["metric"].endswith("loglik")
-        scale, unit = (1.0, "nats/token") if nats else (100.0, "points")
-        m, lo, hi, margin = (scale * v[k] for k in ("mean", "lo", "hi", "margin"))
-        ax.axvspan(-margin, margin, color="tab:green", alpha=0.15, lw=0)
-        ax.axvline(0, color="gray", ls="--", lw=1)
-        if np.isfinite(lo) and np.isfinite(hi):
-            ax.plot([lo, hi], [0, 0], color="k", lw=2.5, solid_capstyle="butt")
-        ax.plot(m, 0, "o", color="k", ms=7)
-        ax.plot([scale * d for d in v["differences"]], [0.18] * len(v["differences"]), ".", color="tab:blue", ms=6)
-        span = max(abs(x) for x in (lo, hi, m, 2 * margin, *(scale * d for d in v["differences"]))
-                   if np.isfinite(x)) * 1.15
-        ax.set_xlim(-span, span)
-        ax.set_ylim(-0.5, 0.5)
-        ax.set_yticks([])
-        ax.set_ylabel(f"{v['method']}\nvs {v['reference']}", rotation=0, ha="right", va="center", fontsize=8)
-        ax.text(1.01, 0.5, v["verdict"], transform=ax.transAxes, va="center", fontsize=9, fontweight="bold")
-        ax.set_xlabel(f"{v['metric']}: method − reference ({unit}); band = ±margin, bar = 95 % interval, "
-                      f"dots = seeds", fontsize=7)
-        ax.tick_params(labelsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)

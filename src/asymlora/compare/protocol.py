@@ -25,25 +25,37 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
 
-from asymlora.commands.options import plural
 from asymlora.compare.config import CompareConfig, StrategySpec
 from asymlora.compare.run import train_one
-from asymlora.sweep.training import autocast, resolve_precision
 from asymlora.compare.task import Task, head_features, prepare_task
 from asymlora.compare.workers import execute, prepare_worker
 from asymlora.fileio import atomic_write_text
-from asymlora.sweep.backends import InProcess, adapter_backend, describe_backend, threads_for_run, worker_count
+from asymlora.sweep.backends import (
+    InProcess,
+    adapter_backend,
+    describe_backend,
+    threads_for_run,
+    worker_count,
+)
 from asymlora.sweep.engine import run_jobs
 from asymlora.sweep.interrupt import stop_on_signals
+from asymlora.sweep.resume import (
+    Journal,
+    check_fingerprints,
+    data_fingerprint,
+    load_partial,
+    model_fingerprint,
+    settings_fingerprint,
+)
 from asymlora.sweep.schedule import Schedule, grid_extension, select_lr
 from asymlora.sweep.timing import Phases
-from asymlora.sweep.resume import (Journal, check_fingerprints, data_fingerprint, load_partial, model_fingerprint,
-                                   settings_fingerprint)
+from asymlora.sweep.training import autocast, resolve_precision
+from asymlora.text import plural
+from asymlora.version import __version__
 
 __all__ = ["run_compare", "select_lr", "grid_extension", "Phases", "train_one"]
 
@@ -66,10 +78,10 @@ def _settings(cfg: CompareConfig, task: Task, specs: list[StrategySpec], threads
               thread_probe: dict[int, float]) -> dict[str, Any]:
     import transformers
 
-    import asymlora
+    from asymlora.core.inject import find_target_modules
 
     base = task.base
-    targets = asymlora.find_target_modules(base, cfg.targets, exclude=[task.head])
+    targets = find_target_modules(base, cfg.targets, exclude=[task.head])
     k = task.num_labels
     return {
         "model": os.path.abspath(task.model_path),
@@ -97,7 +109,7 @@ def _settings(cfg: CompareConfig, task: Task, specs: list[StrategySpec], threads
         "peak_memory": ("CUDA max_memory_allocated" if torch.cuda.is_available() else
                         "CPU peak resident set size of the process during the run (Linux VmHWM reset per run)"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "asymlora": asymlora.__version__},
+                     "transformers": transformers.__version__, "asymlora": __version__},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"},
     }

@@ -9,8 +9,8 @@ import os
 from typing import Any
 
 from asymlora.compare.config import CompareConfig, StrategySpec
-from asymlora.sweep.stats import paired_verdicts, summarize_runs
 from asymlora.fileio import atomic_write_text
+from asymlora.sweep.stats import paired_verdicts, summarize_runs
 
 __all__ = ["summarize", "paired_verdicts", "assemble", "format_table", "write_reports"]
 

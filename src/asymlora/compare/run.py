@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from asymlora.compare.config import HEAD_ONLY, CompareConfig, StrategySpec
-from asymlora.sweep.stats import curve_slope
 from asymlora.compare.task import HeadFeatures, Task, reinit_head
+from asymlora.sweep.stats import curve_slope
 from asymlora.sweep.timing import Timed
 from asymlora.sweep.training import autocast, resolve_precision, stopping_args
 
@@ -54,7 +55,7 @@ def _stack_features(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _feature_metrics(model: Any, data: HeadFeatures, num_labels: int, prefix: str) -> dict[str, float]:
-    from asymlora.tasks.text_classification import classification_metrics
+    from asymlora.compare.data import classification_metrics
 
     was = model.training
     model.eval()
@@ -76,9 +77,9 @@ def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
     """The model of one run and how to feed and score it:
     (model, train data, collate, val scorer, test scorer, adapter parameters)."""
     from asymlora.compare.config import PEFT_PRESETS
-
-    import asymlora
-    from asymlora.tasks.text_classification import evaluate_classifier
+    from asymlora.compare.data import evaluate_classifier
+    from asymlora.core.config import AsymLoraConfig
+    from asymlora.core.inject import find_target_modules, parameter_report, wrap
 
     k = task.num_labels
     if spec.preset is None and features is not None:
@@ -100,14 +101,14 @@ def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
     elif spec.preset in PEFT_PRESETS:
         from asymlora.compare.peers import build_peft_model, peft_adapter_params
 
-        targets = asymlora.find_target_modules(model, cfg.targets, exclude=[task.head])
+        targets = find_target_modules(model, cfg.targets, exclude=[task.head])
         model = build_peft_model(model, spec.preset, spec.rank, seed, targets, task.head)
         adapter = peft_adapter_params(model)
     else:
-        acfg = asymlora.AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed,
+        acfg = AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed,
                                               target_modules=cfg.targets, modules_to_save=[task.head])
-        asymlora.wrap(model, acfg)
-        adapter = asymlora.parameter_report(model).adapter_trainable
+        wrap(model, acfg)
+        adapter = parameter_report(model).adapter_trainable
     return (model, task.train_ds, task.collate,
             lambda m: evaluate_classifier(m, task.val_ds, task.collate, k, prefix="val_"),
             lambda m: evaluate_classifier(m, task.test_ds, task.collate, k, prefix="test_"), adapter)
@@ -120,7 +121,7 @@ def train_one(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: Compare
     """One strategy × seed at learning rate ``lr``, by the rules of step 2 of the protocol.
     With ``pause_at`` the run stops there with a checkpoint in ``output_dir`` and its record
     holds only the curve so far (``paused``); ``resume`` continues it."""
-    from asymlora.train import TrainArgs, fit
+    from asymlora.training.loop import TrainArgs, fit
 
     model, train_data, collate, score_val, score_test, adapter_params = _build(task, spec, seed, cfg, features)
     precision = resolve_precision(cfg.mixed_precision)

@@ -4,16 +4,14 @@ features that the head-only baseline trains on.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from asymlora.errors import UserError
-
 from asymlora.sweep.backends import available_cpus, set_threads, threads_for_run  # noqa: F401 (re-exported)
 
 __all__ = ["Task", "prepare_task", "available_cpus", "set_threads", "reinit_head", "head_name", "HeadFeatures",
@@ -81,9 +79,13 @@ def prepare_task(cfg: Any) -> Task:
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from asymlora.tasks.default import default_model_path
-    from asymlora.tasks.text_classification import (
-        PadCollator, TokenizedDataset, load_text_dataset, subsample_stratified)
+    from asymlora.compare.data import (
+        PadCollator,
+        TokenizedDataset,
+        load_text_dataset,
+        subsample_stratified,
+    )
+    from asymlora.sweep.budget import default_model_path
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -107,11 +109,11 @@ def prepare_task(cfg: Any) -> Task:
         label2id={n: i for i, n in enumerate(data.label_names)})
     head = head_name(base)
     if getattr(cfg, "quantize", None):  # every run (and the head-only features) sees the same quantized base
-        from asymlora.quant import quantize_model
+        from asymlora.core.quant import quantize_model
 
         quantize_model(base, cfg.quantize, skip=[head], device=_accelerator())
     if cfg.target_modules is not None:
-        from asymlora import find_target_modules
+        from asymlora.core.inject import find_target_modules
 
         try:  # the user's --target-modules must name layers of this model
             find_target_modules(base, cfg.targets, exclude=[head])

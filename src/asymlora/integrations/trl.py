@@ -12,7 +12,7 @@ What the trainer does to the model it receives (TRL 1.16, transformers 5), and h
 asymlora:
 
 - The optimizer gets every parameter with ``requires_grad``. A frozen factor is a buffer, not a
-  parameter (``asymlora.layer``), so for b-only the optimizer holds exactly the B's. The callback
+  parameter (``asymlora.core.layer``), so for b-only the optimizer holds exactly the B's. The callback
   checks, before the first step, that the optimizer's parameters are exactly the adapter's trained
   factors plus its ``modules_to_save``: a base weight unfrozen by other code would train but never
   reach the adapter file, and a ``peft_config`` would re-freeze the B's under a PEFT wrapper.
@@ -43,17 +43,28 @@ asymlora:
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from accelerate.utils import is_peft_model
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..checkpoint import save_adapter
-from ..errors import UserError
-from ..inject import _modules_to_save, _output_head_names, adapter_configs, lora_layers
-from ..layer import factor_key
+from asymlora.core.inject import (
+    adapter_configs,
+    lora_layers,
+    output_head_names,
+    saved_modules_of,
+)
+from asymlora.core.layer import factor_key
+from asymlora.errors import UserError
+from asymlora.formats.native import save_adapter
 
 __all__ = ["ADAPTER_DIR", "AsymLoraCallback", "adapter_trainable_parameters", "check_for_trainer"]
 
@@ -72,13 +83,13 @@ def adapter_trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
                 if isinstance(value, nn.Parameter):
                     out[f"{layer_name}.{factor_key(factor, adapter)}"] = value
     for adapter in model.asymlora_active:
-        for module_name, module in _modules_to_save(model, configs[adapter].modules_to_save).items():
+        for module_name, module in saved_modules_of(model, configs[adapter].modules_to_save).items():
             for p_name, p in module.named_parameters():
                 out[f"{module_name}.{p_name}"] = p
     return out
 
 
-def check_for_trainer(model: nn.Module, optimizer: Optional[Any] = None) -> None:
+def check_for_trainer(model: nn.Module, optimizer: Any | None = None) -> None:
     """Refuse (UserError) a model that a ``transformers.Trainer`` / TRL ``SFTTrainer`` would train
     other than its asymlora adapter says.
 
@@ -95,7 +106,7 @@ def check_for_trainer(model: nn.Module, optimizer: Optional[Any] = None) -> None
     if len(model.asymlora_active) != 1:
         raise UserError(f"{len(model.asymlora_active)} adapters are active ({list(model.asymlora_active)}); the "
                         "callback saves one: asymlora.set_adapter(model, name) before building the trainer")
-    heads = _output_head_names(model) & set(lora_layers(model))
+    heads = output_head_names(model) & set(lora_layers(model))
     if heads:
         raise UserError(f"layer {sorted(heads)[0]!r} is the output layer: TRL's fused LM head multiplies by its base "
                         "weight directly, so an adapter there would never train; leave it out of target_modules")
@@ -141,11 +152,11 @@ class AsymLoraCallback(TrainerCallback):
         self.store_frozen = store_frozen
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: Optional[nn.Module] = None, optimizer: Any = None, **kwargs: Any) -> None:
+                       model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
         check_for_trainer(_required(model), optimizer)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                model: Optional[nn.Module] = None, **kwargs: Any) -> None:
+                model: nn.Module | None = None, **kwargs: Any) -> None:
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if state.is_world_process_zero:
             if not os.path.isdir(checkpoint):
@@ -154,12 +165,12 @@ class AsymLoraCallback(TrainerCallback):
             save_adapter(_required(model), os.path.join(checkpoint, self.subdir), store_frozen=self.store_frozen)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     model: Optional[nn.Module] = None, **kwargs: Any) -> None:
+                     model: nn.Module | None = None, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             save_adapter(_required(model), os.path.join(args.output_dir, self.subdir), store_frozen=self.store_frozen)
 
 
-def _required(model: Optional[nn.Module]) -> nn.Module:
+def _required(model: nn.Module | None) -> nn.Module:
     if model is None:
         raise RuntimeError("AsymLoraCallback needs the trainer to pass model= to its callbacks (transformers.Trainer does)")
     return model

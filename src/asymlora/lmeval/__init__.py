@@ -10,7 +10,7 @@ Modules: ``data`` (where the files are), ``tasks`` and ``mmlu`` (prompts, choice
 answers), ``scoring`` (log-likelihoods), ``metrics`` (acc, acc_norm, standard errors),
 ``evaluate`` (the API), ``harness`` (the same items through lm-eval itself).
 """
+from asymlora.lmeval.benchmarks import TASKS
 from asymlora.lmeval.evaluate import ItemResult, TaskScore, evaluate
-from asymlora.lmeval.tasks import TASKS
 
 __all__ = ["TASKS", "TaskScore", "ItemResult", "evaluate"]

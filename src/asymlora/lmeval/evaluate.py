@@ -1,4 +1,4 @@
-"""``evaluate``: score a causal LM on the benchmarks of ``asymlora.lmeval.tasks`` the way
+"""``evaluate``: score a causal LM on the benchmarks of ``asymlora.lmeval.benchmarks`` the way
 lm-evaluation-harness 0.4.13 does (multiple choice by summed log-likelihood; ``acc`` and
 ``acc_norm`` with lm-eval's standard errors), with our cheaper scorer
 (``asymlora.lmeval.scoring``). ``asymlora.lmeval.harness`` runs lm-eval itself on the same items.
@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from asymlora.errors import UserError
 from asymlora.lmeval import mmlu
+from asymlora.lmeval.benchmarks import TASKS, Item, build_items, check_tasks
 from asymlora.lmeval.metrics import mean_stderr, pooled_stderr, predictions
 from asymlora.lmeval.scoring import loglikelihoods
-from asymlora.lmeval.tasks import TASKS, Item, build_items, check_tasks
 
 MAX_SHOTS = 5  # every MMLU subject's dev split has 5 rows
 

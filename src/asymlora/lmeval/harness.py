@@ -20,14 +20,15 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from asymlora.lmeval import mmlu
+from asymlora.lmeval.benchmarks import SPECS
 from asymlora.lmeval.data import arrow_file
 from asymlora.lmeval.evaluate import ItemResult, TaskScore, check_options
 from asymlora.lmeval.metrics import predictions
-from asymlora.lmeval.tasks import SPECS
 
 PREFIX = "asymlora_"
 _STOCK = {"arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml", "sciq": "sciq/sciq.yaml",

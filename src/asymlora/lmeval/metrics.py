@@ -22,7 +22,7 @@ tasks, also through nested category groups) pools its members' errors (lm-eval's
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

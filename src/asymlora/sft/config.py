@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from asymlora.sweep.config import HEAD_ONLY, SweepConfig, parse_strategy
 from asymlora.errors import UserError
+from asymlora.sweep.config import HEAD_ONLY, SweepConfig, parse_strategy
 
 __all__ = ["SFTConfig", "SFT_DEFAULTS", "SFT_QUICK"]
 
@@ -67,7 +67,7 @@ class SFTConfig(SweepConfig):
     shots: int = 0                       # MMLU's solved examples (the other benchmarks are 0-shot)
     max_new_tokens: int = 16
     # a validation loss that has not dropped by more than this (nats per token) over `patience`
-    # evaluations is a plateau (asymlora.train.TrainArgs.early_stopping_min_delta)
+    # evaluations is a plateau (asymlora.training.loop.TrainArgs.early_stopping_min_delta)
     min_delta: float = 0.02
 
     @property

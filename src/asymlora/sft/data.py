@@ -19,8 +19,9 @@ import ast
 import random
 import re
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -128,7 +129,7 @@ def encode_chat(tokenizer: Any, question: str, answer: str | None, max_length: i
 
 class ChatQADataset(torch.utils.data.Dataset):
     """Tokenised exchanges: each item {"input_ids", "labels"} (lists of ints). ``lengths()``
-    lets ``asymlora.train`` group batches by length."""
+    lets ``asymlora.training.loop`` group batches by length."""
 
     def __init__(self, pairs: Sequence[QAPair], tokenizer: Any, max_length: int) -> None:
         self.pairs = list(pairs)

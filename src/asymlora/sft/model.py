@@ -12,8 +12,9 @@ labelled tokens), at a fraction of the cost (tested against it).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn

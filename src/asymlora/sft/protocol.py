@@ -23,18 +23,39 @@ from typing import Any
 
 import torch
 
-from asymlora.commands.options import plural
-from asymlora.sweep.stats import mean_std, paired_verdicts, summarize_runs
 from asymlora.fileio import atomic_write_text
-from asymlora.sweep.backends import InProcess, Job, LocalPool, adapter_backend, describe_backend, threads_for_run, worker_count
+from asymlora.sft.config import SFTConfig
+from asymlora.sft.run import (
+    LMTask,
+    prepare_lm_task,
+    score_saved_adapter,
+    score_test,
+    train_one,
+)
+from asymlora.sweep.backends import (
+    InProcess,
+    Job,
+    LocalPool,
+    adapter_backend,
+    describe_backend,
+    threads_for_run,
+    worker_count,
+)
 from asymlora.sweep.engine import run_jobs
 from asymlora.sweep.interrupt import stop_on_signals
+from asymlora.sweep.resume import (
+    Journal,
+    check_fingerprints,
+    data_fingerprint,
+    load_partial,
+    model_fingerprint,
+    settings_fingerprint,
+)
 from asymlora.sweep.schedule import Schedule
+from asymlora.sweep.stats import mean_std, paired_verdicts, summarize_runs
 from asymlora.sweep.timing import Phases
-from asymlora.sweep.resume import (Journal, check_fingerprints, data_fingerprint, load_partial, model_fingerprint,
-                                   settings_fingerprint)
-from asymlora.sft.config import SFTConfig
-from asymlora.sft.run import LMTask, prepare_lm_task, score_saved_adapter, score_test, train_one
+from asymlora.text import plural
+from asymlora.version import __version__
 
 __all__ = ["run_sft", "score_saved_run", "format_sft_table", "format_bench_table"]
 
@@ -78,15 +99,15 @@ def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None,
     """Score the base model (``adapter`` None) or base + adapter on the benchmarks."""
     from transformers import AutoModelForCausalLM
 
-    import asymlora
-    from asymlora.sweep.training import resolve_precision
+    from asymlora.formats.native import load_adapter
     from asymlora.lmeval import evaluate
+    from asymlora.sweep.training import resolve_precision
 
     path, tokenizer = state
     t = time.perf_counter()
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if adapter is not None:
-        asymlora.load_adapter(lm, adapter)
+        load_adapter(lm, adapter)
     bf16 = resolve_precision(cfg.mixed_precision) == "bf16"
     scores = {}
     for task in cfg.tasks:  # MMLU's limit counts items per subject (57 of them), the others' items per task
@@ -231,7 +252,7 @@ def score_saved_run(cfg: SFTConfig) -> dict[str, Any]:
 
 def _write_reports(results: dict[str, Any], out_dir: str) -> None:
     """results.json, results.md and verdicts.png (each paired difference with its interval)."""
-    from asymlora.compare.plots import write_verdict_plot
+    from asymlora.sweep.plots import write_verdict_plot
 
     atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
     atomic_write_text(os.path.join(out_dir, "results.md"), format_sft_markdown(results))
@@ -242,7 +263,7 @@ def _write_reports(results: dict[str, Any], out_dir: str) -> None:
 def _settings(cfg: SFTConfig, task: LMTask, threads: int, workers: int) -> dict[str, Any]:
     import transformers
 
-    import asymlora
+
 
     return {
         "model": task.model_path, "model_name": os.path.basename(os.path.normpath(task.model_path)),
@@ -257,7 +278,7 @@ def _settings(cfg: SFTConfig, task: LMTask, threads: int, workers: int) -> dict[
         "tasks": cfg.tasks, "bench_limit": cfg.bench_limit, "mmlu_limit": cfg.mmlu_limit, "shots": cfg.shots, "max_new_tokens": cfg.max_new_tokens,
         "margin": cfg.margin, "min_delta": cfg.min_delta, "threads": threads, "workers": workers, "precision": cfg.mixed_precision,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "asymlora": asymlora.__version__},
+                     "transformers": transformers.__version__, "asymlora": __version__},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
 

@@ -14,13 +14,18 @@ from typing import Any
 
 import torch
 
-from asymlora.sweep.config import StrategySpec
-from asymlora.sweep.timing import Timed
-from asymlora.sweep.training import autocast, resolve_precision, stopping_args
-from asymlora.sweep.stats import curve_slope
 from asymlora.sft.config import SFTConfig
 from asymlora.sft.data import ChatQADataset, QAPair, collate_chat, load_qa, split_qa
-from asymlora.sft.model import ResponseOnlyLM, exact_match_rate, generate_answers, response_nll
+from asymlora.sft.model import (
+    ResponseOnlyLM,
+    exact_match_rate,
+    generate_answers,
+    response_nll,
+)
+from asymlora.sweep.config import StrategySpec
+from asymlora.sweep.stats import curve_slope
+from asymlora.sweep.timing import Timed
+from asymlora.sweep.training import autocast, resolve_precision, stopping_args
 
 __all__ = ["LMTask", "prepare_lm_task", "train_one", "score_test", "score_saved_adapter", "adapter_dir"]
 
@@ -96,10 +101,10 @@ DEFERRED_TEST: dict[str, Any] = {"test_loss": None, "test_loglik": None, "test_e
 def score_saved_adapter(task: LMTask, cfg: SFTConfig, record: dict[str, Any]) -> dict[str, Any]:
     """The test scores of a run whose scoring was deferred (a pilot that won its lr search),
     from the adapter it saved; returns the record with them filled in."""
-    import asymlora
+    from asymlora.formats.native import load_adapter
 
     lm = copy.deepcopy(task.lm)
-    asymlora.load_adapter(lm, record["adapter_dir"])
+    load_adapter(lm, record["adapter_dir"])
     t = time.perf_counter()
     test = score_test(lm, task, cfg)
     seconds = time.perf_counter() - t
@@ -110,12 +115,14 @@ def score_saved_adapter(task: LMTask, cfg: SFTConfig, record: dict[str, Any]) ->
 def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTConfig, *,
               desc: str, pilot: bool = False) -> tuple[dict[str, Any], float]:
     """One strategy × seed at ``lr``; returns (record, seconds spent evaluating)."""
-    import asymlora
-    from asymlora.train import TrainArgs, fit
+    from asymlora.core.config import AsymLoraConfig
+    from asymlora.core.inject import parameter_report, wrap
+    from asymlora.formats.native import save_adapter
+    from asymlora.training.loop import TrainArgs, fit
 
     lm = copy.deepcopy(task.lm)
-    acfg = asymlora.AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed, target_modules=cfg.targets)
-    asymlora.wrap(lm, acfg)
+    acfg = AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed, target_modules=cfg.targets)
+    wrap(lm, acfg)
     model = ResponseOnlyLM(lm)
     precision = resolve_precision(cfg.mixed_precision)
     score_val = Timed(lambda m: {"val_loss": response_nll(m, task.val_batches)})
@@ -130,12 +137,12 @@ def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTCo
     # rate wins, so pilots are scored later, from their saved adapter (``score_saved_adapter``).
     test = DEFERRED_TEST if pilot else score_test(lm, task, cfg)
     out = adapter_dir(cfg, spec.label, seed, lr)
-    asymlora.save_adapter(lm, out)
+    save_adapter(lm, out)
     eval_s = score_val.seconds + time.perf_counter() - t
     evals = [(h["step"], h["val_loss"]) for h in res.history if "val_loss" in h]
     record = {
         "strategy": spec.label, "preset": spec.preset, "rank": spec.rank, "seed": seed, "lr": lr,
-        "trainable_params": res.trainable_params, "adapter_params": asymlora.parameter_report(lm).adapter_trainable,
+        "trainable_params": res.trainable_params, "adapter_params": parameter_report(lm).adapter_trainable,
         "val_loss": res.best_metric if res.best_metric is not None else res.final_metrics.get("val_loss"),
         **test,
         "best_step": res.best_step if res.best_step is not None else res.steps, "steps": res.steps,

@@ -22,9 +22,10 @@ import contextlib
 import multiprocessing
 import os
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from asymlora.sweep.interrupt import ignore_in_worker
 
@@ -314,7 +315,7 @@ def adapter_backend(cfg: Any, workers: int, prepare: Callable[[Any], Any], execu
 
 def describe_backend(cfg: Any, workers: int, threads: int) -> str:
     """How the adapter runs execute, for the sweep's first line."""
-    from asymlora.commands.options import plural
+    from asymlora.text import plural
 
     if cfg.backend == "ray":
         where = cfg.ray_address or "a local cluster"

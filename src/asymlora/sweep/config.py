@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import ClassVar
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from asymlora.errors import UserError
-from asymlora.tasks.default import DEFAULT, DEFAULT_STRATEGIES
+from asymlora.sweep.budget import DEFAULT, DEFAULT_STRATEGIES
 
 __all__ = ["ADAPTER_PRESETS", "PEFT_PRESETS", "STOPPING_RULES", "HEAD_ONLY", "StrategySpec", "parse_strategy", "target_spec", "SweepConfig"]
 
@@ -76,7 +76,7 @@ def target_spec(names: list[str] | None) -> list[str] | str | None:
 @dataclass
 class SweepConfig:
     """The protocol's settings, shared by every task of the sweep (compare, sft); the defaults
-    are the embedded default experiment's (``asymlora.tasks.default.DEFAULT``).
+    are the embedded default experiment's (``asymlora.sweep.budget.DEFAULT``).
 
     For each strategy the learning rate is picked from ``lrs`` by the validation score of runs
     on the first seed (the pilots; a best rate on an edge of the grid gets up to

@@ -4,8 +4,9 @@ SIGTERM or SIGINT stop the sweep: every worker is stopped at once and
 :class:`asymlora.sweep.interrupt.Interrupted` propagates to the caller."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from asymlora.sweep.backends import Job
 from asymlora.sweep.interrupt import stop_on_signals

@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 __all__ = ["Interrupted", "stop_on_signals", "ignore_in_worker"]
 

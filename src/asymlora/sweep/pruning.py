@@ -44,8 +44,8 @@ it ranks in the bottom half.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 __all__ = ["PruneDecision", "prune_rates", "accuracy_difference_se", "optimistic_final"]
 

@@ -17,7 +17,8 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from asymlora.errors import UserError
 

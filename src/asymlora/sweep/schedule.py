@@ -18,7 +18,8 @@ end equal to an uninterrupted one (``asymlora.sweep.resume``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from asymlora.sweep.backends import Job
 from asymlora.sweep.pruning import PruneDecision, accuracy_difference_se, prune_rates

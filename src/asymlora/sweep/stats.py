@@ -7,8 +7,9 @@ accurate to ~1e-9 — checked against ``scipy.stats.t.ppf`` in the tests.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

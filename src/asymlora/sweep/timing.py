@@ -4,7 +4,8 @@ and evaluation time apart (docs/design.md)."""
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["Phases", "Timed"]
 

@@ -30,13 +30,13 @@ def stopping_args(cfg: Any, pilot: bool, metric: str, higher_is_better: bool = T
 
 def resolve_precision(mode: str) -> str:
     """compare's "auto": bf16 autocast on a GPU that has it (else fp16) and on CPUs with native
-    bf16 matrix instructions (``asymlora.train.cpu_has_native_bf16``), else full fp32. The
+    bf16 matrix instructions (``asymlora.training.loop.cpu_has_native_bf16``), else full fp32. The
     trained factors and the optimizer stay fp32 either way."""
     if mode != "auto":
         return mode
     if torch.cuda.is_available():
         return "auto"  # fit() picks bf16 or fp16 on the GPU
-    from asymlora.train import cpu_has_native_bf16
+    from asymlora.training.loop import cpu_has_native_bf16
 
     return "bf16" if cpu_has_native_bf16() else "no"
 

@@ -7,7 +7,7 @@ information-theoretic bound with parameter counts taken from real module shapes.
 """
 from __future__ import annotations
 
-from .bounds import (
+from asymlora.theory.bounds import (
     PRESETS,
     LayerShape,
     bound_table,
@@ -18,7 +18,7 @@ from .bounds import (
     load_shapes,
     parse_shapes,
 )
-from .linear import (
+from asymlora.theory.linear import (
     SPECTRA,
     ExpectedLoss,
     FactorSolution,

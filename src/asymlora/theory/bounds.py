@@ -24,9 +24,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from asymlora.errors import UserError
 
@@ -167,90 +168,24 @@ def parse_shapes(text: str) -> list[LayerShape]:
 
 
 # ---- shapes from a model ----------------------------------------------------------------
-# Fallback per-architecture defaults, used only when asymlora.inject is not available.
-_FALLBACK_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "roberta": ["query", "value"],
-    "bert": ["query", "value"],
-    "bart": ["q_proj", "k_proj", "v_proj"],
-    "t5": ["q", "v"],
-    "vit": ["query", "value", "q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-}
-_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "pooler")
-
-
-def _fallback_linear_shape(module: Any) -> tuple[int, int]:
-    import torch.nn as nn
-
-    base = getattr(module, "base", None)
-    if base is not None and base is not module:
-        return _fallback_linear_shape(base)
-    if isinstance(module, nn.Linear):
-        return int(module.in_features), int(module.out_features)
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return int(module.weight.shape[0]), int(module.nf)  # transformers Conv1D: weight (d_in, d_out)
-    if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return int(module.in_features), int(module.out_features)
-    raise ValueError(f"module of type {type(module).__name__} is not a linear layer")
-
-
-def _is_linear(module: Any) -> bool:
-    import torch.nn as nn
-
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
-
-
-def _fallback_find_targets(model: Any, targets: Any) -> dict[str, Any]:
-    """Walk nn.Linear / Conv1D modules and match by name suffix, regex or 'all-linear'."""
-    linear = {n: m for n, m in model.named_modules() if n and _is_linear(m)}
-    if targets is None:
-        mtype = getattr(getattr(model, "config", None), "model_type", None)
-        targets = _FALLBACK_TARGETS.get(mtype or "", "all-linear")
-    if targets == "all-linear":
-        return {n: m for n, m in linear.items() if n.split(".")[-1] not in _HEAD_NAMES}
-    if isinstance(targets, str) and not re.fullmatch(r"[A-Za-z0-9_.]+", targets):
-        rx = re.compile(targets)
-        return {n: m for n, m in linear.items() if rx.fullmatch(n)}
-    names = [targets] if isinstance(targets, str) else list(targets)
-    return {n: m for n, m in linear.items() if any(n == t or n.endswith("." + t) for t in names)}
-
-
-def _core_functions() -> tuple[Callable[..., dict[str, Any]], Callable[[Any], tuple[int, int]]]:
-    """The adapter core's target finder and shape reader when they exist, else the fallbacks."""
-    find: Callable[..., dict[str, Any]] = _fallback_find_targets
-    shape: Callable[[Any], tuple[int, int]] = _fallback_linear_shape
-    try:
-        from asymlora import inject as _inject
-
-        find = getattr(_inject, "find_target_modules", find)
-    except ImportError:
-        pass
-    try:
-        from asymlora import layer as _layer
-
-        shape = getattr(_layer, "linear_shape", shape)
-    except ImportError:
-        pass
-    return find, shape
 
 
 def layer_shapes_from_model(model: Any, targets: Any = None) -> list[LayerShape]:
     """Shapes of the layers an adapter would wrap in ``model`` (works on meta-device models).
 
     ``targets``: None (per-architecture default), a list of module-name suffixes, a regex
-    string, or ``"all-linear"`` — the semantics of ``asymlora.inject.find_target_modules``.
+    string, or ``"all-linear"`` — the semantics of ``asymlora.core.inject.find_target_modules``.
     """
-    find, shape = _core_functions()
+    from asymlora.core.inject import find_target_modules
+    from asymlora.core.layer import linear_shape
+
     try:
-        found = find(model, targets)
+        found = find_target_modules(model, targets)
     except (ValueError, re.error) as err:  # the targets came from the user
         raise UserError(f"--targets {targets!r}: {err}") from err
     out = []
     for name, module in found.items():
-        d_in, d_out = shape(module)
+        d_in, d_out = linear_shape(module)
         out.append(LayerShape(name, int(d_in), int(d_out)))
     if not out:
         raise UserError(f"no target modules matched targets={targets!r} in {type(model).__name__}")
@@ -361,7 +296,7 @@ def load_shapes(model: str, targets: Any = None) -> tuple[list[LayerShape], str]
     """Layer shapes for a preset name (see ``PRESETS``) or a local config.json / model dir.
 
     ``targets=None`` takes the preset's targets (the paper's setting) or, for a path, the
-    per-architecture default of ``asymlora.inject``.
+    per-architecture default of ``asymlora.core.inject``.
     Returns (shapes, description). The model is built on the meta device: no weights are
     read or allocated, nothing is downloaded.
     """

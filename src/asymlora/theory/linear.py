@@ -31,8 +31,9 @@ pseudo-inverses (no NaNs); shape mismatches raise ``ValueError``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -1,0 +1,138 @@
+"""The ``asymlora`` command.
+
+Each subcommand lives in ``asymlora.cli.<name>`` and exposes
+``register(subparsers)`` which adds its parser and sets ``func``. Modules are
+imported lazily so ``asymlora --help`` stays fast and a missing optional
+dependency of one command does not break the others.
+
+Errors: a mistake in what the user gave (a bad flag value, a missing file, a bad dataset or
+adapter folder, a tampered file) raises :class:`asymlora.errors.UserError`; ``main`` prints it
+as one line, ``asymlora <command>: error: <message>``, removes the output folder if this call
+created it, and returns 2. Any other exception is a bug and keeps its traceback. ``--debug``
+(anywhere on the command line) or ``ASYMLORA_DEBUG=1`` shows the traceback of user errors too.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Sequence
+
+from asymlora.errors import UserError
+
+# subcommand name -> module under asymlora.cli
+COMMANDS: dict[str, str] = {
+    "compare": "compare",
+    "sft": "sft",
+    "train": "train",
+    "run": "run",
+    "results": "results",
+    "theory": "theory",
+    "similarity": "similarity",
+    "export": "export",
+    "merge": "merge",
+    "bench": "bench",
+    "probe": "probe",
+    "eval": "eval",
+}
+
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "ASYMLORA_DEBUG"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``asymlora compare: error: ...``) instead of the usage
+    block; subcommand parsers inherit it."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="asymlora",
+        description="Asymmetric LoRA: freeze a random orthonormal A, train B.",
+        epilog=f"Mistakes in the input are reported in one line (exit status 2); {DEBUG_FLAG} "
+        f"or {DEBUG_ENV}=1 shows the full traceback.",
+    )
+    parser.add_argument(DEBUG_FLAG, action="store_true", help="show tracebacks for input errors too")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = None
+    if argv:
+        first = next((a for a in argv if not a.startswith("-")), None)
+        if first in COMMANDS:
+            wanted = first
+    for name, module in COMMANDS.items():
+        if wanted is not None and name != wanted:
+            continue
+        try:
+            mod = importlib.import_module(f"asymlora.cli.{module}")
+        except ModuleNotFoundError as err:
+            if err.name and err.name.startswith("asymlora.cli"):
+                continue  # command not built yet
+            raise
+        mod.register(sub)
+    return parser
+
+
+def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """Remove ``--debug`` wherever it stands (before a ``--`` separator)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = DEBUG_FLAG in argv[:end]
+    return [a for i, a in enumerate(argv) if i >= end or a != DEBUG_FLAG], debug
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    sub = getattr(args, "theory_command", None)
+    return " ".join(["asymlora", args.command] + ([sub] if sub else []))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    debug = debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    parser = build_parser(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a one-line usage error already printed
+        return stop.code if isinstance(stop.code, int) else 2
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    out = getattr(args, "output_dir", None)
+    out_existed = out is None or os.path.lexists(out)
+    try:
+        result = args.func(args)
+    except UserError as err:
+        if not out_existed and os.path.isdir(out):  # this call created it: leave nothing half-written
+            shutil.rmtree(out, ignore_errors=True)
+        if debug:
+            raise
+        message = " ".join(str(err).split())  # one line
+        print(f"{_command_name(args)}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:  # SIGINT, or SIGTERM during a sweep (asymlora.sweep.interrupt)
+        signum = getattr(err, "signum", signal.SIGINT)
+        saved = os.path.join(out, "results.json") if out else None
+        kept = (f"; the finished runs are kept in {saved} (add --resume to go on)"
+                if saved and os.path.isfile(saved) else "")
+        print(f"{_command_name(args)}: stopped by {signal.Signals(signum).name}{kept}", file=sys.stderr)
+        if hasattr(err, "signum"):  # a sweep: its workers are stopped and its results on disk; skip the
+            sys.stdout.flush()      # interpreter's teardown of the loaded models (tens of seconds on a busy
+            sys.stderr.flush()      # machine) so that the process ends when asked to
+            os._exit(128 + signum)
+        return 128 + signum
+    except BrokenPipeError:  # output piped into `head` etc.: stop quietly
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

