@@ -16,12 +16,12 @@ from asymlora.formats.native import CONFIG_NAME, WEIGHTS_NAME, load_factors
 from asymlora.formats.peft import convert_to_peft
 
 # (field, new value, regex the message must match): the saved adapter has r=4, alpha=8, seed=3,
-# targets query,value, and the preset's train/init.
+# targets query,value, and the preset's trainable/init.
 EDITS = [
     ("r", 8, r"says r=8 but layer '.*' was saved with r=4"),
     ("alpha", 16.0, r"says alpha=16.0 but layer '.*' \(scaling 2\) was saved with alpha=8.0"),
     ("seed", 4, r"says seed=4 but .* was saved with seed=3"),
-    ("train", "AB", r"says train='AB' but layer '.*' was saved with train='B'"),
+    ("trainable", "AB", r"says trainable='AB' but layer '.*' was saved with trainable='B'"),
     ("init_A", "gaussian", r"says init_A='gaussian' but layer '.*' was saved with init_A='orthogonal'"),
     ("init_B", "orthogonal", r"says init_B='orthogonal' but layer '.*' was saved with init_B='zero'"),
     ("target_modules", ["query"], r"target_modules=\['query'\], which does not cover the saved layer '.*value'"),

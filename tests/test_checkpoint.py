@@ -113,7 +113,7 @@ def test_never_unpickles(tmp_path):
 
 
 def test_svd_factor_is_stored(tmp_path, tokens):
-    model = wrap(tiny_bert(), AsymLoraConfig(r=4, train="B", init_A="svd", init_B="zero"))
+    model = wrap(tiny_bert(), AsymLoraConfig(r=4, trainable="B", init_A="svd", init_B="zero"))
     perturb_trained_factors(model)
     save_adapter(model, tmp_path / "ad")
     meta = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
@@ -185,7 +185,7 @@ def test_import_peft_adapter(tmp_path, tokens, arch, peft):
     with torch.no_grad():
         want = pm(tokens).logits
     pm.save_pretrained(tmp_path / "peft")
-    model = import_peft(MODEL_BUILDERS[arch](seed=0), tmp_path / "peft", train="B")
+    model = import_peft(MODEL_BUILDERS[arch](seed=0), tmp_path / "peft", trainable="B")
     with torch.no_grad():
         got = model(tokens).logits
     assert (got - want).abs().max().item() <= 1e-5

@@ -54,7 +54,7 @@ def _rewrite_weights(folder, fn) -> None:
 
 @pytest.mark.parametrize("wrapped_as,message", [
     (AsymLoraConfig.preset("b-only", r=4, target_modules=["query"]), "model is wrapped with layers"),
-    (AsymLoraConfig.preset("lora", r=4), "model trains 'AB', adapter was saved with train='B'"),
+    (AsymLoraConfig.preset("lora", r=4), "model trains 'AB', adapter was saved with trainable='B'"),
     (AsymLoraConfig.preset("b-only", r=8), "is wrapped at rank 8, the adapter's is r=4"),
 ])
 def test_load_onto_a_model_wrapped_differently(adapter, wrapped_as, message):

@@ -95,7 +95,7 @@ def test_train_writes_checkpoint_adapter_and_metrics(assets, tmp_path, capsys):
     assert metrics["trainable_params"] == LAYERS * 2 * HIDDEN * R + head
     assert metrics["settings"]["threads"] == 1 and metrics["settings"]["label_names"] == LABELS
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert adapter["config"]["train"] == "B" and adapter["config"]["r"] == R
+    assert adapter["config"]["trainable"] == "B" and adapter["config"]["r"] == R
     # the adapter file reproduces the reported test accuracy on a fresh base model
     assert plain_loop_accuracy(*assets, out / "adapter") == pytest.approx(metrics["test_accuracy"], abs=1e-12)
     printed = capsys.readouterr().out

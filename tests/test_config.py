@@ -4,15 +4,15 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_bert
 
-from asymlora import AsymLoraConfig, wrap
+from asymlora import AsymLoraConfig, UserError, wrap
 
 
 def test_presets_match_design_table():
-    assert (AsymLoraConfig.preset("lora").train, AsymLoraConfig.preset("lora").init_A) == ("AB", "kaiming")
+    assert (AsymLoraConfig.preset("lora").trainable, AsymLoraConfig.preset("lora").init_A) == ("AB", "kaiming")
     b = AsymLoraConfig.preset("b-only", r=4)
-    assert (b.train, b.init_A, b.init_B, b.alpha) == ("B", "orthogonal", "zero", 8.0)
+    assert (b.trainable, b.init_A, b.init_B, b.alpha) == ("B", "orthogonal", "zero", 8.0)
     a = AsymLoraConfig.preset("a-only")
-    assert (a.train, a.init_A, a.init_B) == ("A", "zero", "orthogonal")
+    assert (a.trainable, a.init_A, a.init_B) == ("A", "zero", "orthogonal")
 
 
 def test_json_round_trip(tmp_path):
@@ -22,6 +22,18 @@ def test_json_round_trip(tmp_path):
     cfg.to_json(path)
     assert AsymLoraConfig.from_json(path) == cfg
     assert AsymLoraConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_dict_uses_trainable_and_reads_the_version_1_key():
+    """to_dict writes "trainable"; a dict from a format-version-1 adapter (asymlora 0.1.0) names
+    the same field "train" and gives the same config."""
+    cfg = AsymLoraConfig.preset("a-only", r=4)
+    data = cfg.to_dict()
+    assert data["trainable"] == "A" and "train" not in data
+    old = {("train" if k == "trainable" else k): v for k, v in data.items()}
+    assert AsymLoraConfig.from_dict(old) == cfg
+    with pytest.raises(UserError, match="both 'train'"):
+        AsymLoraConfig.from_dict({**old, "trainable": "A"})
 
 
 def test_scaling_modes_and_overrides():
@@ -37,31 +49,31 @@ def test_scaling_modes_and_overrides():
 @pytest.mark.parametrize(
     "kwargs, exc, words",
     [
-        ({"r": 0}, ValueError, "r must be >= 1"),
-        ({"r": -3}, ValueError, "r must be >= 1"),
-        ({"r": 2.5}, TypeError, "r must be an integer"),
-        ({"r": True}, TypeError, "r must be an integer"),
-        ({"alpha": 0}, ValueError, "alpha must be > 0"),
-        ({"alpha": float("nan")}, ValueError, "alpha must be finite"),
-        ({"scaling": "sqrt"}, ValueError, "scaling must be one of"),
-        ({"dropout": 1.0}, ValueError, "dropout must be in [0, 1)"),
-        ({"dropout": -0.1}, ValueError, "dropout must be in [0, 1)"),
-        ({"train": "C"}, ValueError, "train must be one of"),
-        ({"init_A": "xavier"}, ValueError, "init_A='xavier' is not a known initialiser"),
-        ({"init_B": "ones"}, ValueError, "init_B='ones' is not a known initialiser"),
-        ({"init_A": "zero", "init_B": "zero", "train": "AB"}, ValueError, "both factors start at zero"),
-        ({"init_A": "zero", "init_B": "zero", "train": "B"}, ValueError, "both factors start at zero"),
-        ({"train": "B", "init_A": "zero", "init_B": "orthogonal"}, ValueError, "freezes A but init_A='zero'"),
-        ({"train": "A", "init_A": "orthogonal", "init_B": "zero"}, ValueError, "freezes B but init_B='zero'"),
-        ({"seed": -1}, ValueError, "seed must be >= 0"),
-        ({"target_modules": []}, ValueError, "empty list"),
-        ({"target_modules": ""}, ValueError, "empty string"),
-        ({"target_modules": "(unclosed"}, ValueError, "does not compile"),
-        ({"target_modules": 5}, TypeError, "target_modules must be"),
-        ({"modules_to_save": "classifier"}, TypeError, "modules_to_save must be a list"),
-        ({"rank_pattern": {"q": 0}}, ValueError, "rank_pattern['q'] must be >= 1"),
-        ({"rank_pattern": {"(": 2}}, ValueError, "not a valid regular expression"),
-        ({"alpha_pattern": {"q": -1.0}}, ValueError, "alpha_pattern['q'] must be > 0"),
+        ({"r": 0}, UserError, "r must be >= 1"),
+        ({"r": -3}, UserError, "r must be >= 1"),
+        ({"r": 2.5}, UserError, "r must be an integer"),
+        ({"r": True}, UserError, "r must be an integer"),
+        ({"alpha": 0}, UserError, "alpha must be > 0"),
+        ({"alpha": float("nan")}, UserError, "alpha must be finite"),
+        ({"scaling": "sqrt"}, UserError, "scaling must be one of"),
+        ({"dropout": 1.0}, UserError, "dropout must be in [0, 1)"),
+        ({"dropout": -0.1}, UserError, "dropout must be in [0, 1)"),
+        ({"trainable": "C"}, UserError, "trainable must be one of"),
+        ({"init_A": "xavier"}, UserError, "init_A='xavier' is not a known initialiser"),
+        ({"init_B": "ones"}, UserError, "init_B='ones' is not a known initialiser"),
+        ({"init_A": "zero", "init_B": "zero", "trainable": "AB"}, UserError, "both factors start at zero"),
+        ({"init_A": "zero", "init_B": "zero", "trainable": "B"}, UserError, "both factors start at zero"),
+        ({"trainable": "B", "init_A": "zero", "init_B": "orthogonal"}, UserError, "freezes A but init_A='zero'"),
+        ({"trainable": "A", "init_A": "orthogonal", "init_B": "zero"}, UserError, "freezes B but init_B='zero'"),
+        ({"seed": -1}, UserError, "seed must be >= 0"),
+        ({"target_modules": []}, UserError, "empty list"),
+        ({"target_modules": ""}, UserError, "empty string"),
+        ({"target_modules": "(unclosed"}, UserError, "does not compile"),
+        ({"target_modules": 5}, UserError, "target_modules must be"),
+        ({"modules_to_save": "classifier"}, UserError, "modules_to_save must be a list"),
+        ({"rank_pattern": {"q": 0}}, UserError, "rank_pattern['q'] must be >= 1"),
+        ({"rank_pattern": {"(": 2}}, UserError, "not a valid regular expression"),
+        ({"alpha_pattern": {"q": -1.0}}, UserError, "alpha_pattern['q'] must be > 0"),
     ],
 )
 def test_bad_config_rejected(kwargs, exc, words):
@@ -71,9 +83,9 @@ def test_bad_config_rejected(kwargs, exc, words):
 
 
 def test_unknown_preset_and_field():
-    with pytest.raises(ValueError, match="unknown preset 'c-only'"):
+    with pytest.raises(UserError, match="unknown preset 'c-only'"):
         AsymLoraConfig.preset("c-only")
-    with pytest.raises(ValueError, match=r"unknown AsymLoraConfig field\(s\) \['rank'\]"):
+    with pytest.raises(UserError, match=r"unknown AsymLoraConfig field\(s\) \['rank'\]"):
         AsymLoraConfig.from_dict({"rank": 4})
 
 
@@ -92,7 +104,7 @@ def test_unknown_preset_and_field():
 def test_bad_config_for_model_rejected_before_any_change(kwargs, words):
     model = tiny_bert()
     before = [n for n, _ in model.named_modules()]
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(UserError) as info:
         wrap(model, AsymLoraConfig.preset("b-only", **kwargs))
     assert words in str(info.value)
     assert [n for n, _ in model.named_modules()] == before          # untouched
@@ -101,12 +113,12 @@ def test_bad_config_for_model_rejected_before_any_change(kwargs, words):
 
 def test_wrap_twice_rejected():
     model = wrap(tiny_bert(), AsymLoraConfig.preset("b-only", r=2))
-    with pytest.raises(ValueError, match="already has asymlora adapters"):
+    with pytest.raises(UserError, match="already has asymlora adapters"):
         wrap(model, AsymLoraConfig.preset("b-only", r=2))
 
 
 def test_default_targets_unknown_architecture():
     import torch.nn as nn
 
-    with pytest.raises(ValueError, match="no default target modules"):
+    with pytest.raises(UserError, match="no default target modules"):
         wrap(nn.Sequential(nn.Linear(4, 4)), AsymLoraConfig(r=2))

@@ -79,19 +79,19 @@ def _naive_forward(x, w, bias, a, b, s):
     return x @ (w + s * b @ a).T + bias
 
 
-@pytest.mark.parametrize("train", ["B", "A", "AB"])
-def test_gradients_match_dense_reference_float64(train):
+@pytest.mark.parametrize("trainable", ["B", "A", "AB"])
+def test_gradients_match_dense_reference_float64(trainable):
     torch.manual_seed(0)
     base = nn.Linear(7, 5).double()
-    inits = {"B": ("orthogonal", "zero"), "A": ("zero", "orthogonal"), "AB": ("kaiming", "gaussian")}[train]
+    inits = {"B": ("orthogonal", "zero"), "A": ("zero", "orthogonal"), "AB": ("kaiming", "gaussian")}[trainable]
     model = nn.Sequential()
     model.add_module("proj", base)
-    wrap(model, AsymLoraConfig(r=3, alpha=6, train=train, init_A=inits[0], init_B=inits[1], target_modules=["proj"]))
+    wrap(model, AsymLoraConfig(r=3, alpha=6, trainable=trainable, init_A=inits[0], init_B=inits[1], target_modules=["proj"]))
     layer = model.proj
     perturb_trained_factors(model)
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
     trained = [p for p in layer.parameters(recurse=False)]
-    assert len(trained) == len(train)
+    assert len(trained) == len(trainable)
 
     def fn(x, *factors):
         return torch.func.functional_call(layer, {n: f for n, f in zip(

@@ -235,9 +235,9 @@ def test_sharing_is_decided_by_tensors_not_configs():
     layer.register_buffer("lora_A_t2", layer.factor("t1", "A").clone() * -1, persistent=True)
     with pytest.raises(UserError, match="'t2' has another frozen A than 't1' in 1 of 2 layers"):
         add_weighted_adapter(model, ["t1", "t2"], [1.0, 1.0], "new")
-    svd = asymlora.wrap(tiny_llama(), AsymLoraConfig(r=2, train="B", init_A="svd", target_modules=["q_proj"], seed=1),
+    svd = asymlora.wrap(tiny_llama(), AsymLoraConfig(r=2, trainable="B", init_A="svd", target_modules=["q_proj"], seed=1),
                         adapter_name="s1")
-    add_adapter(svd, "s2", AsymLoraConfig(r=2, train="B", init_A="svd", target_modules=["q_proj"], seed=2))
+    add_adapter(svd, "s2", AsymLoraConfig(r=2, trainable="B", init_A="svd", target_modules=["q_proj"], seed=2))
     _perturb(svd)
     report = add_weighted_adapter(svd, ["s1", "s2"], [1.0, 1.0], "sum")
     assert report.shared == "A" and report.error < 1e-6

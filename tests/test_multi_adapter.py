@@ -230,9 +230,9 @@ def test_one_shared_A_per_seed_buffer_identity_and_memory(tmp_path):
 
 def test_sharing_is_verified_by_fingerprint_not_config(tmp_path, monkeypatch):
     """Same seed/init/rank but a different base layer value for svd init: not shared."""
-    model = asymlora.wrap(tiny_llama(), AsymLoraConfig(r=2, train="B", init_A="svd", target_modules=["q_proj"]))
+    model = asymlora.wrap(tiny_llama(), AsymLoraConfig(r=2, trainable="B", init_A="svd", target_modules=["q_proj"]))
     other = tiny_llama(seed=5)
-    asymlora.wrap(other, AsymLoraConfig(r=2, train="B", init_A="svd", target_modules=["q_proj"]))
+    asymlora.wrap(other, AsymLoraConfig(r=2, trainable="B", init_A="svd", target_modules=["q_proj"]))
     asymlora.save_adapter(other, tmp_path / "svd")        # svd A is stored; differs from model's
     asymlora.load_adapter(model, tmp_path / "svd", adapter_name="foreign")
     for name, layer in lora_layers(model).items():

@@ -249,7 +249,7 @@ def test_no_package_imports_another_ones_private_names(tmp_path):
     assert private_cross_imports(root) == []
     # the check itself finds one
     (tmp_path / "sft").mkdir()
-    (tmp_path / "sft" / "run.py").write_text("from asymlora.compare.run import _Timed, train_one\n")
+    (tmp_path / "sft" / "run.py").write_text("from asymlora.compare.run import _Timed, execute_run\n")
     (tmp_path / "compare").mkdir()
     (tmp_path / "compare" / "ok.py").write_text("from asymlora.compare.run import _Timed\n")
     assert private_cross_imports(str(tmp_path)) == ["sft/run.py:1: from asymlora.compare.run import _Timed"]

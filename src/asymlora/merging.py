@@ -337,7 +337,7 @@ def result_config(base: AsymLoraConfig, factors: dict[str, LayerFactors], shared
     ranks = {n: int(lf.A.shape[0]) for n, lf in factors.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     other = {re.escape(n): k for n, k in ranks.items() if k != r}
-    return AsymLoraConfig(r=r, alpha=float(r), scaling="standard", dropout=base.dropout, train="AB",
+    return AsymLoraConfig(r=r, alpha=float(r), scaling="standard", dropout=base.dropout, trainable="AB",
                           init_A="kaiming", init_B="zero", seed=base.seed, target_modules=sorted(factors),
                           modules_to_save=list(modules_to_save), rank_pattern=other,
                           alpha_pattern={p: float(k) for p, k in other.items()})

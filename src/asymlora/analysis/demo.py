@@ -7,7 +7,7 @@ B zero) the learned A's of two runs are alike when the runs *share the initialis
 (A barely leaves its random start), whatever the task; the learned B's are alike when the
 runs *share the task*.  A extracts features, B makes the output.
 
-Design (per init scheme, both factors trained, ``train="AB"``):
+Design (per init scheme, both factors trained, ``trainable="AB"``):
 
 =====  =========  =========  ==========
 run    task       init seed  data order
@@ -410,7 +410,7 @@ def _run_demo(settings: DemoSettings | None, out_dir: str | os.PathLike | None,
             t = tasks[spec.task]
             model = copy.deepcopy(t["base"])
             cfg = AsymLoraConfig(
-                r=settings.r, alpha=2.0 * settings.r, train="AB", init_A=init_a, init_B=init_b,
+                r=settings.r, alpha=2.0 * settings.r, trainable="AB", init_A=init_a, init_B=init_b,
                 seed=spec.init_seed, modules_to_save=["classifier"],
             )
             wrap(model, cfg)

@@ -59,10 +59,10 @@ def run(args: argparse.Namespace) -> int:
 
     from asymlora.compare import (
         CompareConfig,
+        execute_run,
         parse_strategy,
         prepare_task,
         set_threads,
-        train_one,
     )
     from asymlora.fileio import atomic_write_text
 
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         task = prepare_task(cfg)
         os.makedirs(cfg.output_dir, exist_ok=True)
-        out = train_one(task, spec, args.seed, lr, cfg, desc=f"{spec.label} seed {args.seed}",
+        out = execute_run(task, spec, args.seed, lr, cfg, desc=f"{spec.label} seed {args.seed}",
                         output_dir=cfg.output_dir, checkpoint_every=pick(args.checkpoint_every, eval_every),
                         resume=args.resume)
     finally:

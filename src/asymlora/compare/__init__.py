@@ -24,9 +24,9 @@ from asymlora.compare.report import (
            summarize,
            write_reports,
 )
-from asymlora.compare.run import train_one
+from asymlora.compare.run import execute_run
 from asymlora.compare.task import Task, prepare_task, set_threads
 
 __all__ = ["ADAPTER_PRESETS", "HEAD_ONLY", "CompareConfig", "StrategySpec", "parse_strategy", "run_compare",
-           "select_lr", "train_one", "format_table", "paired_verdicts", "summarize", "write_reports", "Task",
+           "select_lr", "execute_run", "format_table", "paired_verdicts", "summarize", "write_reports", "Task",
            "prepare_task", "set_threads"]

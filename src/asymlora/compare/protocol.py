@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from asymlora.compare.config import CompareConfig, StrategySpec
-from asymlora.compare.run import train_one
+from asymlora.compare.run import execute_run
 from asymlora.compare.task import Task, head_features, prepare_task
 from asymlora.compare.workers import execute, prepare_worker
 from asymlora.fileio import atomic_write_text
@@ -57,7 +57,7 @@ from asymlora.sweep.training import autocast, resolve_precision
 from asymlora.text import plural
 from asymlora.version import __version__
 
-__all__ = ["run_compare", "select_lr", "grid_extension", "Phases", "train_one"]
+__all__ = ["run_compare", "select_lr", "grid_extension", "Phases", "execute_run"]
 
 
 def _log(msg: str) -> None:

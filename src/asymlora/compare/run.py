@@ -22,7 +22,7 @@ from asymlora.sweep.stats import curve_slope
 from asymlora.sweep.timing import Timed
 from asymlora.sweep.training import autocast, resolve_precision, stopping_args
 
-__all__ = ["RunResult", "FeatureHead", "train_one"]
+__all__ = ["RunResult", "FeatureHead", "execute_run"]
 
 
 @dataclass
@@ -114,11 +114,12 @@ def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
             lambda m: evaluate_classifier(m, task.test_ds, task.collate, k, prefix="test_"), adapter)
 
 
-def train_one(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: CompareConfig, *, desc: str,
-              features: dict[str, HeadFeatures] | None = None, output_dir: str | None = None,
-              checkpoint_every: int | None = None, resume: bool = False, pilot: bool = False,
-              pause_at: int | None = None) -> RunResult:
-    """One strategy × seed at learning rate ``lr``, by the rules of step 2 of the protocol.
+def execute_run(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: CompareConfig, *, desc: str,
+                features: dict[str, HeadFeatures] | None = None, output_dir: str | None = None,
+                checkpoint_every: int | None = None, resume: bool = False, pilot: bool = False,
+                pause_at: int | None = None) -> RunResult:
+    """One run of the protocol: one strategy × seed at learning rate ``lr``, trained and scored
+    by the rules of step 2 of the protocol.
     With ``pause_at`` the run stops there with a checkpoint in ``output_dir`` and its record
     holds only the curve so far (``paused``); ``resume`` continues it."""
     from asymlora.training.loop import TrainArgs, fit

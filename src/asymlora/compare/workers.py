@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from asymlora.compare.config import CompareConfig
-from asymlora.compare.run import train_one
+from asymlora.compare.run import execute_run
 from asymlora.compare.task import HeadFeatures, Task, prepare_task
 from asymlora.sweep.backends import Job
 
@@ -32,6 +32,6 @@ def execute(state: tuple[Task, dict[str, HeadFeatures] | None], cfg: CompareConf
     task, features = state
     desc = f"{tag} {job.spec.label} " + (f"lr {job.lr:g}" if job.pilot else f"seed {job.seed}")
     segmented = job.until is not None or job.resume
-    out = train_one(task, job.spec, job.seed, job.lr, cfg, desc=desc, features=features, pilot=job.pilot,
+    out = execute_run(task, job.spec, job.seed, job.lr, cfg, desc=desc, features=features, pilot=job.pilot,
                     output_dir=run_dir(cfg, job) if segmented else None, resume=job.resume, pause_at=job.until)
     return out.record, out.eval_seconds

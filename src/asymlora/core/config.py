@@ -1,8 +1,8 @@
 """The adapter configuration: which factor trains, how each starts, where adapters go.
 
 An adapted linear map is ``y = W0·x + s·B·(A·x)`` with ``A`` (r×d_in), ``B`` (d_out×r) and
-``s = alpha/r`` ("standard") or ``alpha/sqrt(r)`` ("rslora"). ``train`` says which factors are
-optimised; the other one is frozen at its initial value (docs/design.md §1).
+``s = alpha/r`` ("standard") or ``alpha/sqrt(r)`` ("rslora"). ``trainable`` says which factors
+are optimised; the other one is frozen at its initial value (docs/design.md §1).
 
 Everything that can be checked without a model is checked in ``__post_init__``; what needs the
 model (ranks against layer shapes, targets that match nothing) is checked by ``asymlora.core.inject``
@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asymlora.core.init import INITIALIZERS
+from asymlora.errors import MissingFileError, UserError
 from asymlora.fileio import atomic_write_text
 
-TRAIN_CHOICES = ("A", "B", "AB")
+TRAINABLE_CHOICES = ("A", "B", "AB")
 SCALING_CHOICES = ("standard", "rslora")
 
-# name -> (train, init_A, init_B). Same table as docs/design.md §1.
+# name -> (trainable, init_A, init_B). Same table as docs/design.md §1.
 PRESETS: dict[str, tuple[str, str, str]] = {
     "lora": ("AB", "kaiming", "zero"),
     "b-only": ("B", "orthogonal", "zero"),
@@ -43,7 +44,7 @@ class AsymLoraConfig:
         scaling: ``"standard"`` (alpha/r) or ``"rslora"`` (alpha/sqrt(r)).
         dropout: dropout on the adapter input (0 keeps the O(r)-per-token activation memory
             of a frozen A; any other value stores an x-sized mask for backward).
-        train: which factors are trained: ``"B"`` (ours), ``"A"``, or ``"AB"`` (standard LoRA).
+        trainable: which factors are trained: ``"B"`` (ours), ``"A"``, or ``"AB"`` (standard LoRA).
         init_A, init_B: initialiser names from ``asymlora.core.init.INITIALIZERS``.
         seed: global seed; each factor's generator is seeded by (seed, layer name, factor).
         target_modules: ``None`` (per-architecture default), a list of module names (a name
@@ -59,7 +60,7 @@ class AsymLoraConfig:
     alpha: float = 16.0
     scaling: str = "standard"
     dropout: float = 0.0
-    train: str = "B"
+    trainable: str = "B"
     init_A: str = "orthogonal"
     init_B: str = "zero"
     seed: int = 0
@@ -79,9 +80,9 @@ class AsymLoraConfig:
         ``alpha`` defaults to ``2r`` as in the paper's experiments.
         """
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-        train, init_a, init_b = PRESETS[name]
-        values: dict[str, Any] = {"train": train, "init_A": init_a, "init_B": init_b}
+            raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        trainable, init_a, init_b = PRESETS[name]
+        values: dict[str, Any] = {"trainable": trainable, "init_A": init_a, "init_B": init_b}
         values.update(overrides)
         if "alpha" not in overrides:
             values["alpha"] = 2.0 * values.get("r", cls.r)
@@ -104,11 +105,11 @@ class AsymLoraConfig:
 
     @property
     def trains_A(self) -> bool:
-        return "A" in self.train
+        return "A" in self.trainable
 
     @property
     def trains_B(self) -> bool:
-        return "B" in self.train
+        return "B" in self.trainable
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -116,60 +117,60 @@ class AsymLoraConfig:
         _check_int("r", self.r, minimum=1)
         _check_number("alpha", self.alpha)
         if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+            raise UserError(f"alpha must be > 0, got {self.alpha!r}")
         if self.scaling not in SCALING_CHOICES:
-            raise ValueError(f"scaling must be one of {SCALING_CHOICES}, got {self.scaling!r}")
+            raise UserError(f"scaling must be one of {SCALING_CHOICES}, got {self.scaling!r}")
         _check_number("dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.train not in TRAIN_CHOICES:
-            raise ValueError(f"train must be one of {TRAIN_CHOICES}, got {self.train!r}")
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.trainable not in TRAINABLE_CHOICES:
+            raise UserError(f"trainable must be one of {TRAINABLE_CHOICES}, got {self.trainable!r}")
         for field_name in ("init_A", "init_B"):
             value = getattr(self, field_name)
             if value not in INITIALIZERS:
-                raise ValueError(
+                raise UserError(
                     f"{field_name}={value!r} is not a known initialiser; valid: {', '.join(sorted(INITIALIZERS))}"
                 )
         _check_int("seed", self.seed, minimum=0)
         if self.init_A == "zero" and self.init_B == "zero":
-            raise ValueError(
+            raise UserError(
                 "init_A='zero' and init_B='zero': both factors start at zero, so every gradient of "
                 "B·A is zero and nothing can learn; give the frozen (or one) factor a non-zero init"
             )
         if not self.trains_A and self.init_A == "zero":
-            raise ValueError(
-                f"train={self.train!r} freezes A but init_A='zero': the update B·A would stay zero; "
+            raise UserError(
+                f"trainable={self.trainable!r} freezes A but init_A='zero': the update B·A would stay zero; "
                 "use init_A='orthogonal' (or kaiming/gaussian/svd)"
             )
         if not self.trains_B and self.init_B == "zero":
-            raise ValueError(
-                f"train={self.train!r} freezes B but init_B='zero': the update B·A would stay zero; "
+            raise UserError(
+                f"trainable={self.trainable!r} freezes B but init_B='zero': the update B·A would stay zero; "
                 "use init_B='orthogonal' (or kaiming/gaussian/svd)"
             )
         self._validate_targets()
         if isinstance(self.modules_to_save, str):
-            raise TypeError(
+            raise UserError(
                 f"modules_to_save must be a list of module names, got the string {self.modules_to_save!r}"
             )
         self.modules_to_save = list(self.modules_to_save or [])
         for name in self.modules_to_save:
             if not isinstance(name, str) or not name:
-                raise TypeError(f"modules_to_save entries must be non-empty strings, got {name!r}")
+                raise UserError(f"modules_to_save entries must be non-empty strings, got {name!r}")
         for attr, kind in (("rank_pattern", int), ("alpha_pattern", float)):
             mapping = getattr(self, attr)
             if not isinstance(mapping, Mapping):
-                raise TypeError(f"{attr} must be a dict {{pattern: value}}, got {type(mapping).__name__}")
+                raise UserError(f"{attr} must be a dict {{pattern: value}}, got {type(mapping).__name__}")
             for pattern, value in mapping.items():
                 try:
                     re.compile(pattern)
                 except re.error as err:
-                    raise ValueError(f"{attr} key {pattern!r} is not a valid regular expression: {err}") from None
+                    raise UserError(f"{attr} key {pattern!r} is not a valid regular expression: {err}") from None
                 if kind is int:
                     _check_int(f"{attr}[{pattern!r}]", value, minimum=1)
                 else:
                     _check_number(f"{attr}[{pattern!r}]", value)
                     if value <= 0:
-                        raise ValueError(f"{attr}[{pattern!r}] must be > 0, got {value!r}")
+                        raise UserError(f"{attr}[{pattern!r}] must be > 0, got {value!r}")
 
     def _validate_targets(self) -> None:
         targets = self.target_modules
@@ -177,22 +178,22 @@ class AsymLoraConfig:
             return
         if isinstance(targets, str):
             if not targets:
-                raise ValueError("target_modules is an empty string; give names, a regex, 'all-linear' or None")
+                raise UserError("target_modules is an empty string; give names, a regex, 'all-linear' or None")
             try:
                 re.compile(targets)
             except re.error as err:
-                raise ValueError(f"target_modules regex {targets!r} does not compile: {err}") from None
+                raise UserError(f"target_modules regex {targets!r} does not compile: {err}") from None
             return
         if not isinstance(targets, (list, tuple)):
-            raise TypeError(
+            raise UserError(
                 f"target_modules must be None, a list of names, a regex string or 'all-linear', "
                 f"got {type(targets).__name__}"
             )
         if not targets:
-            raise ValueError("target_modules is an empty list: nothing would be adapted")
+            raise UserError("target_modules is an empty list: nothing would be adapted")
         for name in targets:
             if not isinstance(name, str) or not name:
-                raise TypeError(f"target_modules entries must be non-empty strings, got {name!r}")
+                raise UserError(f"target_modules entries must be non-empty strings, got {name!r}")
         self.target_modules = list(targets)
 
     # ------------------------------------------------------------------ serialisation
@@ -201,10 +202,18 @@ class AsymLoraConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AsymLoraConfig:
+        """The inverse of :meth:`to_dict`. Also reads the dicts that asymlora 0.1.0 wrote into
+        adapter folders (format version 1), where ``trainable`` was stored under the key
+        ``"train"``; :meth:`to_dict` writes ``"trainable"``."""
+        data = dict(data)
+        if "train" in data:
+            if "trainable" in data:
+                raise UserError("the config has both 'train' (format version 1) and 'trainable'; keep 'trainable'")
+            data["trainable"] = data.pop("train")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown AsymLoraConfig field(s) {unknown}; valid fields: {sorted(known)}")
+            raise UserError(f"unknown AsymLoraConfig field(s) {unknown}; valid fields: {sorted(known)}")
         return cls(**dict(data))
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
@@ -217,9 +226,15 @@ class AsymLoraConfig:
     def from_json(cls, text_or_path: str | os.PathLike) -> AsymLoraConfig:
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
+            if not os.path.isfile(text_or_path):
+                raise MissingFileError(f"{text}: no such config file (give a JSON file or a JSON string)")
             with open(text_or_path, encoding="utf-8") as fh:
                 text = fh.read()
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{text_or_path}: not valid JSON: {err}") from None
+        return cls.from_dict(data)
 
 
 def pattern_matches(pattern: str, module_name: str) -> bool:
@@ -238,13 +253,13 @@ def _pattern_lookup(patterns: Mapping[str, Any], module_name: str, default: Any)
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+        raise UserError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise UserError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _check_number(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        raise UserError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise UserError(f"{name} must be finite, got {value!r}")

@@ -319,7 +319,7 @@ class LoraLinear(nn.Module):
         parts = []
         for name, slot in self.slots.items():
             trained = "".join(f for f in ("A", "B") if self.trains(name, f))
-            parts.append(f"{name}: r={slot.r}, scaling={slot.scaling:g}, train={trained}")
+            parts.append(f"{name}: r={slot.r}, scaling={slot.scaling:g}, trainable={trained}")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"adapters=[{'; '.join(parts)}], active={list(self.active)}, merged={self.merged}"

@@ -67,7 +67,9 @@ Reuse = Callable[[str, str, dict], torch.Tensor | None]
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "asymlora-adapter"
-FORMAT_VERSION = 1
+# 2: the config dict names which factors train ``trainable`` (version 1, asymlora 0.1.0, wrote
+# ``train``; AsymLoraConfig.from_dict reads both).
+FORMAT_VERSION = 2
 SAVED_PREFIX = "saved."
 
 
@@ -262,8 +264,8 @@ def check_config_matches_layers(meta: dict[str, Any], weights_path: str) -> Asym
         for factor in ("A", "B"):
             if entry[factor]["init"] != getattr(config, f"init_{factor}"):
                 raise refuse(f"init_{factor}", getattr(config, f"init_{factor}"), entry[factor]["init"], f"layer {name!r}")
-            if bool(entry[factor]["trained"]) != (factor in config.train):
-                raise refuse("train", config.train, "".join(f for f in "AB" if layers[name][f]["trained"]),
+            if bool(entry[factor]["trained"]) != (factor in config.trainable):
+                raise refuse("trainable", config.trainable, "".join(f for f in "AB" if layers[name][f]["trained"]),
                              f"layer {name!r}")
         if not _targets_cover(config.target_modules, name):
             raise UserError(f"{path} says target_modules={config.target_modules!r}, which does not cover the "
@@ -428,10 +430,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     for name, entry in meta["layers"].items():
         module = modules.get(name)
         if module is None:
-            raise ValueError(f"adapter layer {name!r} does not exist in {type(model).__name__}: wrong base model?")
+            raise UserError(f"adapter layer {name!r} does not exist in {type(model).__name__}: wrong base model?")
         shape = linear_shape(module)
         if shape != (entry["in_features"], entry["out_features"]):
-            raise ValueError(
+            raise UserError(
                 f"adapter layer {name!r} was saved for a {entry['in_features']}->{entry['out_features']} layer, "
                 f"the model's is {shape[0]}->{shape[1]}: wrong base model?"
             )
@@ -455,11 +457,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         target = resolve_adapter_name(model, adapter_name)
         existing = adapter_layers(model, target)
         if sorted(existing) != sorted(layer_names):
-            raise ValueError(
+            raise UserError(
                 f"model is wrapped with layers {sorted(existing)[:3]}... but the adapter has {sorted(layer_names)[:3]}..."
             )
-        if get_config(model, target).train != config.train:
-            raise ValueError(f"model trains {get_config(model, target).train!r}, adapter was saved with train={config.train!r}")
+        if get_config(model, target).trainable != config.trainable:
+            raise UserError(f"model trains {get_config(model, target).trainable!r}, adapter was saved with "
+                            f"trainable={config.trainable!r}: unload the model or wrap it with the adapter's config")
         for name, entry in meta["layers"].items():
             if existing[name].slots[target].r != int(entry["r"]):
                 raise UserError(f"model's layer {name!r} is wrapped at rank {existing[name].slots[target].r}, the "

@@ -89,7 +89,7 @@ def _write_peft(
 ) -> str:
     conv = {c for _, _, c in layers.values()}
     if len(conv) > 1:
-        raise ValueError("PEFT needs one fan_in_fan_out for all layers; this adapter mixes Linear and Conv1D layers")
+        raise UserError("PEFT needs one fan_in_fan_out for all layers; this adapter mixes Linear and Conv1D layers")
     rank_pattern = {n: int(a.shape[0]) for n, (a, _, _) in layers.items() if int(a.shape[0]) != config.r}
     alpha_pattern = {n: config.alpha_for(n) for n in layers if config.alpha_for(n) != config.alpha}
     peft_config = {
@@ -205,13 +205,17 @@ def _read_peft(model: nn.Module, weights_path: str, pc: dict[str, Any]
     return {name: (pair["A"], pair["B"]) for name, pair in pairs.items()}, others
 
 
-def import_peft(model: nn.Module, directory: str | os.PathLike, train: str = "AB") -> nn.Module:
+def import_peft(model: nn.Module, directory: str | os.PathLike, trainable: str = "AB") -> nn.Module:
     """Load a PEFT LoRA adapter folder onto a plain ``model`` (wrapping it) and return it.
 
-    All factors come from the file; ``train`` chooses which ones train from here on (e.g.
+    All factors come from the file; ``trainable`` chooses which ones train from here on (e.g.
     ``"B"`` to continue a PEFT LoRA run with A frozen). The file is checked before the model is
     touched (``_read_peft``): a refused folder leaves the model as it was.
     """
+    # the initialiser recorded for each factor: only its name matters (every factor comes from the file)
+    inits = {"AB": ("kaiming", "zero"), "A": ("zero", "gaussian"), "B": ("gaussian", "zero")}
+    if trainable not in inits:
+        raise UserError(f"trainable must be one of {list(inits)}, got {trainable!r}")
     directory = os.fspath(directory)
     cfg_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
@@ -236,17 +240,14 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, train: str = "AB
     r0, alpha0 = int(pc["r"]), float(pc["lora_alpha"])
     ranks = {name: int(a.shape[0]) for name, (a, _) in factors.items()}
     alphas = {name: float(_peft_pattern_value(pc.get("alpha_pattern") or {}, name, alpha0)) for name in factors}
-    trains = {"AB": ("AB", "kaiming", "zero"), "A": ("A", "zero", "gaussian"), "B": ("B", "gaussian", "zero")}
-    if train not in trains:
-        raise ValueError(f"train must be one of {list(trains)}, got {train!r}")
-    train_mode, init_a, init_b = trains[train]
+    init_a, init_b = inits[trainable]
     saved_modules = list(pc.get("modules_to_save") or [])
     config = AsymLoraConfig(
         r=r0,
         alpha=alpha0,
         scaling="rslora" if pc.get("use_rslora") else "standard",
         dropout=float(pc.get("lora_dropout") or 0.0),
-        train=train_mode,
+        trainable=trainable,
         init_A=init_a,
         init_B=init_b,
         target_modules=sorted(factors),

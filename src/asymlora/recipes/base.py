@@ -63,7 +63,7 @@ TRAIN_KEYS = {
     "eval_every", "checkpoint_every", "mixed_precision", "early_stopping_patience",
     "early_stopping_metric", "greater_is_better", "progress", "max_steps",
 }
-STRATEGY_KEYS = {"name", "preset", "ranks", "r", "alpha", "scaling", "dropout", "train", "init_A", "init_B",
+STRATEGY_KEYS = {"name", "preset", "ranks", "r", "alpha", "scaling", "dropout", "trainable", "init_A", "init_B",
                  "target_modules", "rank_pattern", "alpha_pattern"}
 RECIPE_KEYS = {
     "name", "family", "table", "model", "model_hint", "data", "data_hint", "tasks", "strategies", "ranks",

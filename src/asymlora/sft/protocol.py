@@ -27,10 +27,10 @@ from asymlora.fileio import atomic_write_text
 from asymlora.sft.config import SFTConfig
 from asymlora.sft.run import (
     LMTask,
+    execute_run,
     prepare_lm_task,
     score_saved_adapter,
     score_test,
-    train_one,
 )
 from asymlora.sweep.backends import (
     InProcess,
@@ -77,9 +77,9 @@ def _report_run(tag: str, rec: dict[str, Any], pilot: bool) -> None:
          + ("  [pilot]" if pilot else ""))
 
 
-def _execute_run(task: LMTask, cfg: SFTConfig, job: Job, tag: str) -> tuple[dict[str, Any], float]:
+def _execute_job(task: LMTask, cfg: SFTConfig, job: Job, tag: str) -> tuple[dict[str, Any], float]:
     desc = f"{tag} {job.spec.label} " + (f"lr {job.lr:g}" if job.pilot else f"seed {job.seed}")
-    return train_one(task, job.spec, job.seed, job.lr, cfg, desc=desc, pilot=job.pilot)
+    return execute_run(task, job.spec, job.seed, job.lr, cfg, desc=desc, pilot=job.pilot)
 
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -188,8 +188,8 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
         partial.update(fingerprints=fingerprints, journal=journal.to_json())  # what --resume reads
         atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(partial, indent=1))
 
-    local = InProcess(task, cfg, _execute_run)
-    pool = adapter_backend(cfg, workers, prepare_lm_task, _execute_run)
+    local = InProcess(task, cfg, _execute_job)
+    pool = adapter_backend(cfg, workers, prepare_lm_task, _execute_job)
     t_runs = time.perf_counter()
     first = [job for spec in specs for job in sched.pilot_jobs(spec)]
     if saved:

@@ -27,7 +27,7 @@ from asymlora.sweep.stats import curve_slope
 from asymlora.sweep.timing import Timed
 from asymlora.sweep.training import autocast, resolve_precision, stopping_args
 
-__all__ = ["LMTask", "prepare_lm_task", "train_one", "score_test", "score_saved_adapter", "adapter_dir"]
+__all__ = ["LMTask", "prepare_lm_task", "execute_run", "score_test", "score_saved_adapter", "adapter_dir"]
 
 
 @dataclass
@@ -112,9 +112,10 @@ def score_saved_adapter(task: LMTask, cfg: SFTConfig, record: dict[str, Any]) ->
                 eval_time_s=record["eval_time_s"] + seconds)
 
 
-def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTConfig, *,
-              desc: str, pilot: bool = False) -> tuple[dict[str, Any], float]:
-    """One strategy × seed at ``lr``; returns (record, seconds spent evaluating)."""
+def execute_run(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTConfig, *,
+                desc: str, pilot: bool = False) -> tuple[dict[str, Any], float]:
+    """One run of the protocol: one strategy × seed at ``lr``, trained and scored; returns
+    (record, seconds spent evaluating)."""
     from asymlora.core.config import AsymLoraConfig
     from asymlora.core.inject import parameter_report, wrap
     from asymlora.formats.native import save_adapter
