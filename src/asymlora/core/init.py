@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from asymlora.errors import UserError
+
 Initializer = Callable[[tuple[int, int], str, torch.Generator, torch.Tensor | None], torch.Tensor]
 
 INITIALIZERS: dict[str, Initializer] = {}
@@ -67,7 +69,7 @@ def haar_orthonormal(d: int, r: int, generator: torch.Generator) -> torch.Tensor
     bits in which LAPACK builds may differ.
     """
     if r > d:
-        raise ValueError(f"cannot draw {r} orthonormal vectors in dimension {d}: rank must be <= {d}")
+        raise UserError(f"cannot draw {r} orthonormal vectors in dimension {d}: rank must be <= {d}")
     gaussian = torch.randn(d, r, generator=generator, dtype=torch.float64)
     with single_thread():
         q, rr = torch.linalg.qr(gaussian, mode="reduced")
@@ -118,9 +120,9 @@ def svd(shape: tuple[int, int], factor: str, generator: torch.Generator, weight=
     first r *columns* of Vh instead.
     """
     if weight is None:
-        raise ValueError("init 'svd' needs the layer's pretrained weight")
+        raise UserError("init 'svd' needs the layer's pretrained weight")
     if weight.is_meta:
-        raise ValueError("init 'svd' needs real pretrained weights, but the model is on the meta device")
+        raise UserError("init 'svd' needs real pretrained weights, but the model is on the meta device")
     w = weight.detach().to("cpu", torch.float64)
     u, _s, vh = torch.linalg.svd(w, full_matrices=False)
     if factor == "A":
@@ -140,9 +142,9 @@ def init_factor(
 ) -> torch.Tensor:
     """Build one factor (float32, CPU) with initialiser ``name`` for ``layer_name``."""
     if name not in INITIALIZERS:
-        raise ValueError(f"unknown initialiser {name!r}; valid: {', '.join(sorted(INITIALIZERS))}")
+        raise UserError(f"unknown initialiser {name!r}; valid: {', '.join(sorted(INITIALIZERS))}")
     if factor not in ("A", "B"):
-        raise ValueError(f"factor must be 'A' or 'B', got {factor!r}")
+        raise UserError(f"factor must be 'A' or 'B', got {factor!r}")
     gen = factor_generator(seed, layer_name, factor)
     return INITIALIZERS[name](shape, factor, gen, weight)
 

@@ -66,7 +66,7 @@ def default_targets(model: nn.Module) -> list[str]:
     """The default target names for ``model``'s architecture (``model.config.model_type``)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in DEFAULT_TARGETS:
-        raise ValueError(
+        raise UserError(
             f"no default target modules for model_type={model_type!r}; pass target_modules "
             f"(names, a regex, or 'all-linear'). Architectures with defaults: {', '.join(sorted(DEFAULT_TARGETS))}"
         )
@@ -74,7 +74,7 @@ def default_targets(model: nn.Module) -> list[str]:
     for alternative in DEFAULT_TARGETS[model_type]:
         if all(any(name_matches(n, t) for n in names) for t in alternative):
             return list(alternative)
-    raise ValueError(
+    raise UserError(
         f"none of the default targets for {model_type!r} ({DEFAULT_TARGETS[model_type]}) exist in "
         f"{type(model).__name__}; pass target_modules explicitly"
     )
@@ -121,7 +121,7 @@ def find_target_modules(
             if _adaptable(module) and name not in heads and not _matches_any(name, exclude):
                 found[name] = module
         if not found:
-            raise ValueError("target_modules='all-linear' found no nn.Linear or Conv1D layer in the model")
+            raise UserError("target_modules='all-linear' found no nn.Linear or Conv1D layer in the model")
         return found
     if isinstance(target_modules, str) and not PLAIN_NAME.match(target_modules):
         pattern = re.compile(target_modules)
@@ -129,7 +129,7 @@ def find_target_modules(
             if pattern.fullmatch(name) and _adaptable(module) and not _matches_any(name, exclude):
                 found[name] = module
         if not found:
-            raise ValueError(
+            raise UserError(
                 f"target_modules regex {target_modules!r} matched no linear layer; some linear layers: "
                 f"{_sample_linear_names(named)}"
             )
@@ -139,13 +139,13 @@ def find_target_modules(
         hits = [(n, m) for n, m in named if name_matches(n, target)]
         supported = [(n, m) for n, m in hits if _adaptable(m)]
         if not hits:
-            raise ValueError(
+            raise UserError(
                 f"target module {target!r} matches no module in {type(model).__name__}; some linear "
                 f"layers: {_sample_linear_names(named)}"
             )
         if not supported:
             kinds = sorted({type(m).__name__ for _, m in hits})
-            raise ValueError(
+            raise UserError(
                 f"target module {target!r} matches only {', '.join(kinds)} modules; only nn.Linear and "
                 "transformers Conv1D layers can be adapted"
             )
@@ -153,7 +153,7 @@ def find_target_modules(
             if not _matches_any(n, exclude):
                 found[n] = m
     if not found:
-        raise ValueError(f"target_modules {names} matched no linear layer outside modules_to_save")
+        raise UserError(f"target_modules {names} matched no linear layer outside modules_to_save")
     return found
 
 
@@ -188,7 +188,7 @@ def saved_modules_of(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Mod
     for target in names:
         hits = {n: m for n, m in model.named_modules() if n and name_matches(n, target)}
         if not hits:
-            raise ValueError(f"modules_to_save entry {target!r} matches no module in {type(model).__name__}")
+            raise UserError(f"modules_to_save entry {target!r} matches no module in {type(model).__name__}")
         found.update(hits)
     return found
 
@@ -207,7 +207,7 @@ def make_factors(name: str, base: nn.Module, config: AsymLoraConfig) -> tuple[to
     d_in, d_out = linear_shape(base)
     r = config.rank_for(name)
     if r > min(d_in, d_out):
-        raise ValueError(
+        raise UserError(
             f"rank r={r} for layer {name!r} exceeds min(d_in, d_out) = min({d_in}, {d_out}); "
             f"use r <= {min(d_in, d_out)}"
         )
@@ -230,7 +230,7 @@ def factor_dtype(base: nn.Module, trained: bool) -> torch.dtype:
     half-precision base is float32 — AdamW updates of a bf16 B lose most of their bits."""
     dtype = compute_dtype(base)
     if not dtype.is_floating_point:
-        raise TypeError(f"{type(base).__name__} computes in {dtype}; adapters need a floating-point base")
+        raise UserError(f"{type(base).__name__} computes in {dtype}; adapters need a floating-point base")
     return torch.float32 if trained and dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -243,10 +243,10 @@ def wrap(model: nn.Module, config: AsymLoraConfig, adapter_name: str = DEFAULT_A
     ``asymlora.add_adapter``.
     """
     if not isinstance(config, AsymLoraConfig):
-        raise TypeError(f"config must be an AsymLoraConfig, got {type(config).__name__}")
+        raise UserError(f"config must be an AsymLoraConfig, got {type(config).__name__}")
     check_adapter_name(adapter_name)
     if lora_layers(model):
-        raise ValueError("model already has asymlora adapters; call asymlora.unload(model) first "
+        raise UserError("model already has asymlora adapters; call asymlora.unload(model) first "
                          "(or asymlora.add_adapter to add a named one)")
     keep = saved_modules_of(model, config.modules_to_save)
     targets = plan_targets(model, config)
@@ -271,7 +271,7 @@ def plan_targets(model: nn.Module, config: AsymLoraConfig) -> dict[str, nn.Modul
     for pattern_field in ("rank_pattern", "alpha_pattern"):
         for pattern in getattr(config, pattern_field):
             if not any(pattern_matches(pattern, n) for n in targets):
-                raise ValueError(
+                raise UserError(
                     f"{pattern_field} key {pattern!r} matches none of the adapted layers "
                     f"(e.g. {next(iter(targets))!r})"
                 )
@@ -397,7 +397,7 @@ def merge_and_unload(model: nn.Module, safe: bool = True, adapter_names: Sequenc
         for name, layer in layers.items():
             for adapter in (n for n in names if n in layer.slots):
                 if not torch.isfinite(layer.delta_weight(adapter)).all():
-                    raise ValueError(f"refusing to merge: layer {name!r} has a NaN/Inf delta weight")
+                    raise UserError(f"refusing to merge: layer {name!r} has a NaN/Inf delta weight")
     for name, layer in layers.items():
         if dequantize and scheme_of(layer.base) is not None:
             layer.base = float_linear(layer.base)

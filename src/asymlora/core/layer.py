@@ -54,7 +54,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
         return int(d_in), int(d_out)
     if isinstance(module, nn.Linear):
         return int(module.in_features), int(module.out_features)
-    raise TypeError(f"{type(module).__name__} is not a supported linear layer (nn.Linear or transformers Conv1D)")
+    raise UserError(f"{type(module).__name__} is not a supported linear layer (nn.Linear or transformers Conv1D)")
 
 
 def check_adapter_name(name: Any) -> str:
@@ -117,7 +117,7 @@ class LoraLinear(nn.Module):
             raise UserError(f"adapter {name!r} already exists in this layer; delete it first or pick another name")
         r = lora_A.shape[0]
         if tuple(lora_A.shape) != (r, self.in_features) or tuple(lora_B.shape) != (self.out_features, r):
-            raise ValueError(
+            raise UserError(
                 f"factor shapes A{tuple(lora_A.shape)} B{tuple(lora_B.shape)} do not fit a "
                 f"{self.in_features}->{self.out_features} layer at rank {r}: need A ({r}, {self.in_features}) "
                 f"and B ({self.out_features}, {r})"
@@ -221,7 +221,7 @@ class LoraLinear(nn.Module):
     @merged.setter
     def merged(self, value: bool) -> None:  # merge_and_unload: the base now owns the merged weight
         if value:
-            raise ValueError("use merge() to merge adapters")
+            raise UserError("use merge() to merge adapters")
         self.merged_adapters = []
 
     @property
@@ -277,12 +277,12 @@ class LoraLinear(nn.Module):
         to float rounding of W+ΔW−ΔW).
         """
         if self.merged:
-            raise RuntimeError("adapter is already merged; call unmerge() first")
+            raise UserError("adapter is already merged; call unmerge() first")
         if (scheme := scheme_of(self.base)) is not None:
             raise refuse_merge(scheme)
         names = [n for n in (self.active if adapter_names is None else adapter_names) if n in self.slots]
         if not names:
-            raise RuntimeError(f"no adapter to merge in this layer (it has {sorted(self.slots)})")
+            raise UserError(f"no adapter to merge in this layer (it has {sorted(self.slots)})")
         weight = self.base.weight
         delta = self.delta_weight(names[0])
         for name in names[1:]:
@@ -293,7 +293,7 @@ class LoraLinear(nn.Module):
         if safe:
             merged = weight.detach() + delta
             if not (torch.isfinite(delta).all() and torch.isfinite(merged).all()):
-                raise ValueError("refusing to merge: the adapter's delta weight has NaN or Inf values")
+                raise UserError("refusing to merge: the adapter's delta weight has NaN or Inf values")
         if keep_original:
             self._original_weight = weight.detach().clone()
         with torch.no_grad():
@@ -302,7 +302,7 @@ class LoraLinear(nn.Module):
 
     def unmerge(self) -> None:
         if not self.merged:
-            raise RuntimeError("adapter is not merged")
+            raise UserError("adapter is not merged")
         weight = self.base.weight
         with torch.no_grad():
             if self._original_weight is not None:

@@ -172,5 +172,5 @@ class AsymLoraCallback(TrainerCallback):
 
 def _required(model: nn.Module | None) -> nn.Module:
     if model is None:
-        raise RuntimeError("AsymLoraCallback needs the trainer to pass model= to its callbacks (transformers.Trainer does)")
+        raise UserError("AsymLoraCallback needs the trainer to pass model= to its callbacks (transformers.Trainer does)")
     return model

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from asymlora.errors import UserError
+
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer gives one
 _TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "no limit" model_max_length
 
@@ -105,9 +107,9 @@ def _group_inputs(encoded: Sequence[tuple[list[int], list[int]]], limit: int) ->
     groups: dict[tuple[int, ...], _Input] = {}
     for i, (ctx, cont) in enumerate(encoded):
         if not cont:
-            raise ValueError(f"request {i}: the continuation is empty after tokenization")
+            raise UserError(f"request {i}: the continuation is empty after tokenization")
         if len(cont) > limit:
-            raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds the model's length {limit}")
+            raise UserError(f"request {i}: continuation of {len(cont)} tokens exceeds the model's length {limit}")
         tokens = (ctx + cont)[-(limit + 1):][:-1]
         groups.setdefault(tuple(tokens), _Input(tokens, [])).requests.append((i, cont))
     return list(groups.values())

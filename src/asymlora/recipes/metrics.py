@@ -23,6 +23,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from asymlora.errors import UserError
+
 __all__ = [
     "accuracy",
     "f1_binary",
@@ -42,9 +44,9 @@ def _as_array(x: Iterable) -> np.ndarray:
 
 def _check_same_length(a: np.ndarray, b: np.ndarray) -> None:
     if a.shape[0] != b.shape[0]:
-        raise ValueError(f"predictions and references differ in length: {a.shape[0]} vs {b.shape[0]}")
+        raise UserError(f"predictions and references differ in length: {a.shape[0]} vs {b.shape[0]}")
     if a.shape[0] == 0:
-        raise ValueError("cannot compute a metric on zero examples")
+        raise UserError("cannot compute a metric on zero examples")
 
 
 def accuracy(preds: Sequence, refs: Sequence) -> float:
@@ -135,9 +137,9 @@ def rouge(predictions: Sequence[str], references: Sequence[str], use_stemmer: bo
     union-LCS over sentences (newline-separated).
     """
     if len(predictions) != len(references):
-        raise ValueError(f"predictions and references differ in length: {len(predictions)} vs {len(references)}")
+        raise UserError(f"predictions and references differ in length: {len(predictions)} vs {len(references)}")
     if not predictions:
-        raise ValueError("cannot compute ROUGE on zero examples")
+        raise UserError("cannot compute ROUGE on zero examples")
     try:
         from rouge_score import rouge_scorer
     except ImportError as err:  # pragma: no cover - dependency is in the tasks extra

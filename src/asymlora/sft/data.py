@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from asymlora.errors import UserError
 from asymlora.lmeval.data import read_split
 
 __all__ = ["QAPair", "QA_SOURCES", "load_qa", "split_qa", "normalize_answer", "exact_match",
@@ -67,7 +68,7 @@ def load_qa(sources: Sequence[str] = tuple(QA_SOURCES)) -> list[QAPair]:
     """Every usable pair of the given sources, in file order."""
     bad = [s for s in sources if s not in QA_SOURCES]
     if bad:
-        raise ValueError(f"unknown QA source(s) {bad}; valid: {', '.join(QA_SOURCES)}")
+        raise UserError(f"unknown QA source(s) {bad}; valid: {', '.join(QA_SOURCES)}")
     out: list[QAPair] = []
     for source in sources:
         for row in read_split(QA_SOURCES[source]):
@@ -81,7 +82,7 @@ def split_qa(pairs: Sequence[QAPair], n_val: int, n_test: int, seed: int = 0,
              max_train: int | None = None) -> tuple[list[QAPair], list[QAPair], list[QAPair]]:
     """A seeded shuffle, then test, validation and train (the rest, or its first ``max_train``)."""
     if n_val + n_test >= len(pairs):
-        raise ValueError(f"val {n_val} + test {n_test} leave no training pairs out of {len(pairs)}")
+        raise UserError(f"val {n_val} + test {n_test} leave no training pairs out of {len(pairs)}")
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     shuffled = [pairs[i] for i in order]
@@ -121,7 +122,7 @@ def encode_chat(tokenizer: Any, question: str, answer: str | None, max_length: i
     full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
     full = tokenizer(full_text.rstrip("\n"), add_special_tokens=False).input_ids
     if full[:len(prompt)] != prompt:
-        raise ValueError("the chat template does not render the prompt as a prefix of the whole exchange; "
+        raise UserError("the chat template does not render the prompt as a prefix of the whole exchange; "
                          "response-only labels cannot be placed")
     labels = [-100] * len(prompt) + full[len(prompt):]
     return full[:max_length], labels[:max_length]

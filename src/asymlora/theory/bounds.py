@@ -60,7 +60,7 @@ class LayerShape:
 # ---- parameter counts and the bound -----------------------------------------------------
 def _check_pos_int(x: Any, name: str) -> int:
     if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-        raise ValueError(f"{name} must be a positive integer, got {x!r}")
+        raise UserError(f"{name} must be a positive integer, got {x!r}")
     return x
 
 
@@ -68,9 +68,9 @@ def _check_pos_float(x: Any, name: str) -> float:
     try:
         v = float(x)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a positive number, got {x!r}") from err
+        raise UserError(f"{name} must be a positive number, got {x!r}") from err
     if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {x!r}")
+        raise UserError(f"{name} must be a positive finite number, got {x!r}")
     return v
 
 
@@ -78,7 +78,7 @@ def count_trainable(shapes: Sequence[LayerShape], r: int) -> dict[str, int]:
     """Trained adapter parameters for rank r: A-only r·Σd_in, B-only r·Σd_out, both r·Σ(d_in+d_out)."""
     r = _check_pos_int(r, "r")
     if not shapes:
-        raise ValueError("no adapted layers: the list of layer shapes is empty")
+        raise UserError("no adapted layers: the list of layer shapes is empty")
     s_in = sum(s.d_in for s in shapes)
     s_out = sum(s.d_out for s in shapes)
     return {"a-only": r * s_in, "b-only": r * s_out, "both": r * (s_in + s_out)}
@@ -87,7 +87,7 @@ def count_trainable(shapes: Sequence[LayerShape], r: int) -> dict[str, int]:
 def info_bound(k: int, n: int, q: float = 16, sigma: float = 1.0) -> float:
     """Xu–Raginsky bound sqrt(2σ²·ln2·q·k/n) for k trained parameters of q bits, n samples."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"k (number of trained parameters) must be an integer >= 0, got {k!r}")
+        raise UserError(f"k (number of trained parameters) must be an integer >= 0, got {k!r}")
     n = _check_pos_int(n, "n")
     q = _check_pos_float(q, "q")
     sigma = _check_pos_float(sigma, "sigma")
@@ -105,9 +105,9 @@ def bound_table(
     ranks = [_check_pos_int(r, "r") for r in ranks]
     ns = [_check_pos_int(n, "n") for n in ns]
     if not ranks:
-        raise ValueError("ranks must not be empty")
+        raise UserError("ranks must not be empty")
     if not ns:
-        raise ValueError("n must not be empty")
+        raise UserError("n must not be empty")
     q = _check_pos_float(q, "q")
     sigma = _check_pos_float(sigma, "sigma")
     rows = []

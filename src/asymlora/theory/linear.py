@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from asymlora.errors import UserError
+
 __all__ = [
     "LinearProblem",
     "FactorSolution",
@@ -65,20 +67,20 @@ def _as_f64(x: Any, name: str) -> np.ndarray:
     try:
         arr = np.array(x, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a numeric matrix, got {type(x).__name__}") from err
+        raise UserError(f"{name} must be a numeric matrix, got {type(x).__name__}") from err
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or infinite entries")
+        raise UserError(f"{name} contains NaN or infinite entries")
     return arr
 
 
 def _check_rank(r: Any, name: str = "r", upper: int | None = None, why: str = "") -> int:
     if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
-        raise ValueError(f"{name} must be a positive integer, got {r!r}")
+        raise UserError(f"{name} must be a positive integer, got {r!r}")
     r = int(r)
     if r < 1:
-        raise ValueError(f"{name} must be a positive integer, got {r}")
+        raise UserError(f"{name} must be a positive integer, got {r}")
     if upper is not None and r > upper:
-        raise ValueError(f"{name}={r} is too large: {why} requires {name} <= {upper}")
+        raise UserError(f"{name}={r} is too large: {why} requires {name} <= {upper}")
     return r
 
 
@@ -152,31 +154,31 @@ class LinearProblem:
         Wt = _as_f64(self.W_t, "W_t")
         Sig = _as_f64(self.Sigma, "Sigma")
         if W0.ndim != 2:
-            raise ValueError(f"W0 must be a 2-D (d_out x d_in) matrix, got shape {W0.shape}")
+            raise UserError(f"W0 must be a 2-D (d_out x d_in) matrix, got shape {W0.shape}")
         if Wt.shape != W0.shape:
-            raise ValueError(f"W_t has shape {Wt.shape} but W0 has shape {W0.shape}; they must match")
+            raise UserError(f"W_t has shape {Wt.shape} but W0 has shape {W0.shape}; they must match")
         d_out, d_in = W0.shape
         if d_out < 1 or d_in < 1:
-            raise ValueError(f"W0 must be non-empty, got shape {W0.shape}")
+            raise UserError(f"W0 must be non-empty, got shape {W0.shape}")
         if Sig.shape != (d_in, d_in):
-            raise ValueError(
+            raise UserError(
                 f"Sigma has shape {Sig.shape}; expected ({d_in}, {d_in}) = (d_in, d_in) for W0 of shape {W0.shape}"
             )
         scale = max(1.0, float(np.max(np.abs(Sig))))
         if np.max(np.abs(Sig - Sig.T)) > 1e-8 * scale:
-            raise ValueError("Sigma must be symmetric (a covariance matrix)")
+            raise UserError("Sigma must be symmetric (a covariance matrix)")
         try:
             s2 = float(self.sigma2)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"sigma2 must be a number >= 0, got {self.sigma2!r}") from err
+            raise UserError(f"sigma2 must be a number >= 0, got {self.sigma2!r}") from err
         if not math.isfinite(s2) or s2 < 0:
-            raise ValueError(f"sigma2 must be a finite number >= 0, got {self.sigma2!r}")
+            raise UserError(f"sigma2 must be a finite number >= 0, got {self.sigma2!r}")
         Sig = 0.5 * (Sig + Sig.T)
         lam, V = np.linalg.eigh(Sig)
         lam_max = float(max(lam.max(), 0.0))
         tol = d_in * _EPS * lam_max * 10
         if lam.min() < -max(1e-8 * lam_max, 1e-12):
-            raise ValueError(f"Sigma must be positive semi-definite; smallest eigenvalue is {lam.min():.3g}")
+            raise UserError(f"Sigma must be positive semi-definite; smallest eigenvalue is {lam.min():.3g}")
         lam = np.where(lam > tol, lam, 0.0)
         root = np.sqrt(lam)
         inv_root = np.divide(1.0, root, out=np.zeros_like(root), where=root > 0)
@@ -224,17 +226,17 @@ class LinearProblem:
         self._check_A(A)
         self._check_B(B)
         if A.shape[0] != B.shape[1]:
-            raise ValueError(f"A has {A.shape[0]} rows but B has {B.shape[1]} columns; they must match (rank r)")
+            raise UserError(f"A has {A.shape[0]} rows but B has {B.shape[1]} columns; they must match (rank r)")
         E = self.delta - B @ A
         return float(np.einsum("ij,jk,ik->", E, self.Sigma, E)) + self.noise_floor
 
     def _check_A(self, A: np.ndarray) -> None:
         if A.ndim != 2 or A.shape[1] != self.d_in or A.shape[0] < 1:
-            raise ValueError(f"A must have shape (r, d_in) = (r, {self.d_in}) with r >= 1, got {A.shape}")
+            raise UserError(f"A must have shape (r, d_in) = (r, {self.d_in}) with r >= 1, got {A.shape}")
 
     def _check_B(self, B: np.ndarray) -> None:
         if B.ndim != 2 or B.shape[0] != self.d_out or B.shape[1] < 1:
-            raise ValueError(f"B must have shape (d_out, r) = ({self.d_out}, r) with r >= 1, got {B.shape}")
+            raise UserError(f"B must have shape (d_out, r) = ({self.d_out}, r) with r >= 1, got {B.shape}")
 
 
 # ---- Haar sampler -----------------------------------------------------------------------
@@ -331,13 +333,13 @@ def _batches(n: int, per_item: int, budget: int = 1 << 22) -> Iterable[int]:
 
 def _check_method(method: str) -> str:
     if method not in ("auto", "exact", "mc"):
-        raise ValueError(f"method must be 'auto', 'exact' or 'mc', got {method!r}")
+        raise UserError(f"method must be 'auto', 'exact' or 'mc', got {method!r}")
     return method
 
 
 def _check_samples(n_samples: Any) -> int:
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 2:
-        raise ValueError(f"n_samples must be an integer >= 2, got {n_samples!r}")
+        raise UserError(f"n_samples must be an integer >= 2, got {n_samples!r}")
     return int(n_samples)
 
 
@@ -413,7 +415,7 @@ def expected_loss_b_only(
                 mean=problem.noise_floor + (1.0 - frac) * problem.signal, se=0.0, method="exact", fraction=frac
             )
         if method == "exact":
-            raise ValueError(
+            raise UserError(
                 "no closed form for B-only with this Sigma (rank(Sigma) > r and unequal eigenvalues); "
                 "use method='mc' or 'auto'"
             )
@@ -460,11 +462,11 @@ def make_covariance(
         lam[:k] = d_in / k
     elif spectrum == "powerlaw":
         if not (isinstance(decay, (int, float)) and math.isfinite(decay) and decay > 0):
-            raise ValueError(f"decay must be a positive number, got {decay!r}")
+            raise UserError(f"decay must be a positive number, got {decay!r}")
         lam = np.arange(1, d_in + 1, dtype=np.float64) ** (-float(decay))
         lam *= d_in / lam.sum()
     else:
-        raise ValueError(f"unknown spectrum {spectrum!r}; valid: {', '.join(SPECTRA)}")
+        raise UserError(f"unknown spectrum {spectrum!r}; valid: {', '.join(SPECTRA)}")
     Sig = (V * lam) @ V.T
     return 0.5 * (Sig + Sig.T)
 
@@ -502,13 +504,13 @@ def simulate(
     d_out = _check_rank(d_out, "d_out")
     ranks = [int(_check_rank(r, "r", upper=min(d_in, d_out), why="random orthonormal frozen factors")) for r in ranks]
     if not ranks:
-        raise ValueError("ranks must not be empty")
+        raise UserError("ranks must not be empty")
     spectra = list(spectra)
     if not spectra:
-        raise ValueError(f"spectra must not be empty; valid: {', '.join(SPECTRA)}")
+        raise UserError(f"spectra must not be empty; valid: {', '.join(SPECTRA)}")
     for sp in spectra:
         if sp not in SPECTRA:
-            raise ValueError(f"unknown spectrum {sp!r}; valid: {', '.join(SPECTRA)}")
+            raise UserError(f"unknown spectrum {sp!r}; valid: {', '.join(SPECTRA)}")
     _check_samples(n_samples)
     _check_method(b_method)
     rows: list[dict[str, Any]] = []

@@ -176,10 +176,10 @@ class TrainArgs:
     pause_at: int | None = None
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field and what is valid."""
+        """Raise UserError naming the first bad field and what is valid."""
 
         def bad(name: str, valid: str) -> None:
-            raise ValueError(f"TrainArgs.{name}={getattr(self, name)!r} is invalid: {valid}")
+            raise UserError(f"TrainArgs.{name}={getattr(self, name)!r} is invalid: {valid}")
 
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             bad("lr", "must be a finite number > 0")
@@ -339,7 +339,7 @@ def _make_accelerator(mixed_precision: str):
         else:
             mp = "no"
     if mp == "fp16" and not on_gpu:
-        raise ValueError(
+        raise UserError(
             "TrainArgs.mixed_precision='fp16' needs a CUDA GPU; on CPU use 'bf16', 'no' or 'auto'"
         )
     state = AcceleratorState._shared_state
@@ -395,7 +395,7 @@ class _GroupedStream:
     def __init__(self, lengths: Sequence[int], seed: int, batch: int) -> None:
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if len(self.lengths) < batch:
-            raise ValueError(f"group_by_length needs at least one full global batch ({batch} examples), "
+            raise UserError(f"group_by_length needs at least one full global batch ({batch} examples), "
                              f"the dataset has {len(self.lengths)}")
         self.seed, self.batch = seed, batch
         self.per_epoch = len(self.lengths) // batch
@@ -673,7 +673,7 @@ def _metric_of(metrics: dict[str, float], key: str | None) -> float:
     """The early-stopping metric: ``key``, or the first metric ``eval_fn`` returned."""
     key = key or next(iter(metrics))
     if key not in metrics:
-        raise ValueError(f"early_stopping_metric={key!r} is not among the eval metrics {sorted(metrics)}")
+        raise UserError(f"early_stopping_metric={key!r} is not among the eval metrics {sorted(metrics)}")
     return metrics[key]
 
 
@@ -733,7 +733,7 @@ class _Run:
         self.args, self.eval_fn, self.loss_fn = args, eval_fn, loss_fn
         self.named_trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
         if not self.named_trainable:
-            raise ValueError("model has no trainable parameters (requires_grad=True): nothing to train")
+            raise UserError("model has no trainable parameters (requires_grad=True): nothing to train")
         self.trainable_params = sum(p.numel() for _, p in self.named_trainable)
         self.accelerator, self.mp = _make_accelerator(args.mixed_precision)
         acc = self.accelerator
@@ -766,7 +766,7 @@ class _Run:
         if not self.args.group_by_length:
             return None
         if not callable(getattr(self.data, "lengths", None)):
-            raise ValueError("group_by_length=True needs a dataset with a lengths() method")
+            raise UserError("group_by_length=True needs a dataset with a lengths() method")
         return _GroupedStream(self.data.lengths(), self.args.seed, self.plan.global_batch)
 
     # ------------------------------------------------------------------ one optimisation step
@@ -794,7 +794,7 @@ class _Run:
                     loss = self.loss_fn(self.pmodel, batch) if self.loss_fn is not None else self.pmodel(**batch).loss
                 self.tracker.reset()
                 if loss.ndim != 0:
-                    raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
+                    raise UserError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
                 self.backend.backward(loss / plan.accum, last=sync)
             loss_sum += loss.detach().float() / plan.accum
         if plan.world > 1:
@@ -925,18 +925,18 @@ class _Run:
     def _check_resumable(self, found: str, st: dict[str, Any]) -> None:
         names = [k for k, _ in self.named_trainable]
         if st["trainable_names"] != names:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {found} holds trainable parameters {st['trainable_names'][:3]}... "
                 f"({len(st['trainable_names'])}) that do not match the model's ({len(names)}); "
                 "resume needs the same model, adapter config and modules_to_save"
             )
         if st.get("sharding", "none") != self.backend.name:
-            raise ValueError(f"checkpoint {found} was written with sharding {st.get('sharding', 'none')!r}; this run "
+            raise UserError(f"checkpoint {found} was written with sharding {st.get('sharding', 'none')!r}; this run "
                              f"uses {self.backend.name!r}: resume under the same sharding")
         plan = self.plan
         if st["world_size"] != plan.world or st["global_batch_size"] != plan.global_batch \
                 or st["total_steps"] != plan.total:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {found} was written with world_size={st['world_size']}, "
                 f"global batch {st['global_batch_size']}, {st['total_steps']} steps; this run has "
                 f"world_size={plan.world}, global batch {plan.global_batch}, {plan.total} steps: "
@@ -1122,10 +1122,10 @@ def fit(
     optimizer); the lr schedule drives whatever it returns.
     """
     if not isinstance(args, TrainArgs):
-        raise ValueError(f"args must be a TrainArgs, got {type(args).__name__}")
+        raise UserError(f"args must be a TrainArgs, got {type(args).__name__}")
     args.validate()
     if len(train_dataset) == 0:
-        raise ValueError("train_dataset is empty: need at least one example")
+        raise UserError("train_dataset is empty: need at least one example")
     return _Run(model, train_dataset, collate_fn, args, eval_fn, loss_fn, make_optimizer).run()
 
 
