@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from asymlora.analysis.similarity import (
     orthonormal_basis,
     subspace_similarity,
 )
+from asymlora.errors import UserError
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -116,9 +118,9 @@ def test_cosine_plain_value():
 
 
 def test_bad_input_is_named():
-    with pytest.raises(ValueError, match="different dimensions"):
+    with pytest.raises(UserError, match="different dimensions"):
         subspace_similarity(torch.randn(10, 2), torch.randn(11, 2))
-    with pytest.raises(ValueError, match="factor"):
+    with pytest.raises(UserError, match="factor"):
         factor_similarity(torch.randn(3, 3), torch.randn(3, 3), "C")
     with pytest.raises(ValueError, match="2-D"):
         subspace_similarity(torch.randn(3), torch.randn(3))
@@ -182,6 +184,10 @@ def test_cli_writes_artefacts(tmp_path, capsys):
         assert (out / name).is_file(), name
     assert (out / "similarity_subspace_A.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes left no temp files
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in out.iterdir():  # permissions as open() gives them, not the temp file's owner-only 0600
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p.name
     rows = list(csv.DictReader(open(out / "similarity.csv")))
     layers = {r["layer"] for r in rows}
     assert len(layers) == 4  # tiny BERT: query, value in 2 layers

@@ -53,11 +53,11 @@ import numpy as np
 from asymlora.analysis.similarity import (
     FACTORS,
     SimilarityReport,
-    atomic_write_text,
     compare_factors,
     nanmean,
 )
 from asymlora.errors import MissingFileError, UserError
+from asymlora.fileio import atomic_write_text
 
 __all__ = [
     "RELATIONS",

@@ -15,10 +15,10 @@ import numpy as np
 from asymlora.analysis.similarity import (
     FACTORS,
     SimilarityReport,
-    atomic_write_bytes,
     nanmean,
     short_layer_names,
 )
+from asymlora.fileio import atomic_write_bytes
 
 __all__ = ["heatmap_png", "save_heatmap", "save_report_heatmaps"]
 

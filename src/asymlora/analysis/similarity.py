@@ -42,7 +42,6 @@ import io
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -53,6 +52,7 @@ import numpy as np
 import torch
 
 from asymlora.errors import UserError
+from asymlora.fileio import atomic_write_text
 
 Factor = Literal["A", "B"]
 FACTORS: tuple[str, ...] = ("A", "B")
@@ -295,28 +295,6 @@ class SimilarityReport:
                 f"{per_pair}; all pairs {overall}{chance_txt}"
             )
         return lines
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
 
 
 def compare_factors(

@@ -95,10 +95,10 @@ def run(args: argparse.Namespace) -> int:
 def _run_compare(args: argparse.Namespace) -> int:
     from asymlora.analysis.plots import save_report_heatmaps
     from asymlora.analysis.similarity import (
-        atomic_write_text,
         compare_adapters,
         pick_adapter_dir,
     )
+    from asymlora.fileio import atomic_write_text
 
     labels = None if args.labels is None else [s.strip() for s in args.labels.split(",")]
     for d in args.run_dirs:
