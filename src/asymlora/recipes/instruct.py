@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.errors import MissingFileError, UserError
+from asymlora.lmeval.mmlu import CATEGORY_OF
 from asymlora.recipes.base import (
     Prepared,
     Recipe,
@@ -52,33 +53,12 @@ PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-CATEGORIES = ("STEM", "humanities", "social sciences", "other")
-_BY_CATEGORY: dict[str, tuple[str, ...]] = {
-    "STEM": (
-        "abstract_algebra", "astronomy", "college_biology", "college_chemistry", "college_computer_science",
-        "college_mathematics", "college_physics", "computer_security", "conceptual_physics",
-        "electrical_engineering", "elementary_mathematics", "high_school_biology", "high_school_chemistry",
-        "high_school_computer_science", "high_school_mathematics", "high_school_physics",
-        "high_school_statistics", "machine_learning",
-    ),
-    "humanities": (
-        "formal_logic", "high_school_european_history", "high_school_us_history", "high_school_world_history",
-        "international_law", "jurisprudence", "logical_fallacies", "moral_disputes", "moral_scenarios",
-        "philosophy", "prehistory", "professional_law", "world_religions",
-    ),
-    "social sciences": (
-        "econometrics", "high_school_geography", "high_school_government_and_politics",
-        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology", "human_sexuality",
-        "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy",
-    ),
-    "other": (
-        "anatomy", "business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging",
-        "management", "marketing", "medical_genetics", "miscellaneous", "nutrition", "professional_accounting",
-        "professional_medicine", "virology",
-    ),
-}
+# MMLU's four categories as this recipe's tables name them; which subject is in which comes from
+# asymlora.lmeval.mmlu (lm-evaluation-harness's grouping, the one table of the package).
+_CATEGORY_LABEL = {"stem": "STEM", "humanities": "humanities", "social_sciences": "social sciences", "other": "other"}
+CATEGORIES = tuple(_CATEGORY_LABEL.values())
 #: subject → category for the 57 MMLU subjects.
-SUBJECT_CATEGORY: dict[str, str] = {s: c for c, subs in _BY_CATEGORY.items() for s in subs}
+SUBJECT_CATEGORY: dict[str, str] = {s: _CATEGORY_LABEL[c] for s, c in CATEGORY_OF.items()}
 
 MMLU_HINT = ("Get MMLU in its original layout (the Hendrycks test data tarball `data.tar`, which unpacks to "
              "data/dev/*_dev.csv and data/test/*_test.csv) and put it at DATA/mmlu/ (so DATA/mmlu/test/…).")
