@@ -27,7 +27,7 @@ from asymlora.compare import (
 from asymlora.compare.config import StrategySpec
 from asymlora.compare.report import paired_verdicts
 from asymlora.errors import UserError
-from asymlora.sweep.stats import curve_slope, paired_difference, t_quantile, verdict
+from asymlora.sweep.stats import curve_slope, mean_std, paired_difference, t_quantile, verdict
 
 # a missing asset fails the run under CI=true and skips (with a summary line) locally: tests/conftest.py
 needs_real = pytest.mark.needs_assets("minilm", "fortunes")
@@ -146,6 +146,15 @@ def fake_runs():
     specs = [StrategySpec("lora r=8", "lora", 8, 8), StrategySpec("b-only r=8", "b-only", 8, 8),
              StrategySpec("b-only r=16 (@2r)", "b-only", 16, 8), StrategySpec("head-only", None, 0, 8)]
     return runs, specs
+
+
+def test_mean_std_by_hand():
+    # n = 2: mean (1 + 4)/2 = 2.5; deviations ±1.5, sample variance (2.25 + 2.25)/(2 - 1) = 4.5
+    assert mean_std([1.0, 4.0]) == (2.5, pytest.approx(math.sqrt(4.5), rel=1e-15))
+    # n = 1: the sample std is 0/0, undefined: NaN, not 0
+    m, s = mean_std([3.0])
+    assert m == 3.0 and math.isnan(s)
+    assert all(math.isnan(x) for x in mean_std([]))
 
 
 def test_summary_table_and_paired_verdicts():

@@ -56,6 +56,7 @@ from asymlora.analysis.similarity import (
     compare_factors,
     nanmean,
 )
+from asymlora.core.threads import torch_threads
 from asymlora.errors import MissingFileError, UserError
 from asymlora.fileio import atomic_write_text
 
@@ -340,12 +341,8 @@ def run_demo(
     (``settings.threads``) and global RNG (the head seed) are as before when it returns."""
     import torch
 
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng():
-        try:
-            return _run_demo(settings, out_dir, log)
-        finally:
-            torch.set_num_threads(threads)
+    with torch.random.fork_rng(), torch_threads():
+        return _run_demo(settings, out_dir, log)
 
 
 def _run_demo(settings: DemoSettings | None, out_dir: str | os.PathLike | None,

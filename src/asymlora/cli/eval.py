@@ -193,19 +193,15 @@ def run(args: argparse.Namespace) -> int:
 
     datasets_root()  # the benchmark data is installed (else a one-line error naming the install step)
     from asymlora.bundled import resolve_model
+    from asymlora.core.threads import torch_threads
 
     path = resolve_model(args.model)  # the bundled SmolLM2 is converted from its GGUF once, then cached
     check_adapters_fit(path, args.adapter)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    try:
+    with torch_threads(args.threads or None) as threads:
         rows = score_all(args, path)
-    finally:
-        torch.set_num_threads(threads)
     print(table(rows))
     config = {"model": os.path.abspath(path), "adapters": [os.path.abspath(a) for a in args.adapter],
               "tasks": args.tasks, "limit": args.limit, "seed": args.seed, "shots": args.shots,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from asymlora.errors import MissingFileError, UserError
+from asymlora.sweep.stats import mean_std
 
 
 def register(subparsers) -> None:
@@ -60,14 +61,6 @@ def collect(dirs: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, None
-    var = sum((v - m) ** 2 for v in values) / (len(values) - 1)
-    return m, math.sqrt(var)
-
-
 def build_tables(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{recipe: {"columns": [...], "rows": {label: {col: (mean, std, n)}}, "table": str}} (values in %)."""
     by_recipe: dict[str, list[dict]] = defaultdict(list)
@@ -98,7 +91,11 @@ def build_tables(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         rows: dict[str, dict[str, tuple[float, float | None, int]]] = OrderedDict()
         for label in sorted(cells, key=lambda l: (row_key[l][0], row_key[l][2]) if row_key[l][0] != math.inf
                             else (math.inf, row_key[l][1])):
-            rows[label] = {c: (*_mean_std(v), len(v)) for c, v in cells[label].items() if v}
+            rows[label] = {}
+            for c, v in cells[label].items():
+                if v:
+                    m, s = mean_std(v)  # s is NaN for one seed: the cell shows no ± then
+                    rows[label][c] = (m, None if math.isnan(s) else s, len(v))
         if avg_cols:
             columns.append("Avg")
             for label, row in rows.items():

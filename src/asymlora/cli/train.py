@@ -55,16 +55,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from asymlora.compare import (
         CompareConfig,
         execute_run,
         parse_strategy,
         prepare_task,
-        set_threads,
     )
     from asymlora.fileio import atomic_write_text
+    from asymlora.sweep.backends import threads_for_run
 
     b = QUICK if args.quick else DEFAULT
     pick = lambda v, d: d if v is None else v  # noqa: E731
@@ -90,16 +88,12 @@ def run(args: argparse.Namespace) -> int:
     problems.at_least("--checkpoint-every", args.checkpoint_every, 1)
     problems.raise_if_any()
     spec = parse_strategy(args.strategy, r)
-    prev = torch.get_num_threads()
-    threads, _ = set_threads(cfg.threads)
-    try:
+    with threads_for_run(cfg.threads) as (threads, _):
         task = prepare_task(cfg)
         os.makedirs(cfg.output_dir, exist_ok=True)
         out = execute_run(task, spec, args.seed, lr, cfg, desc=f"{spec.label} seed {args.seed}",
-                        output_dir=cfg.output_dir, checkpoint_every=pick(args.checkpoint_every, eval_every),
-                        resume=args.resume)
-    finally:
-        torch.set_num_threads(prev)
+                          output_dir=cfg.output_dir, checkpoint_every=pick(args.checkpoint_every, eval_every),
+                          resume=args.resume)
     run_info, model = out.record, out.model
     if spec.preset is not None:
         from asymlora.formats.native import save_adapter

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from asymlora.core.threads import torch_threads
 from asymlora.errors import UserError
 
 Initializer = Callable[[tuple[int, int], str, torch.Generator, torch.Tensor | None], torch.Tensor]
@@ -51,12 +52,8 @@ def single_thread() -> Iterator[None]:
     """Run a block on one intra-op thread: threaded LAPACK QR of a tall, thin matrix is far slower
     than one thread when cores are shared (BENCHMARKS.md: 67 s -> 2.6 s for a LLaMA-2-7B r=64 init).
     The result is bit-identical."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def haar_orthonormal(d: int, r: int, generator: torch.Generator) -> torch.Tensor:

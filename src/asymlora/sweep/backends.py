@@ -27,6 +27,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from asymlora.core.threads import torch_threads
 from asymlora.sweep.interrupt import ignore_in_worker
 
 __all__ = ["Job", "InProcess", "LocalPool", "RayBackend", "BACKENDS", "adapter_backend", "describe_backend", "available_cpus", "set_threads", "threads_for_run", "worker_count"]
@@ -101,13 +102,8 @@ def set_threads(threads: int | None) -> tuple[int, dict[int, float]]:
 def threads_for_run(threads: int | None) -> Iterator[tuple[int, dict[int, float]]]:
     """``set_threads(threads)`` for the duration of a protocol run; the caller's thread count is
     put back afterwards, whatever happens."""
-    import torch
-
-    prev = torch.get_num_threads()
-    try:
+    with torch_threads():
         yield set_threads(threads)
-    finally:
-        torch.set_num_threads(prev)
 
 
 def _cuda_count() -> int:

@@ -18,11 +18,16 @@ __all__ = ["mean_std", "t_quantile", "PairedDifference", "paired_difference", "v
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof = 1; 0 for one value, NaN for none)."""
+    """Mean and sample standard deviation (ddof = 1, Bessel's correction) of ``values``.
+
+    The std estimates the spread between seeds, and one value carries no information about that
+    spread: the sample std of n = 1 is 0/0, so it is NaN (as ``statistics.stdev`` refuses it and
+    lm-eval's ``mean_stderr`` gives NaN), never 0, which would claim seeds agree exactly. Both
+    are NaN for no values."""
     a = np.asarray(values, dtype=float)
     if a.size == 0:
         return float("nan"), float("nan")
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else float("nan")
 
 
 def _t_cdf(x: float, df: int) -> float:
