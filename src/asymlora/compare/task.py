@@ -79,13 +79,13 @@ def prepare_task(cfg: Any) -> Task:
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from asymlora.bundled import default_model_path
     from asymlora.compare.data import (
         PadCollator,
         TokenizedDataset,
         load_text_dataset,
         subsample_stratified,
     )
-    from asymlora.sweep.budget import default_model_path
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

