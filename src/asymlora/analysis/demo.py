@@ -333,7 +333,6 @@ def _run_demo(settings: DemoSettings | None, out_dir: str | os.PathLike | None,
               log: Callable[[str], None]) -> DemoResult:
     settings = settings or DemoSettings()
     settings.validate()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model_path = settings.model_path or default_model_path()
 
     import torch
@@ -357,7 +356,7 @@ def _run_demo(settings: DemoSettings | None, out_dir: str | os.PathLike | None,
         torch.set_num_threads(settings.threads)
     hf_logging.set_verbosity_error()
     specs = design_runs(settings.tasks, settings.init_seeds)
-    tok = AutoTokenizer.from_pretrained(model_path)
+    tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     collate = PadCollator(tok.pad_token_id or 0)
     n_train = settings.steps * settings.batch_size
 
@@ -369,7 +368,8 @@ def _run_demo(settings: DemoSettings | None, out_dir: str | os.PathLike | None,
         train = subsample_stratified(ds.train, n_train, seed=0)
         val = subsample_stratified(ds.val, settings.eval_examples, seed=0) if settings.eval_examples else None
         torch.manual_seed(settings.head_seed)
-        base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=ds.num_labels)
+        base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=ds.num_labels,
+                                                                  local_files_only=True)
         tasks[task] = {
             "num_labels": ds.num_labels,
             "train": TokenizedDataset(train, tok, settings.max_length),

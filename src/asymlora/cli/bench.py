@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from pathlib import Path
 
@@ -54,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
     p.check(not bad, f"unknown benchmark(s) {bad}; valid: {', '.join(BENCHMARKS)}")
     p.output_folder("--output-dir", args.output_dir)
     p.raise_if_any()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = (["--quick"] if args.quick else []) + (["--out", args.output_dir] if args.output_dir else [])
     argv += (["--only", *args.only] if args.only else []) + ["--threads", str(args.threads)]
     argv += ["--merge"] if args.merge else []

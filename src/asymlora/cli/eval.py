@@ -185,7 +185,6 @@ def write_outputs(out: str, rows: dict[str, dict[str, Any]], config: dict[str, A
 
 def run(args: argparse.Namespace) -> int:
     validate(args)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     import transformers
 

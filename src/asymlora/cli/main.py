@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from asymlora.errors import UserError
+from asymlora.startup import start_command_process
 
 # subcommand name -> module under asymlora.cli
 COMMANDS: dict[str, str] = {
@@ -92,6 +93,7 @@ def _command_name(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    start_command_process()  # offline, and no third-party chatter before the command's first line
     argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     debug = debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     parser = build_parser(argv)

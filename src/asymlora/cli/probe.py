@@ -179,7 +179,6 @@ def find_targets(model: Any, names: list[str] | None, r: int) -> dict[str, Any]:
 # ---- run -----------------------------------------------------------------------------------------
 def probe(args: argparse.Namespace) -> dict[str, Any]:
     """Load, collect statistics, analyse every layer; returns the results dict (written by ``run``)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoTokenizer
 

@@ -81,11 +81,6 @@ def _check(args: argparse.Namespace) -> Problems:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    # never reach the Hub: set before transformers / huggingface_hub read their settings
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from asymlora.recipes.base import (
         RunOptions,
         check_model,

@@ -118,7 +118,6 @@ def _settings(cfg: CompareConfig, task: Task, specs: list[StrategySpec], threads
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     """Run the protocol for every strategy and write the reports; returns the results dict."""
     cfg.validate()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     t_start = time.perf_counter()

@@ -75,7 +75,6 @@ def prepare_task(cfg: Any) -> Task:
     """Load the dataset (seeded split, capped subsets), tokenise once, load the base model
     (its linear layers quantized, the head left float, when ``cfg.quantize`` names a scheme).
     ``Task.timings`` holds the seconds spent loading (data + model) and tokenising."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -103,10 +102,10 @@ def prepare_task(cfg: Any) -> Task:
     if len(train) == 0 or len(val) == 0 or len(test) == 0:
         raise UserError(f"--data {cfg.data!r} is too small: an empty train, validation or test split "
                         f"({len(train)}/{len(val)}/{len(test)} examples)")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     base = AutoModelForSequenceClassification.from_pretrained(
         model_path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
-        label2id={n: i for i, n in enumerate(data.label_names)})
+        label2id={n: i for i, n in enumerate(data.label_names)}, local_files_only=True)
     head = head_name(base)
     if getattr(cfg, "quantize", None):  # every run (and the head-only features) sees the same quantized base
         from asymlora.core.quant import quantize_model

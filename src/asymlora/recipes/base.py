@@ -469,8 +469,6 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> list[dict[str, Any]]:
     """
     import torch
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     fam = recipe.family_module()
     model = opts.model or recipe.model
     data = opts.data or recipe.data

@@ -167,7 +167,7 @@ def prepare(task: str, model_path: str, data: str | Path, recipe: Recipe, opts: 
     tests = {env: limit(scan_domain(root, env, class_index), n) for env in test_envs}
     in_val = limit(in_val, n)
     try:
-        processor = AutoImageProcessor.from_pretrained(model_path)
+        processor = AutoImageProcessor.from_pretrained(model_path, local_files_only=True)
     except OSError as err:
         raise MissingFileError(f"{model_path}: no image processor config (preprocessor_config.json): {err}") from err
     collate = ImageCollator(processor)
@@ -177,7 +177,7 @@ def prepare(task: str, model_path: str, data: str | Path, recipe: Recipe, opts: 
     def build_model():
         return AutoModelForImageClassification.from_pretrained(
             model_path, num_labels=len(classes), id2label=dict(enumerate(classes)), label2id=class_index,
-            ignore_mismatched_sizes=True, dtype=dtype)
+            ignore_mismatched_sizes=True, dtype=dtype, local_files_only=True)
 
     def evaluate(model) -> dict[str, float]:
         out = {"train_acc": accuracy_on(model, limit(train, n), collate, ebs),

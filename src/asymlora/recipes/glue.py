@@ -230,7 +230,7 @@ def prepare(task: str, model_path: str, data: str | Path, recipe: Recipe, opts: 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     spec = TASK_SPECS[task]
-    tok = AutoTokenizer.from_pretrained(model_path)
+    tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     train = limit(load_split(task, data, "train"), opts.max_train_samples)
@@ -244,7 +244,8 @@ def prepare(task: str, model_path: str, data: str | Path, recipe: Recipe, opts: 
     ebs = int(recipe.eval_args.get("eval_batch_size", 64))
 
     def build_model():
-        kw: dict[str, Any] = {"num_labels": spec.num_labels, "dtype": dtype, "ignore_mismatched_sizes": True}
+        kw: dict[str, Any] = {"num_labels": spec.num_labels, "dtype": dtype, "ignore_mismatched_sizes": True,
+                              "local_files_only": True}
         if regression:
             kw["problem_type"] = "regression"
         model = AutoModelForSequenceClassification.from_pretrained(model_path, **kw)

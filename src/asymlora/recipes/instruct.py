@@ -290,7 +290,7 @@ def prepare(task: str, model_path: str, data: str | Path, recipe: Recipe, opts: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data = Path(data)
-    tok = AutoTokenizer.from_pretrained(model_path)
+    tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     da, ea = recipe.data_args, recipe.eval_args
@@ -306,7 +306,7 @@ def prepare(task: str, model_path: str, data: str | Path, recipe: Recipe, opts: 
     dtype = torch_dtype(opts.dtype or recipe.dtype)
 
     def build_model():
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, local_files_only=True)
 
     def evaluate(model) -> dict[str, float]:
         out: dict[str, float] = {}

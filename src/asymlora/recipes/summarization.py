@@ -147,7 +147,7 @@ def generate_summaries(model, tokenizer, sources: list[str], collate: Seq2SeqCol
 def prepare(task: str, model_path: str, data: str | Path, recipe: Recipe, opts: RunOptions) -> Prepared:
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path)
+    tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     da, ea = recipe.data_args, recipe.eval_args
@@ -168,7 +168,7 @@ def prepare(task: str, model_path: str, data: str | Path, recipe: Recipe, opts: 
     ebs = int(ea.get("eval_batch_size", 16))
 
     def build_model():
-        return AutoModelForSeq2SeqLM.from_pretrained(model_path, dtype=dtype)
+        return AutoModelForSeq2SeqLM.from_pretrained(model_path, dtype=dtype, local_files_only=True)
 
     def evaluate(model) -> dict[str, float]:
         preds = generate_summaries(model, tok, [r["source"] for r in evals], collate, gen_kwargs, ebs)

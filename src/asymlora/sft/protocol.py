@@ -91,7 +91,7 @@ def _prepare_bench(cfg: SFTConfig) -> tuple[str, Any]:
     from asymlora.bundled import resolve_model
 
     path = resolve_model(cfg.model)
-    return path, AutoTokenizer.from_pretrained(path)
+    return path, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None,
@@ -105,7 +105,7 @@ def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None,
 
     path, tokenizer = state
     t = time.perf_counter()
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     if adapter is not None:
         load_adapter(lm, adapter)
     bf16 = resolve_precision(cfg.mixed_precision) == "bf16"
@@ -144,7 +144,6 @@ def _run_benchmarks(cfg: SFTConfig, runs: list[dict[str, Any]], workers: int, st
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Tune every strategy by the protocol, score the benchmarks, write the reports."""
     cfg.validate()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t_start = time.perf_counter()
     with stop_on_signals(), threads_for_run(cfg.threads) as (threads, _):

@@ -60,8 +60,8 @@ def prepare_lm_task(cfg: SFTConfig) -> LMTask:
 
     t = time.perf_counter()
     path = resolve_model(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     lm.requires_grad_(False)
     load_s = time.perf_counter() - t
     t = time.perf_counter()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from asymlora.core.threads import torch_threads
+from asymlora.startup import start_command_process
 from asymlora.sweep.interrupt import ignore_in_worker
 
 __all__ = ["Job", "InProcess", "LocalPool", "RayBackend", "BACKENDS", "adapter_backend", "describe_backend", "available_cpus", "set_threads", "threads_for_run", "worker_count"]
@@ -153,10 +154,10 @@ def _worker_init(cfg: Any, prepare: Callable[[Any], Any], threads: int, env: dic
     """Each worker process loads the task once with ``prepare(cfg)``; with ``gpus`` (a queue of
     GPU indices, one per worker) it takes one and sees only that GPU."""
     ignore_in_worker()
+    start_command_process()
     os.environ.update(env)
     if gpus is not None:  # before anything initialises CUDA in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     torch.set_num_threads(threads)
@@ -213,10 +214,10 @@ _RAY_STATE: dict[Any, Any] = {}
 def _ray_job(prepare: Callable[[Any], Any], execute: Callable[..., Any], cfg: Any, key: str, threads: int,
              job: Any, tag: str) -> Any:
     """One job in a Ray worker process: the task is loaded on its first job of this sweep."""
+    start_command_process()
     import torch
 
     torch.set_num_threads(threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if key not in _RAY_STATE:
         _RAY_STATE.clear()  # a worker kept from another sweep: free its task first
         _RAY_STATE[key] = prepare(cfg)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -265,7 +264,6 @@ PRESETS: dict[str, tuple[str, dict[str, Any], str, list[list[str]]]] = {
 
 def build_meta_model(config: Any) -> Any:
     """Instantiate ``AutoModel.from_config(config)`` on the meta device (no weight memory)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModel
 
@@ -300,7 +298,6 @@ def load_shapes(model: str, targets: Any = None) -> tuple[list[LayerShape], str]
     Returns (shapes, description). The model is built on the meta device: no weights are
     read or allocated, nothing is downloaded.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     key = str(model).strip().lower()
     if key in PRESETS:
         from transformers import AutoConfig
