@@ -13,7 +13,6 @@ Variants (one training step = forward + backward + AdamW step):
   asym-lora          asymlora preset "lora" (A and B trained)
   peft-lora          PEFT LoraConfig, A and B trained
   peft-lora-frozenA  PEFT LoRA with every ``lora_A`` set requires_grad=False by hand
-  asym-b-only-fused  b-only with the proposed ``LoraLinear.forward`` (benchmarks.patches)
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ from torch import nn
 import asymlora
 from asymlora.core.inject import find_target_modules, lora_layers
 
-VARIANTS = ["floor", "asym-b-only", "asym-lora", "peft-lora", "peft-lora-frozenA", "asym-b-only-fused"]
+VARIANTS = ["floor", "asym-b-only", "asym-lora", "peft-lora", "peft-lora-frozenA"]
 
 # target sets: name -> per-model module names (suffixes) or "all-linear"
 QV = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
@@ -129,10 +128,6 @@ def build_variant(name: str, base: nn.Module, kind: str, r: int, targets: str, d
         cfg = asymlora.AsymLoraConfig.preset(preset, r=r, alpha=2 * r, seed=0, target_modules=names,
                                              dropout=dropout)
         asymlora.wrap(model, cfg)
-        if name == "asym-b-only-fused":
-            from .patches import use_fused_forward
-
-            use_fused_forward(model)
         n = len(lora_layers(model))
     else:
         from peft import LoraConfig, get_peft_model

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     setup_threads(args.threads)
     base, shapes = build_base(args.model, False)
     inputs = make_inputs(shapes)
-    for name in ("floor", "asym-b-only", "asym-b-only-fused", "peft-lora", "peft-lora-frozenA"):
+    for name in ("floor", "asym-b-only", "peft-lora", "peft-lora-frozenA"):
         v = build_variant(name, base, args.model, args.r, args.targets)
         res = profile_variant(v, inputs)
         share = adapter_share(res["events"], args.r, 2)

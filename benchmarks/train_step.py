@@ -100,7 +100,7 @@ def run(quick: bool = False, repeats: int | None = None, log=print) -> list[dict
                     f"  train {kind:5s} r={r:<3d} {targets:10s} floor {v['floor']['wall_s']:.3f}s  "
                     + "  ".join(
                         f"{n} {v[n]['wall_ratio_vs_floor']:.3f}xF/{v[n]['wall_ratio_vs_peft-lora']:.3f}xP"
-                        for n in ("asym-b-only", "asym-b-only-fused", "peft-lora", "peft-lora-frozenA")
+                        for n in ("asym-b-only", "peft-lora", "peft-lora-frozenA")
                     )
                     + f"  ({g['seconds']:.0f}s)"
                 )

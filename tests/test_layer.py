@@ -74,6 +74,32 @@ def test_frozen_factor_stays_frozen_through_toggles():
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
 
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_one_blas_call_forward_matches_the_two_step_delta(conv1d):
+    """LoraLinear's forward computes out + s·h·Bᵀ in one addmm; outputs and gradients equal the
+    two-step out + linear(s·h, B) it replaced (for nn.Linear and transformers' Conv1D)."""
+    import torch.nn.functional as F
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = nn.Sequential(Conv1D(12, 10) if conv1d else nn.Linear(10, 12))
+    model = wrap(base, AsymLoraConfig.preset("b-only", r=3, alpha=6, target_modules=["0"]))
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 5, 10)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y1 = model(x1)
+    y2 = layer.base(x2) + F.linear(F.linear(x2, layer.lora_A) * layer.scaling, layer.lora_B)
+    torch.testing.assert_close(y1, y2)
+    (y1 ** 2).sum().backward()
+    g1 = layer.lora_B.grad.clone()
+    layer.lora_B.grad = None
+    (y2 ** 2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(g1, layer.lora_B.grad)
+
+
 def _naive_forward(x, w, bias, a, b, s):
     """Dense reference: y = x·(W + s·B·A)ᵀ + bias."""
     return x @ (w + s * b @ a).T + bias
