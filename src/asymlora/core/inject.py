@@ -108,7 +108,7 @@ def find_target_modules(
 
     An already adapted layer (``LoraLinear``) is a target itself (its ``.base`` is not listed),
     so a second named adapter finds the same layers as the first.
-    Raises ValueError when nothing matches, when a listed name matches no module while others
+    Raises UserError when nothing matches, when a listed name matches no module while others
     do, or when a name matches only modules of an unsupported type. Works on ``meta`` models.
     """
     if target_modules is None:

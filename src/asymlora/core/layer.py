@@ -270,7 +270,7 @@ class LoraLinear(nn.Module):
     def merge(self, safe: bool = False, keep_original: bool = False, adapter_names: Sequence[str] | None = None) -> None:
         """Fold ΔW of ``adapter_names`` (default: the active adapters) into the base weight.
 
-        ``safe``: compute the merged weight first and refuse (ValueError) if ΔW or the result
+        ``safe``: compute the merged weight first and refuse (UserError) if ΔW or the result
         has a NaN/Inf, leaving the layer untouched. A quantized base is refused (UserError,
         ``asymlora.core.quant.refuse_merge``). ``keep_original``: keep a copy of the base
         weight so ``unmerge`` restores it bit for bit (otherwise unmerge subtracts ΔW, exact up
