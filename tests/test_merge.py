@@ -97,7 +97,7 @@ def test_exact_sum_equals_dense_sum_linear_and_conv1d(arch, builder, targets):
     assert report.exact and report.shared == "A" and report.error < 1e-6
     assert max(report.layer_errors.values()) < 1e-6 and set(report.layer_errors) == set(want)
     cfg = model.asymlora_configs["mix"]
-    assert cfg.train == "B" and cfg.seed == 0 and cfg.r == 4
+    assert cfg.trainable == "B" and cfg.seed == 0 and cfg.r == 4
 
 
 def test_whole_model_equals_base_plus_dense_sum(tokens):
@@ -321,7 +321,7 @@ def test_federated_average_of_b_only_clients_is_the_mean_delta(tmp_path, capsys)
         mean = sum(n * c[ln] for n, c in zip(counts, clients)) / sum(counts)
         assert (d - mean).abs().max() <= 1e-6
     meta = json.loads((tmp_path / "avg" / "adapter_config.json").read_text())
-    assert meta["config"]["train"] == "B" and not any(e["A"]["stored"] for e in meta["layers"].values())
+    assert meta["config"]["trainable"] == "B" and not any(e["A"]["stored"] for e in meta["layers"].values())
     assert meta["weighted_sum"]["exact"] and meta["weighted_sum"]["method"] == "exact"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
 
