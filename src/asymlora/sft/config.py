@@ -99,7 +99,7 @@ class SFTConfig(SweepConfig):
 
             unknown = [t for t in self.tasks if t not in TASKS]
             if unknown:
-                out.append(f"--tasks {','.join(unknown)}: unknown benchmark; valid: {', '.join(TASKS)}")
+                out.append(f"--benchmarks {','.join(unknown)}: unknown benchmark; valid: {', '.join(TASKS)}")
         if self.bench_limit is not None and self.bench_limit < 1:
             out.append(f"--limit {self.bench_limit!r}: must be >= 1 (or unset for whole benchmarks)")
         if self.mmlu_limit is not None and self.mmlu_limit < 1:
