@@ -31,7 +31,8 @@ def _results(grid_key: str, values: list[float]) -> dict:
 def test_the_report_reads_in_order():
     res = _results("val_accuracy", [0.5, 0.625, 0.4])
     text = format_sweep_report(
-        res, tables=["TABLE"], metric=SelectionMetric("validation accuracy", "val_accuracy", lambda v: f"{100 * v:.1f}"),
+        res, tables=["TABLE"],
+        metric=SelectionMetric("validation accuracy", "val_accuracy", lambda v: f"{100 * v:.1f}"),
         first_seed=7, margin=0.01, verdicts_on="test-accuracy", output_dir="out", files=["a.json", "b.md"],
         sections=["EXTRA", ""])
     assert text.split("\n") == [
@@ -66,7 +67,8 @@ def test_compare_and_sft_print_through_the_shared_report(tmp_path):
     assert "paired test-accuracy differences against LoRA" in compare
     assert compare.endswith(f"wrote {tmp_path}/results.json, results.csv, results.md")
     with_plots = format_report(_results("val_accuracy", [0.5, 0.6, 0.4]), CompareConfig(output_dir=str(tmp_path)))
-    assert with_plots.endswith("results.md, metric_by_strategy.png, training_curves.png, lr_selection.png, verdicts.png")
+    assert with_plots.endswith(
+        "results.md, metric_by_strategy.png, training_curves.png, lr_selection.png, verdicts.png")
 
     sft = format_sft_report(_results("val_loss", [1.25, 1.0, 2.0]), SFTConfig(seeds=[1], output_dir=str(tmp_path)))
     assert "(validation loss by lr, seed 1: 0.001: 1.2500  0.003: 1.0000  0.01: 2.0000" in sft
