@@ -1,6 +1,7 @@
-"""The README's quick start, as a file: python examples/quickstart.py (tests/test_readme.py checks the two agree)."""
+"""The README's quick start as a file: python examples/quickstart.py (tests/test_readme.py keeps them equal)."""
 import asymlora
 from asymlora.compare.data import bundled_classifier
+
 model, train, collate = bundled_classifier("fortunes")  # all-MiniLM-L6-v2 + a new 5-way head; tokenized fortunes
 model = asymlora.wrap(model, asymlora.AsymLoraConfig.preset("b-only", r=8, modules_to_save=["classifier"]))
 print(asymlora.parameter_report(model))  # A: frozen random orthonormal (from the seed); B and the head: trained
