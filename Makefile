@@ -24,7 +24,7 @@ install:
 	$(PIP) install -e .
 
 # Everything the test suite exercises: PEFT, TRL, lm-eval, DeepSpeed, bitsandbytes, torchao, ...
-# 158 s more after `make install` (no pip cache) (README, "Two commands").
+# 243 s more after `make install` (median of 2 runs, no pip cache; README, "Two commands").
 install-test: install
 	$(PIP) install -e ".[test]"
 
