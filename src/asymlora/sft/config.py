@@ -3,7 +3,7 @@ pairs, each strategy at its own learning rate, converged, over paired seeds — 
 ``asymlora compare`` (``asymlora.sweep``) with the validation *loss* of the
 response tokens as the criterion (lr selection: lowest; early stopping: no new minimum).
 
-The defaults are the LLaMA-class run of README "Instruction tuning on real LLaMA weights": the bundled
+The defaults are the LLaMA-class run of docs/llm.md "Instruction tuning on real LLaMA weights": the bundled
 SmolLM2-135M-Instruct, TriviaQA + NQ-open, adapters of rank 8 on q_proj/v_proj (the paper's
 LLaMA targets), alpha = 2r.
 """
