@@ -7,10 +7,10 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_bert
 
 import asymlora
 from asymlora import AsymLoraConfig, TrainArgs, UserError
+from conftest import tiny_bert
 
 
 def _wrapped():
