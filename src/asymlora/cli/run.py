@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, out=args.output_dir, seeds=args.seeds, tasks=args.tasks,
         strategies=args.strategies, ranks=args.ranks, max_steps=args.max_steps, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples, dtype=args.dtype, quantize=args.quantize, mixed_precision=args.mixed_precision,
+        max_eval_samples=args.max_eval_samples, dtype=args.dtype, quantize=args.quantize,
+        mixed_precision=args.mixed_precision,
         save_adapter=not args.no_save_adapter, force=args.force, progress=not args.no_progress,
         device=args.device,
     )

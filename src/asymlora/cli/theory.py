@@ -100,7 +100,8 @@ def _check_simulate(args: argparse.Namespace) -> None:
     for sp in args.spectra:
         p.check(sp in SPECTRA, f"--spectra: unknown spectrum {sp!r}; valid: {', '.join(SPECTRA)}")
     if "lowrank" in args.spectra and args.d_in >= 1:
-        p.check(1 <= args.lowrank_k <= max(args.d_in, 1), f"--lowrank-k must be in [1, --d-in={args.d_in}], got {args.lowrank_k}")
+        p.check(1 <= args.lowrank_k <= max(args.d_in, 1),
+                f"--lowrank-k must be in [1, --d-in={args.d_in}], got {args.lowrank_k}")
     p.positive("--decay", args.decay)
     p.at_least("--sigma2", args.sigma2, 0)
     p.at_least("--mc-samples", args.mc_samples, 2)
@@ -238,7 +239,8 @@ def run_bound(args: argparse.Namespace) -> int:
         f"B-only/both = sqrt(Σd_out/Σ(d_in+d_out)) = {math.sqrt(s_out / (s_in + s_out)):.4f}\n"
     )
     table = [
-        [str(r["r"]), r["strategy"], f"{r['params']:,}", f"{r['n']:,}", f"{r['bound']:.4g}", f"{r['ratio_to_both']:.4f}"]
+        [str(r["r"]), r["strategy"], f"{r['params']:,}", f"{r['n']:,}", f"{r['bound']:.4g}",
+         f"{r['ratio_to_both']:.4f}"]
         for r in rows
     ]
     print(format_table(["r", "strategy", "trainable k", "n", "bound", "ratio/both"], table))
@@ -250,7 +252,8 @@ def run_bound(args: argparse.Namespace) -> int:
     _write_json(
         out / "bound.json",
         {
-            "description": "Xu & Raginsky (2017) bound for low-rank adapters, Zhu et al. 2024 §4 (asymlora theory bound)",
+            "description": "Xu & Raginsky (2017) bound for low-rank adapters, Zhu et al. 2024 §4 "
+                           "(asymlora theory bound)",
             "source": source,
             "targets": targets,
             "layers": [{"name": s.name, "d_in": s.d_in, "d_out": s.d_out} for s in shapes],
@@ -309,7 +312,8 @@ def register(subparsers: Any) -> None:
         help="preset (llama-2-7b, roberta-large, bart-large, vit-base) or a local config.json / model dir "
         "(default llama-2-7b)",
     )
-    bnd.add_argument("--shapes", default=None, help="instead of --model: layer shapes DINxDOUT[*COUNT],... e.g. 4096x4096*64")
+    bnd.add_argument("--shapes", default=None,
+                     help="instead of --model: layer shapes DINxDOUT[*COUNT],... e.g. 4096x4096*64")
     bnd.add_argument(
         "--targets", default=None,
         help="adapted modules: comma-separated names, a regex, or all-linear (default: the preset's/architecture's)",

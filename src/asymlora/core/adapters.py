@@ -59,7 +59,9 @@ def check_new_adapter(model: nn.Module, name: str, config: AsymLoraConfig) -> No
         )
 
 
-def shared_frozen(layer: LoraLinear, candidate: torch.Tensor | None, recorded: dict | None = None) -> torch.Tensor | None:
+def shared_frozen(
+    layer: LoraLinear, candidate: torch.Tensor | None, recorded: dict | None = None
+) -> torch.Tensor | None:
     """A frozen factor already held by ``layer`` that equals ``candidate`` (by fingerprint), or
     that matches the fingerprint ``recorded`` in an adapter file; else None."""
     want = fingerprint(candidate) if candidate is not None else recorded

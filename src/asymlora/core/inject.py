@@ -250,7 +250,8 @@ def wrap(model: nn.Module, config: AsymLoraConfig, adapter_name: str = DEFAULT_A
                          "(or asymlora.add_adapter to add a named one)")
     keep = saved_modules_of(model, config.modules_to_save)
     targets = plan_targets(model, config)
-    layers = {name: make_layer(name, module, config, adapter_name) for name, module in targets.items()}  # validates ranks
+    # make_layer validates the ranks, so a bad config fails before the model is touched
+    layers = {name: make_layer(name, module, config, adapter_name) for name, module in targets.items()}
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in layers.items():

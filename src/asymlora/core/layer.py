@@ -267,7 +267,9 @@ class LoraLinear(nn.Module):
         a, b = self.factors(name)
         return (b @ a) * self.slots[name].scaling
 
-    def merge(self, safe: bool = False, keep_original: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+    def merge(
+        self, safe: bool = False, keep_original: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> None:
         """Fold ΔW of ``adapter_names`` (default: the active adapters) into the base weight.
 
         ``safe``: compute the merged weight first and refuse (ValueError) if ΔW or the result

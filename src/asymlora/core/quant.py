@@ -148,7 +148,9 @@ def _bnb_int8_weight(module: nn.Module) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- float -> quantized
-def quantize_model(model: nn.Module, scheme: str, skip: Sequence[str] = (), device: str | torch.device | None = None) -> nn.Module:
+def quantize_model(
+    model: nn.Module, scheme: str, skip: Sequence[str] = (), device: str | torch.device | None = None
+) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by its ``scheme`` version and return
     the model. Left in float: the output head (``get_output_embeddings()``), modules named in
     ``skip`` (a name matches itself and everything under it, like ``classifier``), and

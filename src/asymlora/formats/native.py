@@ -178,7 +178,8 @@ def write_adapter(directory: str | os.PathLike, config: AsymLoraConfig, layers: 
         "saved": saved_meta,
         **(extra or {}),
     }
-    header = {"format": FORMAT, "config": json.dumps(config.to_dict(), sort_keys=True)}  # see check_config_matches_layers
+    # the config travels in the safetensors header too: see check_config_matches_layers
+    header = {"format": FORMAT, "config": json.dumps(config.to_dict(), sort_keys=True)}
     write_adapter_folder(directory, tensors, header, meta)
     return directory
 
@@ -187,7 +188,9 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
     directory = os.fspath(directory)
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise MissingFileError(f"no {CONFIG_NAME} in {directory!r}: not an adapter folder{_interrupted_save(directory)}")
+        raise MissingFileError(
+            f"no {CONFIG_NAME} in {directory!r}: not an adapter folder{_interrupted_save(directory)}"
+        )
     try:
         with open(path, encoding="utf-8") as fh:
             meta = json.load(fh)
@@ -199,7 +202,8 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path} is not an asymlora adapter (format={meta.get('format')!r}){hint}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(
-            f"{path} has format_version {meta['format_version']}, this asymlora reads <= {FORMAT_VERSION}; upgrade asymlora"
+            f"{path} has format_version {meta['format_version']}, this asymlora reads <= {FORMAT_VERSION}; "
+            "upgrade asymlora"
         )
     return meta
 
@@ -261,7 +265,8 @@ def check_config_matches_layers(meta: dict[str, Any], weights_path: str) -> Asym
             raise refuse("alpha", config.alpha_for(name), saved_alpha, f"layer {name!r} (scaling {entry['scaling']:g})")
         for factor in ("A", "B"):
             if entry[factor]["init"] != getattr(config, f"init_{factor}"):
-                raise refuse(f"init_{factor}", getattr(config, f"init_{factor}"), entry[factor]["init"], f"layer {name!r}")
+                raise refuse(f"init_{factor}", getattr(config, f"init_{factor}"), entry[factor]["init"],
+                             f"layer {name!r}")
             if bool(entry[factor]["trained"]) != (factor in config.train):
                 raise refuse("train", config.train, "".join(f for f in "AB" if layers[name][f]["trained"]),
                              f"layer {name!r}")
@@ -361,7 +366,9 @@ def _check_weights(weights_path: str, meta: dict[str, Any], config: AsymLoraConf
                           f" (as saved, {CONFIG_NAME})" if info else "")
 
 
-def read_factors(directory: str | os.PathLike, reuse: Reuse | None = None) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+def read_factors(
+    directory: str | os.PathLike, reuse: Reuse | None = None
+) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
     """Read an adapter folder: (meta, {layer: (A, B)}, {saved param: tensor}).
 
     Every tensor of the file is checked first (``_check_weights``); rebuilt factors are drawn from the
@@ -456,10 +463,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         existing = adapter_layers(model, target)
         if sorted(existing) != sorted(layer_names):
             raise ValueError(
-                f"model is wrapped with layers {sorted(existing)[:3]}... but the adapter has {sorted(layer_names)[:3]}..."
+                f"model is wrapped with layers {sorted(existing)[:3]}... "
+                f"but the adapter has {sorted(layer_names)[:3]}..."
             )
         if get_config(model, target).train != config.train:
-            raise ValueError(f"model trains {get_config(model, target).train!r}, adapter was saved with train={config.train!r}")
+            raise ValueError(
+                f"model trains {get_config(model, target).train!r}, adapter was saved with train={config.train!r}"
+            )
         for name, entry in meta["layers"].items():
             if existing[name].slots[target].r != int(entry["r"]):
                 raise UserError(f"model's layer {name!r} is wrapped at rank {existing[name].slots[target].r}, the "

@@ -118,7 +118,8 @@ def check_for_trainer(model: nn.Module, optimizer: Any | None = None) -> None:
     extra = sorted(names.get(i, "<a tensor that is not a parameter of the model>") for i in held - expected_ids)
     if extra:
         raise UserError(f"the optimizer trains {len(extra)} parameter(s) that are not part of the asymlora adapter, "
-                        f"e.g. {extra[0]!r}: they would not be saved. Call asymlora.mark_only_adapters_trainable(model) "
+                        f"e.g. {extra[0]!r}: they would not be saved. "
+                        "Call asymlora.mark_only_adapters_trainable(model) "
                         "before building the trainer, or list their module in modules_to_save")
     missing = sorted(n for n, p in expected.items() if id(p) not in held)
     if missing:
@@ -172,5 +173,7 @@ class AsymLoraCallback(TrainerCallback):
 
 def _required(model: nn.Module | None) -> nn.Module:
     if model is None:
-        raise RuntimeError("AsymLoraCallback needs the trainer to pass model= to its callbacks (transformers.Trainer does)")
+        raise RuntimeError(
+            "AsymLoraCallback needs the trainer to pass model= to its callbacks (transformers.Trainer does)"
+        )
     return model

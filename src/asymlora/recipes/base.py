@@ -142,7 +142,8 @@ def _require(cond: bool, msg: str) -> None:
 def _int_list(name: str, value: Any, minimum: int) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
-    _require(isinstance(value, list) and len(value) > 0, f"recipe field {name!r} must be a non-empty list of integers, got {value!r}")
+    _require(isinstance(value, list) and len(value) > 0,
+             f"recipe field {name!r} must be a non-empty list of integers, got {value!r}")
     for v in value:
         _require(isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
                  f"recipe field {name!r}: {v!r} is not an integer >= {minimum}")

@@ -29,7 +29,8 @@ from typing import Any
 
 from asymlora.sweep.interrupt import ignore_in_worker
 
-__all__ = ["Job", "InProcess", "LocalPool", "RayBackend", "BACKENDS", "adapter_backend", "describe_backend", "available_cpus", "set_threads", "threads_for_run", "worker_count"]
+__all__ = ["Job", "InProcess", "LocalPool", "RayBackend", "BACKENDS", "adapter_backend", "describe_backend",
+           "available_cpus", "set_threads", "threads_for_run", "worker_count"]
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,9 @@ def launcher_request() -> str | None:
 
 
 # Accelerate launch settings the engine does not apply: asking for one is refused, not ignored.
-_UNAPPLIED = {"FSDP_OFFLOAD_PARAMS": "fsdp_offload_params", "FSDP_ACTIVATION_CHECKPOINTING":
-              "fsdp_activation_checkpointing", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "offload_optimizer_device",
+_UNAPPLIED = {"FSDP_OFFLOAD_PARAMS": "fsdp_offload_params",
+              "FSDP_ACTIVATION_CHECKPOINTING": "fsdp_activation_checkpointing",
+              "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "offload_optimizer_device",
               "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "offload_param_device"}
 
 
@@ -138,7 +139,9 @@ class Replicated:
     def __init__(self, accelerator: Any, args: Any, mixed_precision: str = "no") -> None:
         self.accelerator, self.args, self.mp = accelerator, args, mixed_precision
 
-    def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
+    def prepare(
+        self, model: nn.Module, make_optimizer: OptimizerFactory
+    ) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
         """(model to call, optimizer to step, the torch optimizer its lr schedule drives)."""
         optimizer = make_optimizer(_named_trainable(model))
         pmodel, poptimizer = self.accelerator.prepare(model, optimizer)
@@ -182,7 +185,9 @@ class FSDP2(Replicated):
     name = "fsdp2"
     eval_everywhere = True  # a sharded forward needs every process (all-gathers)
 
-    def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
+    def prepare(
+        self, model: nn.Module, make_optimizer: OptimizerFactory
+    ) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -270,7 +275,9 @@ class DeepSpeedZero(Replicated):
             "wall_clock_breakdown": False,
         }
 
-    def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
+    def prepare(
+        self, model: nn.Module, make_optimizer: OptimizerFactory
+    ) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
         import deepspeed
 
         model.to(self.accelerator.device)
@@ -313,7 +320,8 @@ class DeepSpeedZero(Replicated):
         for name, p in self._named(model):
             state[name] = {key: safe_get_full_optimizer_state(p, key).detach().cpu().clone()
                            for key in ("exp_avg", "exp_avg_sq")}
-        return {"state": state, "step": _adam_step(optimizer), "lrs": [g["lr"] for g in optimizer.optimizer.param_groups]}
+        lrs = [g["lr"] for g in optimizer.optimizer.param_groups]
+        return {"state": state, "step": _adam_step(optimizer), "lrs": lrs}
 
     def load_optimizer_state(self, model: nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
@@ -428,7 +436,7 @@ def gathered_trainable(model: nn.Module, backend: Replicated) -> Iterator[dict[s
         yield full
         return
     swapped = []
-    for name, p in named:
+    for name, _ in named:
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         swapped.append((owner, attr, owner._parameters[attr]))
