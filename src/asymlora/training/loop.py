@@ -57,7 +57,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -454,7 +454,8 @@ def _peak_memory_end(device: torch.device, kind: str) -> int:
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    # the global RandomState is an MT19937, whose legacy state is a tuple (never the dict form)
+    np_state = cast(tuple[Any, ...], np.random.get_state())
     py_state = random.getstate()
     state: dict[str, Any] = {
         "python": [py_state[0], list(py_state[1]), py_state[2]],
@@ -765,9 +766,10 @@ class _Run:
     def _grouped_stream(self) -> _GroupedStream | None:
         if not self.args.group_by_length:
             return None
-        if not callable(getattr(self.data, "lengths", None)):
+        lengths = getattr(self.data, "lengths", None)
+        if not callable(lengths):
             raise ValueError("group_by_length=True needs a dataset with a lengths() method")
-        return _GroupedStream(self.data.lengths(), self.args.seed, self.plan.global_batch)
+        return _GroupedStream(lengths(), self.args.seed, self.plan.global_batch)
 
     # ------------------------------------------------------------------ one optimisation step
 
@@ -818,7 +820,7 @@ class _Run:
         grad_norm = self.backend.clip_grad_norm([p for _, p in self.named_trainable], max_norm)
         if not _finite(grad_norm) and acc.scaler is None:
             raise self._non_finite("gradient norm", grad_norm, "none written")
-        lr_now = self.scheduler.get_last_lr()[0]
+        lr_now = float(self.scheduler.get_last_lr()[0])  # torch types it float | Tensor; LambdaLR's are floats
         self.backend.step(self.optimizer)
         self.scheduler.step()
         return grad_norm, lr_now

@@ -37,7 +37,7 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -240,7 +240,8 @@ class FSDP2(Replicated):
                                  options=StateDictOptions(full_state_dict=True))
 
     def full_tensor(self, p: torch.Tensor) -> torch.Tensor:
-        return p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        # a sharded parameter is a DTensor (torch types detach() as returning a plain Tensor)
+        return cast(Any, p.detach()).full_tensor() if hasattr(p, "full_tensor") else p.detach()
 
     def release(self, pmodel: nn.Module, device: torch.device) -> nn.Module:
         return pmodel  # stays sharded: save with save_adapter_gathered
@@ -288,7 +289,7 @@ class DeepSpeedZero(Replicated):
         return engine, zero_optimizer, optimizer
 
     def unwrap(self, pmodel: nn.Module) -> nn.Module:
-        return pmodel.module
+        return cast(nn.Module, pmodel.module)  # the DeepSpeed engine's wrapped model
 
     def no_sync(self, pmodel: nn.Module) -> Any:
         return contextlib.nullcontext()  # ZeRO-2/3 reduce every micro-batch; the boundary says when to step
@@ -343,7 +344,7 @@ class DeepSpeedZero(Replicated):
         return p.detach()
 
     def release(self, pmodel: nn.Module, device: torch.device) -> nn.Module:
-        return pmodel.module
+        return cast(nn.Module, pmodel.module)  # the DeepSpeed engine's wrapped model
 
 
 def _adam_step(optimizer: Any) -> int:
