@@ -191,8 +191,7 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
         _log(f"resuming the sweep in {cfg.output_dir}: {plural(len(journal.entries), 'finished job')} kept "
              "(runs, and pilots' segments up to a rung); the others run now")
     run_jobs(first, lambda job: pool if (pool is not None and job.spec.is_adapter) else local,
-             lambda job, out, tag: sched.record(job, *out, tag), sched.tag, checkpoint_results, [local, pool or local],
-             journal=journal)
+             sched.book, sched.tag, checkpoint_results, [local, pool or local], journal=journal)
     settings["runs_wall_s"] = round(time.perf_counter() - t_runs, 2)
     shutil.rmtree(os.path.join(cfg.output_dir, "runs"), ignore_errors=True)  # the paused pilots' checkpoints
     t = time.perf_counter()

@@ -42,7 +42,7 @@ class GlueTask:
     name: str          # Hub config name
     dirname: str       # original GLUE directory
     text_keys: tuple[str, ...]   # Hub column names
-    tsv_keys: tuple[str, ...]    # original TSV column names (or indices for CoLA)
+    tsv_keys: tuple[str | int, ...]  # original TSV column names (or indices for CoLA)
     tsv_label: str | int
     num_labels: int
     label_map: dict[str, int] | None = None
@@ -138,8 +138,9 @@ def read_tsv(path: str | Path, spec: GlueTask) -> list[dict[str, Any]]:
             missing = [k for k in (*spec.tsv_keys, spec.tsv_label) if k not in header]
             if missing:
                 raise UserError(f"{path}: columns {missing} not found in header {header}")
-            idx = [header.index(k) for k in spec.tsv_keys]
-            lidx = header.index(spec.tsv_label)
+            # names here: every key was found in the header above
+            idx = [header.index(str(k)) for k in spec.tsv_keys]
+            lidx = header.index(str(spec.tsv_label))
         else:
             idx = list(spec.tsv_keys)  # type: ignore[arg-type]
             lidx = int(spec.tsv_label)

@@ -195,8 +195,8 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
     if saved:
         _log(f"resuming the sweep in {cfg.output_dir}: {plural(len(journal.entries), 'finished run')} kept; "
              "the others run now")
-    run_jobs(first, lambda job: pool or local, lambda job, out, tag: sched.record(job, *out, tag), sched.tag,
-             checkpoint_results, [pool or local], journal=journal)
+    run_jobs(first, lambda job: pool or local, sched.book, sched.tag, checkpoint_results, [pool or local],
+             journal=journal)
     t = time.perf_counter()
     for key, rec in list(sched.runs.items()):  # the winning pilots: test scored now, from their adapters
         if rec.get("test_deferred"):

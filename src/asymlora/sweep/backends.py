@@ -79,7 +79,7 @@ def _probe_threads(candidates: list[int]) -> tuple[int, dict[int, float]]:
                 torch.nn.functional.linear(x, w)
             best = min(best, time.perf_counter() - t)
         times[n] = best
-    return min(times, key=times.get), times
+    return min(times, key=times.__getitem__), times
 
 
 def set_threads(threads: int | None) -> tuple[int, dict[int, float]]:
@@ -230,7 +230,7 @@ def _ray_job(prepare: Callable[[Any], Any], execute: Callable[..., Any], cfg: An
 
 def _child_pids() -> set[int]:
     """This process's direct children (from /proc; empty where there is none)."""
-    me, out = str(os.getpid()), set()
+    me, out = str(os.getpid()), set[int]()
     try:
         names = os.listdir("/proc")
     except OSError:
