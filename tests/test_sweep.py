@@ -16,11 +16,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import require
 
 import asymlora
 from asymlora.sweep.backends import Job
 from asymlora.sweep.resume import Journal, data_fingerprint, model_fingerprint
+from conftest import require
 
 needs_real = pytest.mark.needs_assets("minilm", "fortunes")
 

@@ -13,10 +13,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
-from conftest import require  # noqa: E402
 
 from asymlora.cli.main import main  # noqa: E402
 from asymlora.recipes import glue  # noqa: E402
+from conftest import require  # noqa: E402
 
 WORDS = "the movie was good bad great awful plot actors fun boring a an is it not very".split()
 

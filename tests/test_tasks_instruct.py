@@ -11,10 +11,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
-from conftest import require  # noqa: E402
 
 from asymlora.cli.main import main  # noqa: E402
 from asymlora.recipes import instruct as I  # noqa: E402
+from conftest import require  # noqa: E402
 
 SUBJECTS = {"abstract_algebra": "STEM", "philosophy": "humanities", "marketing": "other"}
 

@@ -10,6 +10,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
+
 from conftest import require  # noqa: E402
 
 require("rouge_score")

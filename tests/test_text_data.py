@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 import pytest
-from conftest import require
 
 from asymlora.compare import data as tc
+from conftest import require
 
 
 def _disjoint_and_complete(ds: tc.TextDataset, total: int) -> None:

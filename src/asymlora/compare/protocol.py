@@ -51,9 +51,9 @@ from asymlora.sweep.resume import (
     model_fingerprint,
     settings_fingerprint,
 )
+from asymlora.sweep.run_settings import autocast, resolve_precision
 from asymlora.sweep.schedule import Schedule, grid_extension, select_lr
 from asymlora.sweep.timing import Phases
-from asymlora.sweep.training import autocast, resolve_precision
 from asymlora.text import plural
 from asymlora.version import __version__
 

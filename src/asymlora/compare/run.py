@@ -18,9 +18,9 @@ from torch import nn
 
 from asymlora.compare.config import HEAD_ONLY, CompareConfig, StrategySpec
 from asymlora.compare.task import HeadFeatures, Task, reinit_head
+from asymlora.sweep.run_settings import autocast, resolve_precision, stopping_args
 from asymlora.sweep.stats import curve_slope
 from asymlora.sweep.timing import Timed
-from asymlora.sweep.training import autocast, resolve_precision, stopping_args
 
 __all__ = ["RunResult", "FeatureHead", "train_one"]
 

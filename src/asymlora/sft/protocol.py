@@ -101,7 +101,7 @@ def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None,
 
     from asymlora.formats.native import load_adapter
     from asymlora.lmeval import evaluate
-    from asymlora.sweep.training import resolve_precision
+    from asymlora.sweep.run_settings import resolve_precision
 
     path, tokenizer = state
     t = time.perf_counter()

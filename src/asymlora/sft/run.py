@@ -23,9 +23,9 @@ from asymlora.sft.model import (
     response_nll,
 )
 from asymlora.sweep.config import StrategySpec
+from asymlora.sweep.run_settings import autocast, resolve_precision, stopping_args
 from asymlora.sweep.stats import curve_slope
 from asymlora.sweep.timing import Timed
-from asymlora.sweep.training import autocast, resolve_precision, stopping_args
 
 __all__ = ["LMTask", "prepare_lm_task", "train_one", "score_test", "score_saved_adapter", "adapter_dir"]
 
