@@ -244,7 +244,7 @@ def prepare(task: str, model_path: str, data: str | Path, recipe: Recipe, opts: 
     dtype = torch_dtype(opts.dtype or recipe.dtype)
     ebs = int(recipe.eval_args.get("eval_batch_size", 64))
 
-    def build_model():
+    def build_model() -> Any:  # a transformers sequence classifier
         kw: dict[str, Any] = {"num_labels": spec.num_labels, "dtype": dtype, "ignore_mismatched_sizes": True}
         if regression:
             kw["problem_type"] = "regression"
