@@ -201,8 +201,8 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["similarity", "--demo", str(tmp_path)]) == 2
     assert f"--demo takes no RUN_DIRs (got [{str(tmp_path)!r}]); use one or the other" in capsys.readouterr().err
-    assert main(["similarity", str(tmp_path), str(tmp_path), "--steps", "3"]) == 2
-    assert "error: --steps only applies with --demo" in capsys.readouterr().err
+    assert main(["similarity", str(tmp_path), str(tmp_path), "--max-steps", "3"]) == 2
+    assert "error: --max-steps only applies with --demo" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- demo verdict

@@ -24,7 +24,8 @@ def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targ
     show = _show_default
     add_list(p, "--strategies", kind=str_list, default=None,
              help=f"commas or spaces (default: {show(d['strategies'])})")
-    add_list(p, "--ranks", "-r", default=None, help=f"adapter rank(s) r (default: {show(d['ranks'])})")
+    add_list(p, "--rank", "-r", dest="ranks", default=None, metavar="R",
+             help=f"adapter ranks r, one or several, commas or spaces (default: {show(d['ranks'])})")
     add_list(p, "--seeds", default=None,
              help="seeds, commas or spaces, paired across strategies; the first one picks the learning rates "
                   f"(default: {show(d['seeds'])})")
@@ -41,7 +42,7 @@ def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targ
     p.add_argument("--schedule", choices=["linear", "wsd"], default=None,
                    help="budget: the rate decays linearly from the end of warm-up (linear) or over the last "
                         "quarter only (wsd: warm-up, stable, decay)")
-    p.add_argument("--max-steps", "--steps", type=int, default=None, dest="max_steps",
+    p.add_argument("--max-steps", type=int, default=None,
                    help=f"steps of every run (budget), or its step cap (plateau) (default: {d['max_steps']})")
     p.add_argument("--eval-every", type=int, default=None,
                    help=f"validate every N steps (budget: the lr search's pilot runs) (default: {d['eval_every']})")

@@ -57,7 +57,7 @@ from asymlora.sweep.timing import Phases
 from asymlora.text import plural
 from asymlora.version import __version__
 
-__all__ = ["run_sft", "score_saved_run", "format_sft_table", "format_bench_table"]
+__all__ = ["run_sft", "score_saved_run", "format_report", "format_sft_table", "format_bench_table"]
 
 SUMMARY_KEYS = ("test_exact_match", "test_loss", "val_loss", "lr", "best_step", "steps", "val_slope_last_quarter",
                 "wall_time_s", "final_train_loss")
@@ -216,7 +216,7 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
 
 
 def score_saved_run(cfg: SFTConfig) -> dict[str, Any]:
-    """Score the benchmarks of a finished run in ``cfg.output_dir`` (one made with ``--tasks
+    """Score the benchmarks of a finished run in ``cfg.output_dir`` (one made with ``--benchmarks
     none``, or to score other benchmarks): the base model and every seed's final adapter, then
     the reports are rewritten with the benchmark table and verdicts."""
     from asymlora.errors import UserError
@@ -228,7 +228,7 @@ def score_saved_run(cfg: SFTConfig) -> dict[str, Any]:
     if not saved.get("complete"):
         raise UserError(f"--benchmarks-only: the run in {cfg.output_dir} did not finish (results.json is partial)")
     if not cfg.tasks:
-        raise UserError("--benchmarks-only with --tasks none: nothing to score")
+        raise UserError("--benchmarks-only with --benchmarks none: nothing to score")
     t_start = time.perf_counter()
     runs, settings = saved["runs"], saved["settings"]
     missing = [r["adapter_dir"] for r in runs if not os.path.isdir(r["adapter_dir"])]
@@ -352,6 +352,21 @@ def format_sft_table(results: dict[str, Any]) -> str:
     if base:
         lines.append(f"{'untuned':<12} {'':>7} {100 * base['test_exact_match']:>8.2f}{'':7} {base['test_loss']:>8.4f}")
     return "\n".join(lines)
+
+
+def format_report(results: dict[str, Any], cfg: SFTConfig) -> str:
+    """What ``asymlora sft`` prints at the end: the tuning table, the chosen rates, the benchmark
+    table, the verdicts, the time and the files written (``asymlora.sweep.report``)."""
+    from asymlora.sweep.report import SelectionMetric, format_sweep_report
+
+    bench = format_bench_table(results, cfg.tasks)
+    sections = [f"benchmarks (accuracy %; {cfg.bench_limit or 'all'} items each, MMLU {cfg.mmlu_limit or 'all'} per "
+                f"subject):\n{bench}"] if bench else []
+    return format_sweep_report(
+        results, tables=[format_sft_table(results)],
+        metric=SelectionMetric("validation loss", "val_loss", lambda v: f"{v:.4f}"), first_seed=cfg.seeds[0],
+        margin=cfg.margin, verdicts_on="", output_dir=cfg.output_dir,
+        files=["results.json", "results.md", "verdicts.png", "adapters/"], sections=sections)
 
 
 def format_bench_table(results: dict[str, Any], tasks: list[str]) -> str:

@@ -179,7 +179,7 @@ class SweepConfig:
             except UserError as err:
                 out.append(str(err))
         if not self.ranks or any(not isinstance(r, int) or r < 1 for r in self.ranks):
-            out.append(f"--ranks {self.ranks!r}: need one or more integers >= 1")
+            out.append(f"--rank {self.ranks!r}: need one or more integers >= 1")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             out.append(f"--seeds {self.seeds!r}: need one or more distinct integers")
         for name in ("max_steps", "batch_size", "eval_every", "patience"):
