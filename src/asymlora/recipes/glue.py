@@ -142,7 +142,7 @@ def read_tsv(path: str | Path, spec: GlueTask) -> list[dict[str, Any]]:
             idx = [header.index(str(k)) for k in spec.tsv_keys]
             lidx = header.index(str(spec.tsv_label))
         else:
-            idx = list(spec.tsv_keys)  # type: ignore[arg-type]
+            idx = [int(k) for k in spec.tsv_keys]  # column indices (CoLA's TSV has no header)
             lidx = int(spec.tsv_label)
         skipped = 0
         for row in reader:

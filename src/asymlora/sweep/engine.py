@@ -26,6 +26,7 @@ def run_jobs(first: Iterable[JobT], backend_for: Callable[[JobT], Any],
     is interrupted or fails. With a ``journal``, a job whose outcome it saved is booked from
     there instead of running again (``--resume``), and every new outcome is added to it."""
     pending: dict[Future, tuple[JobT, str]] = {}
+    replayed: set[Future] = set()  # outcomes the journal gave back: not added to it again
     backends = list(backends)
 
     def submit(job: JobT) -> None:
@@ -36,7 +37,7 @@ def run_jobs(first: Iterable[JobT], backend_for: Callable[[JobT], Any],
         else:
             fut = Future()
             fut.set_result(saved)
-            fut.replayed = True  # type: ignore[attr-defined]
+            replayed.add(fut)
         pending[fut] = (job, t)
 
     aborted = True
@@ -49,8 +50,9 @@ def run_jobs(first: Iterable[JobT], backend_for: Callable[[JobT], Any],
                 for fut in done:
                     job, t = pending.pop(fut)
                     outcome = fut.result()
-                    if journal is not None and not getattr(fut, "replayed", False):
+                    if journal is not None and fut not in replayed:
                         journal.add(job, outcome)
+                    replayed.discard(fut)
                     for nxt in record(job, outcome, t):
                         submit(nxt)
                 on_progress()

@@ -840,11 +840,12 @@ class _Run:
         """``eval_fn`` on the main process (eval mode, no grad, autocast), shared with all."""
         from accelerate.utils import broadcast_object_list
 
+        assert self.eval_fn is not None  # callers evaluate only a run that has an eval_fn
         metrics: list[Any] = [None]
         if self.plan.is_main or self.backend.eval_everywhere:  # a sharded forward needs every process
             self.raw.eval()
             with torch.no_grad(), self.accelerator.autocast():
-                metrics[0] = {k: float(v) for k, v in self.eval_fn(self.raw).items()}  # type: ignore[misc]
+                metrics[0] = {k: float(v) for k, v in self.eval_fn(self.raw).items()}
             self.raw.train()
         if self.plan.world > 1:
             broadcast_object_list(metrics, from_process=0)
@@ -900,9 +901,10 @@ class _Run:
         """Write ``output_dir/checkpoint`` through ``.checkpoint.tmp`` and two renames (the
         previous one is kept as ``.checkpoint.old`` in between); returns its path."""
         root, acc, is_main = self.ckpt_root, self.accelerator, self.plan.is_main
-        final = os.path.join(root, CHECKPOINT_NAME)  # type: ignore[arg-type]
-        tmp = os.path.join(root, "." + CHECKPOINT_NAME + ".tmp")  # type: ignore[arg-type]
-        old = os.path.join(root, "." + CHECKPOINT_NAME + ".old")  # type: ignore[arg-type]
+        assert root is not None  # _checkpoint_due is False without output_dir
+        final = os.path.join(root, CHECKPOINT_NAME)
+        tmp = os.path.join(root, "." + CHECKPOINT_NAME + ".tmp")
+        old = os.path.join(root, "." + CHECKPOINT_NAME + ".old")
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
@@ -951,7 +953,8 @@ class _Run:
         model, which is not prepared (sharded) yet. Returns the rest for ``_apply_resume``."""
         if not self.args.resume:
             return None
-        found = _find_checkpoint(self.ckpt_root)  # type: ignore[arg-type]
+        assert self.ckpt_root is not None  # TrainArgs refuses resume without output_dir
+        found = _find_checkpoint(self.ckpt_root)
         if found is None:
             if self.plan.is_main:  # the first start of a job that always passes resume=True
                 # stacklevel: _read_resume <- _Run.__init__ <- fit <- _keeps_caller_rng <- the caller

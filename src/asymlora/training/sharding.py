@@ -37,12 +37,15 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from asymlora.errors import UserError
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 SHARDINGS = ("none", "fsdp2", "zero2", "zero3")
 SHARDED = SHARDINGS[1:]
@@ -208,11 +211,12 @@ class FSDP2(Replicated):
 
     @contextlib.contextmanager
     def no_sync(self, pmodel: nn.Module) -> Iterator[None]:
-        pmodel.set_requires_gradient_sync(False)  # type: ignore[operator]
+        fsdp_model = cast("FSDPModule", pmodel)  # fully_shard made it one; nn.Module does not say so
+        fsdp_model.set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            pmodel.set_requires_gradient_sync(True)  # type: ignore[operator]
+            fsdp_model.set_requires_gradient_sync(True)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
