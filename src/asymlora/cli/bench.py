@@ -55,6 +55,7 @@ def load_suite(root: Path | None = None) -> ModuleType:
             del sys.modules[name]  # another folder's suite: load this checkout's
         spec = importlib.util.spec_from_file_location(SUITE, folder / "__init__.py",
                                                       submodule_search_locations=[str(folder)])
+        assert spec is not None and spec.loader is not None  # a .py path always gets a source loader
         package = importlib.util.module_from_spec(spec)
         sys.modules[SUITE] = package
         spec.loader.exec_module(package)

@@ -38,14 +38,16 @@ a folder written by datasets' save_to_disk.
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("compare", help="compare lora / b-only / a-only / head-only / PEFT's methods on a real task",
+    p = subparsers.add_parser("compare",
+                              help="compare lora / b-only / a-only / head-only / PEFT's methods on a real task",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_data(p)
     add_protocol_options(p, _compare_defaults(DEFAULT), lr_note="validation accuracy",
                          targets_note="the architecture's, query,value for BERT")
     add_quantize(p)
     add_output_dir(p, "asymlora-compare", "output folder (default: ./asymlora-compare)")
-    p.add_argument("--quick", action="store_true", help="about-a-minute smoke run of the same protocol on small subsets")
+    p.add_argument("--quick", action="store_true",
+                   help="about-a-minute smoke run of the same protocol on small subsets")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=run)
 

@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="score a causal LM (and adapters on it) on ARC, SciQ, PIQA, MMLU, ...",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=BUNDLED,
-                   help=f"local transformers causal-LM folder, or {BUNDLED} (the bundled SmolLM2-135M-Instruct; default)")
+                   help=f"local transformers causal-LM folder, or {BUNDLED} "
+                   "(the bundled SmolLM2-135M-Instruct; default)")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="asymlora adapter folder to score on the model (repeatable; none: the base model)")
     p.add_argument("--base", action="store_true", help="with --adapter: score the base model too")

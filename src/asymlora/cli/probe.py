@@ -27,7 +27,8 @@ def register(subparsers: Any) -> None:
         str_list,
     )
 
-    p = subparsers.add_parser("probe", help="predict per layer whether b-only/a-only lose signal (paper §4, no training)",
+    p = subparsers.add_parser("probe",
+                              help="predict per layer whether b-only/a-only lose signal (paper §4, no training)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_data(p)
     add_list(p, "--target-modules", kind=str_list, default=None,

@@ -22,7 +22,8 @@ def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targ
     """The flags of the fair protocol, shared by ``compare`` and ``sft`` (``d``: the defaults
     shown in the help; ``protocol_settings`` fills in the ones not given)."""
     show = _show_default
-    add_list(p, "--strategies", kind=str_list, default=None, help=f"commas or spaces (default: {show(d['strategies'])})")
+    add_list(p, "--strategies", kind=str_list, default=None,
+             help=f"commas or spaces (default: {show(d['strategies'])})")
     add_list(p, "--rank", "-r", dest="ranks", default=None, metavar="R",
              help=f"adapter ranks r, one or several, commas or spaces (default: {show(d['ranks'])})")
     add_list(p, "--seeds", default=None,
@@ -52,11 +53,14 @@ def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targ
     p.add_argument("--no-prune", action="store_true",
                    help="run every pilot of the lr search to the end (default: a pilot that is clearly losing at "
                         "1/4 or 1/2 of the budget stops there)")
-    p.add_argument("--warmup-steps", type=int, default=None, help=f"linear warm-up steps (default: {d['warmup_steps']})")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help=f"linear warm-up steps (default: {d['warmup_steps']})")
     p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {d['batch_size']})")
     p.add_argument("--max-length", type=int, default=None, help=f"max tokens per text (default: {d['max_length']})")
-    p.add_argument("--max-train", type=int, default=None, help=f"cap on training examples (default: {show(d['max_train'])})")
-    p.add_argument("--max-val", type=int, default=None, help=f"cap on validation examples (default: {show(d['max_val'])})")
+    p.add_argument("--max-train", type=int, default=None,
+                   help=f"cap on training examples (default: {show(d['max_train'])})")
+    p.add_argument("--max-val", type=int, default=None,
+                   help=f"cap on validation examples (default: {show(d['max_val'])})")
     p.add_argument("--max-test", type=int, default=None, help=f"cap on test examples (default: {show(d['max_test'])})")
     p.add_argument("--margin", type=float, default=None,
                    help="equivalence margin of the verdicts, in accuracy points (default: 1)")

@@ -69,7 +69,7 @@ def _value(action: argparse.Action) -> str:
     if action.choices is not None:
         shown = "{" + ",".join(map(str, action.choices)) + "}"
     else:
-        shown = action.metavar or action.dest.upper()
+        shown = str(action.metavar or action.dest.upper())  # a tuple metavar prints as before
     return f" {shown} [{shown} ...]" if action.nargs in ("+", "*") else f" {shown}"
 
 

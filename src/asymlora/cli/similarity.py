@@ -123,7 +123,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     s = DemoSettings()
     for arg, field_name in (("max_steps", "steps"), ("batch_size", "batch_size"), ("max_length", "max_length"),
-                            ("rank", "r"), ("lr", "lr"), ("margin", "margin"), ("model", "model_path"), ("threads", "threads")):
+                            ("rank", "r"), ("lr", "lr"), ("margin", "margin"), ("model", "model_path"),
+                            ("threads", "threads")):
         v = getattr(args, arg)
         if v is not None:
             setattr(s, field_name, v)

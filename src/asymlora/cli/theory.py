@@ -33,7 +33,8 @@ def _check_simulate(args: argparse.Namespace) -> None:
     for sp in args.spectra:
         p.check(sp in SPECTRA, f"--spectra: unknown spectrum {sp!r}; valid: {', '.join(SPECTRA)}")
     if "lowrank" in args.spectra and args.d_in >= 1:
-        p.check(1 <= args.lowrank_k <= max(args.d_in, 1), f"--lowrank-k must be in [1, --d-in={args.d_in}], got {args.lowrank_k}")
+        p.check(1 <= args.lowrank_k <= max(args.d_in, 1),
+                f"--lowrank-k must be in [1, --d-in={args.d_in}], got {args.lowrank_k}")
     p.positive("--decay", args.decay)
     p.at_least("--sigma2", args.sigma2, 0)
     p.at_least("--mc-samples", args.mc_samples, 2)

@@ -27,12 +27,14 @@ seed of the frozen factor), metrics and history to OUTPUT_DIR/metrics.json.
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="fine-tune one strategy on a real task (checkpoints, resume)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", default="b-only", help="lora | b-only | a-only | head-only, optional @Kr (default: b-only)")
+    p.add_argument("--strategy", default="b-only",
+                   help="lora | b-only | a-only | head-only, optional @Kr (default: b-only)")
     p.add_argument("--rank", "-r", type=int, default=None, metavar="R", help=f"adapter rank r (default: {DEFAULT.r})")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order, head and frozen factor (default: 0)")
     add_model_and_data(p)
     p.add_argument("--max-steps", type=int, default=None,
-                   help=f"step cap; the run stops earlier when validation stops improving (default: {DEFAULT.max_steps})")
+                   help="step cap; the run stops earlier when validation stops improving "
+                   f"(default: {DEFAULT.max_steps})")
     p.add_argument("--patience", type=int, default=None,
                    help=f"stop after N evaluations without a new best (default: {DEFAULT.patience})")
     p.add_argument("--lr", type=float, default=None,
@@ -40,7 +42,8 @@ def register(subparsers) -> None:
                         + ", ".join(f"{k} {v:g}" for k, v in TRAIN_LR.items()) + ")")
     p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {DEFAULT.batch_size})")
     p.add_argument("--max-length", type=int, default=None, help=f"max tokens (default: {DEFAULT.max_length})")
-    p.add_argument("--eval-every", type=int, default=None, help=f"validate every N steps (default: {DEFAULT.eval_every})")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help=f"validate every N steps (default: {DEFAULT.eval_every})")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default: eval-every)")
     add_list(p, "--target-modules", kind=str_list, default=None,
              help="adapted module names, commas or spaces (default: per architecture)")
@@ -102,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         save_adapter(model, os.path.join(cfg.output_dir, "adapter"))
     run_info["settings"] = {"data": cfg.data, "model": task.model_path, "max_steps": cfg.max_steps, "lr": lr,
                             "patience": cfg.patience, "eval_every": cfg.eval_every, "batch_size": cfg.batch_size,
-                            "max_length": cfg.max_length, "quantize": cfg.quantize, "threads": threads, "label_names": task.data.label_names}
+                            "max_length": cfg.max_length, "quantize": cfg.quantize, "threads": threads,
+                            "label_names": task.data.label_names}
     atomic_write_text(os.path.join(cfg.output_dir, "metrics.json"), json.dumps(run_info, indent=1))
     print(f"{spec.label} seed {args.seed}: test accuracy {100 * run_info['test_accuracy']:.2f}%, macro-F1 "
           f"{100 * run_info['test_macro_f1']:.2f}% at the best validation step {run_info['best_step']} of "

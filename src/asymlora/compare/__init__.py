@@ -29,5 +29,5 @@ from asymlora.compare.run import execute_run
 from asymlora.compare.task import Task, prepare_task, set_threads
 
 __all__ = ["ADAPTER_PRESETS", "HEAD_ONLY", "CompareConfig", "StrategySpec", "parse_strategy", "run_compare",
-           "select_lr", "execute_run", "format_report", "format_table", "paired_verdicts", "summarize", "write_reports", "Task",
-           "prepare_task", "set_threads"]
+           "select_lr", "execute_run", "format_report", "format_table", "paired_verdicts", "summarize", "write_reports",
+           "Task", "prepare_task", "set_threads"]

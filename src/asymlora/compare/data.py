@@ -236,7 +236,8 @@ def _parse_table(path: str, text_column: str, label_column: str) -> tuple[list[s
 
 def _encode_labels(raw: Sequence[Any], names: list[str] | None = None) -> tuple[list[int], list[str]]:
     if names is None:
-        vals = sorted({str(v) for v in raw}, key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+        vals = sorted({str(v) for v in raw},
+                      key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
         names = vals
     idx = {n: i for i, n in enumerate(names)}
     return [idx[str(v)] for v in raw], names

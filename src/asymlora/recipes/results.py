@@ -85,10 +85,10 @@ def build_tables(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                     rows[label][c] = (m, None if math.isnan(s) else s, len(v))
         if avg_cols:
             columns.append("Avg")
-            for row in rows.values():
-                if all(c in row for c in avg_cols):
-                    means = [row[c][0] for c in avg_cols]
-                    row["Avg"] = (sum(means) / len(means), None, min(row[c][2] for c in avg_cols))
+            for summary in rows.values():
+                if all(c in summary for c in avg_cols):
+                    means = [summary[c][0] for c in avg_cols]
+                    summary["Avg"] = (sum(means) / len(means), None, min(summary[c][2] for c in avg_cols))
         tables[name] = {"columns": columns, "rows": rows, "table": recs[0].get("table", "")}
     return tables
 

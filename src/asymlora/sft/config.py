@@ -42,7 +42,7 @@ class SFTConfig(SweepConfig):
     selection_metric: ClassVar[str] = "val_loss"
     selection_higher_is_better: ClassVar[bool] = False
 
-    model: str | None = "smollm2"
+    model: str = "smollm2"
     data: str = "trivia_qa,nq_open"
     strategies: list[str] = _default("strategies")
     ranks: list[int] = _default("ranks")

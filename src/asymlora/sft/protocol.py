@@ -194,8 +194,8 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
     if saved:
         _log(f"resuming the sweep in {cfg.output_dir}: {plural(len(journal.entries), 'finished run')} kept; "
              "the others run now")
-    run_jobs(first, lambda job: pool or local, lambda job, out, tag: sched.record(job, *out, tag), sched.tag,
-             checkpoint_results, [pool or local], journal=journal)
+    run_jobs(first, lambda job: pool or local, sched.book, sched.tag, checkpoint_results, [pool or local],
+             journal=journal)
     t = time.perf_counter()
     for key, rec in list(sched.runs.items()):  # the winning pilots: test scored now, from their adapters
         if rec.get("test_deferred"):
@@ -255,8 +255,9 @@ def _write_reports(results: dict[str, Any], out_dir: str) -> None:
 
     atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
     atomic_write_text(os.path.join(out_dir, "results.md"), format_sft_markdown(results))
+    settings = results["settings"]
     write_verdict_plot(results["paired_verdicts"], os.path.join(out_dir, "verdicts.png"),
-                       f"{results['settings']['model_name']}: paired differences over seeds {results['settings']['seeds']}")
+                       f"{settings['model_name']}: paired differences over seeds {settings['seeds']}")
 
 
 def _settings(cfg: SFTConfig, task: LMTask, threads: int, workers: int) -> dict[str, Any]:
@@ -267,15 +268,19 @@ def _settings(cfg: SFTConfig, task: LMTask, threads: int, workers: int) -> dict[
     return {
         "model": task.model_path, "model_name": os.path.basename(os.path.normpath(task.model_path)),
         "model_params": sum(p.numel() for p in task.lm.parameters()), "data": cfg.sources, "sizes": task.sizes,
-        "strategies": [s.label for s in cfg.runs()], "strategy_names": cfg.strategies, "ranks": cfg.ranks, "seeds": cfg.seeds, "lr_grid": cfg.lr_grid(),
+        "strategies": [s.label for s in cfg.runs()], "strategy_names": cfg.strategies, "ranks": cfg.ranks,
+        "seeds": cfg.seeds, "lr_grid": cfg.lr_grid(),
         "selected_on": "validation response loss (lowest)", "max_steps": cfg.max_steps, "eval_every": cfg.eval_every,
-        "patience": cfg.patience, "min_steps": cfg.min_steps, "warmup_steps": cfg.warmup_steps, "stopping": cfg.stopping,
-        "max_lr_extensions": cfg.max_lr_extensions,
-        "lr_schedule": ("linear warm-up, then linear decay to 0" if cfg.fixed_budget else "linear warm-up, then constant"), "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+        "patience": cfg.patience, "min_steps": cfg.min_steps, "warmup_steps": cfg.warmup_steps,
+        "stopping": cfg.stopping, "max_lr_extensions": cfg.max_lr_extensions,
+        "lr_schedule": ("linear warm-up, then linear decay to 0" if cfg.fixed_budget
+                        else "linear warm-up, then constant"),
+        "batch_size": cfg.batch_size, "max_length": cfg.max_length,
         "alpha": "2r (scaling alpha/r = 2)", "target_modules": cfg.target_modules,
         "loss": "response-only (assistant tokens of the model's chat template)",
-        "tasks": cfg.tasks, "bench_limit": cfg.bench_limit, "mmlu_limit": cfg.mmlu_limit, "shots": cfg.shots, "max_new_tokens": cfg.max_new_tokens,
-        "margin": cfg.margin, "min_delta": cfg.min_delta, "threads": threads, "workers": workers, "precision": cfg.mixed_precision,
+        "tasks": cfg.tasks, "bench_limit": cfg.bench_limit, "mmlu_limit": cfg.mmlu_limit, "shots": cfg.shots,
+        "max_new_tokens": cfg.max_new_tokens, "margin": cfg.margin, "min_delta": cfg.min_delta,
+        "threads": threads, "workers": workers, "precision": cfg.mixed_precision,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "asymlora": __version__},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
@@ -295,7 +300,8 @@ def _bench_rows(runs: list[dict[str, Any]], bench: dict[str | None, Any], order:
     if not bench:
         return []
     rows = [{"strategy": BASE, "n_models": 1,
-             **{f"{t}_{k}": bench[None]["scores"][t][k] for t in tasks for k in ("acc", "acc_norm", "acc_stderr", "n")}}]
+             **{f"{t}_{k}": bench[None]["scores"][t][k]
+                for t in tasks for k in ("acc", "acc_norm", "acc_stderr", "n")}}]
     for label in order:
         rs = [r for r in runs if r["strategy"] == label and r["adapter_dir"] in bench]
         if not rs:

@@ -121,6 +121,7 @@ def execute_run(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFT
     from asymlora.formats.native import save_adapter
     from asymlora.training.loop import TrainArgs, fit
 
+    assert spec.preset is not None  # sft refuses head-only (SFTConfig.task_problems)
     lm = copy.deepcopy(task.lm)
     acfg = AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed, target_modules=cfg.targets)
     wrap(lm, acfg)

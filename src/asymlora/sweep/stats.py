@@ -17,7 +17,7 @@ __all__ = ["mean_std", "t_quantile", "PairedDifference", "paired_difference", "v
            "VERDICTS", "summarize_runs", "paired_verdicts"]
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof = 1, Bessel's correction) of ``values``.
 
     The std estimates the spread between seeds, and one value carries no information about that
