@@ -67,3 +67,11 @@ def test_the_facade_is_the_daily_path_and_every_name_resolves():
 def test_no_source_file_cites_a_document_outside_the_repository():
     cited = [str(p.relative_to(SRC)) for p, _ in _modules() if "DESIGN.md" in p.read_text(encoding="utf-8")]
     assert cited == []
+
+
+def test_mean_pm_drops_the_spread_that_one_seed_cannot_have():
+    from asymlora.text import mean_pm
+
+    assert mean_pm(0.8644, 0.0012, scale=100) == "86.44 ± 0.12"
+    assert mean_pm(0.8644, float("nan"), scale=100) == "86.44"
+    assert mean_pm(1.23456, 0.01, digits=4) == "1.2346 ± 0.0100"

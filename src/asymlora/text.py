@@ -1,9 +1,10 @@
 """Small text helpers shared by the library's reports and the command line."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
-__all__ = ["plural", "format_table"]
+__all__ = ["plural", "format_table", "mean_pm"]
 
 
 def plural(n: int, word: str, words: str | None = None) -> str:
@@ -18,3 +19,10 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
+
+
+def mean_pm(mean: float, std: float, digits: int = 2, scale: float = 1.0) -> str:
+    """``"86.44 ± 0.12"``; just the mean when the std is undefined (one seed: NaN)."""
+    if not math.isfinite(std):
+        return f"{scale * mean:.{digits}f}"
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"

@@ -11,6 +11,7 @@ from typing import Any
 from asymlora.compare.config import CompareConfig, StrategySpec
 from asymlora.fileio import atomic_write_text
 from asymlora.sweep.stats import paired_verdicts, summarize_runs
+from asymlora.text import mean_pm
 
 __all__ = ["summarize", "paired_verdicts", "assemble", "format_table", "format_report", "write_reports"]
 
@@ -47,8 +48,8 @@ def format_table(summary: list[dict[str, Any]], markdown: bool = False) -> str:
     for r in summary:
         row = [
             r["strategy"], f"{r['trainable_params']:,}", f"{r['lr_mean']:g}",
-            f"{100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f}",
-            f"{100 * r['test_macro_f1_mean']:.2f} ± {100 * r['test_macro_f1_std']:.2f}",
+            mean_pm(r["test_accuracy_mean"], r["test_accuracy_std"], scale=100),
+            mean_pm(r["test_macro_f1_mean"], r["test_macro_f1_std"], scale=100),
             f"{100 * r['val_accuracy_mean']:.2f}",
         ]
         row += [f"{r['best_step_mean']:.0f}", f"{r['plateaued']}/{r['n']}"] if plateau else [f"{r['steps_mean']:.0f}"]

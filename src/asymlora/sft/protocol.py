@@ -54,7 +54,7 @@ from asymlora.sweep.resume import (
 from asymlora.sweep.schedule import Schedule
 from asymlora.sweep.stats import mean_std, paired_verdicts, summarize_runs
 from asymlora.sweep.timing import Phases
-from asymlora.text import plural
+from asymlora.text import mean_pm, plural
 from asymlora.version import __version__
 
 __all__ = ["run_sft", "score_saved_run", "format_report", "format_sft_table", "format_bench_table"]
@@ -343,9 +343,10 @@ def format_sft_table(results: dict[str, Any]) -> str:
     lines = [f"{'strategy':<12} {'lr':>7} {'exact match %':>15} {'test loss':>15} {'val loss':>9} "
              f"{'steps (best)':>13} {'trainable':>10}"]
     for row in results["summary"]:
-        lines.append(f"{row['strategy']:<12} {row['lr_mean']:>7g} {100 * row['test_exact_match_mean']:>8.2f} ± "
-                     f"{100 * row['test_exact_match_std']:<4.2f} {row['test_loss_mean']:>8.4f} ± "
-                     f"{row['test_loss_std']:<6.4f}{row['val_loss_mean']:>8.4f} {row['steps_mean']:>7.0f} "
+        exact = mean_pm(row["test_exact_match_mean"], row["test_exact_match_std"], scale=100)
+        loss = mean_pm(row["test_loss_mean"], row["test_loss_std"], digits=4)
+        lines.append(f"{row['strategy']:<12} {row['lr_mean']:>7g} {exact:>15} {loss:>15}"
+                     f"{row['val_loss_mean']:>9.4f} {row['steps_mean']:>7.0f} "
                      f"({row['best_step_mean']:.0f}) {row['adapter_params']:>10,}")
     base = results["settings"].get("base_model_test")
     if base:
