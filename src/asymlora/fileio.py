@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import json
 import os
 import shutil
 import sys
@@ -28,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 from asymlora.errors import UserError
 
@@ -191,3 +193,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         with open(tmp, "wb") as fh:
             fh.write(data)
     return Path(path)
+
+
+def read_json(path: str) -> Any:
+    """The JSON value in the file at ``path``; a file that is not JSON (or not UTF-8) is the
+    user's: ``UserError`` naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from err

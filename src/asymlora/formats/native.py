@@ -60,7 +60,7 @@ from asymlora.core.layer import (
     linear_shape,
 )
 from asymlora.errors import MissingFileError, UserError
-from asymlora.fileio import atomic_folder, fault_point
+from asymlora.fileio import atomic_folder, fault_point, read_json
 from asymlora.version import __version__
 
 # (layer name, "A"/"B", recorded fingerprint) -> a tensor already held with that fingerprint, or None
@@ -195,11 +195,7 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
         raise MissingFileError(
             f"no {CONFIG_NAME} in {directory!r}: not an adapter folder{_interrupted_save(directory)}"
         )
-    try:
-        with open(path, encoding="utf-8") as fh:
-            meta = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON: {err}") from err
+    meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         meta = meta if isinstance(meta, dict) else {}
         hint = " (a PEFT adapter: use asymlora.import_peft)" if meta.get("peft_type") else ""

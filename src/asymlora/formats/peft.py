@@ -7,7 +7,6 @@ Frozen factors are written out in full: PEFT has no notion of a seed-rebuilt A.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
@@ -20,6 +19,7 @@ from asymlora.core.config import AsymLoraConfig
 from asymlora.core.inject import get_config, lora_layers, name_matches, wrap
 from asymlora.core.layer import DEFAULT_ADAPTER, is_conv1d, linear_shape
 from asymlora.errors import MissingFileError, UserError
+from asymlora.fileio import read_json
 from asymlora.formats.native import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -228,11 +228,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, trainable: str =
         raise MissingFileError(
             f"{weights_path} is missing; only safetensors PEFT adapters are read (never adapter_model.bin)"
         )
-    try:
-        with open(cfg_path, encoding="utf-8") as fh:
-            pc = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{cfg_path} is not valid JSON: {err}") from err
+    pc = read_json(cfg_path)
     if not isinstance(pc, dict) or pc.get("peft_type") != "LORA":
         kind = pc.get("peft_type") if isinstance(pc, dict) else None
         raise UserError(f"{cfg_path} has peft_type={kind!r}; only 'LORA' adapters can be imported")
