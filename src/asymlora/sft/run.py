@@ -5,7 +5,6 @@ on the held-out test questions (response loss, and exact match of greedy answers
 adapter saved."""
 from __future__ import annotations
 
-import copy
 import functools
 import os
 import time
@@ -25,14 +24,15 @@ from asymlora.sft.model import (
 from asymlora.sweep.config import StrategySpec
 from asymlora.sweep.stats import curve_slope
 from asymlora.sweep.timing import Timed
-from asymlora.sweep.training import autocast, resolve_precision, stopping_args
+from asymlora.sweep.training import autocast, resolve_precision, run_copy, stopping_args
 
 __all__ = ["LMTask", "prepare_lm_task", "train_one", "score_test", "score_saved_adapter", "adapter_dir"]
 
 
 @dataclass
 class LMTask:
-    """The base model (never modified: every run adapts a copy), its tokenizer and the data."""
+    """The base model (never modified: every run adapts a copy that shares its frozen weights,
+    ``asymlora.sweep.training.run_copy``), its tokenizer and the data."""
 
     model_path: str
     lm: Any
@@ -103,7 +103,7 @@ def score_saved_adapter(task: LMTask, cfg: SFTConfig, record: dict[str, Any]) ->
     from the adapter it saved; returns the record with them filled in."""
     from asymlora.formats.native import load_adapter
 
-    lm = copy.deepcopy(task.lm)
+    lm = run_copy(task.lm)  # the frozen base weights shared, not copied
     load_adapter(lm, record["adapter_dir"])
     t = time.perf_counter()
     test = score_test(lm, task, cfg)
@@ -120,7 +120,7 @@ def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTCo
     from asymlora.formats.native import save_adapter
     from asymlora.training.loop import TrainArgs, fit
 
-    lm = copy.deepcopy(task.lm)
+    lm = run_copy(task.lm)  # the frozen base weights shared, not copied
     acfg = AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed, target_modules=cfg.targets)
     wrap(lm, acfg)
     model = ResponseOnlyLM(lm)
