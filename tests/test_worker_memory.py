@@ -1,7 +1,9 @@
 """What a sweep worker holds (docs/memory.md): a run's model shares the frozen base weights of
-the worker's task instead of copying them, and training it leaves the base untouched."""
+the worker's task instead of copying them, training it leaves the base untouched, and the heap
+pages a finished run freed go back to the OS."""
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -133,3 +135,25 @@ def test_a_compare_run_copies_only_the_head(monkeypatch):
     head = {p.untyped_storage().data_ptr() for p in model.classifier.parameters()}
     frozen = {p.untyped_storage().data_ptr() for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen <= base_st and not (head & base_st)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_freed_memory_hands_a_fragmented_heap_back():
+    """glibc keeps freed chunks below its mmap threshold in the heap; with small live blocks
+    between them (what a training step leaves) none is at the top to trim, so RSS stays."""
+    from asymlora.sweep.backends import release_freed_memory
+
+    def rss() -> int:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+
+    big = torch.ones(4 * 2**20)  # 16 MB, mmapped; freeing it raises glibc's mmap threshold to 16 MB
+    del big
+    freed, kept = [], []
+    for _ in range(50):
+        freed.append(torch.ones(2**20))  # 4 MB each, now from the heap
+        kept.append(torch.ones(1024))
+    high = rss()
+    del freed
+    assert release_freed_memory()
+    assert rss() < high - 150 * 2**20
