@@ -5,7 +5,7 @@ fortune origin) on the bundled all-MiniLM-L6-v2, each with its own linear head k
 model. Trained twice: as b-only adapters (A frozen from seed 0: one A shared by all three) and
 as LoRA adapters (A and B trained). Then merged into one adapter with equal weights:
 
-  b-only  asymlora.add_weighted_adapter(..., method="exact"): Σ wᵢ·Bᵢ on the shared A
+  b-only  asymlora.adapters.add_weighted_adapter(..., method="exact"): Σ wᵢ·Bᵢ on the shared A
   LoRA    PEFT's add_weighted_adapter with combination_type linear, cat and svd
           (and the same PEFT calls on the b-only adapters, exported to PEFT)
 

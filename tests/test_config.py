@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_bert
 
 from asymlora import AsymLoraConfig, wrap
+from conftest import tiny_bert
 
 
 def test_presets_match_design_table():

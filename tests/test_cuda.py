@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train import Toy, collate, toy_data
 
 from asymlora.training.loop import TrainArgs, fit
+from test_train import Toy, collate, toy_data
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

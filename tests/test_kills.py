@@ -245,7 +245,7 @@ def test_train_killed_then_resumed_equals_uninterrupted(assets, uninterrupted, t
 
     model_dir, data = assets
     out = tmp_path / "run"
-    kill_at([sys.executable, "-c", TRAIN_CODE, "train", "--model", model_dir, "--data", data, "--quick", "--steps", "6",
+    kill_at([sys.executable, "-c", TRAIN_CODE, "train", "--model", model_dir, "--data", data, "--quick", "--max-steps", "6",
              "--eval-every", "2", "--checkpoint-every", "2", "--mixed-precision", "no", "--threads", "1",
              "--no-progress", "-o", str(out)], point, tmp_path / "paused")
     assert not (out / "metrics.json").exists() and not (out / "adapter").exists()

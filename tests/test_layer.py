@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODEL_BUILDERS, perturb_trained_factors, tiny_bert, tiny_gpt2
 from torch import nn
 
 import asymlora
@@ -18,6 +17,7 @@ from asymlora.core.inject import (
     unmerge_adapters,
 )
 from asymlora.core.layer import LoraLinear
+from conftest import MODEL_BUILDERS, perturb_trained_factors, tiny_bert, tiny_gpt2
 
 
 @pytest.mark.parametrize("arch", sorted(MODEL_BUILDERS))

@@ -1,4 +1,4 @@
-"""The package's layout holds (docs/design.md §4): no module inside the package imports the
+"""The package's layout holds (docs/design.md §3): no module inside the package imports the
 package facade, no private name crosses a module boundary, and the facade stays small. The
 layer order itself is the import-linter contract in pyproject.toml (``lint-imports`` in CI)."""
 from __future__ import annotations

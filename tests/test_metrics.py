@@ -5,9 +5,9 @@ import math
 
 import numpy as np
 import pytest
-from conftest import require
 
 from asymlora.recipes import metrics as M
+from conftest import require
 
 
 def test_accuracy_and_f1_by_hand():

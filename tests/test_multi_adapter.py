@@ -12,7 +12,6 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama
 from torch import nn
 
 import asymlora
@@ -35,6 +34,7 @@ from asymlora.core.layer import BASE_ONLY
 from asymlora.core.multi import mixed_batch
 from asymlora.errors import UserError
 from asymlora.formats.peft import export_peft_adapters
+from conftest import tiny_bert, tiny_llama
 
 BUILDERS = {"llama": tiny_llama, "bert": tiny_bert}
 

@@ -11,7 +11,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_bert
 from torch import nn
 
 from asymlora.analysis.probe import (
@@ -24,7 +23,7 @@ from asymlora.analysis.probe import (
     summarize,
 )
 from asymlora.cli.main import main
-from asymlora.cli.probe import classification_loss, find_targets
+from asymlora.analysis.probe_run import classification_loss, find_targets
 from asymlora.errors import UserError
 from asymlora.theory import (
     LinearProblem,
@@ -33,6 +32,7 @@ from asymlora.theory import (
     make_covariance,
     optimal_both,
 )
+from conftest import tiny_bert
 
 D_IN, D_OUT, R, N_TOKENS = 24, 16, 4, 240
 
@@ -226,7 +226,7 @@ def tiny_csv(tmp_path):
 def test_cli_end_to_end_on_a_tiny_bert(tiny_model_dir, tiny_csv, tmp_path, capsys):
     out = tmp_path / "probe"
     rc = main(["probe", "--model", str(tiny_model_dir), "--data", str(tiny_csv), "--text-column", "review",
-               "--label-column", "stars", "--target-modules", "query, value", "-r", "4", "--examples", "40",
+               "--label-column", "stars", "--target-modules", "query, value", "-r", "4", "--max-examples", "40",
                "--batch-size", "8", "--mc-samples", "50", "-o", str(out)])
     text = capsys.readouterr().out
     assert rc == 0
@@ -246,8 +246,8 @@ def test_cli_end_to_end_on_a_tiny_bert(tiny_model_dir, tiny_csv, tmp_path, capsy
 
 
 @pytest.mark.parametrize("args, message", [
-    (["-r", "0"], "-r/--rank 0"),
-    (["--examples", "0"], "--examples 0"),
+    (["-r", "0"], "--rank 0"),
+    (["--max-examples", "0"], "--max-examples 0"),
     (["--mc-samples", "1"], "--mc-samples 1"),
     (["--data", "no-such-data"], "'no-such-data' is neither"),
     (["--target-modules", "attn_q"], "'attn_q' matches no module"),
@@ -276,8 +276,8 @@ def test_cli_model_without_weights(tmp_path, tiny_csv, capsys):
 @pytest.mark.needs_assets("minilm", "fortunes")
 def test_probe_on_the_bundled_minilm(tmp_path, capsys):
     out = tmp_path / "p"
-    assert main(["probe", "--examples", "64", "--mc-samples", "50", "--target-modules",
-                 r".*layer\.5\.(intermediate|output)\.dense", "-o", str(out), "--no-plot"]) == 0
+    assert main(["probe", "--max-examples", "64", "--mc-samples", "50", "--target-modules",
+                 r".*layer\.5\.(intermediate|output)\.dense", "-o", str(out), "--no-plots"]) == 0
     res = json.loads((out / "probe.json").read_text())
     names = [r["layer"] for r in res["rows"]]
     assert names == [f"bert.encoder.layer.{i}.{k}.dense" for i in (5,) for k in ("intermediate", "output")]

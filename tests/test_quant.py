@@ -15,7 +15,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb_trained_factors, require, tiny_llama
 
 import asymlora
 from asymlora import AsymLoraConfig, wrap
@@ -23,6 +22,7 @@ from asymlora.core import quant
 from asymlora.core.inject import lora_layers, merge_adapters
 from asymlora.errors import UserError
 from asymlora.formats.native import CONFIG_NAME
+from conftest import perturb_trained_factors, require, tiny_llama
 
 SCHEMES = ["nf4", "fp4", "int8", "torchao-int8"]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -10,11 +10,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import require, tiny_llama
 
 import asymlora
 from asymlora.core import quant
 from asymlora.core.inject import find_target_modules
+from conftest import require, tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

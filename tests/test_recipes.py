@@ -124,7 +124,7 @@ def _write_result(root: Path, task: str, strategy: str, r: int, seed: int, cols:
 
 
 def test_results_table_by_hand(tmp_path, capsys):
-    from asymlora.cli import results
+    from asymlora.recipes import results
 
     for seed, (rte, cola) in enumerate([(0.80, 0.60), (0.84, 0.64), (0.82, 0.59)]):
         _write_result(tmp_path, "rte", "b-only", 8, seed, {"RTE": rte}, ["RTE"])
@@ -141,17 +141,18 @@ def test_results_table_by_hand(tmp_path, capsys):
     assert m == pytest.approx(61.0) and s == pytest.approx(math.sqrt(7.0))  # (1+9+4)/2 = 7
     assert t["rows"]["b-only r=8"]["Avg"][0] == pytest.approx((82.0 + 61.0) / 2)
     assert "Avg" not in t["rows"]["a-only r=8"]
-    rc = main(["results", str(tmp_path), "--out", str(tmp_path / "tab")])
+    rc = main(["results", str(tmp_path), "-o", str(tmp_path / "tab")])
     md = capsys.readouterr().out
     assert rc == 0 and "| b-only r=8 | 61.00 ± 2.65 | 82.00 ± 2.00 | 71.50 |" in md
     assert "| a-only r=8 | – | 70.00 | – |" in md
-    csv_text = (tmp_path / "tab.csv").read_text().splitlines()
+    csv_text = (tmp_path / "tab" / "results.csv").read_text().splitlines()
     assert "glue-roberta-large,b-only r=8,RTE,82.000000,2.000000,3" in csv_text
 
 
 def test_results_errors(tmp_path, capsys):
     assert main(["results", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.strip() == f"asymlora results: error: DIR '{tmp_path / 'missing'}' does not exist"
-    assert main(["results", str(tmp_path)]) == 1
-    assert capsys.readouterr().err.strip() == f"asymlora results: no result.json under {tmp_path}"
+    assert main(["results", str(tmp_path)]) == 2  # no result at all: a mistake in the input, not a failure
+    assert capsys.readouterr().err.strip() == (f"asymlora results: error: no result.json under {tmp_path}: give the "
+                                               "--output-dir of `asymlora run`")
     assert sorted(tmp_path.iterdir()) == []  # nothing written

@@ -6,11 +6,11 @@ import os
 
 import pytest
 import torch
-from conftest import require
-from test_train import collate, token_data, trainable_state, wrapped_bert
 
 from asymlora.errors import UserError
 from asymlora.training.loop import TrainArgs, fit
+from conftest import require
+from test_train import collate, token_data, trainable_state, wrapped_bert
 
 # scaler.pt: written only with fp16 loss scaling (CUDA), but read whenever a checkpoint holds one
 STATE_FILES = ["rng_state_0.pt", "optimizer.pt", "scheduler.pt", "scaler.pt"]

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturb_trained_factors
 
 from asymlora.sft import data as D
 from asymlora.sft.model import ResponseOnlyLM, exact_match_rate, response_nll
 from asymlora.sweep.schedule import select_lr
+from conftest import perturb_trained_factors
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

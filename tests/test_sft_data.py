@@ -10,12 +10,12 @@ import os
 
 import pytest
 import torch
-from test_sft import _load, tiny_chat_llama  # noqa: F401  (a fixture)
 
 from asymlora.core.init import single_thread
 from asymlora.lmeval.data import datasets_root
 from asymlora.sft import data as D
 from asymlora.sft.model import ResponseOnlyLM, exact_match_rate, generate_answers
+from test_sft import _load, tiny_chat_llama  # noqa: F401  (a fixture)
 
 
 def _raw_rows(relative: str) -> list[dict]:

@@ -13,13 +13,13 @@ import sys
 
 import pytest
 import torch
-from conftest import require, tiny_llama
-from test_train import _run_within
 
 import asymlora
 from asymlora.errors import UserError
 from asymlora.training.loop import TrainArgs, fit
 from asymlora.training.sharding import launcher_request, shard_units
+from conftest import require, tiny_llama
+from test_train import _run_within
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_worker.py")
 sys.path.insert(0, os.path.dirname(WORKER))

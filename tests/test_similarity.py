@@ -151,11 +151,10 @@ def test_compare_factors_table():
 
 # --------------------------------------------------------------------------- CLI
 def _save_tiny_adapters(tmp_path, seeds):
-    from conftest import perturb_trained_factors, tiny_bert
-
     from asymlora.core.config import AsymLoraConfig
     from asymlora.core.inject import wrap
     from asymlora.formats.native import save_adapter
+    from conftest import perturb_trained_factors, tiny_bert
 
     dirs = []
     for i, seed in enumerate(seeds):
@@ -202,8 +201,8 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["similarity", "--demo", str(tmp_path)]) == 2
     assert f"--demo takes no RUN_DIRs (got [{str(tmp_path)!r}]); use one or the other" in capsys.readouterr().err
-    assert main(["similarity", str(tmp_path), str(tmp_path), "--steps", "3"]) == 2
-    assert "error: --steps only applies with --demo" in capsys.readouterr().err
+    assert main(["similarity", str(tmp_path), str(tmp_path), "--max-steps", "3"]) == 2
+    assert "error: --max-steps only applies with --demo" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- demo verdict

@@ -35,9 +35,8 @@ def _seed_all(seed: int) -> None:
 def test_fit_leaves_the_callers_rng_as_it_was():
     """fit seeds the global RNGs from args.seed and draws from them; the caller's next draws
     are those it would have got without the call, also when the run fails."""
-    from test_train import Toy, collate, toy_data
-
     from asymlora.training.loop import TrainArgs, fit
+    from test_train import Toy, collate, toy_data
 
     def boom(model, batch):
         raise RuntimeError("boom")

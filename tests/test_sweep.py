@@ -16,11 +16,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import require
 
 import asymlora
 from asymlora.sweep.backends import Job
 from asymlora.sweep.resume import Journal, data_fingerprint, model_fingerprint
+from conftest import require
 
 needs_real = pytest.mark.needs_assets("minilm", "fortunes")
 
@@ -216,6 +216,36 @@ def test_a_journal_hands_each_saved_outcome_back_once():
     assert saved.take(Job(Spec(), 0, 0.01, True, until=40, resume=True)) is None  # another segment
     assert saved.take(pilot) == ({"val_accuracy": 0.5, "paused": True}, 1.5)
     assert saved.take(pilot) is None and saved.replayed == 1
+
+
+def test_run_jobs_books_a_saved_outcome_without_running_or_journaling_it_again():
+    from asymlora.sweep.backends import InProcess
+    from asymlora.sweep.engine import run_jobs
+
+    class Spec:
+        label, is_adapter = "b-only r=4", True
+
+    saved_job, new_job = Job(Spec(), 0, 0.01, False), Job(Spec(), 1, 0.01, False)
+    done = Journal()
+    done.add(saved_job, ({"val_accuracy": 0.5}, 1.5))
+    journal = Journal(json.loads(json.dumps(done.to_json())))  # through results.json
+    executed: list[int] = []
+    booked: dict[int, tuple] = {}
+
+    def execute(_state, _cfg, job, _tag):
+        executed.append(job.seed)
+        return ({"val_accuracy": 0.7}, 2.0)
+
+    def record(job, outcome, _tag):
+        booked[job.seed] = tuple(outcome)
+        return []
+
+    backend = InProcess(None, None, execute)
+    run_jobs([saved_job, new_job], lambda job: backend, record, lambda job: f"[seed {job.seed}]", lambda: None,
+             [backend], journal=journal)
+    assert executed == [1]
+    assert booked == {0: ({"val_accuracy": 0.5}, 1.5), 1: ({"val_accuracy": 0.7}, 2.0)}
+    assert [entry["job"][1] for entry in journal.to_json()] == [0, 1]  # the saved outcome once, then the new one
 
 
 # ----------------------------------------------------------------------------- layout

@@ -9,6 +9,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
+
 from conftest import require  # noqa: E402
 
 Image = require("PIL.Image")
@@ -72,7 +73,7 @@ def test_envs_train_on_one_and_leave_one_out():
 def test_domainbed_end_to_end(tmp_path, tiny_vit, data_dir):
     out = tmp_path / "runs"
     rc = main(["run", "domainbed-vit-b16", "--model", str(tiny_vit), "--data", str(data_dir), "--out", str(out),
-               "--tasks", "VLCS", "--strategies", "b-only", "--ranks", "2", "--seeds", "0", "1",
+               "--tasks", "VLCS", "--strategies", "b-only", "--rank", "2", "--seeds", "0", "1",
                "--max-steps", "2", "--batch-size", "4", "--mixed-precision", "no", "--no-progress"])
     assert rc == 0
     r = json.loads((out / "VLCS" / "b-only-r2" / "seed1" / "result.json").read_text())
@@ -87,9 +88,9 @@ def test_domainbed_end_to_end(tmp_path, tiny_vit, data_dir):
     assert r["columns"] == {"VLCS ID": m["id_acc"], "VLCS OOD": m["ood_acc"], "VLCS gap": m["gap"]}
     assert r["adapter_config"]["modules_to_save"] == ["classifier"]
     # table: strategies as rows, mean ± std over the two seeds
-    rc = main(["results", str(out), "--out", str(tmp_path / "t.md")])
+    rc = main(["results", str(out), "-o", str(tmp_path / "t")])
     assert rc == 0
-    md = (tmp_path / "t.md").read_text()
+    md = (tmp_path / "t" / "results.md").read_text()
     assert "| b-only r=2 |" in md and "±" in md and "VLCS OOD" in md and "n = 2" in md
 
 

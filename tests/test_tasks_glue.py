@@ -13,10 +13,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
-from conftest import require  # noqa: E402
 
 from asymlora.cli.main import main  # noqa: E402
 from asymlora.recipes import glue  # noqa: E402
+from conftest import require  # noqa: E402
 
 WORDS = "the movie was good bad great awful plot actors fun boring a an is it not very".split()
 
@@ -163,7 +163,7 @@ def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir, monkeypatch, capsys):
     out = tmp_path / "runs"
     rc = main(["run", "glue-roberta-large", "--model", str(tiny_roberta), "--data", str(glue_dir),
                "--out", str(out), "--tasks", "sst2", "cola", "stsb", "mnli", "--strategies", "b-only",
-               "--ranks", "4", "--seeds", "0", "--max-steps", "2", "--batch-size", "8", "--no-progress"])
+               "--rank", "4", "--seeds", "0", "--max-steps", "2", "--batch-size", "8", "--no-progress"])
     assert rc == 0
     res = {t: json.loads((out / t / "b-only-r4" / "seed0" / "result.json").read_text())
            for t in ("sst2", "cola", "stsb", "mnli")}
@@ -190,18 +190,18 @@ def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir, monkeypatch, capsys):
     monkeypatch.setattr(asymlora.training.loop, "fit", no_training)
     capsys.readouterr()
     rc = main(["run", "glue-roberta-large", "--model", str(tiny_roberta), "--data", str(glue_dir),
-               "--out", str(out), "--tasks", "sst2", "--strategies", "b-only", "--ranks", "4", "--seeds", "0",
+               "--out", str(out), "--tasks", "sst2", "--strategies", "b-only", "--rank", "4", "--seeds", "0",
                "--max-steps", "2", "--no-progress"])
     assert rc == 0
     assert f"[skip] {done / 'result.json'} exists" in capsys.readouterr().err
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == files
     monkeypatch.undo()
     # results table
-    rc = main(["results", str(out), "--out", str(tmp_path / "table")])
+    rc = main(["results", str(out), "-o", str(tmp_path / "table")])
     assert rc == 0
-    md = (tmp_path / "table.md").read_text()
+    md = (tmp_path / "table" / "results.md").read_text()
     assert "| b-only r=4 |" in md and "CoLA" in md and "STS-B" in md
-    assert (tmp_path / "table.csv").read_text().startswith("recipe,method,column")
+    assert (tmp_path / "table" / "results.csv").read_text().startswith("recipe,method,column")
 
 
 def test_stsb_model_is_regression(tiny_roberta, glue_dir):

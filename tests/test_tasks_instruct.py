@@ -11,10 +11,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
-from conftest import require  # noqa: E402
 
 from asymlora.cli.main import main  # noqa: E402
 from asymlora.recipes import instruct as I  # noqa: E402
+from conftest import require  # noqa: E402
 
 SUBJECTS = {"abstract_algebra": "STEM", "philosophy": "humanities", "marketing": "other"}
 
@@ -167,7 +167,7 @@ def test_mmlu_eval_matches_manual_scoring(tiny_llama, data_dir):
 def test_instruct_end_to_end(tmp_path, tiny_llama, data_dir):
     out = tmp_path / "runs"
     rc = main(["run", "alpaca-mmlu-llama2-7b", "--model", str(tiny_llama), "--data", str(data_dir),
-               "--out", str(out), "--strategies", "b-only", "--ranks", "4", "--max-steps", "2", "--batch-size", "4",
+               "--out", str(out), "--strategies", "b-only", "--rank", "4", "--max-steps", "2", "--batch-size", "4",
                "--dtype", "float32", "--mixed-precision", "no", "--set", "train.grad_accum=1",
                "--no-progress"])
     assert rc == 0
@@ -191,7 +191,7 @@ def test_instruct_on_a_quantized_base(tmp_path, tiny_llama, data_dir):
 
     out = tmp_path / "runs"
     rc = main(["run", "alpaca-mmlu-llama2-7b", "--model", str(tiny_llama), "--data", str(data_dir),
-               "--out", str(out), "--strategies", "b-only", "--ranks", "4", "--max-steps", "2", "--batch-size", "4",
+               "--out", str(out), "--strategies", "b-only", "--rank", "4", "--max-steps", "2", "--batch-size", "4",
                "--dtype", "float32", "--mixed-precision", "no", "--set", "train.grad_accum=1",
                "--set", "quantize=nf4", "--no-progress"])
     assert rc == 0

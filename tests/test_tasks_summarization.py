@@ -10,6 +10,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
+
 from conftest import require  # noqa: E402
 
 require("rouge_score")
@@ -121,8 +122,8 @@ def test_xsum_end_to_end(tmp_path, tiny_bart, data_dir, monkeypatch):
 
     monkeypatch.setattr(S, "generate_summaries", known_predictions)
     rc = main(["run", "xsum-bart-large", "--model", str(tiny_bart), "--data", str(data_dir), "--out", str(out),
-               "--strategies", "b-only", "--ranks", "4", "--max-steps", "2", "--batch-size", "4",
-               "--max-eval-samples", "3", "--no-progress", "--set", "eval_args.max_new_tokens=6",
+               "--strategies", "b-only", "--rank", "4", "--max-steps", "2", "--batch-size", "4",
+               "--max-test", "3", "--no-progress", "--set", "eval_args.max_new_tokens=6",
                "--set", "eval_args.min_new_tokens=2", "--set", "data_args.max_source_length=48"])
     assert rc == 0
     for s in ("b-only",):
@@ -151,8 +152,8 @@ def test_xsum_end_to_end(tmp_path, tiny_bart, data_dir, monkeypatch):
 def test_cnndm_end_to_end_csv_validation(tmp_path, tiny_bart, data_dir):
     out = tmp_path / "runs"
     rc = main(["run", "cnndm-bart-large", "--model", str(tiny_bart), "--data", str(data_dir), "--out", str(out),
-               "--strategies", "a-only", "--ranks", "2", "--max-steps", "1", "--batch-size", "4",
-               "--max-eval-samples", "2", "--no-progress", "--set", "eval_args.max_new_tokens=6",
+               "--strategies", "a-only", "--rank", "2", "--max-steps", "1", "--batch-size", "4",
+               "--max-test", "2", "--no-progress", "--set", "eval_args.max_new_tokens=6",
                "--set", "eval_args.min_new_tokens=2"])
     assert rc == 0
     r = json.loads((out / "cnn_dailymail" / "a-only-r2" / "seed0" / "result.json").read_text())

@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 import pytest
-from conftest import require
 
 from asymlora.compare import data as tc
+from conftest import require
 
 
 def _disjoint_and_complete(ds: tc.TextDataset, total: int) -> None:
@@ -134,3 +134,34 @@ def test_collator_pads_and_masks():
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["labels"].tolist() == [1, 0]
+
+
+@pytest.mark.slow
+@pytest.mark.needs_assets("minilm", "fortunes")
+def test_bundled_classifier_is_compares_default_task():
+    """The quick start's one-call task: the bundled model with a head for fortunes' 5 labels,
+    drawn as compare draws it for the seed, the seeded train split tokenized, and the padding
+    collate — each checked against building it by hand."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from asymlora.sweep.budget import default_model_path
+
+    model, train, collate = tc.bundled_classifier("fortunes", seed=1, max_length=32)
+    split = tc.load_named_dataset("fortunes", 1).train
+    assert model.config.num_labels == 5 == len(tc.FORTUNE_CATEGORIES)
+    assert [model.config.id2label[i] for i in range(5)] == list(tc.FORTUNE_CATEGORIES)
+
+    g = torch.Generator().manual_seed(10_000 + 1)  # compare's head for seed 1: N(0, 0.02²), bias 0
+    expected = torch.randn(model.classifier.weight.shape, generator=g) * model.config.initializer_range
+    assert torch.equal(model.classifier.weight, expected)
+    assert torch.count_nonzero(model.classifier.bias) == 0
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    assert len(train) == len(split) and train.labels == split.labels
+    for i in (0, len(split) // 2, len(split) - 1):
+        assert train[i]["input_ids"] == tok(split.texts[i], truncation=True, max_length=32)["input_ids"]
+    batch = collate([train[0], train[1]])
+    assert batch["input_ids"].shape[1] == max(len(train[0]["input_ids"]), len(train[1]["input_ids"])) <= 32
+    assert batch["labels"].tolist() == split.labels[:2]
+    assert model(**batch).logits.shape == (2, 5)

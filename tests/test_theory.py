@@ -340,7 +340,7 @@ def test_cli_simulate_writes_artefacts(tmp_path, capsys):
     from asymlora.cli.main import main
 
     out = tmp_path / "th"
-    rc = main(["theory", "simulate", "--d-in", "16", "--d-out", "16", "--ranks", "1", "4", "8",
+    rc = main(["theory", "simulate", "--d-in", "16", "--d-out", "16", "--rank", "1", "4", "8",
                "--mc-samples", "50", "--out", str(out)])
     assert rc == 0
     assert "B-only" in capsys.readouterr().out
@@ -362,7 +362,7 @@ def test_cli_bound_preset_and_shapes(tmp_path, capsys):
     assert data["sum_d_in"] == 64 * 4096 and len(data["layers"]) == 64  # q_proj + v_proj, 32 layers
     row = next(r for r in data["rows"] if r["r"] == 8 and r["strategy"] == "both")
     assert row["params"] == 8 * 64 * 8192
-    assert main(["theory", "bound", "--shapes", "4x6*3", "--r", "2", "--n", "50", "--out", str(out)]) == 0
+    assert main(["theory", "bound", "--shapes", "4x6*3", "--rank", "2", "--n", "50", "--out", str(out)]) == 0
     assert json.loads((out / "bound.json").read_text())["rows"][0]["params"] == 2 * 12
 
 

@@ -13,10 +13,10 @@ import re
 
 import pytest
 import torch
-from test_train import Toy, _crashing_loss, collate, toy_data, trainable_state
 
 import asymlora.training.loop as train_mod
 from asymlora.training.loop import NonFiniteLossError, TrainArgs, fit
+from test_train import Toy, _crashing_loss, collate, toy_data, trainable_state
 
 KW = dict(lr=1e-2, batch_size=8, progress=False)
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import require
 
 import asymlora
 from asymlora.core.adapters import add_adapter, set_adapter
 from asymlora.core.inject import lora_layers
 from asymlora.errors import UserError
 from asymlora.formats.peft import convert_to_peft
+from conftest import require
 
 require("trl")
 from trl import SFTConfig, SFTTrainer  # noqa: E402

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from asymlora.sweep.training import run_copy
+from asymlora.sweep.run_settings import run_copy
 
 
 def _storages(model: torch.nn.Module) -> set[int]:

@@ -21,7 +21,6 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import sharded_worker as sw  # noqa: E402
-
 from asymlora.errors import UserError  # noqa: E402
 from asymlora.training.loop import fit  # noqa: E402
 

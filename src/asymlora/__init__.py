@@ -10,7 +10,7 @@ Foundation Models", ICML 2024). The daily path, on any transformers model::
     asymlora.export_peft(model, "out/peft")                   # PeftModel.from_pretrained reads it
 
 Several named adapters on one model, weighted merges and PEFT's multi-adapter layout live in
-``asymlora.adapters``; everything else in named submodules (layout: docs/design.md §4).
+``asymlora.adapters``; everything else in named submodules (layout: docs/design.md §3).
 """
 from asymlora.core.config import PRESETS, AsymLoraConfig
 from asymlora.core.inject import merge_and_unload, parameter_report, unload, wrap

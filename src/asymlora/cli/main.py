@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from asymlora.errors import UserError
 
@@ -48,7 +49,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (``asymlora compare: error: ...``) instead of the usage
     block; subcommand parsers inherit it."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -107,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.func(args)
     except UserError as err:
-        if not out_existed and os.path.isdir(out):  # this call created it: leave nothing half-written
+        # this call created the output folder: leave nothing half-written
+        if out is not None and not out_existed and os.path.isdir(out):
             shutil.rmtree(out, ignore_errors=True)
         if debug:
             raise

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="divide the weights by their sum (e.g. client sample counts: FedAvg)")
     p.add_argument("--method", default="exact", choices=METHODS,
                    help="exact (default; b-only adapters of one seed), linear, cat, or svd (needs --rank)")
-    p.add_argument("--rank", type=int, default=None, metavar="K", help="rank of the result of --method svd")
+    p.add_argument("--rank", "-r", type=int, default=None, metavar="K", help="rank of the result of --method svd")
     p.add_argument("--modules-to-save", default="refuse", choices=MODULES_TO_SAVE_CHOICES,
                    help="what to do with saved modules_to_save: refuse (default), weighted, drop")
     add_output_dir(p, None, "output folder for the new adapter (required; must not exist or be empty)")

@@ -2,7 +2,7 @@
 
 * ``--output-dir/-o DIR`` names the one folder a command writes into (``--out`` still works
   as a hidden alias, so older scripts keep running).
-* List options (``--seeds``, ``--ranks``, ...) take values separated by commas, spaces or
+* List options (``--seeds``, ``--rank``, ...) take values separated by commas, spaces or
   both: ``--seeds 0,1,2``, ``--seeds 0 1 2`` and ``--seeds "0, 1" 2`` are the same.
 * Arguments are checked before any work, and every bad one is reported at once
   (:class:`Problems`), as one :class:`asymlora.errors.UserError`.

@@ -22,8 +22,10 @@ def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targ
     """The flags of the fair protocol, shared by ``compare`` and ``sft`` (``d``: the defaults
     shown in the help; ``protocol_settings`` fills in the ones not given)."""
     show = _show_default
-    add_list(p, "--strategies", kind=str_list, default=None, help=f"commas or spaces (default: {show(d['strategies'])})")
-    add_list(p, "--ranks", "-r", default=None, help=f"adapter rank(s) r (default: {show(d['ranks'])})")
+    add_list(p, "--strategies", kind=str_list, default=None,
+             help=f"commas or spaces (default: {show(d['strategies'])})")
+    add_list(p, "--rank", "-r", dest="ranks", default=None, metavar="R",
+             help=f"adapter ranks r, one or several, commas or spaces (default: {show(d['ranks'])})")
     add_list(p, "--seeds", default=None,
              help="seeds, commas or spaces, paired across strategies; the first one picks the learning rates "
                   f"(default: {show(d['seeds'])})")
@@ -40,7 +42,7 @@ def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targ
     p.add_argument("--schedule", choices=["linear", "wsd"], default=None,
                    help="budget: the rate decays linearly from the end of warm-up (linear) or over the last "
                         "quarter only (wsd: warm-up, stable, decay)")
-    p.add_argument("--max-steps", "--steps", type=int, default=None, dest="max_steps",
+    p.add_argument("--max-steps", type=int, default=None,
                    help=f"steps of every run (budget), or its step cap (plateau) (default: {d['max_steps']})")
     p.add_argument("--eval-every", type=int, default=None,
                    help=f"validate every N steps (budget: the lr search's pilot runs) (default: {d['eval_every']})")
@@ -51,11 +53,14 @@ def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targ
     p.add_argument("--no-prune", action="store_true",
                    help="run every pilot of the lr search to the end (default: a pilot that is clearly losing at "
                         "1/4 or 1/2 of the budget stops there)")
-    p.add_argument("--warmup-steps", type=int, default=None, help=f"linear warm-up steps (default: {d['warmup_steps']})")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help=f"linear warm-up steps (default: {d['warmup_steps']})")
     p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {d['batch_size']})")
     p.add_argument("--max-length", type=int, default=None, help=f"max tokens per text (default: {d['max_length']})")
-    p.add_argument("--max-train", type=int, default=None, help=f"cap on training examples (default: {show(d['max_train'])})")
-    p.add_argument("--max-val", type=int, default=None, help=f"cap on validation examples (default: {show(d['max_val'])})")
+    p.add_argument("--max-train", type=int, default=None,
+                   help=f"cap on training examples (default: {show(d['max_train'])})")
+    p.add_argument("--max-val", type=int, default=None,
+                   help=f"cap on validation examples (default: {show(d['max_val'])})")
     p.add_argument("--max-test", type=int, default=None, help=f"cap on test examples (default: {show(d['max_test'])})")
     p.add_argument("--margin", type=float, default=None,
                    help="equivalence margin of the verdicts, in accuracy points (default: 1)")

@@ -1,25 +1,11 @@
-"""``asymlora results DIR...``: collect run outputs into the paper's table layout.
-
-Rows are ``<strategy> r=<r>``, columns the tasks' headline metrics (in recipe order);
-cells are mean ± std over seeds (sample std, ddof = 1; the std is omitted for one
-seed), in percent. GLUE gets an ``Avg`` column: the mean over tasks of the per-task
-means (only for rows that have every task). One table per recipe.
-"""
+"""``asymlora results DIR...``: the paper's tables from `asymlora run` folders
+(``asymlora.recipes.results`` builds them)."""
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
-import math
-import os
 import sys
-from collections import OrderedDict, defaultdict
-from collections.abc import Iterable
-from pathlib import Path
-from typing import Any
 
-from asymlora.errors import MissingFileError, UserError
+from asymlora.cli.options import Problems, add_output_dir
 
 
 def register(subparsers) -> None:
@@ -27,126 +13,17 @@ def register(subparsers) -> None:
         "results",
         help="collect `asymlora run` outputs into the paper's tables (markdown + CSV)",
         description="Scan DIR... for result.json files written by `asymlora run` and print one table per "
-                    "recipe: strategies x ranks as rows, tasks as columns, mean ± std over seeds (percent).",
+                    "recipe: strategies x ranks as rows, tasks as columns, mean ± std over seeds (percent). "
+                    "No result.json under DIR... is a mistake in the input: one line on stderr, exit status 2.",
     )
-    p.add_argument("dirs", nargs="+", help="run output directories (searched recursively)")
-    p.add_argument("--output-dir", "-o", metavar="DIR", help="also write DIR/results.md and DIR/results.csv")
-    p.add_argument("--out", help=argparse.SUPPRESS)  # older spelling: write OUT.md and OUT.csv
-    p.add_argument("--digits", type=int, default=2, help="decimals in the markdown table (default 2)")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run output folders (searched recursively)")
+    add_output_dir(p, None, "folder to also write results.md and results.csv into (default: print only)")
+    p.add_argument("--digits", type=int, default=2, help="decimals in the markdown table (default: 2)")
     p.set_defaults(func=run)
 
 
-def collect(dirs: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
-    """Every result.json under the given directories (sorted, de-duplicated by path)."""
-    seen: dict[str, dict] = {}
-    for d in dirs:
-        d = Path(d)
-        if not d.exists():
-            raise MissingFileError(f"{d} does not exist")
-        files = [d] if d.is_file() else sorted(d.rglob("result.json"))
-        for f in files:
-            key = str(f.resolve())
-            if key in seen:
-                continue
-            try:
-                with open(f, encoding="utf-8") as fh:
-                    rec = json.load(fh)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise UserError(f"{f}: not valid JSON: {err}") from err
-            for k in ("recipe", "task", "strategy", "r", "seed", "columns"):
-                if not isinstance(rec, dict) or k not in rec:
-                    raise UserError(f"{f}: not an `asymlora run` result (missing {k!r})")
-            seen[key] = rec
-    return list(seen.values())
-
-
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, None
-    var = sum((v - m) ** 2 for v in values) / (len(values) - 1)
-    return m, math.sqrt(var)
-
-
-def build_tables(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """{recipe: {"columns": [...], "rows": {label: {col: (mean, std, n)}}, "table": str}} (values in %)."""
-    by_recipe: dict[str, list[dict]] = defaultdict(list)
-    for rec in records:
-        by_recipe[rec["recipe"]].append(rec)
-    tables: dict[str, dict[str, Any]] = {}
-    for name, recs in by_recipe.items():
-        col_key: dict[str, tuple] = {}
-        avg_cols: list[str] = []
-        cells: dict[str, dict[str, list[float]]] = OrderedDict()
-        row_key: dict[str, tuple] = {}
-        for rec in recs:
-            label = f"{rec['strategy']} r={rec['r']}"
-            s_idx = rec.get("strategy_index", math.inf)
-            row_key[label] = min(row_key.get(label, (math.inf,)), (s_idx, len(row_key), rec["r"]))
-            row = cells.setdefault(label, OrderedDict())
-            t_idx = rec.get("task_index", math.inf)
-            for j, (col, v) in enumerate(rec["columns"].items()):
-                col_key.setdefault(col, (t_idx, len(col_key), j))
-                if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                    row.setdefault(col, []).append(100.0 * float(v))
-            for col in rec.get("avg_columns", []):
-                if col not in avg_cols:
-                    avg_cols.append(col)
-        # columns in recipe task order, rows in recipe strategy order then rank (first-seen order otherwise)
-        columns = sorted(col_key, key=lambda c: (col_key[c][0], col_key[c][1] if col_key[c][0] == math.inf
-                                                 else 0, col_key[c][2]))
-        rows: dict[str, dict[str, tuple[float, float | None, int]]] = OrderedDict()
-        for label in sorted(cells, key=lambda l: (row_key[l][0], row_key[l][2]) if row_key[l][0] != math.inf
-                            else (math.inf, row_key[l][1])):
-            rows[label] = {c: (*_mean_std(v), len(v)) for c, v in cells[label].items() if v}
-        if avg_cols:
-            columns.append("Avg")
-            for label, row in rows.items():
-                if all(c in row for c in avg_cols):
-                    means = [row[c][0] for c in avg_cols]
-                    row["Avg"] = (sum(means) / len(means), None, min(row[c][2] for c in avg_cols))
-        tables[name] = {"columns": columns, "rows": rows, "table": recs[0].get("table", "")}
-    return tables
-
-
-def _cell(v: tuple[float, float | None, int] | None, digits: int) -> str:
-    if v is None:
-        return "–"
-    m, s, _ = v
-    return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-def to_markdown(tables: dict[str, dict[str, Any]], digits: int = 2) -> str:
-    out = io.StringIO()
-    for name, t in tables.items():
-        title = f"### {name}" + (f" — {t['table']}" if t["table"] else "")
-        out.write(title + "\n\n")
-        cols = t["columns"]
-        out.write("| method | " + " | ".join(cols) + " |\n")
-        out.write("|---|" + "|".join("---:" for _ in cols) + "|\n")
-        for label, row in t["rows"].items():
-            out.write(f"| {label} | " + " | ".join(_cell(row.get(c), digits) for c in cols) + " |\n")
-        n_seeds = sorted({v[2] for row in t["rows"].values() for v in row.values()})
-        out.write(f"\nmean ± std over seeds (n = {', '.join(map(str, n_seeds))}), in %.\n\n")
-    return out.getvalue()
-
-
-def to_csv(tables: dict[str, dict[str, Any]]) -> str:
-    out = io.StringIO()
-    w = csv.writer(out)
-    w.writerow(["recipe", "method", "column", "mean", "std", "n_seeds"])
-    for name, t in tables.items():
-        for label, row in t["rows"].items():
-            for c in t["columns"]:
-                if c in row:
-                    m, s, n = row[c]
-                    w.writerow([name, label, c, f"{m:.6f}", "" if s is None else f"{s:.6f}", n])
-    return out.getvalue()
-
-
 def run(args: argparse.Namespace) -> int:
-    from asymlora.cli.options import Problems
-    from asymlora.fileio import atomic_write_text
+    from asymlora.recipes.results import load_tables, to_markdown, write_tables
 
     p = Problems()
     for d in args.dirs:
@@ -154,18 +31,9 @@ def run(args: argparse.Namespace) -> int:
     p.at_least("--digits", args.digits, 0)
     p.output_folder("--output-dir", args.output_dir)
     p.raise_if_any()
-    records = collect(args.dirs)
-    if not records:
-        print(f"asymlora results: no result.json under {' '.join(args.dirs)}", file=sys.stderr)
-        return 1
-    tables = build_tables(records)
-    md = to_markdown(tables, args.digits)
-    print(md, end="")
-    stems = [os.path.join(args.output_dir, "results")] if args.output_dir else []
-    if args.out:
-        stems.append(args.out[:-3] if args.out.endswith(".md") else args.out[:-4] if args.out.endswith(".csv") else args.out)
-    for stem in stems:
-        atomic_write_text(Path(stem + ".md"), md)
-        atomic_write_text(Path(stem + ".csv"), to_csv(tables))
-        print(f"wrote {stem}.md and {stem}.csv", file=sys.stderr)
+    tables = load_tables(args.dirs)
+    print(to_markdown(tables, args.digits), end="")
+    if args.output_dir:
+        md, table_csv = write_tables(tables, args.output_dir, args.digits)
+        print(f"wrote {md} and {table_csv}", file=sys.stderr)
     return 0

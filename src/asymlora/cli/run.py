@@ -32,18 +32,22 @@ def register(subparsers) -> None:
     p.add_argument("--data", help="local dataset directory (layout: see the task module's docs)")
     add_output_dir(p, None, "output folder (default: runs/<recipe name>)")
     add_list(p, "--seeds", help="override the recipe's seeds (commas or spaces)")
-    add_list(p, "--tasks", kind=str_list, help="only these tasks (table columns)")
-    add_list(p, "--strategies", kind=str_list, help="only these strategies (table rows)")
-    add_list(p, "--ranks", help="override the ranks")
+    add_list(p, "--tasks", kind=str_list,
+             help="only these of the recipe's tasks, the fine-tuning problems of the table's columns (e.g. sst2 rte), "
+                  "commas or spaces")
+    add_list(p, "--strategies", kind=str_list, help="only these strategies (table rows), commas or spaces")
+    add_list(p, "--rank", "-r", dest="ranks", metavar="R", help="override the ranks: one or several, commas or spaces")
     p.add_argument("--max-steps", type=int, help="stop each run after N optimizer steps (smoke tests)")
     p.add_argument("--epochs", type=float, help="override the number of epochs")
     p.add_argument("--lr", type=float, help="override the learning rate")
     p.add_argument("--batch-size", type=int, help="override the per-device batch size")
-    p.add_argument("--max-train-samples", type=int, help="use only the first N training examples")
-    p.add_argument("--max-eval-samples", type=int,
-                   help="use only the first N evaluation examples (per split / domain / MMLU subject)")
+    p.add_argument("--max-train", type=int, help="use only the first N training examples")
+    p.add_argument("--max-test", type=int,
+                   help="use only the first N examples of each scored split (the split the table reports: GLUE's "
+                        "dev sets, XSum/CNN-DM test, each DomainBed domain, each MMLU subject)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model weight dtype")
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16", "auto"), help="autocast mode")
+    p.add_argument("--mixed-precision", choices=("auto", "no", "fp16", "bf16"),
+                   help="autocast mode (default: the recipe's train.mixed_precision)")
     add_quantize(p, "the recipe's quantize field, else none")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-save-adapter", action="store_true", help="do not save the trained adapters")
@@ -60,8 +64,8 @@ def _check(args: argparse.Namespace) -> Problems:
     """Every bad command-line value (the recipe's own problems are added by the caller)."""
     p = Problems()
     p.at_least("--seeds", args.seeds, 0)
-    p.at_least("--ranks", args.ranks, 1)
-    for flag in ("max_steps", "batch_size", "max_train_samples", "max_eval_samples"):
+    p.at_least("--rank", args.ranks, 1)
+    for flag in ("max_steps", "batch_size", "max_train", "max_test"):
         p.at_least(f"--{flag.replace('_', '-')}", getattr(args, flag), 1)
     p.positive("--epochs", args.epochs)
     p.positive("--lr", args.lr)
@@ -103,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
     opts = RunOptions(
         model=args.model, data=args.data, out=args.output_dir, seeds=args.seeds, tasks=args.tasks,
         strategies=args.strategies, ranks=args.ranks, max_steps=args.max_steps, epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size, max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples, dtype=args.dtype, quantize=args.quantize, mixed_precision=args.mixed_precision,
+        lr=args.lr, batch_size=args.batch_size, max_train_samples=args.max_train,
+        max_eval_samples=args.max_test, dtype=args.dtype, quantize=args.quantize, mixed_precision=args.mixed_precision,
         save_adapter=not args.no_save_adapter, force=args.force, progress=not args.no_progress,
         device=args.device,
     )

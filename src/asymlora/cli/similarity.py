@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from asymlora.cli.options import Problems, add_output_dir, plural
+from asymlora.cli.options import Problems, add_list, add_output_dir, plural, str_list
 from asymlora.errors import UserError
 
 DESCRIPTION = """\
@@ -42,15 +42,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="adapter folders, or folders written by `asymlora train`/`run`/`compare`")
     add_output_dir(p, None, "output folder for PNG/CSV (default: ./similarity for RUN_DIRs; "
                    "--demo writes only when given)")
-    p.add_argument("--labels", default=None, help="comma-separated run labels (default: folder names)")
+    add_list(p, "--labels", kind=str_list, default=None,
+             help="one label per RUN_DIR, commas or spaces (default: folder names)")
     p.add_argument("--rtol", type=float, default=None,
                    help="relative rank tolerance for the subspace bases (default: max(shape)*eps)")
     d = p.add_argument_group("--demo")
     d.add_argument("--demo", action="store_true", help="run the paper's Figures 1-2 experiment on the default model")
-    d.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 60)")
+    d.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (default 60)")
     d.add_argument("--batch-size", type=int, default=None, help="batch size (default 16)")
     d.add_argument("--max-length", type=int, default=None, help="tokens per text (default 40)")
-    d.add_argument("--rank", type=int, default=None, help="adapter rank r (default 8)")
+    d.add_argument("--rank", "-r", type=int, default=None, metavar="R", help="adapter rank r (default 8)")
     d.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
     d.add_argument("--margin", type=float, default=None, help="verdict margin (default 0.02)")
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -60,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     """Every bad argument at once, before any work."""
-    demo_only = ("steps", "batch_size", "max_length", "rank", "lr", "margin", "model", "threads")
+    demo_only = ("max_steps", "batch_size", "max_length", "rank", "lr", "margin", "model", "threads")
     p = Problems()
     if args.demo:
         p.check(not args.run_dirs, f"--demo takes no RUN_DIRs (got {args.run_dirs}); use one or the other")
@@ -78,9 +79,8 @@ def _check(args: argparse.Namespace) -> None:
             except UserError as err:
                 p.add(str(err))
         if args.labels is not None:
-            labels = [s.strip() for s in args.labels.split(",")]
-            p.check(len(labels) == len(args.run_dirs) and all(labels),
-                    f"--labels needs {len(args.run_dirs)} non-empty comma-separated names, got {args.labels!r}")
+            p.check(len(args.labels) == len(args.run_dirs),
+                    f"--labels needs {len(args.run_dirs)} names, one per RUN_DIR, got {args.labels!r}")
         if args.rtol is not None:
             p.check(args.rtol >= 0, f"--rtol must be >= 0, got {args.rtol}")
     p.output_folder("--output-dir", args.output_dir)
@@ -100,7 +100,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         pick_adapter_dir,
     )
 
-    labels = None if args.labels is None else [s.strip() for s in args.labels.split(",")]
+    labels = args.labels
     for d in args.run_dirs:
         note = pick_adapter_dir(d)[1]
         if note:
@@ -122,8 +122,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     from asymlora.analysis.demo import DemoSettings, run_demo
 
     s = DemoSettings()
-    for arg, field_name in (("steps", "steps"), ("batch_size", "batch_size"), ("max_length", "max_length"),
-                            ("rank", "r"), ("lr", "lr"), ("margin", "margin"), ("model", "model_path"), ("threads", "threads")):
+    for arg, field_name in (("max_steps", "steps"), ("batch_size", "batch_size"), ("max_length", "max_length"),
+                            ("rank", "r"), ("lr", "lr"), ("margin", "margin"), ("model", "model_path"),
+                            ("threads", "threads")):
         v = getattr(args, arg)
         if v is not None:
             setattr(s, field_name, v)

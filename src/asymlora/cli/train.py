@@ -27,12 +27,14 @@ seed of the frozen factor), metrics and history to OUTPUT_DIR/metrics.json.
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="fine-tune one strategy on a real task (checkpoints, resume)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--strategy", default="b-only", help="lora | b-only | a-only | head-only, optional @Kr (default: b-only)")
-    p.add_argument("-r", "--rank", type=int, default=None, help=f"adapter rank r (default: {DEFAULT.r})")
+    p.add_argument("--strategy", default="b-only",
+                   help="lora | b-only | a-only | head-only, optional @Kr (default: b-only)")
+    p.add_argument("--rank", "-r", type=int, default=None, metavar="R", help=f"adapter rank r (default: {DEFAULT.r})")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order, head and frozen factor (default: 0)")
     add_model_and_data(p)
-    p.add_argument("--max-steps", "--steps", type=int, default=None, dest="steps",
-                   help=f"step cap; the run stops earlier when validation stops improving (default: {DEFAULT.max_steps})")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="step cap; the run stops earlier when validation stops improving "
+                   f"(default: {DEFAULT.max_steps})")
     p.add_argument("--patience", type=int, default=None,
                    help=f"stop after N evaluations without a new best (default: {DEFAULT.patience})")
     p.add_argument("--lr", type=float, default=None,
@@ -40,17 +42,19 @@ def register(subparsers) -> None:
                         + ", ".join(f"{k} {v:g}" for k, v in TRAIN_LR.items()) + ")")
     p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {DEFAULT.batch_size})")
     p.add_argument("--max-length", type=int, default=None, help=f"max tokens (default: {DEFAULT.max_length})")
-    p.add_argument("--eval-every", type=int, default=None, help=f"validate every N steps (default: {DEFAULT.eval_every})")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help=f"validate every N steps (default: {DEFAULT.eval_every})")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default: eval-every)")
     add_list(p, "--target-modules", kind=str_list, default=None,
              help="adapted module names, commas or spaces (default: per architecture)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: probe all CPUs vs 1)")
-    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
+                   help="auto = bf16 (or fp16) on a GPU and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
     add_quantize(p)
     add_output_dir(p, "asymlora-train", "output folder (default: ./asymlora-train)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint if present")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (compare --quick's budget)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     lr = pick(args.lr, TRAIN_LR.get(args.strategy.split("@")[0].strip(), TRAIN_LR["b-only"]))
     cfg = CompareConfig(
         model=args.model, data=args.data, text_column=args.text_column, label_column=args.label_column,
-        strategies=[args.strategy], ranks=[r], seeds=[args.seed], lr=lr, max_steps=pick(args.steps, b.max_steps),
+        strategies=[args.strategy], ranks=[r], seeds=[args.seed], lr=lr, max_steps=pick(args.max_steps, b.max_steps),
         stopping="plateau",  # one run on its own: stop on its validation plateau, best weights restored
         eval_every=eval_every, patience=pick(args.patience, b.patience), min_steps=b.min_steps,
         warmup_steps=b.warmup_steps,
@@ -83,9 +87,9 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads, mixed_precision=args.mixed_precision, target_modules=args.target_modules,
         quantize=args.quantize, quick=args.quick, progress=not args.no_progress)
     problems = Problems()  # every bad argument, before any work
-    problems.at_least("-r/--rank", r, 1)
+    problems.at_least("--rank", r, 1)
     for message in cfg.problems():
-        if not message.startswith("--ranks"):  # the flag here is -r/--rank, checked above
+        if not message.startswith("--rank"):  # one rank here, checked above
             problems.add(message)
     problems.at_least("--checkpoint-every", args.checkpoint_every, 1)
     problems.raise_if_any()
@@ -107,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         save_adapter(model, os.path.join(cfg.output_dir, "adapter"))
     run_info["settings"] = {"data": cfg.data, "model": task.model_path, "max_steps": cfg.max_steps, "lr": lr,
                             "patience": cfg.patience, "eval_every": cfg.eval_every, "batch_size": cfg.batch_size,
-                            "max_length": cfg.max_length, "quantize": cfg.quantize, "threads": threads, "label_names": task.data.label_names}
+                            "max_length": cfg.max_length, "quantize": cfg.quantize, "threads": threads,
+                            "label_names": task.data.label_names}
     atomic_write_text(os.path.join(cfg.output_dir, "metrics.json"), json.dumps(run_info, indent=1))
     print(f"{spec.label} seed {args.seed}: test accuracy {100 * run_info['test_accuracy']:.2f}%, macro-F1 "
           f"{100 * run_info['test_macro_f1']:.2f}% at the best validation step {run_info['best_step']} of "

@@ -19,6 +19,7 @@ from asymlora.compare.config import (
 )
 from asymlora.compare.protocol import run_compare, select_lr
 from asymlora.compare.report import (
+           format_report,
            format_table,
            paired_verdicts,
            summarize,
@@ -28,5 +29,5 @@ from asymlora.compare.run import train_one
 from asymlora.compare.task import Task, prepare_task, set_threads
 
 __all__ = ["ADAPTER_PRESETS", "HEAD_ONLY", "CompareConfig", "StrategySpec", "parse_strategy", "run_compare",
-           "select_lr", "train_one", "format_table", "paired_verdicts", "summarize", "write_reports", "Task",
-           "prepare_task", "set_threads"]
+           "select_lr", "train_one", "format_report", "format_table", "paired_verdicts", "summarize", "write_reports",
+           "Task", "prepare_task", "set_threads"]

@@ -15,12 +15,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from asymlora.errors import UserError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 __all__ = ["build_peft_model", "lorafa_optimizer_factory", "peft_adapter_params"]
 
@@ -59,7 +62,9 @@ def lorafa_optimizer_factory(model: nn.Module, rank: int, lr: float, weight_deca
     from peft.optimizers import create_lorafa_optimizer
 
     def make(_named: Sequence[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-        return create_lorafa_optimizer(model, r=rank, lora_alpha=2 * rank, lr=lr, weight_decay=weight_decay)
+        # model: the PeftModel of build_peft_model (peft is optional, so not named in the signature)
+        return create_lorafa_optimizer(cast("PeftModel", model), r=rank, lora_alpha=2 * rank, lr=lr,
+                                       weight_decay=weight_decay)
 
     return make
 

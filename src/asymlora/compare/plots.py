@@ -67,7 +67,8 @@ def _curves(plt: Any, results: dict[str, Any], path: str) -> str:
             ev = [(h["step"], 100 * h["val_accuracy"]) for h in run["history"] if "val_accuracy" in h]
             if ev:
                 steps, vals = zip(*ev)
-                a1.plot(steps, vals, color=col, lw=1.2, alpha=0.85, label=f"{lab} (lr {run['lr']:g})" if i == 0 else None)
+                a1.plot(steps, vals, color=col, lw=1.2, alpha=0.85,
+                        label=f"{lab} (lr {run['lr']:g})" if i == 0 else None)
                 best = dict(ev).get(run["best_step"])
                 if best is not None:
                     a1.plot(run["best_step"], best, "o", color=col, ms=5, mfc="none")

@@ -51,9 +51,9 @@ from asymlora.sweep.resume import (
     model_fingerprint,
     settings_fingerprint,
 )
+from asymlora.sweep.run_settings import autocast, resolve_precision
 from asymlora.sweep.schedule import Schedule, grid_extension, select_lr
 from asymlora.sweep.timing import Phases
-from asymlora.sweep.training import autocast, resolve_precision
 from asymlora.text import plural
 from asymlora.version import __version__
 
@@ -91,18 +91,21 @@ def _settings(cfg: CompareConfig, task: Task, specs: list[StrategySpec], threads
         "used_sizes": {"train": len(task.train), "val": len(task.val), "test": len(task.test)},
         "majority_class_test_accuracy": max(task.test.class_counts(k)) / len(task.test),
         "strategies": [s.label for s in specs], "ranks": cfg.ranks, "seeds": cfg.seeds,
-        "lr_grid": cfg.lr_grid(), "selects_lr": cfg.selects_lr, "max_lr_extensions": cfg.max_lr_extensions, "max_steps": cfg.max_steps,
-        "stopping": cfg.stopping, "rungs": cfg.rung_steps(), "prune_z": cfg.prune_z,
-        "eval_every": cfg.eval_every, "patience": cfg.patience, "min_steps": cfg.min_steps, "warmup_steps": cfg.warmup_steps,
+        "lr_grid": cfg.lr_grid(), "selects_lr": cfg.selects_lr, "max_lr_extensions": cfg.max_lr_extensions,
+        "max_steps": cfg.max_steps, "stopping": cfg.stopping, "rungs": cfg.rung_steps(), "prune_z": cfg.prune_z,
+        "eval_every": cfg.eval_every, "patience": cfg.patience, "min_steps": cfg.min_steps,
+        "warmup_steps": cfg.warmup_steps,
         "schedule": cfg.schedule if cfg.fixed_budget else "constant",
         "lr_schedule": ({"linear": "linear warm-up, then linear decay to 0",
-                         "wsd": "linear warm-up, the peak rate, then linear decay to 0 over the last quarter"}[cfg.schedule]
+                         "wsd": "linear warm-up, the peak rate, then linear decay to 0 over the last quarter"
+                         }[cfg.schedule]
                         if cfg.fixed_budget else "linear warm-up, then constant"),
         "batch_size": cfg.batch_size,
         "batching": "length-grouped batches (runs of 50 batches sorted by length, batches shuffled)",
         "max_length": cfg.max_length, "weight_decay": cfg.weight_decay, "margin": cfg.margin,
         "alpha": "2r (scaling alpha/r = 2)", "target_modules": cfg.target_modules or "architecture default",
-        "adapted_layers": f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in targets}))} ({plural(len(targets), 'layer')})",
+        "adapted_layers": (f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in targets}))} "
+                           f"({plural(len(targets), 'layer')})"),
         "head": task.head, "quick": cfg.quick, "threads": threads,
         "thread_probe_s": {str(n): round(v, 5) for n, v in thread_probe.items()},
         "mixed_precision": cfg.mixed_precision, "precision_used": resolve_precision(cfg.mixed_precision),
@@ -168,7 +171,8 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
                                                "are pruned)" if sched.rungs else "")
                                             if cfg.fixed_budget else
                                             f"until validation stops improving ({plural(cfg.patience, 'evaluation')} × "
-                                            f"{plural(cfg.eval_every, 'step')}, at most {plural(cfg.max_steps, 'step')})")
+                                            f"{plural(cfg.eval_every, 'step')}, "
+                                            f"at most {plural(cfg.max_steps, 'step')})")
          + "; "
          + describe_backend(cfg, workers, threads))
 
@@ -187,8 +191,7 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
         _log(f"resuming the sweep in {cfg.output_dir}: {plural(len(journal.entries), 'finished job')} kept "
              "(runs, and pilots' segments up to a rung); the others run now")
     run_jobs(first, lambda job: pool if (pool is not None and job.spec.is_adapter) else local,
-             lambda job, out, tag: sched.record(job, *out, tag), sched.tag, checkpoint_results, [local, pool or local],
-             journal=journal)
+             sched.book, sched.tag, checkpoint_results, [local, pool or local], journal=journal)
     settings["runs_wall_s"] = round(time.perf_counter() - t_runs, 2)
     shutil.rmtree(os.path.join(cfg.output_dir, "runs"), ignore_errors=True)  # the paused pilots' checkpoints
     t = time.perf_counter()

@@ -12,7 +12,7 @@ from asymlora.compare.config import CompareConfig, StrategySpec
 from asymlora.fileio import atomic_write_text
 from asymlora.sweep.stats import paired_verdicts, summarize_runs
 
-__all__ = ["summarize", "paired_verdicts", "assemble", "format_table", "write_reports"]
+__all__ = ["summarize", "paired_verdicts", "assemble", "format_table", "format_report", "write_reports"]
 
 _SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "val_accuracy", "val_macro_f1", "lr", "best_step", "steps",
                  "val_slope_last_quarter", "wall_time_s", "peak_memory_bytes", "saved_activation_bytes",
@@ -136,3 +136,19 @@ def write_reports(results: dict[str, Any], out_dir: str, plots: bool = True) -> 
 
         written += write_plots(results, out_dir)
     return written
+
+
+PLOT_FILES = ("metric_by_strategy.png", "training_curves.png", "lr_selection.png", "verdicts.png")
+
+
+def format_report(results: dict[str, Any], cfg: CompareConfig) -> str:
+    """What ``asymlora compare`` prints at the end: the table, the chosen rates, the verdicts, the
+    time and the files written (``asymlora.sweep.report``)."""
+    from asymlora.sweep.report import SelectionMetric, format_sweep_report
+
+    files = ["results.json", "results.csv", "results.md", *(PLOT_FILES if cfg.plots else ())]
+    return format_sweep_report(
+        results, tables=[format_table(results["summary"])],
+        metric=SelectionMetric("validation accuracy", "val_accuracy", lambda v: f"{100 * v:.1f}"),
+        first_seed=cfg.seeds[0], margin=cfg.margin, verdicts_on="test-accuracy", output_dir=cfg.output_dir,
+        files=files)

@@ -18,9 +18,9 @@ from torch import nn
 
 from asymlora.compare.config import HEAD_ONLY, CompareConfig, StrategySpec
 from asymlora.compare.task import HeadFeatures, Task, reinit_head
+from asymlora.sweep.run_settings import autocast, resolve_precision, run_copy, stopping_args
 from asymlora.sweep.stats import curve_slope
 from asymlora.sweep.timing import Timed
-from asymlora.sweep.training import autocast, resolve_precision, run_copy, stopping_args
 
 __all__ = ["RunResult", "FeatureHead", "train_one"]
 
@@ -86,7 +86,7 @@ def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
         head = copy.deepcopy(getattr(task.base, task.head))
         shell = SimpleNamespace(config=task.base.config, h=head)
         reinit_head(shell, seed, "h")
-        model = FeatureHead(head, _head_dropout(task.base.config))
+        model: nn.Module = FeatureHead(head, _head_dropout(task.base.config))
         return (model, features["train"], _stack_features,
                 lambda m: _feature_metrics(m, features["val"], k, "val_"),
                 lambda m: _feature_metrics(m, features["test"], k, "test_"), 0)
@@ -102,7 +102,7 @@ def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
         from asymlora.compare.peers import build_peft_model, peft_adapter_params
 
         targets = find_target_modules(model, cfg.targets, exclude=[task.head])
-        model = build_peft_model(model, spec.preset, spec.rank, seed, targets, task.head)
+        model = build_peft_model(model, spec.preset, spec.rank, seed, list(targets), task.head)
         adapter = peft_adapter_params(model)
     else:
         acfg = AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed,

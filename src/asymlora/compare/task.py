@@ -154,7 +154,7 @@ def head_features(model: Any, head: str, data: Any, collate: Any, batch_size: in
 
     captured: dict[int, torch.Tensor] = {}
     order = np.argsort(data.lengths(), kind="stable")
-    state = {"ok": True}
+    state: dict[str, Any] = {"ok": True}  # "idx": the dataset indices of the batch in flight
 
     def grab(_module: Any, args: tuple) -> None:
         x = args[0] if args else None

@@ -27,6 +27,7 @@ from asymlora.core.config import AsymLoraConfig
 from asymlora.core.init import fingerprint, fingerprints_match
 from asymlora.core.inject import (
     adapter_configs,
+    adapter_state,
     get_config,
     lora_layers,
     make_factors,
@@ -59,7 +60,9 @@ def check_new_adapter(model: nn.Module, name: str, config: AsymLoraConfig) -> No
         )
 
 
-def shared_frozen(layer: LoraLinear, candidate: torch.Tensor | None, recorded: dict | None = None) -> torch.Tensor | None:
+def shared_frozen(
+    layer: LoraLinear, candidate: torch.Tensor | None, recorded: dict | None = None
+) -> torch.Tensor | None:
     """A frozen factor already held by ``layer`` that equals ``candidate`` (by fingerprint), or
     that matches the fingerprint ``recorded`` in an adapter file; else None."""
     want = fingerprint(candidate) if candidate is not None else recorded
@@ -91,7 +94,7 @@ def attach(model: nn.Module, name: str, module_name: str, module: nn.Module, a: 
         module.set_active(module.active)
     else:
         layer = LoraLinear(module, a, b, scaling, config.trains_A, config.trains_B, config.dropout, adapter_name=name)
-        layer.set_active([n for n in model.asymlora_active if n in layer.slots])
+        layer.set_active([n for n in adapter_state(model).asymlora_active if n in layer.slots])
         layer.router = router_of(model)
         set_submodule(model, module_name, layer)
 
@@ -114,7 +117,7 @@ def add_adapter(model: nn.Module, adapter_name: str, config: AsymLoraConfig) -> 
     factors = {n: make_factors(n, _base(m), config) for n, m in targets.items()}  # validates ranks
     for n, module in targets.items():
         attach(model, adapter_name, n, module, *factors[n], config, config.scaling_for(n))
-    model.asymlora_configs[adapter_name] = config
+    adapter_state(model).asymlora_configs[adapter_name] = config
     return model
 
 
@@ -137,8 +140,9 @@ def set_adapter(model: nn.Module, adapter_names: str | Sequence[str]) -> nn.Modu
         raise UserError("adapters are merged into the base weights; unmerge them before switching")
     for layer in lora_layers(model).values():
         layer.set_active(names)
-    model.asymlora_active = tuple(names)
-    model.asymlora_config = configs[names[0]]
+    state = adapter_state(model)
+    state.asymlora_active = tuple(names)
+    state.asymlora_config = configs[names[0]]
     return model
 
 
@@ -163,7 +167,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
             if not layer.slots:
                 set_submodule(model, module_name, layer.base)
     del configs[adapter_name]
-    remaining = [n for n in model.asymlora_active if n != adapter_name] or [next(iter(configs))]
+    remaining = [n for n in adapter_state(model).asymlora_active if n != adapter_name] or [next(iter(configs))]
     return set_adapter(model, remaining)
 
 

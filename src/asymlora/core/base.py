@@ -3,6 +3,8 @@
 the quantized-base support both read a base weight through it."""
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -11,7 +13,7 @@ try:  # transformers is a dependency, but the core works on any nn.Module withou
 except Exception:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
 
-__all__ = ["is_conv1d", "dense_weight"]
+__all__ = ["is_conv1d", "dense_weight", "weight_of"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -19,7 +21,12 @@ def is_conv1d(module: nn.Module) -> bool:
     return Conv1D is not None and isinstance(module, Conv1D)
 
 
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as stored (torch types an attribute it does not know as ``Tensor | Module``)."""
+    return cast(torch.Tensor, module.weight)
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The base weight as the (d_out × d_in) matrix of y = W·x, whatever the storage layout."""
-    w = module.weight
+    w = weight_of(module)
     return w.T if is_conv1d(module) else w

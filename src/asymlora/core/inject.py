@@ -11,10 +11,12 @@ import contextlib
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 import torch
 from torch import nn
 
+from asymlora.core.base import weight_of
 from asymlora.core.config import AsymLoraConfig, pattern_matches
 from asymlora.core.init import init_factor
 from asymlora.core.layer import (
@@ -211,7 +213,7 @@ def make_factors(name: str, base: nn.Module, config: AsymLoraConfig) -> tuple[to
             f"rank r={r} for layer {name!r} exceeds min(d_in, d_out) = min({d_in}, {d_out}); "
             f"use r <= {min(d_in, d_out)}"
         )
-    device = base.weight.device
+    device = weight_of(base).device
     factors = []
     for factor, init_name, shape in (("A", config.init_A, (r, d_in)), ("B", config.init_B, (d_out, r))):
         dtype = factor_dtype(base, config.trains_A if factor == "A" else config.trains_B)
@@ -250,7 +252,8 @@ def wrap(model: nn.Module, config: AsymLoraConfig, adapter_name: str = DEFAULT_A
                          "(or asymlora.add_adapter to add a named one)")
     keep = saved_modules_of(model, config.modules_to_save)
     targets = plan_targets(model, config)
-    layers = {name: make_layer(name, module, config, adapter_name) for name, module in targets.items()}  # validates ranks
+    # make_layer validates the ranks, so a bad config fails before the model is touched
+    layers = {name: make_layer(name, module, config, adapter_name) for name, module in targets.items()}
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in layers.items():
@@ -258,9 +261,10 @@ def wrap(model: nn.Module, config: AsymLoraConfig, adapter_name: str = DEFAULT_A
     for module in keep.values():
         for p in module.parameters():
             p.requires_grad_(True)
-    model.asymlora_configs = {adapter_name: config}  # type: ignore[assignment]
-    model.asymlora_active = (adapter_name,)  # type: ignore[assignment]
-    model.asymlora_config = config  # type: ignore[assignment]
+    state = adapter_state(model)
+    state.asymlora_configs = {adapter_name: config}
+    state.asymlora_active = (adapter_name,)
+    state.asymlora_config = config
     install_routing(model)
     return model
 
@@ -278,6 +282,20 @@ def plan_targets(model: nn.Module, config: AsymLoraConfig) -> dict[str, nn.Modul
     return targets
 
 
+class AdapterState(Protocol):
+    """The bookkeeping ``wrap`` puts on a model, as plain attributes of the ``nn.Module``."""
+
+    asymlora_configs: dict[str, AsymLoraConfig]  # name -> config, in the order the adapters were added
+    asymlora_active: tuple[str, ...]
+    asymlora_config: AsymLoraConfig  # the first active adapter's, for code that reads PEFT's one config
+
+
+def adapter_state(model: nn.Module) -> AdapterState:
+    """``model`` seen as carrying :class:`AdapterState` (torch types an attribute it does not
+    know as ``Tensor | Module``); reading an attribute of an unwrapped model still raises."""
+    return cast(AdapterState, model)
+
+
 def adapter_configs(model: nn.Module) -> dict[str, AsymLoraConfig]:
     """Adapter name -> config, in the order the adapters were added (the model's own dict)."""
     configs = getattr(model, "asymlora_configs", None)
@@ -290,7 +308,7 @@ def get_config(model: nn.Module, adapter_name: str | None = None) -> AsymLoraCon
     """The config of adapter ``adapter_name`` (default: the one active adapter)."""
     configs = adapter_configs(model)
     if adapter_name is None:
-        active = list(model.asymlora_active)
+        active = list(adapter_state(model).asymlora_active)
         if len(active) != 1:
             raise UserError(f"{len(active)} adapters are active ({active}); pass adapter_name= to choose one")
         adapter_name = active[0]
@@ -307,7 +325,7 @@ def mark_only_adapters_trainable(model: nn.Module) -> None:
         p.requires_grad_(False)
     for layer in lora_layers(model).values():
         layer.set_active(layer.active)
-    for name in model.asymlora_active:
+    for name in adapter_state(model).asymlora_active:
         for module in saved_modules_of(model, configs[name].modules_to_save).values():
             for p in module.parameters():
                 p.requires_grad_(True)
@@ -329,7 +347,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 def merge_adapters(model: nn.Module, safe: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
     """Fold ``adapter_names`` (default: the active adapters) into the base weights."""
-    names = list(model.asymlora_active if adapter_names is None else adapter_names)
+    names = list(adapter_state(model).asymlora_active if adapter_names is None else adapter_names)
     _check_known(model, names)
     _refuse_quantized(model, names)
     for layer in lora_layers(model).values():
@@ -388,7 +406,7 @@ def merge_and_unload(model: nn.Module, safe: bool = True, adapter_names: Sequenc
     weight: exactly the function the adapted model computed, up to the kernel's rounding), and
     every other quantized linear layer becomes float ``Ŵ`` too — a float model for export.
     """
-    names = list(model.asymlora_active if adapter_names is None else adapter_names)
+    names = list(adapter_state(model).asymlora_active if adapter_names is None else adapter_names)
     _check_known(model, names)
     if not dequantize:
         _refuse_quantized(model, names)
@@ -458,7 +476,7 @@ class ParameterReport:
 def _packed_numbers(model: nn.Module) -> int:
     """Weights that ``numel()`` does not see: a bitsandbytes 4-bit weight stores two per byte."""
     return sum(m.in_features * m.out_features - m.weight.numel() for m in model.modules()
-               if scheme_of(m) in ("nf4", "fp4"))
+               if isinstance(m, nn.Linear) and scheme_of(m) in ("nf4", "fp4"))
 
 
 def parameter_report(model: nn.Module) -> ParameterReport:
@@ -482,7 +500,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     rows = []
     for n, layer in layers.items():
         adapter = layer.active[0] if layer.active else next(iter(layer.slots))
-        trained = "".join(f for f in ("A", "B") if layer.trains(adapter, f))
-        rows.append((n, layer.in_features, layer.out_features, layer.slots[adapter].r, trained))
+        trained_factors = "".join(f for f in ("A", "B") if layer.trains(adapter, f))
+        rows.append((n, layer.in_features, layer.out_features, layer.slots[adapter].r, trained_factors))
     return ParameterReport(total, trainable, adapter_trainable, adapter_frozen, trainable - adapter_trainable, rows,
                            {k: (v[0], v[1]) for k, v in per_adapter.items()}, sum(n for n, _ in held.values()))

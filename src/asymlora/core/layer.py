@@ -25,13 +25,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asymlora.core.base import Conv1D, is_conv1d
+from asymlora.core.base import Conv1D, is_conv1d, weight_of
 from asymlora.core.quant import refuse_merge, scheme_of
 from asymlora.errors import UserError
 
@@ -50,7 +50,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, LoraLinear):
         return module.in_features, module.out_features
     if is_conv1d(module):
-        d_in, d_out = module.weight.shape
+        d_in, d_out = weight_of(module).shape
         return int(d_in), int(d_out)
     if isinstance(module, nn.Linear):
         return int(module.in_features), int(module.out_features)
@@ -162,7 +162,8 @@ class LoraLinear(nn.Module):
         ``lora_A``/``lora_B`` attributes follow the active adapter)."""
         key = factor_key(factor, name)
         value = self._parameters.get(key)
-        return value if value is not None else self._buffers[key]
+        # torch types the registries' values Optional; a factor is never registered as None
+        return value if value is not None else cast(torch.Tensor, self._buffers[key])
 
     def trains(self, name: str, factor: str) -> bool:
         return isinstance(self.factor(name, factor), nn.Parameter)
@@ -226,7 +227,7 @@ class LoraLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:  # so code that reads `layer.weight` keeps working
-        return self.base.weight
+        return weight_of(self.base)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -267,7 +268,9 @@ class LoraLinear(nn.Module):
         a, b = self.factors(name)
         return (b @ a) * self.slots[name].scaling
 
-    def merge(self, safe: bool = False, keep_original: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+    def merge(
+        self, safe: bool = False, keep_original: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> None:
         """Fold ΔW of ``adapter_names`` (default: the active adapters) into the base weight.
 
         ``safe``: compute the merged weight first and refuse (ValueError) if ΔW or the result
@@ -283,7 +286,7 @@ class LoraLinear(nn.Module):
         names = [n for n in (self.active if adapter_names is None else adapter_names) if n in self.slots]
         if not names:
             raise RuntimeError(f"no adapter to merge in this layer (it has {sorted(self.slots)})")
-        weight = self.base.weight
+        weight = weight_of(self.base)
         delta = self.delta_weight(names[0])
         for name in names[1:]:
             delta = delta + self.delta_weight(name)
@@ -303,7 +306,7 @@ class LoraLinear(nn.Module):
     def unmerge(self) -> None:
         if not self.merged:
             raise RuntimeError("adapter is not merged")
-        weight = self.base.weight
+        weight = weight_of(self.base)
         with torch.no_grad():
             if self._original_weight is not None:
                 weight.copy_(self._original_weight)

@@ -158,18 +158,19 @@ def mixed_forward(layer: LoraLinear, x: torch.Tensor, routing: Routing) -> torch
         h = F.linear(xg.to(a.dtype), a)  # A·x once for every row of the group
         h3 = h.reshape(h.shape[0], -1, h.shape[-1])
         if group.segments is not None:
-            _segments(layer, group, out3, h3)
+            _segments(layer, group, group.segments, out3, h3)
         else:
             _gathered(layer, group, out3, h3)
     return out
 
 
-def _segments(layer: LoraLinear, group: _GroupPlan, out3: torch.Tensor, h3: torch.Tensor) -> None:
+def _segments(layer: LoraLinear, group: _GroupPlan, segments: list[tuple[int, int, int, int]],
+              out3: torch.Tensor, h3: torch.Tensor) -> None:
     """Each adapter's rows are one block: out[block] += s·H[block]·Bᵀ in place, one BLAS call
     per adapter on token-row slices of the flat (rows·tokens, d) views; nothing is copied."""
     tokens = out3.shape[1]
     out2, h2 = out3.view(-1, out3.shape[-1]), h3.reshape(-1, h3.shape[-1])
-    for member, start, end, offset in group.segments:
+    for member, start, end, offset in segments:
         name = group.members[member]
         b, scaling = layer.factor(name, "B"), layer.slots[name].scaling
         out_rows = out2[start * tokens:end * tokens]
@@ -257,7 +258,8 @@ def _post_hook(model: nn.Module, args: tuple, output: Any) -> None:
         pop_routing(model)
 
 
-def _generate(self: nn.Module, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+def _generate(self: Any, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    # self: a model whose class has ``generate`` (install_routing checks); nn.Module does not declare it
     generate = type(self).generate
     if adapter_names is None:
         return generate(self, *args, **kwargs)
@@ -278,7 +280,8 @@ def install_routing(model: nn.Module) -> None:
     model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
     model.register_forward_hook(_post_hook, always_call=True)
     if callable(getattr(type(model), "generate", None)):
-        model.generate = types.MethodType(_generate, model)  # type: ignore[method-assign]
+        # torch types module attributes as Tensor | Module; any value is allowed at runtime
+        model.generate = types.MethodType(_generate, model)  # type: ignore[assignment]
 
 
 def uninstall_routing(model: nn.Module) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -96,15 +97,16 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     float layer, bitsandbytes 4-bit's ``compute_dtype`` (else the dtype it was quantized from),
     the bias dtype (else float32) for LLM.int8, the original dtype for a torchao weight."""
     scheme = scheme_of(module)
+    layer: Any = module  # the quantized layers' attributes (quant_state, compute_dtype) are their library's
     if scheme in ("nf4", "fp4"):
-        state = module.weight.quant_state
-        return module.compute_dtype or getattr(state, "original_dtype", None) or state.dtype
+        state = layer.weight.quant_state
+        return layer.compute_dtype or getattr(state, "original_dtype", None) or state.dtype
     if scheme == "int8":
-        if module.weight.dtype.is_floating_point:  # has_fp16_weights=True: still a float weight
-            return module.weight.dtype
-        bias = module.bias
+        if layer.weight.dtype.is_floating_point:  # has_fp16_weights=True: still a float weight
+            return layer.weight.dtype
+        bias = layer.bias
         return bias.dtype if bias is not None else torch.float32
-    return module.weight.dtype  # plain, and torchao (its tensor reports the original dtype)
+    return layer.weight.dtype  # plain, and torchao (its tensor reports the original dtype)
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:
@@ -120,10 +122,11 @@ def float_weight(module: nn.Module) -> torch.Tensor:
             return _bnb_4bit_weight(module).to(dtype)
         if scheme == "int8":
             return _bnb_int8_weight(module).to(dtype)
-        return module.weight.dequantize().to(dtype)
+        return cast(Any, module.weight).dequantize().to(dtype)  # a torchao tensor subclass
 
 
-def _bnb_4bit_weight(module: nn.Module) -> torch.Tensor:
+def _bnb_4bit_weight(module: Any) -> torch.Tensor:
+    """``module``: a bitsandbytes ``Linear4bit``."""
     import bitsandbytes.functional as bf
 
     weight = module.weight
@@ -135,7 +138,8 @@ def _bnb_4bit_weight(module: nn.Module) -> torch.Tensor:
     return bf.dequantize_4bit(weight.data, weight.quant_state)
 
 
-def _bnb_int8_weight(module: nn.Module) -> torch.Tensor:
+def _bnb_int8_weight(module: Any) -> torch.Tensor:
+    """``module``: a bitsandbytes ``Linear8bitLt``."""
     import bitsandbytes.functional as bf
 
     weight = module.weight
@@ -148,7 +152,9 @@ def _bnb_int8_weight(module: nn.Module) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- float -> quantized
-def quantize_model(model: nn.Module, scheme: str, skip: Sequence[str] = (), device: str | torch.device | None = None) -> nn.Module:
+def quantize_model(
+    model: nn.Module, scheme: str, skip: Sequence[str] = (), device: str | torch.device | None = None
+) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by its ``scheme`` version and return
     the model. Left in float: the output head (``get_output_embeddings()``), modules named in
     ``skip`` (a name matches itself and everything under it, like ``classifier``), and
@@ -159,14 +165,14 @@ def quantize_model(model: nn.Module, scheme: str, skip: Sequence[str] = (), devi
     bitsandbytes 4-bit layers are built with its AVX512-BF16 CPU repacking off: on such CPUs it
     would otherwise repack the weight on the first no-grad eval forward, with bf16 scales.
     """
-    scheme = check_scheme(scheme, "scheme")
-    if scheme is None:
+    checked = check_scheme(scheme, "scheme")
+    if checked is None:
         return model
     names = linears_to_quantize(model, skip)
-    if scheme == "torchao-int8":
+    if checked == "torchao-int8":
         return _torchao_int8(model, names, device)
     for name in names:
-        _set_module(model, name, _bnb_layer(model.get_submodule(name), scheme, device))
+        _set_module(model, name, _bnb_layer(cast(nn.Linear, model.get_submodule(name)), checked, device))
     return model
 
 
@@ -192,16 +198,18 @@ def _bnb_layer(linear: nn.Linear, scheme: str, device: str | torch.device | None
     d_out, d_in = linear.weight.shape
     has_bias = linear.bias is not None
     weight = linear.weight.detach().to("cpu")  # bitsandbytes quantizes on .to(device)
+    layer: nn.Linear
     if scheme == "int8":
         layer = bnb.nn.Linear8bitLt(d_in, d_out, bias=has_bias, has_fp16_weights=False, threshold=INT8_THRESHOLD,
                                     device="meta")
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
-        layer = bnb.nn.Linear4bit(d_in, d_out, bias=has_bias, compute_dtype=dtype, quant_type=scheme,
-                                  compress_statistics=True, device="meta")
-        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=scheme, compress_statistics=True,
-                                         module=layer)
-        layer.support_avx512bf16_for_cpu = False
+        layer4 = bnb.nn.Linear4bit(d_in, d_out, bias=has_bias, compute_dtype=dtype, quant_type=scheme,
+                                   compress_statistics=True, device="meta")
+        layer4.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=scheme, compress_statistics=True,
+                                          module=layer4)
+        layer4.support_avx512bf16_for_cpu = False
+        layer = layer4
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.detach().to("cpu", dtype), requires_grad=False)
     return layer.to(target)
@@ -229,11 +237,12 @@ def float_linear(module: nn.Module, weight: torch.Tensor | None = None) -> nn.Li
     copied, in the module's compute dtype and on its device."""
     w = float_weight(module) if weight is None else weight
     dtype = compute_dtype(module)
-    d_out, d_in = int(module.out_features), int(module.in_features)
-    out = nn.Linear(d_in, d_out, bias=module.bias is not None, device="meta")
+    linear = cast(nn.Linear, module)  # bitsandbytes' layers subclass nn.Linear; torchao keeps the nn.Linear
+    d_out, d_in = int(linear.out_features), int(linear.in_features)
+    out = nn.Linear(d_in, d_out, bias=linear.bias is not None, device="meta")
     out.weight = nn.Parameter(w.detach().to(dtype).clone(), requires_grad=False)
-    if module.bias is not None:
-        out.bias = nn.Parameter(module.bias.detach().to(dtype).clone(), requires_grad=False)
+    if linear.bias is not None:
+        out.bias = nn.Parameter(linear.bias.detach().to(dtype).clone(), requires_grad=False)
     return out
 
 
@@ -251,7 +260,8 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         if getattr(model, attr, None) is not None:
             setattr(model, attr, None)
     if getattr(model, "is_quantized", False) is True and "is_quantized" in vars(model):
-        model.is_quantized = False
+        # torch types module attributes as Tensor | Module; any value is allowed at runtime
+        model.is_quantized = False  # type: ignore[assignment]
     for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
         if flag in vars(model):
             setattr(model, flag, False)

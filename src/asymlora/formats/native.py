@@ -34,6 +34,7 @@ from asymlora.core.adapters import (
     list_adapters,
     shared_frozen,
 )
+from asymlora.core.base import weight_of
 from asymlora.core.config import AsymLoraConfig
 from asymlora.core.init import (
     SEED_REPRODUCIBLE,
@@ -43,6 +44,7 @@ from asymlora.core.init import (
 )
 from asymlora.core.inject import (
     PLAIN_NAME,
+    adapter_state,
     factor_dtype,
     get_config,
     lora_layers,
@@ -178,7 +180,8 @@ def write_adapter(directory: str | os.PathLike, config: AsymLoraConfig, layers: 
         "saved": saved_meta,
         **(extra or {}),
     }
-    header = {"format": FORMAT, "config": json.dumps(config.to_dict(), sort_keys=True)}  # see check_config_matches_layers
+    # the config travels in the safetensors header too: see check_config_matches_layers
+    header = {"format": FORMAT, "config": json.dumps(config.to_dict(), sort_keys=True)}
     write_adapter_folder(directory, tensors, header, meta)
     return directory
 
@@ -187,7 +190,9 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
     directory = os.fspath(directory)
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise MissingFileError(f"no {CONFIG_NAME} in {directory!r}: not an adapter folder{_interrupted_save(directory)}")
+        raise MissingFileError(
+            f"no {CONFIG_NAME} in {directory!r}: not an adapter folder{_interrupted_save(directory)}"
+        )
     try:
         with open(path, encoding="utf-8") as fh:
             meta = json.load(fh)
@@ -199,7 +204,8 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path} is not an asymlora adapter (format={meta.get('format')!r}){hint}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(
-            f"{path} has format_version {meta['format_version']}, this asymlora reads <= {FORMAT_VERSION}; upgrade asymlora"
+            f"{path} has format_version {meta['format_version']}, this asymlora reads <= {FORMAT_VERSION}; "
+            "upgrade asymlora"
         )
     return meta
 
@@ -261,7 +267,8 @@ def check_config_matches_layers(meta: dict[str, Any], weights_path: str) -> Asym
             raise refuse("alpha", config.alpha_for(name), saved_alpha, f"layer {name!r} (scaling {entry['scaling']:g})")
         for factor in ("A", "B"):
             if entry[factor]["init"] != getattr(config, f"init_{factor}"):
-                raise refuse(f"init_{factor}", getattr(config, f"init_{factor}"), entry[factor]["init"], f"layer {name!r}")
+                raise refuse(f"init_{factor}", getattr(config, f"init_{factor}"), entry[factor]["init"],
+                             f"layer {name!r}")
             if bool(entry[factor]["trained"]) != (factor in config.train):
                 raise refuse("train", config.train, "".join(f for f in "AB" if layers[name][f]["trained"]),
                              f"layer {name!r}")
@@ -335,9 +342,9 @@ def _check_weights(weights_path: str, meta: dict[str, Any], config: AsymLoraConf
     expected: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {}
     for name, entry in meta["layers"].items():
         r, d_in, d_out = int(entry["r"]), int(entry["in_features"]), int(entry["out_features"])
-        for factor, shape in (("A", (r, d_in)), ("B", (d_out, r))):
+        for factor, factor_shape in (("A", (r, d_in)), ("B", (d_out, r))):
             if entry[factor]["stored"]:
-                expected[f"{name}.lora_{factor}"] = (shape, entry[factor])
+                expected[f"{name}.lora_{factor}"] = (factor_shape, entry[factor])
     for key in sorted(tensors):
         if key in expected or (key.startswith(SAVED_PREFIX)
                                and in_modules_to_save(key[len(SAVED_PREFIX):], list(config.modules_to_save))):
@@ -361,7 +368,9 @@ def _check_weights(weights_path: str, meta: dict[str, Any], config: AsymLoraConf
                           f" (as saved, {CONFIG_NAME})" if info else "")
 
 
-def read_factors(directory: str | os.PathLike, reuse: Reuse | None = None) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+def read_factors(
+    directory: str | os.PathLike, reuse: Reuse | None = None
+) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
     """Read an adapter folder: (meta, {layer: (A, B)}, {saved param: tensor}).
 
     Every tensor of the file is checked first (``_check_weights``); rebuilt factors are drawn from the
@@ -437,10 +446,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             )
     own_params = saved_parameters(model, config)  # only modules_to_save may be written, never a base weight
     for p_name, value in saved.items():
-        target = own_params.get(p_name)
-        if target is None or target.shape != value.shape:
-            where = (f"not a parameter of modules_to_save={list(config.modules_to_save)}" if target is None
-                     else f"of shape {tuple(target.shape)}")
+        own = own_params.get(p_name)
+        if own is None or own.shape != value.shape:
+            where = (f"not a parameter of modules_to_save={list(config.modules_to_save)}" if own is None
+                     else f"of shape {tuple(own.shape)}")
             raise UserError(f"saved parameter {p_name!r} {tuple(value.shape)} is {where} in the model")
     unsaved = sorted(set(saved_parameters(model, config)) - set(saved))
     if unsaved:
@@ -448,7 +457,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             f"{os.path.join(os.fspath(directory), WEIGHTS_NAME)} lacks {SAVED_PREFIX}{unsaved[0]!r} ({len(unsaved)} "
             f"parameter(s) of modules_to_save={list(config.modules_to_save)} missing); the file is incomplete"
         )
-    if adding:
+    if adding and adapter_name is not None:  # adding implies a name; said again for the type checker
         _add_from_file(model, adapter_name, config, meta, factors)
         return model
     if lora_layers(model):
@@ -456,10 +465,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         existing = adapter_layers(model, target)
         if sorted(existing) != sorted(layer_names):
             raise ValueError(
-                f"model is wrapped with layers {sorted(existing)[:3]}... but the adapter has {sorted(layer_names)[:3]}..."
+                f"model is wrapped with layers {sorted(existing)[:3]}... "
+                f"but the adapter has {sorted(layer_names)[:3]}..."
             )
         if get_config(model, target).train != config.train:
-            raise ValueError(f"model trains {get_config(model, target).train!r}, adapter was saved with train={config.train!r}")
+            raise ValueError(
+                f"model trains {get_config(model, target).train!r}, adapter was saved with train={config.train!r}"
+            )
         for name, entry in meta["layers"].items():
             if existing[name].slots[target].r != int(entry["r"]):
                 raise UserError(f"model's layer {name!r} is wrapped at rank {existing[name].slots[target].r}, the "
@@ -469,8 +481,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         ranks = {re.escape(n): int(e["r"]) for n, e in meta["layers"].items() if int(e["r"]) != config.r}
         wrap_config = config.replace(target_modules=layer_names, rank_pattern=ranks)
         wrap(model, _placeholder_inits(wrap_config), adapter_name=target)
-        model.asymlora_configs[target] = config  # type: ignore[index]
-        model.asymlora_config = config  # type: ignore[assignment]
+        state = adapter_state(model)
+        state.asymlora_configs[target] = config
+        state.asymlora_config = config
     layers = lora_layers(model)
     with torch.no_grad():
         for name, (a, b) in factors.items():
@@ -487,7 +500,7 @@ def resolve_adapter_name(model: nn.Module, adapter_name: str | None) -> str:
     """``adapter_name``, or the one active adapter's name."""
     if adapter_name is None:
         get_config(model)  # raises unless exactly one adapter is active
-        return model.asymlora_active[0]
+        return adapter_state(model).asymlora_active[0]
     get_config(model, adapter_name)  # raises for an unknown name
     return adapter_name
 
@@ -527,15 +540,16 @@ def _add_from_file(model: nn.Module, adapter_name: str, config: AsymLoraConfig, 
     modules = dict(model.named_modules())
     for name, (a, b) in factors.items():
         base = modules[name].base if isinstance(modules[name], LoraLinear) else modules[name]
-        placed = [placed_like_base(t, base, trained) for t, trained in ((a, config.trains_A), (b, config.trains_B))]
-        attach(model, adapter_name, name, modules[name], *placed, config, float(meta["layers"][name]["scaling"]))
-    model.asymlora_configs[adapter_name] = config  # type: ignore[index]
+        a_placed, b_placed = placed_like_base(a, base, config.trains_A), placed_like_base(b, base, config.trains_B)
+        attach(model, adapter_name, name, modules[name], a_placed, b_placed, config,
+               float(meta["layers"][name]["scaling"]))
+    adapter_state(model).asymlora_configs[adapter_name] = config
 
 
 def placed_like_base(value: torch.Tensor, base: nn.Module, trained: bool) -> torch.Tensor:
     """A factor on the base's device in ``inject.factor_dtype`` (frozen: the base's compute
     dtype; trained: float32 when that is half precision); a tensor already held is kept."""
-    device, dtype = base.weight.device, factor_dtype(base, trained)
+    device, dtype = weight_of(base).device, factor_dtype(base, trained)
     if value.device == device and (value.dtype == dtype or trained):
         return value
     return value.to(device=device, dtype=dtype)

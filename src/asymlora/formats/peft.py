@@ -46,7 +46,10 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
     """
     config = get_config(model, adapter_name)
     adapter_name = resolve_adapter_name(model, adapter_name)
-    layers = {n: (*l.factors(adapter_name), is_conv1d(l.base)) for n, l in adapter_layers(model, adapter_name).items()}
+    layers = {
+        name: (*layer.factors(adapter_name), is_conv1d(layer.base))
+        for name, layer in adapter_layers(model, adapter_name).items()
+    }
     base = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     return _write_peft(directory, config, layers, saved_parameters(model, config), base)
 

@@ -58,6 +58,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from asymlora.core.inject import (
     adapter_configs,
+    adapter_state,
     lora_layers,
     output_head_names,
     saved_modules_of,
@@ -82,7 +83,7 @@ def adapter_trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
                 value = layer.factor(adapter, factor)
                 if isinstance(value, nn.Parameter):
                     out[f"{layer_name}.{factor_key(factor, adapter)}"] = value
-    for adapter in model.asymlora_active:
+    for adapter in adapter_state(model).asymlora_active:
         for module_name, module in saved_modules_of(model, configs[adapter].modules_to_save).items():
             for p_name, p in module.named_parameters():
                 out[f"{module_name}.{p_name}"] = p
@@ -103,8 +104,9 @@ def check_for_trainer(model: nn.Module, optimizer: Any | None = None) -> None:
         raise UserError("the trainer's model is a PEFT model: give SFTTrainer the asymlora-wrapped model and no "
                         "peft_config (PEFT would freeze asymlora's trained factors)")
     expected = adapter_trainable_parameters(model)
-    if len(model.asymlora_active) != 1:
-        raise UserError(f"{len(model.asymlora_active)} adapters are active ({list(model.asymlora_active)}); the "
+    active = adapter_state(model).asymlora_active
+    if len(active) != 1:
+        raise UserError(f"{len(active)} adapters are active ({list(active)}); the "
                         "callback saves one: asymlora.set_adapter(model, name) before building the trainer")
     heads = output_head_names(model) & set(lora_layers(model))
     if heads:
@@ -118,7 +120,8 @@ def check_for_trainer(model: nn.Module, optimizer: Any | None = None) -> None:
     extra = sorted(names.get(i, "<a tensor that is not a parameter of the model>") for i in held - expected_ids)
     if extra:
         raise UserError(f"the optimizer trains {len(extra)} parameter(s) that are not part of the asymlora adapter, "
-                        f"e.g. {extra[0]!r}: they would not be saved. Call asymlora.mark_only_adapters_trainable(model) "
+                        f"e.g. {extra[0]!r}: they would not be saved. "
+                        "Call asymlora.mark_only_adapters_trainable(model) "
                         "before building the trainer, or list their module in modules_to_save")
     missing = sorted(n for n, p in expected.items() if id(p) not in held)
     if missing:
@@ -157,7 +160,7 @@ class AsymLoraCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 model: nn.Module | None = None, **kwargs: Any) -> None:
-        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        checkpoint = os.path.join(_output_dir(args), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if state.is_world_process_zero:
             if not os.path.isdir(checkpoint):
                 raise RuntimeError(f"AsymLoraCallback: the trainer saved step {state.global_step} but "
@@ -167,10 +170,19 @@ class AsymLoraCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: nn.Module | None = None, **kwargs: Any) -> None:
         if state.is_world_process_zero:
-            save_adapter(_required(model), os.path.join(args.output_dir, self.subdir), store_frozen=self.store_frozen)
+            save_adapter(_required(model), os.path.join(_output_dir(args), self.subdir), store_frozen=self.store_frozen)
+
+
+def _output_dir(args: TrainingArguments) -> str:
+    """transformers types ``output_dir`` Optional; ``TrainingArguments`` fills in a default."""
+    if args.output_dir is None:
+        raise RuntimeError("AsymLoraCallback needs the trainer's output_dir")
+    return args.output_dir
 
 
 def _required(model: nn.Module | None) -> nn.Module:
     if model is None:
-        raise RuntimeError("AsymLoraCallback needs the trainer to pass model= to its callbacks (transformers.Trainer does)")
+        raise RuntimeError(
+            "AsymLoraCallback needs the trainer to pass model= to its callbacks (transformers.Trainer does)"
+        )
     return model

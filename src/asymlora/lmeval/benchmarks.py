@@ -52,8 +52,8 @@ def _openbookqa_gold(row: dict[str, Any]) -> int:
     return row["choices"]["label"].index(row["answerKey"].lstrip())
 
 
-_ARC = dict(text=lambda r: f"Question: {r['question']}\nAnswer:", choices=lambda r: list(r["choices"]["text"]),
-            gold=_arc_gold)
+_ARC: dict[str, Any] = dict(text=lambda r: f"Question: {r['question']}\nAnswer:",
+                            choices=lambda r: list(r["choices"]["text"]), gold=_arc_gold)
 
 SPECS: dict[str, TaskSpec] = {
     "arc_easy": TaskSpec("ai2_arc/ARC-Easy/validation", about="ARC-Easy, 570 validation questions", **_ARC),

@@ -142,7 +142,8 @@ def _require(cond: bool, msg: str) -> None:
 def _int_list(name: str, value: Any, minimum: int) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
-    _require(isinstance(value, list) and len(value) > 0, f"recipe field {name!r} must be a non-empty list of integers, got {value!r}")
+    _require(isinstance(value, list) and len(value) > 0,
+             f"recipe field {name!r} must be a non-empty list of integers, got {value!r}")
     for v in value:
         _require(isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
                  f"recipe field {name!r}: {v!r} is not an integer >= {minimum}")
@@ -181,7 +182,7 @@ def validate(recipe: Recipe) -> Recipe:
     _require(recipe.family in FAMILIES, f"unknown family {recipe.family!r}; valid: {', '.join(FAMILIES)}")
     fam = recipe.family_module()
     _require(isinstance(recipe.model, str) and recipe.model != "", "recipe field 'model' must be a model id or path")
-    _require(isinstance(recipe.tasks, list) and recipe.tasks, "recipe field 'tasks' must be a non-empty list")
+    _require(isinstance(recipe.tasks, list) and len(recipe.tasks) > 0, "recipe field 'tasks' must be a non-empty list")
     for t in recipe.tasks:
         _require(t in fam.TASKS, f"unknown {recipe.family} task {t!r}; valid: {', '.join(fam.TASKS)}")
     for t in recipe.task_overrides:
@@ -218,7 +219,8 @@ def recipe_from_dict(data: Mapping[str, Any], name: str | None = None, path: str
     for req in ("family", "model", "tasks", "strategies", "ranks", "seeds"):
         _require(req in data, f"recipe is missing required field {req!r}")
     strategies = data["strategies"]
-    _require(isinstance(strategies, list) and strategies, "recipe field 'strategies' must be a non-empty list")
+    _require(isinstance(strategies, list) and len(strategies) > 0,
+             "recipe field 'strategies' must be a non-empty list")
     tasks = data["tasks"]
     if isinstance(tasks, str):
         tasks = [tasks]
@@ -404,8 +406,8 @@ def plan(recipe: Recipe, opts: RunOptions) -> list[tuple[str, Strategy, int, int
     strategies = recipe.strategies
     if opts.strategies:
         names = [s.name for s in recipe.strategies]
-        for s in opts.strategies:
-            _require(s in names, f"--strategies: {s!r} is not in the recipe's strategies {names}")
+        for wanted in opts.strategies:
+            _require(wanted in names, f"--strategies: {wanted!r} is not in the recipe's strategies {names}")
         strategies = [s for s in recipe.strategies if s.name in opts.strategies]
     seeds = opts.seeds if opts.seeds is not None else recipe.seeds
     runs = []

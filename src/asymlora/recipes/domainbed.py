@@ -63,7 +63,9 @@ def envs_for(task: str, domains: list[str], recipe: Recipe) -> tuple[list[str], 
     """(train domains, held-out domains) from data_args (train_envs, or test_env for leave-one-out)."""
     da = recipe.data_args
     if da.get("test_env") is not None and da.get("train_envs"):
-        raise UserError(f"{task}: set either data_args.train_envs (train on those) or test_env (leave-one-out), not both")
+        raise UserError(
+            f"{task}: set either data_args.train_envs (train on those) or test_env (leave-one-out), not both"
+        )
     if da.get("test_env") is not None:
         test = da["test_env"]
         test = [test] if isinstance(test, str) else list(test)
@@ -84,8 +86,8 @@ def envs_for(task: str, domains: list[str], recipe: Recipe) -> tuple[list[str], 
 def check_data(task: str, data: str | Path, recipe: Recipe) -> None:
     root = dataset_root(task, data)
     if root is None:
-        raise MissingFileError(f"DomainBed {task}: no dataset directory "
-                                f"({' or '.join(str(Path(data) / n) for n in DATASETS[task])}). {recipe.data_hint or HINT}")
+        tried = " or ".join(str(Path(data) / n) for n in DATASETS[task])
+        raise MissingFileError(f"DomainBed {task}: no dataset directory ({tried}). {recipe.data_hint or HINT}")
     domains = list_domains(root)
     if len(domains) < 2:
         raise MissingFileError(f"DomainBed {task}: {root} holds {len(domains)} domain folder(s); need >= 2")

@@ -42,7 +42,7 @@ class GlueTask:
     name: str          # Hub config name
     dirname: str       # original GLUE directory
     text_keys: tuple[str, ...]   # Hub column names
-    tsv_keys: tuple[str, ...]    # original TSV column names (or indices for CoLA)
+    tsv_keys: tuple[str | int, ...]  # original TSV column names (or indices for CoLA)
     tsv_label: str | int
     num_labels: int
     label_map: dict[str, int] | None = None
@@ -138,10 +138,11 @@ def read_tsv(path: str | Path, spec: GlueTask) -> list[dict[str, Any]]:
             missing = [k for k in (*spec.tsv_keys, spec.tsv_label) if k not in header]
             if missing:
                 raise UserError(f"{path}: columns {missing} not found in header {header}")
-            idx = [header.index(k) for k in spec.tsv_keys]
-            lidx = header.index(spec.tsv_label)
+            # names here: every key was found in the header above
+            idx = [header.index(str(k)) for k in spec.tsv_keys]
+            lidx = header.index(str(spec.tsv_label))
         else:
-            idx = list(spec.tsv_keys)  # type: ignore[arg-type]
+            idx = [int(k) for k in spec.tsv_keys]  # column indices (CoLA's TSV has no header)
             lidx = int(spec.tsv_label)
         skipped = 0
         for row in reader:
@@ -243,7 +244,7 @@ def prepare(task: str, model_path: str, data: str | Path, recipe: Recipe, opts: 
     dtype = torch_dtype(opts.dtype or recipe.dtype)
     ebs = int(recipe.eval_args.get("eval_batch_size", 64))
 
-    def build_model():
+    def build_model() -> Any:  # a transformers sequence classifier
         kw: dict[str, Any] = {"num_labels": spec.num_labels, "dtype": dtype, "ignore_mismatched_sizes": True}
         if regression:
             kw["problem_type"] = "regression"

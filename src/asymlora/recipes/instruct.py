@@ -110,12 +110,24 @@ def _mmlu_dir(data: Path, recipe: Recipe) -> Path | None:
     return next((c for c in cands if (c / "test").is_dir() and any((c / "test").glob("*_test.csv"))), None)
 
 
+def _required_alpaca_path(data: Path, recipe: Recipe) -> Path:
+    path = _alpaca_path(data, recipe)
+    if path is None:
+        raise MissingFileError(f"no Alpaca training file under {data}. {ALPACA_HINT}")
+    return path
+
+
+def _required_mmlu_dir(data: Path, recipe: Recipe) -> Path:
+    path = _mmlu_dir(data, recipe)
+    if path is None:
+        raise MissingFileError(f"no MMLU test CSVs under {data} (looked for mmlu/test/*_test.csv). {MMLU_HINT}")
+    return path
+
+
 def check_data(task: str, data: str | Path, recipe: Recipe) -> None:
     data = Path(data)
-    if _alpaca_path(data, recipe) is None:
-        raise MissingFileError(f"no Alpaca training file under {data}. {ALPACA_HINT}")
-    if _mmlu_dir(data, recipe) is None:
-        raise MissingFileError(f"no MMLU test CSVs under {data} (looked for mmlu/test/*_test.csv). {MMLU_HINT}")
+    _required_alpaca_path(data, recipe)
+    _required_mmlu_dir(data, recipe)
 
 
 def read_alpaca(path: str | Path) -> list[dict[str, str]]:
@@ -314,11 +326,11 @@ def prepare(task: str, model_path: str, data: str | Path, recipe: Recipe, opts: 
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     da, ea = recipe.data_args, recipe.eval_args
-    records = limit(read_alpaca(_alpaca_path(data, recipe)), opts.max_train_samples)
+    records = limit(read_alpaca(_required_alpaca_path(data, recipe)), opts.max_train_samples)
     train = tokenize_alpaca(records, tok, int(da.get("max_length", 512)))
     if not train:
         raise UserError("Alpaca: no training example left after tokenisation")
-    mmlu = load_mmlu(_mmlu_dir(data, recipe), ea.get("subjects"))
+    mmlu = load_mmlu(_required_mmlu_dir(data, recipe), ea.get("subjects"))
     if not mmlu:
         raise UserError("MMLU: no subject found")
     shots = ea.get("shots", [5])

@@ -84,7 +84,7 @@ def matthews_corrcoef(preds: Sequence[int], refs: Sequence[int]) -> float:
     return 0.0 if den == 0 else float(num / den)
 
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
     """Pearson correlation cov(x,y)/(σx σy); 0 when either side is constant."""
     a, b = _as_array(x).astype(np.float64), _as_array(y).astype(np.float64)
     _check_same_length(a, b)

@@ -3,7 +3,7 @@ pairs, each strategy at its own learning rate, converged, over paired seeds — 
 ``asymlora compare`` (``asymlora.sweep``) with the validation *loss* of the
 response tokens as the criterion (lr selection: lowest; early stopping: no new minimum).
 
-The defaults are the LLaMA-class run of README "Instruction tuning on real LLaMA weights": the bundled
+The defaults are the LLaMA-class run of docs/llm.md "Instruction tuning on real LLaMA weights": the bundled
 SmolLM2-135M-Instruct, TriviaQA + NQ-open, adapters of rank 8 on q_proj/v_proj (the paper's
 LLaMA targets), alpha = 2r.
 """
@@ -42,7 +42,7 @@ class SFTConfig(SweepConfig):
     selection_metric: ClassVar[str] = "val_loss"
     selection_higher_is_better: ClassVar[bool] = False
 
-    model: str | None = "smollm2"
+    model: str = "smollm2"
     data: str = "trivia_qa,nq_open"
     strategies: list[str] = _default("strategies")
     ranks: list[int] = _default("ranks")
@@ -99,7 +99,7 @@ class SFTConfig(SweepConfig):
 
             unknown = [t for t in self.tasks if t not in TASKS]
             if unknown:
-                out.append(f"--tasks {','.join(unknown)}: unknown benchmark; valid: {', '.join(TASKS)}")
+                out.append(f"--benchmarks {','.join(unknown)}: unknown benchmark; valid: {', '.join(TASKS)}")
         if self.bench_limit is not None and self.bench_limit < 1:
             out.append(f"--limit {self.bench_limit!r}: must be >= 1 (or unset for whole benchmarks)")
         if self.mmlu_limit is not None and self.mmlu_limit < 1:

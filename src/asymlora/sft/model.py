@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from asymlora.sft.data import QAPair, encode_chat, exact_match
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["ResponseOnlyLM", "response_nll", "generate_answers", "exact_match_rate"]
 
@@ -29,7 +32,7 @@ class ResponseOnlyLM(nn.Module):
     tokens) and ``.tokens`` (how many there were). ``lm`` is any ``*ForCausalLM`` with
     ``get_decoder()`` and ``get_output_embeddings()``; it is trained in place."""
 
-    def __init__(self, lm: nn.Module) -> None:
+    def __init__(self, lm: PreTrainedModel) -> None:
         super().__init__()
         self.lm = lm
 

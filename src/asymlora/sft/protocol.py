@@ -57,7 +57,7 @@ from asymlora.sweep.timing import Phases
 from asymlora.text import plural
 from asymlora.version import __version__
 
-__all__ = ["run_sft", "score_saved_run", "format_sft_table", "format_bench_table"]
+__all__ = ["run_sft", "score_saved_run", "format_report", "format_sft_table", "format_bench_table"]
 
 SUMMARY_KEYS = ("test_exact_match", "test_loss", "val_loss", "lr", "best_step", "steps", "val_slope_last_quarter",
                 "wall_time_s", "final_train_loss")
@@ -101,7 +101,7 @@ def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None,
 
     from asymlora.formats.native import load_adapter
     from asymlora.lmeval import evaluate
-    from asymlora.sweep.training import resolve_precision
+    from asymlora.sweep.run_settings import resolve_precision
 
     path, tokenizer = state
     t = time.perf_counter()
@@ -195,8 +195,8 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
     if saved:
         _log(f"resuming the sweep in {cfg.output_dir}: {plural(len(journal.entries), 'finished run')} kept; "
              "the others run now")
-    run_jobs(first, lambda job: pool or local, lambda job, out, tag: sched.record(job, *out, tag), sched.tag,
-             checkpoint_results, [pool or local], journal=journal)
+    run_jobs(first, lambda job: pool or local, sched.book, sched.tag, checkpoint_results, [pool or local],
+             journal=journal)
     t = time.perf_counter()
     for key, rec in list(sched.runs.items()):  # the winning pilots: test scored now, from their adapters
         if rec.get("test_deferred"):
@@ -216,7 +216,7 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
 
 
 def score_saved_run(cfg: SFTConfig) -> dict[str, Any]:
-    """Score the benchmarks of a finished run in ``cfg.output_dir`` (one made with ``--tasks
+    """Score the benchmarks of a finished run in ``cfg.output_dir`` (one made with ``--benchmarks
     none``, or to score other benchmarks): the base model and every seed's final adapter, then
     the reports are rewritten with the benchmark table and verdicts."""
     from asymlora.errors import UserError
@@ -228,7 +228,7 @@ def score_saved_run(cfg: SFTConfig) -> dict[str, Any]:
     if not saved.get("complete"):
         raise UserError(f"--benchmarks-only: the run in {cfg.output_dir} did not finish (results.json is partial)")
     if not cfg.tasks:
-        raise UserError("--benchmarks-only with --tasks none: nothing to score")
+        raise UserError("--benchmarks-only with --benchmarks none: nothing to score")
     t_start = time.perf_counter()
     runs, settings = saved["runs"], saved["settings"]
     missing = [r["adapter_dir"] for r in runs if not os.path.isdir(r["adapter_dir"])]
@@ -256,8 +256,9 @@ def _write_reports(results: dict[str, Any], out_dir: str) -> None:
 
     atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
     atomic_write_text(os.path.join(out_dir, "results.md"), format_sft_markdown(results))
+    settings = results["settings"]
     write_verdict_plot(results["paired_verdicts"], os.path.join(out_dir, "verdicts.png"),
-                       f"{results['settings']['model_name']}: paired differences over seeds {results['settings']['seeds']}")
+                       f"{settings['model_name']}: paired differences over seeds {settings['seeds']}")
 
 
 def _settings(cfg: SFTConfig, task: LMTask, threads: int, workers: int) -> dict[str, Any]:
@@ -268,15 +269,19 @@ def _settings(cfg: SFTConfig, task: LMTask, threads: int, workers: int) -> dict[
     return {
         "model": task.model_path, "model_name": os.path.basename(os.path.normpath(task.model_path)),
         "model_params": sum(p.numel() for p in task.lm.parameters()), "data": cfg.sources, "sizes": task.sizes,
-        "strategies": [s.label for s in cfg.runs()], "strategy_names": cfg.strategies, "ranks": cfg.ranks, "seeds": cfg.seeds, "lr_grid": cfg.lr_grid(),
+        "strategies": [s.label for s in cfg.runs()], "strategy_names": cfg.strategies, "ranks": cfg.ranks,
+        "seeds": cfg.seeds, "lr_grid": cfg.lr_grid(),
         "selected_on": "validation response loss (lowest)", "max_steps": cfg.max_steps, "eval_every": cfg.eval_every,
-        "patience": cfg.patience, "min_steps": cfg.min_steps, "warmup_steps": cfg.warmup_steps, "stopping": cfg.stopping,
-        "max_lr_extensions": cfg.max_lr_extensions,
-        "lr_schedule": ("linear warm-up, then linear decay to 0" if cfg.fixed_budget else "linear warm-up, then constant"), "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+        "patience": cfg.patience, "min_steps": cfg.min_steps, "warmup_steps": cfg.warmup_steps,
+        "stopping": cfg.stopping, "max_lr_extensions": cfg.max_lr_extensions,
+        "lr_schedule": ("linear warm-up, then linear decay to 0" if cfg.fixed_budget
+                        else "linear warm-up, then constant"),
+        "batch_size": cfg.batch_size, "max_length": cfg.max_length,
         "alpha": "2r (scaling alpha/r = 2)", "target_modules": cfg.target_modules,
         "loss": "response-only (assistant tokens of the model's chat template)",
-        "tasks": cfg.tasks, "bench_limit": cfg.bench_limit, "mmlu_limit": cfg.mmlu_limit, "shots": cfg.shots, "max_new_tokens": cfg.max_new_tokens,
-        "margin": cfg.margin, "min_delta": cfg.min_delta, "threads": threads, "workers": workers, "precision": cfg.mixed_precision,
+        "tasks": cfg.tasks, "bench_limit": cfg.bench_limit, "mmlu_limit": cfg.mmlu_limit, "shots": cfg.shots,
+        "max_new_tokens": cfg.max_new_tokens, "margin": cfg.margin, "min_delta": cfg.min_delta,
+        "threads": threads, "workers": workers, "precision": cfg.mixed_precision,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "asymlora": __version__},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
@@ -296,7 +301,8 @@ def _bench_rows(runs: list[dict[str, Any]], bench: dict[str | None, Any], order:
     if not bench:
         return []
     rows = [{"strategy": BASE, "n_models": 1,
-             **{f"{t}_{k}": bench[None]["scores"][t][k] for t in tasks for k in ("acc", "acc_norm", "acc_stderr", "n")}}]
+             **{f"{t}_{k}": bench[None]["scores"][t][k]
+                for t in tasks for k in ("acc", "acc_norm", "acc_stderr", "n")}}]
     for label in order:
         rs = [r for r in runs if r["strategy"] == label and r["adapter_dir"] in bench]
         if not rs:
@@ -346,6 +352,21 @@ def format_sft_table(results: dict[str, Any]) -> str:
     if base:
         lines.append(f"{'untuned':<12} {'':>7} {100 * base['test_exact_match']:>8.2f}{'':7} {base['test_loss']:>8.4f}")
     return "\n".join(lines)
+
+
+def format_report(results: dict[str, Any], cfg: SFTConfig) -> str:
+    """What ``asymlora sft`` prints at the end: the tuning table, the chosen rates, the benchmark
+    table, the verdicts, the time and the files written (``asymlora.sweep.report``)."""
+    from asymlora.sweep.report import SelectionMetric, format_sweep_report
+
+    bench = format_bench_table(results, cfg.tasks)
+    sections = [f"benchmarks (accuracy %; {cfg.bench_limit or 'all'} items each, MMLU {cfg.mmlu_limit or 'all'} per "
+                f"subject):\n{bench}"] if bench else []
+    return format_sweep_report(
+        results, tables=[format_sft_table(results)],
+        metric=SelectionMetric("validation loss", "val_loss", lambda v: f"{v:.4f}"), first_seed=cfg.seeds[0],
+        margin=cfg.margin, verdicts_on="", output_dir=cfg.output_dir,
+        files=["results.json", "results.md", "verdicts.png", "adapters/"], sections=sections)
 
 
 def format_bench_table(results: dict[str, Any], tasks: list[str]) -> str:

@@ -22,9 +22,9 @@ from asymlora.sft.model import (
     response_nll,
 )
 from asymlora.sweep.config import StrategySpec
+from asymlora.sweep.run_settings import autocast, resolve_precision, run_copy, stopping_args
 from asymlora.sweep.stats import curve_slope
 from asymlora.sweep.timing import Timed
-from asymlora.sweep.training import autocast, resolve_precision, run_copy, stopping_args
 
 __all__ = ["LMTask", "prepare_lm_task", "train_one", "score_test", "score_saved_adapter", "adapter_dir"]
 
@@ -32,7 +32,7 @@ __all__ = ["LMTask", "prepare_lm_task", "train_one", "score_test", "score_saved_
 @dataclass
 class LMTask:
     """The base model (never modified: every run adapts a copy that shares its frozen weights,
-    ``asymlora.sweep.training.run_copy``), its tokenizer and the data."""
+    ``asymlora.sweep.run_settings.run_copy``), its tokenizer and the data."""
 
     model_path: str
     lm: Any
@@ -120,6 +120,7 @@ def train_one(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFTCo
     from asymlora.formats.native import save_adapter
     from asymlora.training.loop import TrainArgs, fit
 
+    assert spec.preset is not None  # sft refuses head-only (SFTConfig.task_problems)
     lm = run_copy(task.lm)  # the frozen base weights shared, not copied
     acfg = AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed, target_modules=cfg.targets)
     wrap(lm, acfg)

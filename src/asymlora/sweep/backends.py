@@ -29,8 +29,8 @@ from typing import Any
 
 from asymlora.sweep.interrupt import ignore_in_worker
 
-__all__ = ["Job", "InProcess", "LocalPool", "RayBackend", "BACKENDS", "adapter_backend", "describe_backend", "available_cpus", "set_threads", "threads_for_run", "worker_count",
-           "release_freed_memory"]
+__all__ = ["Job", "InProcess", "LocalPool", "RayBackend", "BACKENDS", "adapter_backend", "describe_backend",
+           "available_cpus", "set_threads", "threads_for_run", "worker_count", "release_freed_memory"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def _probe_threads(candidates: list[int]) -> tuple[int, dict[int, float]]:
                 torch.nn.functional.linear(x, w)
             best = min(best, time.perf_counter() - t)
         times[n] = best
-    return min(times, key=times.get), times
+    return min(times, key=times.__getitem__), times
 
 
 def set_threads(threads: int | None) -> tuple[int, dict[int, float]]:
@@ -258,7 +258,7 @@ def _ray_job(prepare: Callable[[Any], Any], execute: Callable[..., Any], cfg: An
 
 def _child_pids() -> set[int]:
     """This process's direct children (from /proc; empty where there is none)."""
-    me, out = str(os.getpid()), set()
+    me, out = str(os.getpid()), set[int]()
     try:
         names = os.listdir("/proc")
     except OSError:

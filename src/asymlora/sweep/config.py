@@ -22,7 +22,8 @@ from typing import ClassVar
 from asymlora.errors import UserError
 from asymlora.sweep.budget import DEFAULT, DEFAULT_STRATEGIES
 
-__all__ = ["ADAPTER_PRESETS", "PEFT_PRESETS", "STOPPING_RULES", "HEAD_ONLY", "StrategySpec", "parse_strategy", "target_spec", "SweepConfig"]
+__all__ = ["ADAPTER_PRESETS", "PEFT_PRESETS", "STOPPING_RULES", "HEAD_ONLY", "StrategySpec", "parse_strategy",
+           "target_spec", "SweepConfig"]
 
 ADAPTER_PRESETS = ("lora", "b-only", "a-only", "peft-lora", "peft-lora-fa")
 PEFT_PRESETS = ("peft-lora", "peft-lora-fa")
@@ -157,8 +158,8 @@ class SweepConfig:
     def rung_steps(self) -> list[int]:
         """The steps at which pilots may be pruned: each fraction of ``rungs`` of the budget,
         moved down to a multiple of ``eval_every`` (an evaluation happens there), strictly
-        inside the run and after at least three evaluations. Empty when pruning is off, nothing is selected, or under ``plateau``
-        (a run's length is not known in advance), and for a selection metric other than an
+        inside the run and after at least three evaluations. Empty when pruning is off, nothing is selected,
+        or under ``plateau`` (a run's length is not known in advance), and for a selection metric other than an
         accuracy."""
         if not (self.prune and self.fixed_budget and self.selects_lr and self.selection_metric == "val_accuracy"):
             return []  # the rule's noise allowance is the binomial one of an accuracy
@@ -178,7 +179,7 @@ class SweepConfig:
             except UserError as err:
                 out.append(str(err))
         if not self.ranks or any(not isinstance(r, int) or r < 1 for r in self.ranks):
-            out.append(f"--ranks {self.ranks!r}: need one or more integers >= 1")
+            out.append(f"--rank {self.ranks!r}: need one or more integers >= 1")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             out.append(f"--seeds {self.seeds!r}: need one or more distinct integers")
         for name in ("max_steps", "batch_size", "eval_every", "patience"):

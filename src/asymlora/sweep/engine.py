@@ -4,29 +4,32 @@ SIGTERM or SIGINT stop the sweep: every worker is stopped at once and
 :class:`asymlora.sweep.interrupt.Interrupted` propagates to the caller."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from typing import Any
+from typing import Any, TypeVar
 
-from asymlora.sweep.backends import Job
 from asymlora.sweep.interrupt import stop_on_signals
 from asymlora.sweep.resume import Journal
 
 __all__ = ["run_jobs"]
 
+# A sweep's jobs are asymlora.sweep.backends.Job; sft's benchmark phase drives adapter folders.
+JobT = TypeVar("JobT", bound=Hashable)
 
-def run_jobs(first: Iterable[Job], backend_for: Callable[[Job], Any],
-             record: Callable[[Job, Any, str], list[Job]], tag: Callable[[Job], str],
+
+def run_jobs(first: Iterable[JobT], backend_for: Callable[[JobT], Any],
+             record: Callable[[JobT, Any, str], list[JobT]], tag: Callable[[JobT], str],
              on_progress: Callable[[], None], backends: Iterable[Any] = (), journal: Journal | None = None) -> None:
     """Drive every job to completion: ``backend_for(job)`` runs it, ``record(job, result,
     tag)`` books its result and returns the jobs it unlocks, ``on_progress()`` runs after each
     batch of finished jobs. ``backends`` are closed at the end — stopped at once when the sweep
     is interrupted or fails. With a ``journal``, a job whose outcome it saved is booked from
     there instead of running again (``--resume``), and every new outcome is added to it."""
-    pending: dict[Future, tuple[Job, str]] = {}
+    pending: dict[Future, tuple[JobT, str]] = {}
+    replayed: set[Future] = set()  # outcomes the journal gave back: not added to it again
     backends = list(backends)
 
-    def submit(job: Job) -> None:
+    def submit(job: JobT) -> None:
         t = tag(job)
         saved = journal.take(job) if journal is not None else None
         if saved is None:
@@ -34,7 +37,7 @@ def run_jobs(first: Iterable[Job], backend_for: Callable[[Job], Any],
         else:
             fut = Future()
             fut.set_result(saved)
-            fut.replayed = True  # type: ignore[attr-defined]
+            replayed.add(fut)
         pending[fut] = (job, t)
 
     aborted = True
@@ -47,8 +50,9 @@ def run_jobs(first: Iterable[Job], backend_for: Callable[[Job], Any],
                 for fut in done:
                     job, t = pending.pop(fut)
                     outcome = fut.result()
-                    if journal is not None and not getattr(fut, "replayed", False):
+                    if journal is not None and fut not in replayed:
                         journal.add(job, outcome)
+                    replayed.discard(fut)
                     for nxt in record(job, outcome, t):
                         submit(nxt)
                 on_progress()

@@ -18,7 +18,7 @@ end equal to an uninterrupted one (``asymlora.sweep.resume``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from asymlora.sweep.backends import Job
@@ -117,6 +117,12 @@ class Schedule:
         self.pilots[job.spec.label][job.lr] = rec
         self.live[job.spec.label].discard(job.lr)
         return self._maybe_select(job.spec)
+
+    def book(self, job: Job, result: Sequence[Any], tag: str) -> list[Job]:
+        """:func:`asymlora.sweep.engine.run_jobs`' ``record``: ``result`` is the executor's
+        ``(rec, eval_s)`` (a list when the journal replays it)."""
+        rec, eval_s = result
+        return self.record(job, rec, eval_s, tag)
 
     def _next_rung(self, step: int) -> int | None:
         return next((r for r in self.rungs if r > step), None)

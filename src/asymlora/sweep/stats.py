@@ -17,7 +17,7 @@ __all__ = ["mean_std", "t_quantile", "PairedDifference", "paired_difference", "v
            "VERDICTS", "summarize_runs", "paired_verdicts"]
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof = 1; 0 for one value, NaN for none)."""
     a = np.asarray(values, dtype=float)
     if a.size == 0:

@@ -182,7 +182,7 @@ def layer_shapes_from_model(model: Any, targets: Any = None) -> list[LayerShape]
     try:
         found = find_target_modules(model, targets)
     except (ValueError, re.error) as err:  # the targets came from the user
-        raise UserError(f"--targets {targets!r}: {err}") from err
+        raise UserError(f"--target-modules {targets!r}: {err}") from err
     out = []
     for name, module in found.items():
         d_in, d_out = linear_shape(module)

@@ -522,7 +522,8 @@ def simulate(
         eff = effective_rank(Sig)
         for j, r in enumerate(sorted(set(ranks))):
             a = expected_loss_a_only(prob, r)
-            b = expected_loss_b_only(prob, r, method=b_method, n_samples=n_samples, seed=np.random.default_rng([seed, i, j]))
+            b = expected_loss_b_only(prob, r, method=b_method, n_samples=n_samples,
+                                     seed=np.random.default_rng([seed, i, j]))
             both = optimal_both(prob, r)
             norm = prob.signal
             rows.append(

@@ -57,7 +57,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -454,7 +454,8 @@ def _peak_memory_end(device: torch.device, kind: str) -> int:
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    # the global RandomState is an MT19937, whose legacy state is a tuple (never the dict form)
+    np_state = cast(tuple[Any, ...], np.random.get_state())
     py_state = random.getstate()
     state: dict[str, Any] = {
         "python": [py_state[0], list(py_state[1]), py_state[2]],
@@ -765,9 +766,10 @@ class _Run:
     def _grouped_stream(self) -> _GroupedStream | None:
         if not self.args.group_by_length:
             return None
-        if not callable(getattr(self.data, "lengths", None)):
+        lengths = getattr(self.data, "lengths", None)
+        if not callable(lengths):
             raise ValueError("group_by_length=True needs a dataset with a lengths() method")
-        return _GroupedStream(self.data.lengths(), self.args.seed, self.plan.global_batch)
+        return _GroupedStream(lengths(), self.args.seed, self.plan.global_batch)
 
     # ------------------------------------------------------------------ one optimisation step
 
@@ -818,7 +820,7 @@ class _Run:
         grad_norm = self.backend.clip_grad_norm([p for _, p in self.named_trainable], max_norm)
         if not _finite(grad_norm) and acc.scaler is None:
             raise self._non_finite("gradient norm", grad_norm, "none written")
-        lr_now = self.scheduler.get_last_lr()[0]
+        lr_now = float(self.scheduler.get_last_lr()[0])  # torch types it float | Tensor; LambdaLR's are floats
         self.backend.step(self.optimizer)
         self.scheduler.step()
         return grad_norm, lr_now
@@ -838,11 +840,12 @@ class _Run:
         """``eval_fn`` on the main process (eval mode, no grad, autocast), shared with all."""
         from accelerate.utils import broadcast_object_list
 
+        assert self.eval_fn is not None  # callers evaluate only a run that has an eval_fn
         metrics: list[Any] = [None]
         if self.plan.is_main or self.backend.eval_everywhere:  # a sharded forward needs every process
             self.raw.eval()
             with torch.no_grad(), self.accelerator.autocast():
-                metrics[0] = {k: float(v) for k, v in self.eval_fn(self.raw).items()}  # type: ignore[misc]
+                metrics[0] = {k: float(v) for k, v in self.eval_fn(self.raw).items()}
             self.raw.train()
         if self.plan.world > 1:
             broadcast_object_list(metrics, from_process=0)
@@ -898,9 +901,10 @@ class _Run:
         """Write ``output_dir/checkpoint`` through ``.checkpoint.tmp`` and two renames (the
         previous one is kept as ``.checkpoint.old`` in between); returns its path."""
         root, acc, is_main = self.ckpt_root, self.accelerator, self.plan.is_main
-        final = os.path.join(root, CHECKPOINT_NAME)  # type: ignore[arg-type]
-        tmp = os.path.join(root, "." + CHECKPOINT_NAME + ".tmp")  # type: ignore[arg-type]
-        old = os.path.join(root, "." + CHECKPOINT_NAME + ".old")  # type: ignore[arg-type]
+        assert root is not None  # _checkpoint_due is False without output_dir
+        final = os.path.join(root, CHECKPOINT_NAME)
+        tmp = os.path.join(root, "." + CHECKPOINT_NAME + ".tmp")
+        old = os.path.join(root, "." + CHECKPOINT_NAME + ".old")
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
@@ -949,7 +953,8 @@ class _Run:
         model, which is not prepared (sharded) yet. Returns the rest for ``_apply_resume``."""
         if not self.args.resume:
             return None
-        found = _find_checkpoint(self.ckpt_root)  # type: ignore[arg-type]
+        assert self.ckpt_root is not None  # TrainArgs refuses resume without output_dir
+        found = _find_checkpoint(self.ckpt_root)
         if found is None:
             if self.plan.is_main:  # the first start of a job that always passes resume=True
                 # stacklevel: _read_resume <- _Run.__init__ <- fit <- _keeps_caller_rng <- the caller

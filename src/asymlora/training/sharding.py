@@ -37,12 +37,15 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from asymlora.errors import UserError
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 SHARDINGS = ("none", "fsdp2", "zero2", "zero3")
 SHARDED = SHARDINGS[1:]
@@ -75,8 +78,9 @@ def launcher_request() -> str | None:
 
 
 # Accelerate launch settings the engine does not apply: asking for one is refused, not ignored.
-_UNAPPLIED = {"FSDP_OFFLOAD_PARAMS": "fsdp_offload_params", "FSDP_ACTIVATION_CHECKPOINTING":
-              "fsdp_activation_checkpointing", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "offload_optimizer_device",
+_UNAPPLIED = {"FSDP_OFFLOAD_PARAMS": "fsdp_offload_params",
+              "FSDP_ACTIVATION_CHECKPOINTING": "fsdp_activation_checkpointing",
+              "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "offload_optimizer_device",
               "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "offload_param_device"}
 
 
@@ -138,7 +142,9 @@ class Replicated:
     def __init__(self, accelerator: Any, args: Any, mixed_precision: str = "no") -> None:
         self.accelerator, self.args, self.mp = accelerator, args, mixed_precision
 
-    def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
+    def prepare(
+        self, model: nn.Module, make_optimizer: OptimizerFactory
+    ) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
         """(model to call, optimizer to step, the torch optimizer its lr schedule drives)."""
         optimizer = make_optimizer(_named_trainable(model))
         pmodel, poptimizer = self.accelerator.prepare(model, optimizer)
@@ -182,7 +188,9 @@ class FSDP2(Replicated):
     name = "fsdp2"
     eval_everywhere = True  # a sharded forward needs every process (all-gathers)
 
-    def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
+    def prepare(
+        self, model: nn.Module, make_optimizer: OptimizerFactory
+    ) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -203,11 +211,12 @@ class FSDP2(Replicated):
 
     @contextlib.contextmanager
     def no_sync(self, pmodel: nn.Module) -> Iterator[None]:
-        pmodel.set_requires_gradient_sync(False)  # type: ignore[operator]
+        fsdp_model = cast("FSDPModule", pmodel)  # fully_shard made it one; nn.Module does not say so
+        fsdp_model.set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            pmodel.set_requires_gradient_sync(True)  # type: ignore[operator]
+            fsdp_model.set_requires_gradient_sync(True)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
@@ -235,7 +244,8 @@ class FSDP2(Replicated):
                                  options=StateDictOptions(full_state_dict=True))
 
     def full_tensor(self, p: torch.Tensor) -> torch.Tensor:
-        return p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        # a sharded parameter is a DTensor (torch types detach() as returning a plain Tensor)
+        return cast(Any, p.detach()).full_tensor() if hasattr(p, "full_tensor") else p.detach()
 
     def release(self, pmodel: nn.Module, device: torch.device) -> nn.Module:
         return pmodel  # stays sharded: save with save_adapter_gathered
@@ -270,7 +280,9 @@ class DeepSpeedZero(Replicated):
             "wall_clock_breakdown": False,
         }
 
-    def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
+    def prepare(
+        self, model: nn.Module, make_optimizer: OptimizerFactory
+    ) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
         import deepspeed
 
         model.to(self.accelerator.device)
@@ -281,7 +293,7 @@ class DeepSpeedZero(Replicated):
         return engine, zero_optimizer, optimizer
 
     def unwrap(self, pmodel: nn.Module) -> nn.Module:
-        return pmodel.module
+        return cast(nn.Module, pmodel.module)  # the DeepSpeed engine's wrapped model
 
     def no_sync(self, pmodel: nn.Module) -> Any:
         return contextlib.nullcontext()  # ZeRO-2/3 reduce every micro-batch; the boundary says when to step
@@ -313,7 +325,8 @@ class DeepSpeedZero(Replicated):
         for name, p in self._named(model):
             state[name] = {key: safe_get_full_optimizer_state(p, key).detach().cpu().clone()
                            for key in ("exp_avg", "exp_avg_sq")}
-        return {"state": state, "step": _adam_step(optimizer), "lrs": [g["lr"] for g in optimizer.optimizer.param_groups]}
+        lrs = [g["lr"] for g in optimizer.optimizer.param_groups]
+        return {"state": state, "step": _adam_step(optimizer), "lrs": lrs}
 
     def load_optimizer_state(self, model: nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
@@ -335,7 +348,7 @@ class DeepSpeedZero(Replicated):
         return p.detach()
 
     def release(self, pmodel: nn.Module, device: torch.device) -> nn.Module:
-        return pmodel.module
+        return cast(nn.Module, pmodel.module)  # the DeepSpeed engine's wrapped model
 
 
 def _adam_step(optimizer: Any) -> int:
@@ -428,7 +441,7 @@ def gathered_trainable(model: nn.Module, backend: Replicated) -> Iterator[dict[s
         yield full
         return
     swapped = []
-    for name, p in named:
+    for name, _ in named:
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         swapped.append((owner, attr, owner._parameters[attr]))

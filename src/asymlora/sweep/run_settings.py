@@ -1,4 +1,4 @@
-"""How the protocol trains a run, for every task of the sweep: the stopping rule's
+"""The settings every run of the protocol trains with, whatever its task: the stopping rule's
 ``TrainArgs`` fields and the precision the runs compute at (docs/design.md)."""
 from __future__ import annotations
 
