@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -51,7 +51,10 @@ def autocast(precision: str) -> Any:
     return contextlib.nullcontext()
 
 
-def run_copy(base: nn.Module, private: Sequence[str] = ()) -> nn.Module:
+_Model = TypeVar("_Model", bound=nn.Module)
+
+
+def run_copy(base: _Model, private: Sequence[str] = ()) -> _Model:
     """The model one run trains: a deep copy of ``base`` whose plain float parameters share their
     storage with ``base``'s, except those under the submodules named in ``private`` (copied
     for real: e.g. a classification head that the run re-initialises in place).
