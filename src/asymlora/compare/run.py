@@ -18,7 +18,7 @@ from torch import nn
 
 from asymlora.compare.config import HEAD_ONLY, CompareConfig, StrategySpec
 from asymlora.compare.task import HeadFeatures, Task, reinit_head
-from asymlora.sweep.run_settings import autocast, resolve_precision, stopping_args
+from asymlora.sweep.run_settings import autocast, resolve_precision, run_copy, stopping_args
 from asymlora.sweep.stats import curve_slope
 from asymlora.sweep.timing import Timed
 
@@ -90,7 +90,7 @@ def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
         return (model, features["train"], _stack_features,
                 lambda m: _feature_metrics(m, features["val"], k, "val_"),
                 lambda m: _feature_metrics(m, features["test"], k, "test_"), 0)
-    model = copy.deepcopy(task.base)
+    model = run_copy(task.base, private=[task.head])  # the frozen base shared, the head the run's own
     reinit_head(model, seed, task.head)
     if spec.preset is None:
         for p in model.parameters():

@@ -5,7 +5,6 @@ on the held-out test questions (response loss, and exact match of greedy answers
 adapter saved."""
 from __future__ import annotations
 
-import copy
 import functools
 import os
 import time
@@ -23,7 +22,7 @@ from asymlora.sft.model import (
     response_nll,
 )
 from asymlora.sweep.config import StrategySpec
-from asymlora.sweep.run_settings import autocast, resolve_precision, stopping_args
+from asymlora.sweep.run_settings import autocast, resolve_precision, run_copy, stopping_args
 from asymlora.sweep.stats import curve_slope
 from asymlora.sweep.timing import Timed
 
@@ -32,7 +31,8 @@ __all__ = ["LMTask", "prepare_lm_task", "execute_run", "score_test", "score_save
 
 @dataclass
 class LMTask:
-    """The base model (never modified: every run adapts a copy), its tokenizer and the data."""
+    """The base model (never modified: every run adapts a copy that shares its frozen weights,
+    ``asymlora.sweep.run_settings.run_copy``), its tokenizer and the data."""
 
     model_path: str
     lm: Any
@@ -103,7 +103,7 @@ def score_saved_adapter(task: LMTask, cfg: SFTConfig, record: dict[str, Any]) ->
     from the adapter it saved; returns the record with them filled in."""
     from asymlora.formats.native import load_adapter
 
-    lm = copy.deepcopy(task.lm)
+    lm = run_copy(task.lm)  # the frozen base weights shared, not copied
     load_adapter(lm, record["adapter_dir"])
     t = time.perf_counter()
     test = score_test(lm, task, cfg)
@@ -122,7 +122,7 @@ def execute_run(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFT
     from asymlora.training.loop import TrainArgs, fit
 
     assert spec.preset is not None  # sft refuses head-only (SFTConfig.task_problems)
-    lm = copy.deepcopy(task.lm)
+    lm = run_copy(task.lm)  # the frozen base weights shared, not copied
     acfg = AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed, target_modules=cfg.targets)
     wrap(lm, acfg)
     model = ResponseOnlyLM(lm)

@@ -32,7 +32,7 @@ from asymlora.startup import start_command_process
 from asymlora.sweep.interrupt import ignore_in_worker
 
 __all__ = ["Job", "InProcess", "LocalPool", "RayBackend", "BACKENDS", "adapter_backend", "describe_backend",
-           "available_cpus", "set_threads", "threads_for_run", "worker_count"]
+           "available_cpus", "set_threads", "threads_for_run", "worker_count", "release_freed_memory"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,26 @@ def worker_count(cfg: Any, specs: list[Any]) -> int:
     return max(1, min(2, available_cpus()))
 
 
+def release_freed_memory() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim(0)``); returns whether
+    it could. A training step frees its activations, but glibc keeps freed chunks below its
+    (self-raising, up to 32 MB) mmap threshold in the heap, so a worker's RSS stays at the highest
+    it ever reached and creeps up with fragmentation from job to job (docs/memory.md). Called
+    after each job; it changes no number of a run."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        trim = None
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 class InProcess:
     """Runs each job at once in this process; ``submit`` returns a finished future.
     ``execute(state, cfg, job, tag)`` does one job on the task ``state`` loaded here."""
@@ -141,6 +161,8 @@ class InProcess:
             fut.set_result(self.execute(self.state, self.cfg, job, tag))
         except Exception as err:  # noqa: BLE001 - handed to the caller through the future
             fut.set_exception(err)
+        finally:
+            release_freed_memory()
         return fut
 
     def close(self, abort: bool = False) -> None:
@@ -166,7 +188,10 @@ def _worker_init(cfg: Any, prepare: Callable[[Any], Any], threads: int, env: dic
 
 
 def _worker_job(execute: Callable[..., Any], job: Any, tag: str) -> Any:
-    return execute(_WORKER["state"], _WORKER["cfg"], job, tag)
+    try:
+        return execute(_WORKER["state"], _WORKER["cfg"], job, tag)
+    finally:
+        release_freed_memory()
 
 
 class LocalPool:
@@ -222,7 +247,10 @@ def _ray_job(prepare: Callable[[Any], Any], execute: Callable[..., Any], cfg: An
     if key not in _RAY_STATE:
         _RAY_STATE.clear()  # a worker kept from another sweep: free its task first
         _RAY_STATE[key] = prepare(cfg)
-    return execute(_RAY_STATE[key], cfg, job, tag)
+    try:
+        return execute(_RAY_STATE[key], cfg, job, tag)
+    finally:
+        release_freed_memory()
 
 
 def _child_pids() -> set[int]:

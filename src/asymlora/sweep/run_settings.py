@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import copy
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
-__all__ = ["stopping_args", "resolve_precision", "autocast"]
+__all__ = ["stopping_args", "resolve_precision", "autocast", "run_copy"]
 
 
 def stopping_args(cfg: Any, pilot: bool, metric: str, higher_is_better: bool = True) -> dict[str, Any]:
@@ -46,3 +49,27 @@ def autocast(precision: str) -> Any:
     if precision == "bf16" and not torch.cuda.is_available():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+_Model = TypeVar("_Model", bound=nn.Module)
+
+
+def run_copy(base: _Model, private: Sequence[str] = ()) -> _Model:
+    """The model one run trains: a deep copy of ``base`` whose plain float parameters share their
+    storage with ``base``'s, except those under the submodules named in ``private`` (copied
+    for real: e.g. a classification head that the run re-initialises in place).
+
+    A sweep worker keeps the base model for all its runs; a full deep copy per run held every
+    frozen weight twice (SmolLM2-135M: 0.5 GB). Shared parameters are new ``Parameter`` objects
+    (so ``requires_grad`` and ``.to(device)`` stay the run's own) over the base's storage, and are
+    frozen: no run writes to a frozen base weight (the adapters hold everything trained, and
+    ``asymlora.training.loop.fit`` only updates parameters that require grad). Quantized or otherwise
+    wrapped parameters are copied for real. Tied weights stay tied (one ``Parameter`` per base one)."""
+    private_ids = {id(p) for name in private for p in base.get_submodule(name).parameters()}
+    memo: dict[int, Any] = {}
+    for p in base.parameters():
+        if id(p) in memo or id(p) in private_ids:
+            continue
+        if type(p) is nn.Parameter and type(p.data) is torch.Tensor and p.dtype.is_floating_point:
+            memo[id(p)] = nn.Parameter(p.data, requires_grad=False)
+    return copy.deepcopy(base, memo)
