@@ -242,7 +242,7 @@ def child_compare(args: argparse.Namespace, peaks: Peaks, out: dict[str, Any]) -
     instrument(peaks, state, args.measure_step)
     (spec,) = [s for s in cfg.runs() if s.preset == "lora"]
     for i in range(args.runs):
-        res = compare_run.train_one(task, spec, seed=i, lr=1e-3, cfg=cfg, desc="mem")
+        res = compare_run.execute_run(task, spec, seed=i, lr=1e-3, cfg=cfg, desc="mem")
         out.setdefault("records", []).append({k: res.record[k] for k in ("test_accuracy", "val_accuracy", "steps",
                                                                           "peak_memory_bytes")})
         del res
@@ -276,7 +276,7 @@ def child_sft(args: argparse.Namespace, peaks: Peaks, out: dict[str, Any]) -> No
     cfg.output_dir = args.tmp
     (spec,) = [s for s in cfg.runs() if s.preset == "lora"]
     for i in range(args.runs):
-        rec, _ = sft_run.train_one(task, spec, seed=i, lr=1e-3, cfg=cfg, desc="mem")
+        rec, _ = sft_run.execute_run(task, spec, seed=i, lr=1e-3, cfg=cfg, desc="mem")
         out.setdefault("records", []).append({k: rec[k] for k in ("val_loss", "test_loss", "test_exact_match",
                                                                   "steps", "peak_memory_bytes")})
         del rec

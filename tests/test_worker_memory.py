@@ -111,7 +111,7 @@ def test_an_sft_run_adds_only_its_adapter_to_the_base_weights(monkeypatch):
     seen = _capture_fit(monkeypatch)
     cfg = SFTConfig(model="unused", target_modules=["q_proj", "v_proj"], mixed_precision="no", progress=False)
     with pytest.raises(_Stop):
-        R.train_one(task, StrategySpec("lora r=2", "lora", 2, 2), 0, 1e-3, cfg, desc="t")
+        R.execute_run(task, StrategySpec("lora r=2", "lora", 2, 2), 0, 1e-3, cfg, desc="t")
     model = seen["model"]
     new = [p for p in model.parameters() if p.untyped_storage().data_ptr() not in _storages(base)]
     assert len(new) == 2 * 2 * 2  # A and B of q_proj and v_proj in 2 layers, nothing else
@@ -129,7 +129,7 @@ def test_a_compare_run_copies_only_the_head(monkeypatch):
     seen = _capture_fit(monkeypatch)
     cfg = CompareConfig(mixed_precision="no", progress=False)
     with pytest.raises(_Stop):
-        C.train_one(task, StrategySpec("lora r=2", "lora", 2, 2), 0, 1e-3, cfg, desc="t")
+        C.execute_run(task, StrategySpec("lora r=2", "lora", 2, 2), 0, 1e-3, cfg, desc="t")
     model = seen["model"]
     base_st = _storages(base)
     head = {p.untyped_storage().data_ptr() for p in model.classifier.parameters()}
