@@ -38,6 +38,8 @@ BAD_INPUTS = [
      "target module 'nope' matches no module"),
     (lambda tmp: asymlora.wrap(tiny_bert(), AsymLoraConfig.preset("b-only", target_modules=r".*\.nothing")),
      "matched no linear layer"),
+    (lambda tmp: asymlora.wrap(tiny_bert(), AsymLoraConfig.preset("b-only", target_modules="query[")),
+     "does not compile"),
     (lambda tmp: asymlora.wrap(tiny_bert(), AsymLoraConfig.preset("b-only", r=999)), "rank r=999 for layer"),
     (lambda tmp: AsymLoraConfig(r=0), "r must be >= 1"),
     (lambda tmp: AsymLoraConfig(r="8"), "r must be an integer"),
