@@ -19,6 +19,7 @@ finish their jobs; workers also die with their parent when it is killed outright
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import os
 import time
@@ -128,20 +129,27 @@ def worker_count(cfg: Any, specs: list[Any]) -> int:
     return max(1, min(2, available_cpus()))
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` may start a subprocess); None
+    where the C library is not glibc (musl, macOS)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
 def release_freed_memory() -> bool:
     """Hand the C heap's free pages back to the OS (glibc ``malloc_trim(0)``); returns whether
     it could. A training step frees its activations, but glibc keeps freed chunks below its
     (self-raising, up to 32 MB) mmap threshold in the heap, so a worker's RSS stays at the highest
     it ever reached and creeps up with fragmentation from job to job (docs/memory.md). Called
     after each job; it changes no number of a run."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
-        trim = None
+    trim = _malloc_trim()
     if trim is None:
         return False
     trim(0)
