@@ -1,6 +1,6 @@
 """The README's quick start as a file: python examples/quickstart.py (tests/test_readme.py keeps them equal)."""
 import asymlora
-from asymlora.compare.data import bundled_classifier
+from asymlora.compare.task import bundled_classifier
 
 model, train, collate = bundled_classifier("fortunes")  # all-MiniLM-L6-v2 + a new 5-way head; tokenized fortunes
 model = asymlora.wrap(model, asymlora.AsymLoraConfig.preset("b-only", r=8, modules_to_save=["classifier"]))

@@ -146,8 +146,9 @@ def test_bundled_classifier_is_compares_default_task():
     from transformers import AutoTokenizer
 
     from asymlora.bundled import default_model_path
+    from asymlora.compare.task import bundled_classifier
 
-    model, train, collate = tc.bundled_classifier("fortunes", seed=1, max_length=32)
+    model, train, collate = bundled_classifier("fortunes", seed=1, max_length=32)
     split = tc.load_named_dataset("fortunes", 1).train
     assert model.config.num_labels == 5 == len(tc.FORTUNE_CATEGORIES)
     assert [model.config.id2label[i] for i in range(5)] == list(tc.FORTUNE_CATEGORIES)

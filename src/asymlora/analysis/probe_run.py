@@ -10,8 +10,6 @@ r (``asymlora.analysis.probe`` has the math and the choice of proxy). :func:`for
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import time
@@ -57,24 +55,14 @@ def load_classifier(path: str, label_names: list[str], seed: int) -> Any:
     UserError when the folder has no weights or weights other than the head are missing (the
     probe must see the real pretrained weights, not a random init)."""
     import transformers
-    from transformers import AutoModelForSequenceClassification
 
     from asymlora.compare.task import head_name, reinit_head
+    from asymlora.compare.task import load_classifier as load_sequence_classifier
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)}, output_loading_info=True, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise UserError(f"--model {path!r}: cannot load a sequence classifier with weights: {err}") from None
-    head = head_name(model)
-    missing = [k for k in info.get("missing_keys", []) if not k.startswith(head + ".") and k != head]
-    if missing:
-        raise UserError(f"--model {path!r}: {len(missing)} pretrained weights are missing (e.g. {missing[0]!r}); "
-                        "the probe needs the real weights")
-    reinit_head(model, seed, head)
+    model = load_sequence_classifier(path, label_names, require_weights=True)
+    reinit_head(model, seed, head_name(model))
     return model
 
 
@@ -214,16 +202,6 @@ def format_report(res: dict[str, Any]) -> str:
 
 
 # ---- files -----------------------------------------------------------------------------------
-def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
-    from asymlora.fileio import atomic_write_text
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
 def plot(path: str, res: dict[str, Any]) -> None:
     """One panel per layer group: fraction captured at rank r across depth, one line per strategy."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -255,10 +233,10 @@ def plot(path: str, res: dict[str, Any]) -> None:
 
 
 def write_outputs(res: dict[str, Any], out_dir: str, with_plot: bool = True) -> list[str]:
-    from asymlora.fileio import atomic_write_text
+    from asymlora.fileio import atomic_write_csv, atomic_write_text
 
     paths = [os.path.join(out_dir, n) for n in ("probe.csv", "probe.json")]
-    write_csv(paths[0], res["rows"])
+    atomic_write_csv(paths[0], res["rows"])
     atomic_write_text(paths[1], json.dumps(res, indent=2, allow_nan=True) + "\n")
     if with_plot:
         paths.append(os.path.join(out_dir, "probe.png"))

