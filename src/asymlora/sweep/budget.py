@@ -13,7 +13,7 @@ Budget (``DEFAULT``; the protocol is docs/compare-protocol.md): every run trains
 240 steps of batch 16 (warm-up, then the rate decays linearly to 0) and its final weights are
 scored; the lr grid runs on the first seed with clearly losing rates pruned half-way, then two
 more seeds at each strategy's chosen rate. The default (head-only, lora, b-only, 3 seeds) took
-287 s under bf16 autocast and 433 s in fp32 (median of 2) on 2 cores of an Intel Xeon with
+258-287 s under bf16 autocast (2 runs) and 420 s in fp32 (median of 3) on 2 cores of an Intel Xeon with
 AVX512-BF16 (docs/results/compare-default, docs/results/compare-default-fp32). ``QUICK`` is the
 about-a-minute smoke version of the same protocol used by the tests.
 """
