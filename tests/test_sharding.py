@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -141,7 +142,20 @@ TIMEOUT_S = {"fsdp2": 300, "zero2": 600, "zero3": 600}
 def _sharded_run(tmp_path, sharding: str):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            WORKER, str(tmp_path), sharding, "2"]
-    _run_within(cmd, _env(), f"the 2-process {sharding} run (torchrun --standalone)", TIMEOUT_S[sharding])
+    what = f"the 2-process {sharding} run (torchrun --standalone)"
+    proc = _run_within(cmd, _env(), what, TIMEOUT_S[sharding], check=False)
+    if proc.returncode == 0:
+        return
+    # A rank that dies in std::terminate after its work is done (native gloo/DeepSpeed threads at
+    # shutdown; seen twice in full-suite runs, never alone) has not trained wrongly: the checks
+    # below read its files as usual. A death before a rank's done marker fails here.
+    finished = all(os.path.exists(worker.done_marker(str(tmp_path), rank)) for rank in (0, 1))
+    progress = "\n".join(line for line in proc.stderr.splitlines() if "] rank " in line)
+    assert finished and "terminate called" in proc.stderr, (
+        f"{what} failed (exit {proc.returncode}); how far each rank got:\n{progress}\n"
+        f"last stderr:\n{proc.stderr[-3000:]}")
+    warnings.warn(f"{what}: both ranks finished their work, then one died in std::terminate while shutting down "
+                  f"(exit {proc.returncode}); its outputs are checked as usual", stacklevel=2)
 
 
 def _factors(folder) -> dict[str, torch.Tensor]:
