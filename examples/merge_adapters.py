@@ -35,13 +35,13 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 import asymlora
+from asymlora.bundled import default_model_path
 from asymlora.core.adapters import add_adapter, set_adapter
 from asymlora.core.inject import disable_adapters
 from asymlora.errors import UserError
 from asymlora.fileio import atomic_write_text
 from asymlora.formats.peft import export_peft_adapters
 from asymlora.merging import add_weighted_adapter
-from asymlora.sweep.budget import default_model_path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from multi_adapter import pooled, tasks  # noqa: E402  (the example's data and pooling)

@@ -20,9 +20,9 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 import asymlora
+from asymlora.bundled import default_model_path
 from asymlora.compare.data import load_named_dataset
 from asymlora.core.adapters import add_adapter, set_adapter
-from asymlora.sweep.budget import default_model_path
 
 
 def tasks(seed: int = 0) -> dict[str, tuple[list[str], list[int], list[str], list[str], list[int]]]:
