@@ -1,6 +1,7 @@
 """Memory of fine-tuning LLaMA-2-7B on a fp16, nf4 or int8 base: asymlora b-only vs PEFT LoRA.
 
-``python -m benchmarks.quant_memory [--out FILE.md]`` prints (and writes) the table of BENCHMARKS.md.
+``python -m benchmarks.quant_memory [-o benchmarks]`` prints the table of BENCHMARKS.md (and, with
+``--output-dir/-o DIR``, writes it to ``DIR/results-quant-memory.md``).
 
 Counted: bytes held for the whole run, activations excluded (they depend on batch and length;
 ``benchmarks/layer_memory.py`` measures them per token).
@@ -29,6 +30,7 @@ tensors (the test), so the 7B numbers are what these rules give at that size.
 """
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -36,7 +38,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from .common import _unique_bytes, table_script
+from .common import _unique_bytes, table_parser, table_script
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000)
@@ -196,8 +198,15 @@ def report() -> str:
             f"quantizable linear layers, {shapes.other_numbers:,} elsewhere\n\n" + markdown(table(shapes)))
 
 
+FILENAME = "results-quant-memory.md"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return table_parser(__doc__.splitlines()[0], FILENAME)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return table_script(__doc__.splitlines()[0], report, argv)
+    return table_script(build_parser(), FILENAME, report, argv)
 
 
 if __name__ == "__main__":

@@ -204,7 +204,8 @@ def test_example_main(tmp_path, capsys, monkeypatch):
         return real_difference(a, b, ids)
 
     monkeypatch.setattr(example, "max_logit_difference", keep_trained)
-    out = example.main(["--steps", "4", "-r", "2", "--output", str(tmp_path), "--target-modules", "q_proj,v_proj"])
+    out = example.main(["--max-steps", "4", "-r", "2", "--output-dir", str(tmp_path),
+                        "--target-modules", "q_proj,v_proj"])
     assert out["losses"][-1] < out["losses"][0]
     # checked here, not by the example's own numbers: on every training prompt, the trained model,
     # its adapter loaded onto a fresh base and the PEFT conversion loaded by PEFT give the same
@@ -231,5 +232,5 @@ def test_example_rejects_bad_data(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n')
     with pytest.raises(UserError, match="line 1: need string fields 'prompt' and 'completion'"):
-        example.main(["--data", str(bad), "--output", str(tmp_path / "out")])
+        example.main(["--data", str(bad), "--output-dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
