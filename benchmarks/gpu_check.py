@@ -17,9 +17,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +62,14 @@ def steps(out: Path) -> list[Step]:
 # ----------------------------------------------------------------------------- the benchmark
 def _bench_variant(kind: str) -> dict:
     import torch
+
+    row = _measure_variant(kind)  # its model, optimizer and inputs are freed when it returns
+    torch.cuda.empty_cache()
+    return row
+
+
+def _measure_variant(kind: str) -> dict:
+    import torch
     from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(0)
@@ -77,7 +85,8 @@ def _bench_variant(kind: str) -> dict:
     else:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(base, LoraConfig(r=BENCH["r"], lora_alpha=2 * BENCH["r"], target_modules=BENCH["targets"]))
+        model = get_peft_model(base, LoraConfig(r=BENCH["r"], lora_alpha=2 * BENCH["r"],
+                                                target_modules=BENCH["targets"]))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -105,8 +114,6 @@ def _bench_variant(kind: str) -> dict:
            "max_memory_allocated": torch.cuda.max_memory_allocated(),
            "step_memory_over_resident": torch.cuda.max_memory_allocated() - before,
            "trainable_params": sum(p.numel() for p in params)}
-    del model, base, opt, x
-    torch.cuda.empty_cache()
     return row
 
 

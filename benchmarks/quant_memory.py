@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -98,7 +98,8 @@ def quantized_layer_bytes(d_in: int, d_out: int, base: str) -> int:
 
 def base_bytes(shapes: Shapes, base: str, other_bytes_per_number: int = 2) -> int:
     """The frozen model: quantized linear layers + everything else at ``other_bytes_per_number``."""
-    return sum(quantized_layer_bytes(i, o, base) for i, o in shapes.quantized) + other_bytes_per_number * shapes.other_numbers
+    quantized = sum(quantized_layer_bytes(i, o, base) for i, o in shapes.quantized)
+    return quantized + other_bytes_per_number * shapes.other_numbers
 
 
 def trained_numbers(layers: Iterable[tuple[int, int]], method: str, r: int) -> tuple[int, int]:
@@ -176,19 +177,22 @@ def table(shapes: Shapes, ranks: tuple[int, ...] = (16, 64)) -> list[dict]:
                 for method in METHODS:
                     numbers, _ = trained_numbers(layers, method, r)
                     t, f = trained_bytes(layers, method, r), frozen_bytes(layers, method, r, FROZEN_BYTES[base])
-                    rows.append({"targets": target, "base": base, "r": r, "method": method, "trained_numbers": numbers,
-                                 "trained_bytes": t, "frozen_bytes": f, "base_bytes": held, "total_bytes": held + t + f})
+                    rows.append({"targets": target, "base": base, "r": r, "method": method,
+                                 "trained_numbers": numbers, "trained_bytes": t, "frozen_bytes": f, "base_bytes": held,
+                                 "total_bytes": held + t + f})
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     mib, gib = 2 ** 20, 2 ** 30
-    lines = ["| targets | base | r | method | trained numbers | trained + grads + AdamW | frozen factor | base weights | total |",
+    lines = ["| targets | base | r | method | trained numbers | trained + grads + AdamW | frozen factor "
+             "| base weights | total |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['targets']} | {row['base']} | {row['r']} | {row['method']} | {row['trained_numbers']:,} | "
-                     f"{row['trained_bytes'] / mib:,.1f} MiB | {row['frozen_bytes'] / mib:,.1f} MiB | "
-                     f"{row['base_bytes'] / gib:.3f} GiB | {row['total_bytes'] / gib:.3f} GiB |")
+        lines.append(f"| {row['targets']} | {row['base']} | {row['r']} | {row['method']} "
+                     f"| {row['trained_numbers']:,} | {row['trained_bytes'] / mib:,.1f} MiB "
+                     f"| {row['frozen_bytes'] / mib:,.1f} MiB | {row['base_bytes'] / gib:.3f} GiB "
+                     f"| {row['total_bytes'] / gib:.3f} GiB |")
     return "\n".join(lines)
 
 

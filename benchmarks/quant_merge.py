@@ -18,7 +18,7 @@ LLM.int8 row-wise int8, torchao int8 weight-only, each through the library's own
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

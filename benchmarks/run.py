@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from asymlora.fileio import atomic_write_text
 

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         import peft
         results["setup"]["peft"] = peft.__version__
     except ImportError as err:  # pragma: no cover
-        raise SystemExit(f"this example compares with PEFT: pip install peft ({err})")
+        raise SystemExit(f"this example compares with PEFT: pip install peft ({err})") from err
     timings = {}
 
     def row(family, method, weights, acc, error, note=""):
@@ -228,15 +228,16 @@ def peft_error(pm, adapters, weights, new) -> float:
     from the factors PEFT holds (not from PEFT's own delta computation)."""
     from peft.tuners.lora import LoraLayer
 
+    def delta(module, name):
+        a = module.lora_A[name].weight.detach().double()
+        b = module.lora_B[name].weight.detach().double()
+        return module.scaling[name] * (b @ a)
+
     err2 = ref2 = 0.0
     for module in pm.modules():
         if isinstance(module, LoraLayer) and new in module.lora_A:
-            def delta(name):
-                a = module.lora_A[name].weight.detach().double()
-                b = module.lora_B[name].weight.detach().double()
-                return module.scaling[name] * (b @ a)
-            want = sum(w * delta(n) for n, w in zip(adapters, weights))
-            err2 += float((want - delta(new)).norm() ** 2)
+            want = sum(w * delta(module, n) for n, w in zip(adapters, weights))
+            err2 += float((want - delta(module, new)).norm() ** 2)
             ref2 += float(want.norm() ** 2)
     return (err2 / ref2) ** 0.5
 

@@ -37,8 +37,10 @@ def tasks(seed: int = 0) -> dict[str, tuple[list[str], list[int], list[str], lis
 
     o_train, o_test = origin(tweets.train, topics.train, 400), origin(tweets.test, topics.test, 100)
     return {
-        "topics": (topics.train.texts, topics.train.labels, topics.label_names, topics.test.texts, topics.test.labels),
-        "sentiment": (tweets.train.texts, tweets.train.labels, tweets.label_names, tweets.test.texts, tweets.test.labels),
+        "topics": (topics.train.texts, topics.train.labels, topics.label_names,
+                   topics.test.texts, topics.test.labels),
+        "sentiment": (tweets.train.texts, tweets.train.labels, tweets.label_names,
+                      tweets.test.texts, tweets.test.labels),
         "origin": (*o_train, ["tweet", "fortune"], *o_test),
     }
 
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         opt = torch.optim.AdamW(params, lr=2e-3)
         model.train()
         g = random.Random(i)
-        for step in range(args.max_steps):
+        for _ in range(args.max_steps):
             idx = g.sample(range(len(texts)), args.batch_size)
             logits = heads[name](pooled(model, encode([texts[j] for j in idx])))
             loss = nn.functional.cross_entropy(logits, torch.tensor([labels[j] for j in idx]))

@@ -21,7 +21,8 @@ import argparse
 import json
 import os
 import tempfile
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -68,7 +69,7 @@ def tiny_llama(texts: Sequence[str], seed: int = 0) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def read_pairs(path: Optional[str]) -> list[tuple[str, str]]:
+def read_pairs(path: str | None) -> list[tuple[str, str]]:
     """(prompt, completion) pairs from a JSON-lines file, or the toy pairs."""
     if path is None:
         return list(TOY_PAIRS)
@@ -93,7 +94,7 @@ def chat_dataset(pairs: Sequence[tuple[str, str]]) -> Any:
                                "completion": [{"role": "assistant", "content": c}]} for p, c in pairs])
 
 
-def load_base(model_dir: Optional[str], pairs: Sequence[tuple[str, str]]) -> tuple[Any, Any]:
+def load_base(model_dir: str | None, pairs: Sequence[tuple[str, str]]) -> tuple[Any, Any]:
     if model_dir is None:
         return tiny_llama([w for pair in TOY_PAIRS + list(pairs) for w in pair])
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     for name in ("rank", "max_steps", "batch_size"):
@@ -144,7 +145,7 @@ def max_logit_difference(a: Any, b: Any, input_ids: torch.Tensor) -> float:
         return float((a(input_ids=input_ids).logits - b(input_ids=input_ids).logits).abs().max())
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from peft import PeftModel
     from trl import SFTConfig, SFTTrainer
 
@@ -154,7 +155,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     pairs = read_pairs(args.data)
     output = args.output_dir or tempfile.mkdtemp(prefix="asymlora-trl-")
     model, tokenizer = load_base(args.model, pairs)
-    targets = "all-linear" if args.target_modules == "all-linear" else [t.strip() for t in args.target_modules.split(",")]
+    targets = ("all-linear" if args.target_modules == "all-linear"
+               else [t.strip() for t in args.target_modules.split(",")])
     config = asymlora.AsymLoraConfig.preset(args.strategy, r=args.rank, target_modules=targets, seed=args.seed)
     asymlora.wrap(model, config)
     print(asymlora.parameter_report(model))
@@ -191,4 +193,4 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from None  # the message is the whole report

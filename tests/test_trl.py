@@ -15,17 +15,16 @@ from asymlora.core.adapters import add_adapter, set_adapter
 from asymlora.core.inject import lora_layers
 from asymlora.errors import UserError
 from asymlora.formats.peft import convert_to_peft
-from conftest import require
-
-require("trl")
-from trl import SFTConfig, SFTTrainer  # noqa: E402
-
-from asymlora.integrations.trl import (
+from asymlora.integrations.trl import (  # needs transformers and accelerate, not trl
     ADAPTER_DIR,
     AsymLoraCallback,
     adapter_trainable_parameters,
     check_for_trainer,
 )
+from conftest import require
+
+require("trl")
+from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trl_sft.py"
 _spec = importlib.util.spec_from_file_location("trl_sft_example", EXAMPLE)
@@ -90,7 +89,8 @@ def test_sft_round_trip(tmp_path, preset, data):
     assert trained == {f"{n}.{f}" for n in layers for f in factor} == set(adapter_trainable_parameters(model))
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == trained  # every trained factor changed (gradient checkpointing is on), frozen ones bit-for-bit not
+    # every trained factor changed (gradient checkpointing is on), frozen ones bit-for-bit not
+    assert changed == trained
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert len(losses) == 6 and sum(losses[-2:]) / 2 < losses[0]
 
