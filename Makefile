@@ -39,7 +39,7 @@ demo: install
 # the tools come with the test extra. Each must pass. lint-imports imports the package: src/ first,
 # so it is this tree that is checked whatever is installed.
 lint:
-	$(PYTHON) -m ruff check src
+	$(PYTHON) -m ruff check src tests benchmarks examples
 	$(PYTHON) -m mypy src/asymlora
 	PYTHONPATH=src lint-imports
 

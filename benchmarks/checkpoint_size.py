@@ -57,7 +57,8 @@ def run_one(kind: str, r: int, targets: str, quick: bool, repeats: int, workdir:
     _randomize_B(ours)
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=names))
     _randomize_B(theirs)
-    d_ours, d_peft = os.path.join(workdir, f"ours-{kind}-{r}-{targets}"), os.path.join(workdir, f"peft-{kind}-{r}-{targets}")
+    d_ours = os.path.join(workdir, f"ours-{kind}-{r}-{targets}")
+    d_peft = os.path.join(workdir, f"peft-{kind}-{r}-{targets}")
     plain_ours, plain_peft = copy.deepcopy(base), copy.deepcopy(base)
     holder = {}
 

@@ -18,6 +18,7 @@ On CUDA the real ``torch.cuda.max_memory_allocated`` is reported as well.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import math
 import os
@@ -25,8 +26,8 @@ import platform
 import random
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -188,7 +189,7 @@ class SavedTensorMeter:
     def _unpack(t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def __enter__(self) -> "SavedTensorMeter":
+    def __enter__(self) -> SavedTensorMeter:
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._ctx.__enter__()
         return self
@@ -240,19 +241,27 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 1024 ** i:.2f} {units[i]}" if i else f"{int(n)} B"
 
 
-def table_script(description: str, make_text: Callable[[], str], argv: list[str] | None = None) -> int:
-    """The ``main`` of a benchmark that prints one markdown table: ``--out FILE`` also writes it."""
-    import argparse
+def table_parser(description: str, filename: str) -> argparse.ArgumentParser:
+    """The flags of a benchmark that prints one markdown table. Its file goes into a folder, as
+    every ``--output-dir/-o DIR`` of the ``asymlora`` command line: ``DIR/filename``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--output-dir", "-o", default=None, metavar="DIR",
+                        help=f"output folder: also write the markdown table to DIR/{filename} (default: print only)")
+    return parser
 
+
+def table_script(parser: argparse.ArgumentParser, filename: str, make_text: Callable[[], str],
+                 argv: list[str] | None = None) -> int:
+    """The ``main`` of a benchmark that prints one markdown table (``parser`` from
+    :func:`table_parser`): ``--output-dir DIR`` also writes it to ``DIR/filename``."""
     from asymlora.fileio import atomic_write_text
 
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out", help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     text = make_text()
     print(text)
-    if args.out:
-        atomic_write_text(args.out, text + "\n")
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        atomic_write_text(os.path.join(args.output_dir, filename), text + "\n")
     return 0
 
 

@@ -3,7 +3,7 @@ training-step benchmark on LLaMA-2-7B layer shapes (asymlora b-only vs PEFT LoRA
 ``torch.cuda.max_memory_allocated``), and ``asymlora compare --quick`` on the GPU. Writes one
 results folder (``results.json``, ``summary.txt``, each step's log) and prints the summary.
 
-    python -m benchmarks.gpu_check [--out DIR] [--dry-run]
+    python -m benchmarks.gpu_check [--output-dir DIR] [--dry-run]
     bash benchmarks/gpu_check.sh   (the same)
 
 Without a CUDA GPU it says so in one line and exits 2; ``--dry-run`` lists the steps and exits.
@@ -17,9 +17,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def steps(out: Path) -> list[Step]:
              [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *CUDA_TESTS], 150),
         Step("train-benchmark", "one training step on 2 LLaMA-2-7B layers (bf16 base, batch 4 x 512, r=16, "
              "q/v): asymlora b-only vs PEFT LoRA, median step time and torch.cuda.max_memory_allocated",
-             [py, "-m", "benchmarks.gpu_check", "--bench-only", "--out", str(out)], 150),
+             [py, "-m", "benchmarks.gpu_check", "--bench-only", "--output-dir", str(out)], 150),
         Step("compare-quick", "asymlora compare --quick on the GPU",
              [py, "-m", "asymlora.cli", "compare", "--quick", "--no-progress", "-o", str(out / "compare")], 180),
     ]
@@ -61,6 +61,14 @@ def steps(out: Path) -> list[Step]:
 
 # ----------------------------------------------------------------------------- the benchmark
 def _bench_variant(kind: str) -> dict:
+    import torch
+
+    row = _measure_variant(kind)  # its model, optimizer and inputs are freed when it returns
+    torch.cuda.empty_cache()
+    return row
+
+
+def _measure_variant(kind: str) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaModel
 
@@ -77,7 +85,8 @@ def _bench_variant(kind: str) -> dict:
     else:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(base, LoraConfig(r=BENCH["r"], lora_alpha=2 * BENCH["r"], target_modules=BENCH["targets"]))
+        model = get_peft_model(base, LoraConfig(r=BENCH["r"], lora_alpha=2 * BENCH["r"],
+                                                target_modules=BENCH["targets"]))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -105,8 +114,6 @@ def _bench_variant(kind: str) -> dict:
            "max_memory_allocated": torch.cuda.max_memory_allocated(),
            "step_memory_over_resident": torch.cuda.max_memory_allocated() - before,
            "trainable_params": sum(p.numel() for p in params)}
-    del model, base, opt, x
-    torch.cuda.empty_cache()
     return row
 
 
@@ -149,13 +156,19 @@ def _run_step(step: Step, out: Path) -> dict:
             "seconds": round(time.perf_counter() - t0, 1), "last_line": tail[0][:300], "log": str(log)}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The check's flags, in the ``asymlora`` command line's vocabulary (docs/cli.md)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=None, help="results folder (default: benchmarks/gpu-check-<UTC time>)")
+    p.add_argument("--output-dir", "-o", default=None, metavar="DIR",
+                   help="results folder (default: benchmarks/gpu-check-<UTC time>)")
     p.add_argument("--dry-run", action="store_true", help="list the steps and exit")
     p.add_argument("--bench-only", action="store_true", help=argparse.SUPPRESS)  # the benchmark step itself
-    args = p.parse_args(argv)
-    out = Path(args.out or ROOT / "benchmarks" / time.strftime("gpu-check-%Y%m%d-%H%M%S", time.gmtime()))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.output_dir or ROOT / "benchmarks" / time.strftime("gpu-check-%Y%m%d-%H%M%S", time.gmtime()))
     plan = steps(out)
     if args.dry_run:
         print(f"would write {out}/ (results.json, summary.txt, one log per step); steps, "

@@ -39,16 +39,17 @@ def run(quick: bool = False, repeats: int | None = None, log=print) -> list[dict
         peft_model.eval()
         x = make_inputs(shapes)
 
-        def fwd(m):
+        def fwd(m, inputs=x):  # this iteration's inputs, bound now
             def f():
                 with torch.inference_mode():
-                    return m(inputs_embeds=x).last_hidden_state
+                    return m(inputs_embeds=inputs).last_hidden_state
             return f
 
         with torch.inference_mode():
             y_adapted, y_merged = fwd(adapted)(), fwd(merged)()
         max_err = float((y_adapted - y_merged).abs().max())
-        cands = {"base": fwd(base), "merged": fwd(merged), "asym-unmerged": fwd(adapted), "peft-unmerged": fwd(peft_model)}
+        cands = {"base": fwd(base), "merged": fwd(merged), "asym-unmerged": fwd(adapted),
+                 "peft-unmerged": fwd(peft_model)}
         times = interleaved_times(cands, repeats=repeats, warmup=2, seed=3)
         summary = summarize(times, ref="base")
         noise = summary["base"]["wall_spread"]
@@ -58,6 +59,7 @@ def run(quick: bool = False, repeats: int | None = None, log=print) -> list[dict
                "raw_wall_s": {k: v["wall"] for k, v in times.items()}, "base_noise": noise}
         log(f"  inference {kind:5s} base {summary['base']['wall_s'] * 1e3:.1f} ms  merged {ratio:.3f}x  "
             f"unmerged asym {summary['asym-unmerged']['wall_ratio_vs_base']:.3f}x  peft "
-            f"{summary['peft-unmerged']['wall_ratio_vs_base']:.3f}x  (noise ±{100 * noise:.1f}%, max|Δy| {max_err:.1e})")
+            f"{summary['peft-unmerged']['wall_ratio_vs_base']:.3f}x  "
+            f"(noise ±{100 * noise:.1f}%, max|Δy| {max_err:.1e})")
         rows.append(row)
     return rows

@@ -17,8 +17,8 @@ Variants (one training step = forward + backward + AdamW step):
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -78,7 +78,7 @@ def target_names(model: nn.Module, kind: str, targets: str) -> list[str]:
 class Variant:
     name: str
     model: nn.Module
-    optimizer: Optional[torch.optim.Optimizer]
+    optimizer: torch.optim.Optimizer | None
     input_grad: bool  # the floor: gradient flows to inputs_embeds
     n_adapted: int
     trainable: int

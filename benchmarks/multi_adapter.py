@@ -131,7 +131,8 @@ def run(quick: bool = False, repeats: int | None = None, log=print) -> dict:
 
         cfg = LlamaConfig(vocab_size=128, max_position_embeddings=2048, hidden_size=shapes["hidden_size"],
                           num_hidden_layers=spec["layers"], num_attention_heads=shapes["num_attention_heads"],
-                          num_key_value_heads=shapes["num_key_value_heads"], intermediate_size=shapes["intermediate_size"])
+                          num_key_value_heads=shapes["num_key_value_heads"],
+                          intermediate_size=shapes["intermediate_size"])
         torch.manual_seed(0)
         base = LlamaModel(cfg)
     base.eval().requires_grad_(False)
@@ -199,11 +200,13 @@ def run(quick: bool = False, repeats: int | None = None, log=print) -> dict:
             row["grouped_time_ratio_vs_single"] = med([t / s for t, s in zip(times[f"asym-grouped-{k}"][CLOCK],
                                                                              times["asym-single"][CLOCK])])
         sweep.append(row)
-        log(f"  K={k:3d}  ours {row['asym_ms']:.1f} ms (overhead {row['asym_overhead_ms']:.1f})  PEFT {row['peft_ms']:.1f} ms "
-            f"(overhead {row['peft_overhead_ms']:.1f})  ratio {row['overhead_ratio_vs_peft']:.2f}  "
-            f"×single {row['time_ratio_vs_single']:.3f}  memory {row['memory']['ratio']:.3f}")
+        log(f"  K={k:3d}  ours {row['asym_ms']:.1f} ms (overhead {row['asym_overhead_ms']:.1f})  "
+            f"PEFT {row['peft_ms']:.1f} ms (overhead {row['peft_overhead_ms']:.1f})  "
+            f"ratio {row['overhead_ratio_vs_peft']:.2f}  ×single {row['time_ratio_vs_single']:.3f}  "
+            f"memory {row['memory']['ratio']:.3f}")
     return {
-        "model": f"llama-shaped, {spec['layers']} layer, hidden {shapes['hidden_size']}, FFN {shapes['intermediate_size']}",
+        "model": f"llama-shaped, {spec['layers']} layer, hidden {shapes['hidden_size']}, "
+                 f"FFN {shapes['intermediate_size']}",
         "rows": rows, "seq": spec["seq"], "r": r, "targets": "all-linear", "adapted_layers": len(layer_shapes),
         "layer_shapes": layer_shapes,
         "clock": CLOCK, "bare_ms": 1e3 * summary["bare"]["cpu_s"], "bare_noise": _spread(times["bare"][CLOCK]),

@@ -1,6 +1,6 @@
 """Profile one training step per variant with ``torch.profiler`` and split the time by op.
 
-``python -m benchmarks.profile_step [--model bert|llama] [--r 64] [--targets all-linear]``
+``python -m benchmarks.profile_step [--model bert|llama] [--rank 64] [--target-modules all-linear]``
 
 Prints, per variant, total self-CPU time and the top ops, and the share of matmul time spent
 in adapter-sized products (an operand dimension equal to r) — what the adapter itself costs.
@@ -39,25 +39,31 @@ def adapter_share(events, r: int, steps: int) -> float:
     return ad / tot if tot else 0.0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The profiler's flags, in the ``asymlora`` command line's vocabulary (docs/cli.md)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="bert", choices=["bert", "llama"])
-    parser.add_argument("--r", type=int, default=64)
-    parser.add_argument("--targets", default="all-linear", choices=["qv", "all-linear"])
+    parser.add_argument("--rank", "-r", type=int, default=64, help="adapter rank r (default 64)")
+    parser.add_argument("--target-modules", default="all-linear", choices=["qv", "all-linear"],
+                        help="adapted modules: qv (query/value) or all-linear (default)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=8)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
     setup_threads(args.threads)
     base, shapes = build_base(args.model, False)
     inputs = make_inputs(shapes)
     for name in ("floor", "asym-b-only", "peft-lora", "peft-lora-frozenA"):
-        v = build_variant(name, base, args.model, args.r, args.targets)
+        v = build_variant(name, base, args.model, args.rank, args.target_modules)
         res = profile_variant(v, inputs)
-        share = adapter_share(res["events"], args.r, 2)
+        share = adapter_share(res["events"], args.rank, 2)
         top = ", ".join(f"{k} {ms:.0f}" for k, ms in list(res["by_op_ms"].items())[: args.top])
-        print(f"{name:18s} self-CPU {res['total_ms']:.0f} ms/step; matmul share in rank-{args.r} products "
+        print(f"{name:18s} self-CPU {res['total_ms']:.0f} ms/step; matmul share in rank-{args.rank} products "
               f"{100 * share:.1f}%; top ms: {top}")
         del v
     return 0

@@ -1,6 +1,7 @@
 """Memory of fine-tuning LLaMA-2-7B on a fp16, nf4 or int8 base: asymlora b-only vs PEFT LoRA.
 
-``python -m benchmarks.quant_memory [--out FILE.md]`` prints (and writes) the table of BENCHMARKS.md.
+``python -m benchmarks.quant_memory [-o benchmarks]`` prints the table of BENCHMARKS.md (and, with
+``--output-dir/-o DIR``, writes it to ``DIR/results-quant-memory.md``).
 
 Counted: bytes held for the whole run, activations excluded (they depend on batch and length;
 ``benchmarks/layer_memory.py`` measures them per token).
@@ -29,14 +30,15 @@ tensors (the test), so the 7B numbers are what these rules give at that size.
 """
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from .common import _unique_bytes, table_script
+from .common import _unique_bytes, table_parser, table_script
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000)
@@ -96,7 +98,8 @@ def quantized_layer_bytes(d_in: int, d_out: int, base: str) -> int:
 
 def base_bytes(shapes: Shapes, base: str, other_bytes_per_number: int = 2) -> int:
     """The frozen model: quantized linear layers + everything else at ``other_bytes_per_number``."""
-    return sum(quantized_layer_bytes(i, o, base) for i, o in shapes.quantized) + other_bytes_per_number * shapes.other_numbers
+    quantized = sum(quantized_layer_bytes(i, o, base) for i, o in shapes.quantized)
+    return quantized + other_bytes_per_number * shapes.other_numbers
 
 
 def trained_numbers(layers: Iterable[tuple[int, int]], method: str, r: int) -> tuple[int, int]:
@@ -174,19 +177,22 @@ def table(shapes: Shapes, ranks: tuple[int, ...] = (16, 64)) -> list[dict]:
                 for method in METHODS:
                     numbers, _ = trained_numbers(layers, method, r)
                     t, f = trained_bytes(layers, method, r), frozen_bytes(layers, method, r, FROZEN_BYTES[base])
-                    rows.append({"targets": target, "base": base, "r": r, "method": method, "trained_numbers": numbers,
-                                 "trained_bytes": t, "frozen_bytes": f, "base_bytes": held, "total_bytes": held + t + f})
+                    rows.append({"targets": target, "base": base, "r": r, "method": method,
+                                 "trained_numbers": numbers, "trained_bytes": t, "frozen_bytes": f, "base_bytes": held,
+                                 "total_bytes": held + t + f})
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     mib, gib = 2 ** 20, 2 ** 30
-    lines = ["| targets | base | r | method | trained numbers | trained + grads + AdamW | frozen factor | base weights | total |",
+    lines = ["| targets | base | r | method | trained numbers | trained + grads + AdamW | frozen factor "
+             "| base weights | total |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['targets']} | {row['base']} | {row['r']} | {row['method']} | {row['trained_numbers']:,} | "
-                     f"{row['trained_bytes'] / mib:,.1f} MiB | {row['frozen_bytes'] / mib:,.1f} MiB | "
-                     f"{row['base_bytes'] / gib:.3f} GiB | {row['total_bytes'] / gib:.3f} GiB |")
+        lines.append(f"| {row['targets']} | {row['base']} | {row['r']} | {row['method']} "
+                     f"| {row['trained_numbers']:,} | {row['trained_bytes'] / mib:,.1f} MiB "
+                     f"| {row['frozen_bytes'] / mib:,.1f} MiB | {row['base_bytes'] / gib:.3f} GiB "
+                     f"| {row['total_bytes'] / gib:.3f} GiB |")
     return "\n".join(lines)
 
 
@@ -196,8 +202,15 @@ def report() -> str:
             f"quantizable linear layers, {shapes.other_numbers:,} elsewhere\n\n" + markdown(table(shapes)))
 
 
+FILENAME = "results-quant-memory.md"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return table_parser(__doc__.splitlines()[0], FILENAME)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return table_script(__doc__.splitlines()[0], report, argv)
+    return table_script(build_parser(), FILENAME, report, argv)
 
 
 if __name__ == "__main__":

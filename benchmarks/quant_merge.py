@@ -1,6 +1,7 @@
 """How much of an adapter's update survives a merge into a quantized base: Q(Ŵ + ΔW) vs Ŵ + ΔW.
 
-``python -m benchmarks.quant_merge [--out FILE.md]`` prints (and writes) the table of BENCHMARKS.md.
+``python -m benchmarks.quant_merge [-o benchmarks]`` prints the table of BENCHMARKS.md (and, with
+``--output-dir/-o DIR``, writes it to ``DIR/results-quant-merge.md``).
 
 W: a 1024×1024 weight, N(0, 0.02²) entries (LLaMA's init scale); Ŵ = dequant(Q(W)) is the base the
 adapter was trained on. ΔW = B·A with A a random orthonormal 16×1024 (asymlora's frozen factor)
@@ -16,11 +17,12 @@ LLM.int8 row-wise int8, torchao int8 weight-only, each through the library's own
 """
 from __future__ import annotations
 
-from typing import Callable
+import argparse
+from collections.abc import Callable
 
 import torch
 
-from .common import table_script
+from .common import table_parser, table_script
 
 RATIOS = (1e-3, 1e-2, 1e-1)
 
@@ -81,8 +83,15 @@ def markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+FILENAME = "results-quant-merge.md"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return table_parser(__doc__.splitlines()[0], FILENAME)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return table_script(__doc__.splitlines()[0], lambda: markdown(measure()), argv)
+    return table_script(build_parser(), FILENAME, lambda: markdown(measure()), argv)
 
 
 if __name__ == "__main__":

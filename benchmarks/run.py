@@ -1,4 +1,4 @@
-"""Run the benchmark suite: ``python -m benchmarks.run [--quick] [--out DIR] [--only NAME ...]``.
+"""Run the benchmark suite: ``python -m benchmarks.run [--quick] [--output-dir DIR] [--only NAME ...]``.
 
 Writes ``DIR/results.json`` (all measurements, raw per-round times included) and
 ``DIR/results.md`` (goal verdicts and tables). Full mode defaults to ``benchmarks/``; quick
@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from asymlora.fileio import atomic_write_text
 
@@ -86,14 +86,21 @@ def _run_stages(quick: bool, only: list[str], log) -> dict:
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The suite's flags, in the ``asymlora`` command line's vocabulary (docs/cli.md)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds: a smoke run (seconds)")
-    parser.add_argument("--out", default=None, help="output folder (default: benchmarks/ in full mode, a temp dir in quick mode)")
+    parser.add_argument("--output-dir", "-o", default=None, metavar="DIR",
+                        help="output folder (default: benchmarks/ in full mode, a temp folder in quick mode)")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help=f"subset of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--merge", action="store_true",
                         help="update only the benchmarks run (--only) inside an existing DIR/results.json")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -101,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [b for b in args.only if b not in BENCHMARKS]
         if bad:
             parser.error(f"unknown benchmark(s) {bad}; valid: {', '.join(BENCHMARKS)}")
-    out = args.out or (tempfile.mkdtemp(prefix="asymlora-bench-") if args.quick else HERE)
+    out = args.output_dir or (tempfile.mkdtemp(prefix="asymlora-bench-") if args.quick else HERE)
     os.makedirs(out, exist_ok=True)
     results = run_suite(quick=args.quick, only=args.only, threads=args.threads)
     from .report import goals, render

@@ -3,7 +3,7 @@
 Each worker is measured in a fresh Python process (``--child compare|sft``) that does what a
 worker of ``asymlora.sweep.backends.LocalPool`` does: one thread, load the task once
 (``prepare_task`` / ``prepare_lm_task``), then run jobs on it. The jobs here are adapter runs
-(lora) at the default settings of each command except a shorter step cap (``--steps``; the
+(lora) at the default settings of each command except a shorter step cap (``--max-steps``; the
 memory of a step does not depend on how many came before it) and, for compare, the test split
 capped, so the numbers take minutes. ``--runs 2`` runs a second job in the same worker (what a
 sweep does), to show whether memory stays in the process between jobs.
@@ -229,7 +229,7 @@ def child_compare(args: argparse.Namespace, peaks: Peaks, out: dict[str, Any]) -
     from asymlora.compare.config import CompareConfig
     from asymlora.compare.task import prepare_task
 
-    cfg = CompareConfig(workers=1, progress=False, max_steps=args.steps or CompareConfig().max_steps)
+    cfg = CompareConfig(workers=1, progress=False, max_steps=args.max_steps or CompareConfig().max_steps)
     cfg = replace(cfg, max_test=args.max_test or cfg.max_test)
     out["settings"] = {"max_steps": cfg.max_steps, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
                        "eval_every": cfg.eval_every, "max_val": cfg.max_val, "max_test": cfg.max_test,
@@ -256,7 +256,7 @@ def child_sft(args: argparse.Namespace, peaks: Peaks, out: dict[str, Any]) -> No
     from asymlora.sft import run as sft_run
     from asymlora.sft.config import SFTConfig
 
-    cfg = SFTConfig(workers=1, progress=False, max_steps=args.steps or SFTConfig().max_steps)
+    cfg = SFTConfig(workers=1, progress=False, max_steps=args.max_steps or SFTConfig().max_steps)
     out["settings"] = {"max_steps": cfg.max_steps, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
                        "eval_every": cfg.eval_every, "max_val": cfg.max_val, "max_test": cfg.max_test,
                        "precision": cfg.mixed_precision, "stopping": cfg.stopping, "target_modules": cfg.target_modules}
@@ -418,23 +418,29 @@ def machine() -> str:
     return f"{os.cpu_count()} cores {name}" + (f" ({', '.join(native)})" if native else "")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags, in the ``asymlora`` command line's vocabulary (docs/cli.md)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--child", choices=("compare", "sft"), help=argparse.SUPPRESS)
     p.add_argument("--workers", default="compare,sft", help="which workers to measure (commas)")
     p.add_argument("--label", default="current", help="name of the result files")
-    p.add_argument("--steps", type=int, default=30, help="step cap of each run (0: the command's default)")
+    p.add_argument("--max-steps", type=int, default=30, help="step cap of each run (0: the command's default)")
     p.add_argument("--measure-step", type=int, default=3, help="the step whose memory is split (1-based)")
     p.add_argument("--runs", type=int, default=1, help="jobs run one after the other in the worker")
     p.add_argument("--max-test", type=int, default=500, help="compare: test examples (default run: 2000)")
-    p.add_argument("--out", default=OUT_DIR)
-    args = p.parse_args(argv)
+    p.add_argument("--output-dir", "-o", default=OUT_DIR, metavar="DIR",
+                   help="output folder for LABEL.json and LABEL.md (default: docs/results/worker-memory)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
         return 0
     workers = []
     for kind in args.workers.split(","):
-        cmd = [sys.executable, __file__, "--child", kind, "--steps", str(args.steps), "--runs", str(args.runs),
+        cmd = [sys.executable, __file__, "--child", kind, "--max-steps", str(args.max_steps), "--runs", str(args.runs),
                "--measure-step", str(args.measure_step), "--max-test", str(args.max_test)]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -447,10 +453,10 @@ def main(argv: list[str] | None = None) -> int:
         workers.append(r)
     results = {"label": args.label, "machine": machine(), "workers": workers,
                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.label}.json"), "w") as fh:
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, f"{args.label}.json"), "w") as fh:
         json.dump(results, fh, indent=1)
-    with open(os.path.join(args.out, f"{args.label}.md"), "w") as fh:
+    with open(os.path.join(args.output_dir, f"{args.label}.md"), "w") as fh:
         fh.write(to_markdown(results))
     print(to_markdown(results))
     return 0

@@ -13,10 +13,10 @@ and each task's test accuracy (its own head on the merged adapter) is printed be
 adapter's and the base encoder's (the same head, adapters off), with the relative ΔW error of
 every merge, ‖Σ wᵢΔWᵢ − ΔW_merged‖ / ‖Σ wᵢΔWᵢ‖ over all adapted layers (float64).
 
-    python examples/merge_adapters.py [--steps 60] [--threads 1] [-o docs/results/merging]
+    python examples/merge_adapters.py [--max-steps 60] [--threads 1] [-o docs/results/merging]
 
 bf16 base (factors and heads float32), 32 tokens per text, test sets subsampled to
---test-limit rows (default 200: topics and sentiment are sampled, origin's 200 are whole) — kept cheap on a shared CPU.
+--max-test rows (default 200: topics and sentiment are sampled, origin's 200 are whole) — kept cheap on a shared CPU.
 """
 from __future__ import annotations
 
@@ -35,13 +35,13 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 import asymlora
+from asymlora.bundled import default_model_path
 from asymlora.core.adapters import add_adapter, set_adapter
 from asymlora.core.inject import disable_adapters
 from asymlora.errors import UserError
 from asymlora.fileio import atomic_write_text
 from asymlora.formats.peft import export_peft_adapters
 from asymlora.merging import add_weighted_adapter
-from asymlora.sweep.budget import default_model_path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from multi_adapter import pooled, tasks  # noqa: E402  (the example's data and pooling)
@@ -66,17 +66,23 @@ def cpu_info() -> dict:
             "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The example's flags, in the ``asymlora`` command line's vocabulary (docs/cli.md)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="training steps per adapter (default 60)")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--max-steps", type=int, default=60, help="training steps per adapter (default 60)")
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rank", "-r", type=int, default=8, help="adapter rank r (default 8)")
     parser.add_argument("--max-length", type=int, default=32)
-    parser.add_argument("--test-limit", type=int, default=200, help="at most this many test rows per task")
+    parser.add_argument("--max-test", type=int, default=200, help="at most this many test rows per task (default 200)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--output-dir", "-o", default=None, help="write results.json and results.md here")
-    args = parser.parse_args()
+    parser.add_argument("--output-dir", "-o", default=None, metavar="DIR",
+                        help="output folder for results.json and results.md (default: print only)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,8 +94,8 @@ def main() -> None:
     for name in TASKS:
         texts, labels = data[name][3], data[name][4]
         rows = list(range(len(texts)))
-        if len(rows) > args.test_limit:
-            rows = sorted(random.Random(0).sample(rows, args.test_limit))
+        if len(rows) > args.max_test:
+            rows = sorted(random.Random(0).sample(rows, args.max_test))
         tests[name] = ([texts[i] for i in rows], [labels[i] for i in rows])
 
     def encode(texts):
@@ -115,16 +121,16 @@ def main() -> None:
             opt = torch.optim.AdamW(params, lr=args.lr)
             model.train()
             g = random.Random(i)
-            for step in range(args.steps):
-                idx = g.sample(range(len(texts)), args.batch)
+            for step in range(args.max_steps):
+                idx = g.sample(range(len(texts)), args.batch_size)
                 logits = heads[name](pooled(model, encode([texts[j] for j in idx])).float())
                 loss = nn.functional.cross_entropy(logits, torch.tensor([labels[j] for j in idx]))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                if (step + 1) % 25 == 0 and step + 1 < args.steps:
+                if (step + 1) % 25 == 0 and step + 1 < args.max_steps:
                     print(f"    step {step + 1}: loss {loss.item():.3f}", flush=True)
-            print(f"  {preset} {name}: {args.steps} steps, last loss {loss.item():.3f}", flush=True)
+            print(f"  {preset} {name}: {args.max_steps} steps, last loss {loss.item():.3f}", flush=True)
         model.eval()
         return model, heads
 
@@ -149,7 +155,7 @@ def main() -> None:
         import peft
         results["setup"]["peft"] = peft.__version__
     except ImportError as err:  # pragma: no cover
-        raise SystemExit(f"this example compares with PEFT: pip install peft ({err})")
+        raise SystemExit(f"this example compares with PEFT: pip install peft ({err})") from err
     timings = {}
 
     def row(family, method, weights, acc, error, note=""):
@@ -222,15 +228,16 @@ def peft_error(pm, adapters, weights, new) -> float:
     from the factors PEFT holds (not from PEFT's own delta computation)."""
     from peft.tuners.lora import LoraLayer
 
+    def delta(module, name):
+        a = module.lora_A[name].weight.detach().double()
+        b = module.lora_B[name].weight.detach().double()
+        return module.scaling[name] * (b @ a)
+
     err2 = ref2 = 0.0
     for module in pm.modules():
         if isinstance(module, LoraLayer) and new in module.lora_A:
-            def delta(name):
-                a = module.lora_A[name].weight.detach().double()
-                b = module.lora_B[name].weight.detach().double()
-                return module.scaling[name] * (b @ a)
-            want = sum(w * delta(n) for n, w in zip(adapters, weights))
-            err2 += float((want - delta(new)).norm() ** 2)
+            want = sum(w * delta(module, n) for n, w in zip(adapters, weights))
+            err2 += float((want - delta(module, new)).norm() ** 2)
             ref2 += float(want.norm() ** 2)
     return (err2 / ref2) ** 0.5
 
@@ -241,9 +248,9 @@ def markdown(results: dict) -> str:
     lines = [
         "# Three adapters merged into one (bundled MiniLM)",
         "",
-        f"Produced by `python examples/merge_adapters.py --steps {s['steps']} --threads {s['threads']} "
+        f"Produced by `python examples/merge_adapters.py --max-steps {s['max_steps']} --threads {s['threads']} "
         f"-o docs/results/merging`. "
-        f"{s['steps']} steps per adapter, batch {s['batch']}, lr {s['lr']}, r={s['rank']} on query/value, "
+        f"{s['max_steps']} steps per adapter, batch {s['batch_size']}, lr {s['lr']}, r={s['rank']} on query/value, "
         f"{s['max_length']} tokens, {s['base']}; test rows: "
         + ", ".join(f"{n} {v['test']}" for n, v in s["tasks"].items()) + ".",
         f"CPU: {cpu['model_name']} (avx512_bf16: {cpu['avx512_bf16']}, amx_bf16: {cpu['amx_bf16']}), "

@@ -8,7 +8,7 @@ Each task gets a b-only adapter (A frozen, from seed 0 — the same A for all th
 plus its own small linear head on the mean-pooled embedding, kept outside the model. Training
 is deliberately tiny (a few dozen steps per task, CPU): the point is the mechanics.
 
-    python examples/multi_adapter.py [--steps 40]
+    python examples/multi_adapter.py [--max-steps 40] [--batch-size 16]
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 import asymlora
+from asymlora.bundled import default_model_path
 from asymlora.compare.data import load_named_dataset
 from asymlora.core.adapters import add_adapter, set_adapter
-from asymlora.sweep.budget import default_model_path
 
 
 def tasks(seed: int = 0) -> dict[str, tuple[list[str], list[int], list[str], list[str], list[int]]]:
@@ -37,8 +37,10 @@ def tasks(seed: int = 0) -> dict[str, tuple[list[str], list[int], list[str], lis
 
     o_train, o_test = origin(tweets.train, topics.train, 400), origin(tweets.test, topics.test, 100)
     return {
-        "topics": (topics.train.texts, topics.train.labels, topics.label_names, topics.test.texts, topics.test.labels),
-        "sentiment": (tweets.train.texts, tweets.train.labels, tweets.label_names, tweets.test.texts, tweets.test.labels),
+        "topics": (topics.train.texts, topics.train.labels, topics.label_names,
+                   topics.test.texts, topics.test.labels),
+        "sentiment": (tweets.train.texts, tweets.train.labels, tweets.label_names,
+                      tweets.test.texts, tweets.test.labels),
         "origin": (*o_train, ["tweet", "fortune"], *o_test),
     }
 
@@ -50,11 +52,16 @@ def pooled(model, enc) -> torch.Tensor:
     return (hidden * mask).sum(1) / mask.sum(1)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The example's flags, in the ``asymlora`` command line's vocabulary (docs/cli.md)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=40, help="training steps per task (default 40)")
-    parser.add_argument("--batch", type=int, default=16)
-    args = parser.parse_args()
+    parser.add_argument("--max-steps", type=int, default=40, help="training steps per task (default 40)")
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     torch.manual_seed(0)
     path = default_model_path()
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
@@ -76,14 +83,14 @@ def main() -> None:
         opt = torch.optim.AdamW(params, lr=2e-3)
         model.train()
         g = random.Random(i)
-        for step in range(args.steps):
-            idx = g.sample(range(len(texts)), args.batch)
+        for _ in range(args.max_steps):
+            idx = g.sample(range(len(texts)), args.batch_size)
             logits = heads[name](pooled(model, encode([texts[j] for j in idx])))
             loss = nn.functional.cross_entropy(logits, torch.tensor([labels[j] for j in idx]))
             opt.zero_grad()
             loss.backward()
             opt.step()
-        print(f"trained adapter {name!r}: {args.steps} steps, last loss {loss.item():.3f}")
+        print(f"trained adapter {name!r}: {args.max_steps} steps, last loss {loss.item():.3f}")
     print(asymlora.parameter_report(model))
 
     # one mixed batch: 4 test rows of every task, shuffled; each row runs with its own adapter

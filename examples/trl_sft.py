@@ -1,7 +1,7 @@
 """Instruction-tune a causal LM with TRL's SFTTrainer and an asymlora adapter (b-only by default).
 
     python examples/trl_sft.py                          # tiny random Llama, toy Q/A pairs, seconds
-    python examples/trl_sft.py --model DIR --data qa.jsonl --steps 200 --output out/sft
+    python examples/trl_sft.py --model DIR --data qa.jsonl --max-steps 200 --output-dir out/sft
 
 ``--model`` is a local transformers folder with a tokenizer and chat template, or ``smollm2`` for
 the bundled SmolLM2-135M-Instruct (``asymlora.bundled``); without it a tiny random Llama and a
@@ -10,9 +10,9 @@ word-level tokenizer are built in memory. ``--data`` is a JSON-lines file of ``{
 (prompt = user, completion = assistant), so the loss is on the assistant's reply only
 (TRL's completion-only loss) and the model's own chat template formats them.
 
-Afterwards the adapter folder (``<output>/asymlora_adapter``, written by ``AsymLoraCallback``) is
+Afterwards the adapter folder (``<output-dir>/asymlora_adapter``, written by ``AsymLoraCallback``) is
 reloaded onto a fresh copy of the base model and converted to PEFT's format
-(``<output>/peft_adapter``); the script prints the largest logit difference of each against the
+(``<output-dir>/peft_adapter``); the script prints the largest logit difference of each against the
 trained model.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ import argparse
 import json
 import os
 import tempfile
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -68,7 +69,7 @@ def tiny_llama(texts: Sequence[str], seed: int = 0) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def read_pairs(path: Optional[str]) -> list[tuple[str, str]]:
+def read_pairs(path: str | None) -> list[tuple[str, str]]:
     """(prompt, completion) pairs from a JSON-lines file, or the toy pairs."""
     if path is None:
         return list(TOY_PAIRS)
@@ -93,7 +94,7 @@ def chat_dataset(pairs: Sequence[tuple[str, str]]) -> Any:
                                "completion": [{"role": "assistant", "content": c}]} for p, c in pairs])
 
 
-def load_base(model_dir: Optional[str], pairs: Sequence[tuple[str, str]]) -> tuple[Any, Any]:
+def load_base(model_dir: str | None, pairs: Sequence[tuple[str, str]]) -> tuple[Any, Any]:
     if model_dir is None:
         return tiny_llama([w for pair in TOY_PAIRS + list(pairs) for w in pair])
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,21 +113,28 @@ def load_base(model_dir: Optional[str], pairs: Sequence[tuple[str, str]]) -> tup
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tokenizer
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The example's flags, in the ``asymlora`` command line's vocabulary (docs/cli.md)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="local transformers causal-LM folder, or 'smollm2' for the bundled "
                    "SmolLM2-135M-Instruct (default: a tiny random Llama)")
     p.add_argument("--data", help="JSON-lines file of {prompt, completion} rows (default: toy questions)")
     p.add_argument("--strategy", default="b-only", choices=sorted(asymlora.PRESETS))
-    p.add_argument("-r", "--rank", type=int, default=8)
+    p.add_argument("--rank", "-r", type=int, default=8, help="adapter rank r (default: 8)")
     p.add_argument("--target-modules", default="all-linear", help="'all-linear' or comma-separated names")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--max-steps", type=int, default=30, help="training steps (default: 30)")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--output", default=None, help="output folder (default: a new temporary folder)")
+    p.add_argument("--output-dir", "-o", default=None, metavar="DIR",
+                   help="output folder (default: a new temporary folder)")
     p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
-    for name in ("rank", "steps", "batch_size"):
+    for name in ("rank", "max_steps", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
@@ -137,7 +145,7 @@ def max_logit_difference(a: Any, b: Any, input_ids: torch.Tensor) -> float:
         return float((a(input_ids=input_ids).logits - b(input_ids=input_ids).logits).abs().max())
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from peft import PeftModel
     from trl import SFTConfig, SFTTrainer
 
@@ -145,16 +153,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     pairs = read_pairs(args.data)
-    output = args.output or tempfile.mkdtemp(prefix="asymlora-trl-")
+    output = args.output_dir or tempfile.mkdtemp(prefix="asymlora-trl-")
     model, tokenizer = load_base(args.model, pairs)
-    targets = "all-linear" if args.target_modules == "all-linear" else [t.strip() for t in args.target_modules.split(",")]
+    targets = ("all-linear" if args.target_modules == "all-linear"
+               else [t.strip() for t in args.target_modules.split(",")])
     config = asymlora.AsymLoraConfig.preset(args.strategy, r=args.rank, target_modules=targets, seed=args.seed)
     asymlora.wrap(model, config)
     print(asymlora.parameter_report(model))
 
     # bf16=False: SFTConfig defaults to bf16 autocast even on CPU, and leaves the trained model's
     # forward wrapped in it, so its logits would differ (~1e-3) from a float32 reload.
-    sft = SFTConfig(output_dir=output, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+    sft = SFTConfig(output_dir=output, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
                     learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
                     report_to=[], use_cpu=True, bf16=False, seed=args.seed, disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=sft, train_dataset=chat_dataset(pairs), processing_class=tokenizer,
@@ -184,4 +193,4 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from None  # the message is the whole report

@@ -22,8 +22,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import importlib
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest

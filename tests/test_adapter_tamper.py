@@ -158,13 +158,14 @@ def _base_weight():
 
 
 WEIGHT_TAMPERS = [
-    ("nan-in-trained-factor", lambda t: _nan(t, B_KEY), rf"tensor '{B_KEY}' holds 1 non-finite value\(s\) \(NaN or inf\) "
-                                                        rf"of 128, expected finite values"),
+    ("nan-in-trained-factor", lambda t: _nan(t, B_KEY),
+     rf"tensor '{B_KEY}' holds 1 non-finite value\(s\) \(NaN or inf\) of 128, expected finite values"),
     ("inf-in-saved-head", lambda t: _inf(t, "saved.classifier.weight"),
      r"tensor 'saved.classifier.weight' holds 1 non-finite value"),
     ("wrong-shape", lambda t: t.__setitem__(B_KEY, t[B_KEY][:, :3].contiguous()),
      rf"tensor '{B_KEY}' has shape \(32, 3\), expected \(32, 4\)"),
-    ("wrong-dtype", lambda t: t.__setitem__(B_KEY, t[B_KEY].half()), rf"tensor '{B_KEY}' has dtype float16, expected float32"),
+    ("wrong-dtype", lambda t: t.__setitem__(B_KEY, t[B_KEY].half()),
+     rf"tensor '{B_KEY}' has dtype float16, expected float32"),
     ("integer-head", lambda t: t.__setitem__("saved.classifier.bias", t["saved.classifier.bias"].long()),
      r"tensor 'saved.classifier.bias' has dtype int64, expected float32"),
     ("missing-factor", lambda t: t.pop(B_KEY), rf"lacks '{B_KEY}', which adapter_config.json says is stored"),
@@ -240,7 +241,8 @@ def _peft_saved(tmp_path) -> str:
 
 
 PEFT_TAMPERS = [
-    ("nan", lambda t: _nan(t, f"{PEFT_LAYER}.lora_A.weight"), rf"tensor '{PEFT_LAYER}.lora_A.weight' holds 1 non-finite"),
+    ("nan", lambda t: _nan(t, f"{PEFT_LAYER}.lora_A.weight"),
+     rf"tensor '{PEFT_LAYER}.lora_A.weight' holds 1 non-finite"),
     ("wrong-shape", lambda t: t.__setitem__(f"{PEFT_LAYER}.lora_B.weight", torch.zeros(31, 4)),
      rf"PEFT factors of '{LAYER}' are A\(4, 32\) B\(31, 4\), expected A\(4, 32\) B\(32, 4\)"),
     ("integer", lambda t: t.__setitem__(f"{PEFT_LAYER}.lora_B.weight", torch.zeros(32, 4, dtype=torch.int32)),
@@ -253,7 +255,8 @@ PEFT_TAMPERS = [
      r"holds tensor 'base_model.model.bert.embeddings.word_embeddings.weight', which adapter_config.json does not "
      r"explain"),
     ("untargeted-layer", lambda t: [t.__setitem__(f"base_model.model.bert.encoder.layer.0.attention.self.key.lora_{f}"
-                                                  ".weight", torch.zeros(*s)) for f, s in (("A", (4, 32)), ("B", (32, 4)))],
+                                                  ".weight", torch.zeros(*s))
+                                    for f, s in (("A", (4, 32)), ("B", (32, 4)))],
      r"holds tensor 'base_model.model.bert.encoder.layer.0.attention.self.key.lora_A.weight', which "
      r"adapter_config.json does not explain"),
     ("missing-head", lambda t: t.pop(next(k for k in list(t) if k.endswith("classifier.bias"))),

@@ -151,7 +151,7 @@ def test_run_rejects_unknown_benchmark():
 
 @pytest.mark.slow
 def test_quick_suite_command_writes_json(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--output-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())

@@ -162,7 +162,7 @@ def test_rank_pattern_round_trip(tmp_path, tokens):
     perturb_trained_factors(model)
     save_adapter(model, tmp_path / "ad")
     fresh = load_adapter(tiny_bert(), tmp_path / "ad")
-    assert {l.r for l in lora_layers(fresh).values()} == {2, 4}
+    assert {layer.r for layer in lora_layers(fresh).values()} == {2, 4}
     with torch.no_grad():
         assert torch.equal(fresh(tokens).logits, model(tokens).logits)
 
@@ -197,7 +197,8 @@ def test_export_loads_in_peft_with_same_outputs(tmp_path, tokens, arch, preset, 
 def test_import_peft_adapter(tmp_path, tokens, arch, peft):
     targets = ["query", "value"] if arch == "bert" else ["c_attn"]
     extra = {"modules_to_save": ["classifier"]} if arch == "bert" else {}
-    lcfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, rank_pattern={targets[-1]: 2} if arch == "bert" else {},
+    lcfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets,
+                           rank_pattern={targets[-1]: 2} if arch == "bert" else {},
                            fan_in_fan_out=arch == "gpt2", **extra)
     pm = peft.get_peft_model(MODEL_BUILDERS[arch](seed=0), lcfg)
     with torch.no_grad():
@@ -212,7 +213,7 @@ def test_import_peft_adapter(tmp_path, tokens, arch, peft):
     with torch.no_grad():
         got = model(tokens).logits
     assert (got - want).abs().max().item() <= 1e-5
-    assert all(not l.train_A and l.train_B for l in lora_layers(model).values())
+    assert all(not layer.train_A and layer.train_B for layer in lora_layers(model).values())
 
 
 def test_cli_export_converts_without_base_model(tmp_path, tokens, peft):

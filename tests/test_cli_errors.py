@@ -71,8 +71,8 @@ CASES = [
     (["sft", "--data", "squad", "--benchmarks", "none", "-o", "OUT"], ["--data 'squad'"], "OUT"),
     (["sft", "--strategies", "head-only", "--benchmarks", "none", "-o", "OUT"], ["'head-only'"], "OUT"),
     (["sft", "--model", "/nonexistent", "--benchmarks", "none", "-o", "OUT"], ["'/nonexistent'"], "OUT"),
-    (["sft", "--min-delta", "-1", "--max-steps", "0", "--benchmarks", "none", "-o", "OUT"], ["--min-delta -1.0", "--max-steps 0"],
-     "OUT"),
+    (["sft", "--min-delta", "-1", "--max-steps", "0", "--benchmarks", "none", "-o", "OUT"],
+     ["--min-delta -1.0", "--max-steps 0"], "OUT"),
     (["compare", "--max-steps", "abc", "-o", "OUT"], ["'abc'"], "OUT"),
     (["compare", "--max-steps", "0", "--lr", "-1", "-o", "OUT"], ["--max-steps 0", "--lr -1.0"], "OUT"),  # both named
     (["compare", "--model", "{t}/tiny-bert", "--data", "{t}/topics.csv", "--target-modules", "nope",
@@ -280,9 +280,9 @@ def test_output_dir_short_long_and_hidden_alias(prefix, capsys):
     assert "--output-dir" in text and "-o" in text and "--out " not in text and "--out\n" not in text
 
 
-LISTS = [(["compare"], "--seeds"), (["compare"], "--rank"), (["sft"], "--seeds"), (["run", "r"], "--seeds"), (["run", "r"], "--rank"),
-         (["theory", "bound"], "--rank"), (["theory", "bound"], "--n"), (["theory", "simulate"], "--rank"),
-         (["merge", "a", "b", "c"], "--weights")]
+LISTS = [(["compare"], "--seeds"), (["compare"], "--rank"), (["sft"], "--seeds"), (["run", "r"], "--seeds"),
+         (["run", "r"], "--rank"), (["theory", "bound"], "--rank"), (["theory", "bound"], "--n"),
+         (["theory", "simulate"], "--rank"), (["merge", "a", "b", "c"], "--weights")]
 DESTS = {("compare", "--rank"): "ranks", ("run", "--rank"): "ranks"}  # the sweep's field; one rank elsewhere
 
 
@@ -313,7 +313,8 @@ def test_similarity_takes_train_folders_and_says_which_adapter(tmp_path, capsys)
     assert main(["similarity", str(tmp_path / "train0"), str(tmp_path / "train1"), "-o", str(out)]) == 0
     text = capsys.readouterr().out
     for i in range(2):
-        assert f"train{i}: using {tmp_path / f'train{i}' / 'adapter'} (the final adapter; skipped 1 checkpoint copy)" in text
+        adapter = tmp_path / f"train{i}" / "adapter"
+        assert f"train{i}: using {adapter} (the final adapter; skipped 1 checkpoint copy)" in text
     assert "2 runs, 1 pair, 4 shared adapted layers" in text
     assert (out / "similarity.csv").is_file()
 

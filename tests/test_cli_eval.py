@@ -35,7 +35,8 @@ def folders(tmp_path_factory):
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    wrapped = asymlora.wrap(LlamaForCausalLM.from_pretrained(root / "model"), asymlora.AsymLoraConfig.preset("b-only", r=4))
+    wrapped = asymlora.wrap(LlamaForCausalLM.from_pretrained(root / "model"),
+                            asymlora.AsymLoraConfig.preset("b-only", r=4))
     perturb_trained_factors(wrapped)
     asymlora.save_adapter(wrapped, root / "adapter")
     other = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,

@@ -29,7 +29,8 @@ def assets(tmp_path_factory):
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
     root = tmp_path_factory.mktemp("train_cli")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + FILLER + sorted({w for v in WORDS.values() for w in v.split()})
+    words = sorted({w for v in WORDS.values() for w in v.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + FILLER + words
     model_dir = root / "tiny-bert"
     torch.manual_seed(0)
     cfg = BertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=48,

@@ -1,14 +1,21 @@
 """One vocabulary on the command line: every subcommand of the real parser (nested ones like
 ``theory bound`` included) spells each concept the one way docs/cli.md names, no command keeps
 an old spelling, every list flag takes commas and spaces, and docs/cli.md is the generator's
-output (so it lists every flag of every command)."""
+output (so it lists every flag of every command). The scripts under examples/ and benchmarks/
+speak the same vocabulary: their parsers (``build_parser()``, built without running them) are
+held to the same spellings, with no old name kept as an alias."""
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
+from asymlora.cli.bench import load_suite
 from asymlora.cli.main import COMMANDS, build_parser
 from asymlora.cli.options import _Flatten
 from asymlora.cli.reference import render, subcommands
@@ -37,7 +44,8 @@ VOCABULARY: dict[str, tuple[list[str], set[str]]] = {
 # spellings no command may use (an old name, or a second name for a concept above)
 FORBIDDEN = ["--ranks", "--r", "--lora-rank", "--adapter-rank", "--no-plot", "--bf16", "--fp16", "--targets", "--steps",
              "--num-steps", "--max-train-samples", "--max-eval-samples", "--max-eval", "--examples", "--n-examples",
-             "--out-dir", "--outdir", "--precision", "--num-threads", "--modules", "--plot", "--seed-list"]
+             "--out-dir", "--outdir", "--precision", "--num-threads", "--modules", "--plot", "--seed-list",
+             "--output", "--batch", "--test-limit"]
 PRECISION_CHOICES = ["auto", "no", "fp16", "bf16"]
 
 
@@ -165,3 +173,59 @@ def test_the_reference_lists_every_flag_of_every_command():
         section = text.split(f"## `asymlora {name}`\n", 1)[1].split("\n## ", 1)[0]
         for action in _visible(parser):
             assert f"- `{'/'.join(action.option_strings)}" in section, (name, action.option_strings)
+
+
+# ----------------------------------------------------------------------------- the scripts
+
+# every script under examples/ and benchmarks/ that runs as a program (it has a __main__ guard)
+SCRIPTS = sorted(str(path.relative_to(ROOT)) for folder in ("examples", "benchmarks")
+                 for path in (ROOT / folder).glob("*.py") if 'if __name__ == "__main__":' in path.read_text("utf-8"))
+# the commands keep --out as a hidden alias of --output-dir (docs/cli.md); the scripts have no aliases
+SCRIPT_FORBIDDEN = [*FORBIDDEN, "--out"]
+
+
+def _load_script(relative: str) -> ModuleType:
+    """The script as a module, without running its main: a benchmark through its package (loaded
+    by path, as ``asymlora bench`` does), an example from its file. sys.path and sys.modules are
+    left as they were (merge_adapters.py puts examples/ on sys.path to import multi_adapter.py)."""
+    folder, name = relative.removesuffix(".py").split("/")
+    if folder == "benchmarks":
+        load_suite(ROOT)
+        return importlib.import_module(f"benchmarks.{name}")
+    path, modules = list(sys.path), set(sys.modules)
+    try:
+        spec = importlib.util.spec_from_file_location(f"_vocabulary_example_{name}", ROOT / relative)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path[:] = path
+        for added in set(sys.modules) - modules:
+            if added in ("multi_adapter",):  # imported by name from examples/ only
+                del sys.modules[added]
+
+
+def test_the_scripts_are_found():
+    assert {"examples/trl_sft.py", "examples/multi_adapter.py", "examples/merge_adapters.py", "benchmarks/run.py",
+            "benchmarks/gpu_check.py", "benchmarks/profile_step.py"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_script_speaks_the_command_lines_vocabulary(script):
+    build = getattr(_load_script(script), "build_parser", None)
+    assert callable(build), f"{script}: expose the parser as build_parser() so that this test can check it"
+    parser = build()
+    assert isinstance(parser, argparse.ArgumentParser)
+    flags = {f for a in _options(parser) for f in a.option_strings}
+    assert not flags & set(SCRIPT_FORBIDDEN), (script, sorted(flags & set(SCRIPT_FORBIDDEN)))
+    for spelling, _ in VOCABULARY.values():
+        action = _find(parser, spelling[0])
+        assert action is None or action.option_strings == spelling, (script, action.option_strings)
+    for action in _options(parser):
+        if {"-r", "--rank"} & set(action.option_strings):
+            assert action.option_strings == ["--rank", "-r"], (script, action.option_strings)
+        if {"-o", "--output-dir"} & set(action.option_strings):
+            assert action.option_strings == ["--output-dir", "-o"], (script, action.option_strings)
+            assert action.dest == "output_dir" and action.metavar == "DIR", (script, action.dest, action.metavar)
+            assert "folder" in action.help, (script, action.help)

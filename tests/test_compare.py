@@ -71,7 +71,8 @@ def test_config_reports_every_bad_setting_at_once():
 
 def test_bad_cli_input_fails_before_work(tmp_path, capsys):
     for argv, needle in ((["--strategies", "qlora"], "strategy 'qlora'"), (["--seeds", "1,1"], "seeds"),
-                         (["--lrs", "0.01,0"], "--lrs 0"), (["--patience", "0", "--min-steps", "-1"], "--min-steps -1")):
+                         (["--lrs", "0.01,0"], "--lrs 0"),
+                         (["--patience", "0", "--min-steps", "-1"], "--min-steps -1")):
         assert main(["compare", *argv, "-o", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
@@ -259,7 +260,8 @@ def test_compare_quick_end_to_end_learns(tmp_path, capsys):
         assert run["steps"] == run["best_step"] == s["max_steps"]
         assert run["val_accuracy"] == evals[s["max_steps"]]
         lrs = [h["lr"] for h in run["history"]]
-        assert max(lrs) == pytest.approx(run["lr"]) and lrs[-1] < run["lr"] / (s["max_steps"] - s["warmup_steps"]) * 1.01
+        decay_steps = s["max_steps"] - s["warmup_steps"]
+        assert max(lrs) == pytest.approx(run["lr"]) and lrs[-1] < run["lr"] / decay_steps * 1.01
     assert set(res["phases_s"]) == {"load", "tokenise", "features", "pilot", "train", "eval", "report"}
     # a frozen A keeps only A·x for backward; LoRA also keeps x for A's gradient; the head alone keeps least
     act = {row["strategy"]: row["saved_activation_bytes_mean"] for row in res["summary"]}

@@ -35,7 +35,8 @@ def _data(n: int = 24) -> list[dict[str, torch.Tensor]]:
 
 def _collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     ids = torch.stack([it["input_ids"] for it in items])
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.stack([it["labels"] for it in items])}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "labels": torch.stack([it["labels"] for it in items])}
 
 
 def _peft_model(preset: str, seed: int = 0) -> torch.nn.Module:

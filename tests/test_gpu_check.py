@@ -21,7 +21,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_dry_run_lists_every_step_within_eight_minutes(tmp_path):
-    proc = _run("--dry-run", "--out", str(tmp_path / "g"))
+    proc = _run("--dry-run", "--output-dir", str(tmp_path / "g"))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert out.splitlines()[0] == (f"would write {tmp_path / 'g'}/ (results.json, summary.txt, one log per step); "
@@ -44,7 +44,7 @@ def test_the_cuda_tests_it_runs_exist():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_without_a_gpu_one_line_and_exit_2(tmp_path):
-    proc = _run("--out", str(tmp_path / "g"))
+    proc = _run("--output-dir", str(tmp_path / "g"))
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == ["gpu_check needs a CUDA GPU (torch.cuda.is_available() is False here); "

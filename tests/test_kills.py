@@ -245,12 +245,13 @@ def test_train_killed_then_resumed_equals_uninterrupted(assets, uninterrupted, t
 
     model_dir, data = assets
     out = tmp_path / "run"
-    kill_at([sys.executable, "-c", TRAIN_CODE, "train", "--model", model_dir, "--data", data, "--quick", "--max-steps", "6",
-             "--eval-every", "2", "--checkpoint-every", "2", "--mixed-precision", "no", "--threads", "1",
-             "--no-progress", "-o", str(out)], point, tmp_path / "paused")
+    kill_at([sys.executable, "-c", TRAIN_CODE, "train", "--model", model_dir, "--data", data, "--quick",
+             "--max-steps", "6", "--eval-every", "2", "--checkpoint-every", "2", "--mixed-precision", "no",
+             "--threads", "1", "--no-progress", "-o", str(out)], point, tmp_path / "paused")
     assert not (out / "metrics.json").exists() and not (out / "adapter").exists()
     found = _find_checkpoint(str(out))
-    assert found is not None and json.loads(open(os.path.join(found, "trainer_state.json")).read())["step"] == resume_step
+    assert found is not None
+    assert json.loads(open(os.path.join(found, "trainer_state.json")).read())["step"] == resume_step
 
     # collate calls of the resumed run tell where it started: each step, each validation (every
     # 2 steps) and the final test take one

@@ -62,7 +62,8 @@ def test_b_only_gradients_only_for_B_and_head():
 
 def test_frozen_factor_stays_frozen_through_toggles():
     model = wrap(tiny_bert(), AsymLoraConfig.preset("b-only", r=4))
-    model.train(); model.eval()
+    model.train()
+    model.eval()
     with disable_adapters(model):
         pass
     model.requires_grad_(True)                   # a careless caller unfreezes everything
@@ -112,7 +113,8 @@ def test_gradients_match_dense_reference_float64(trainable):
     inits = {"B": ("orthogonal", "zero"), "A": ("zero", "orthogonal"), "AB": ("kaiming", "gaussian")}[trainable]
     model = nn.Sequential()
     model.add_module("proj", base)
-    wrap(model, AsymLoraConfig(r=3, alpha=6, trainable=trainable, init_A=inits[0], init_B=inits[1], target_modules=["proj"]))
+    wrap(model, AsymLoraConfig(r=3, alpha=6, trainable=trainable, init_A=inits[0], init_B=inits[1],
+                               target_modules=["proj"]))
     layer = model.proj
     perturb_trained_factors(model)
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)

@@ -74,7 +74,8 @@ def _b_only(arch_builder, names=("t1", "t2", "t3"), targets="all-linear", seed=0
 
 
 # ------------------------------------------------------------------ exactness in a model
-@pytest.mark.parametrize("arch,builder,targets", [("llama", tiny_llama, "all-linear"), ("gpt2", tiny_gpt2, ["c_attn", "c_fc"])])
+@pytest.mark.parametrize("arch,builder,targets", [("llama", tiny_llama, "all-linear"),
+                                                  ("gpt2", tiny_gpt2, ["c_attn", "c_fc"])])
 def test_exact_sum_equals_dense_sum_linear_and_conv1d(arch, builder, targets):
     model = _b_only(builder, targets=targets)
     names, weights = ["t1", "t2", "t3"], [0.7, -1.3, 2.0]      # negative: task vectors
@@ -113,7 +114,8 @@ def test_whole_model_equals_base_plus_dense_sum(tokens):
 def test_naive_factor_averaging_would_fail_this_check():
     """The guard: averaging A and B separately (what PEFT's 'linear' and naive FedAvg do) is not
     Σ wᵢΔWᵢ for LoRA adapters — the comparison above detects it."""
-    model = asymlora.wrap(tiny_llama(), AsymLoraConfig.preset("lora", r=4, target_modules=["q_proj"]), adapter_name="l1")
+    model = asymlora.wrap(tiny_llama(), AsymLoraConfig.preset("lora", r=4, target_modules=["q_proj"]),
+                          adapter_name="l1")
     add_adapter(model, "l2", AsymLoraConfig.preset("lora", r=4, target_modules=["q_proj"], seed=1))
     _perturb(model)
     want = _wanted(model, ["l1", "l2"], [0.5, 0.5])
@@ -235,7 +237,8 @@ def test_sharing_is_decided_by_tensors_not_configs():
     layer.register_buffer("lora_A_t2", layer.factor("t1", "A").clone() * -1, persistent=True)
     with pytest.raises(UserError, match="'t2' has another frozen A than 't1' in 1 of 2 layers"):
         add_weighted_adapter(model, ["t1", "t2"], [1.0, 1.0], "new")
-    svd = asymlora.wrap(tiny_llama(), AsymLoraConfig(r=2, trainable="B", init_A="svd", target_modules=["q_proj"], seed=1),
+    svd = asymlora.wrap(tiny_llama(),
+                        AsymLoraConfig(r=2, trainable="B", init_A="svd", target_modules=["q_proj"], seed=1),
                         adapter_name="s1")
     add_adapter(svd, "s2", AsymLoraConfig(r=2, trainable="B", init_A="svd", target_modules=["q_proj"], seed=2))
     _perturb(svd)
@@ -258,7 +261,8 @@ def test_approximate_methods_report_their_error_against_the_dense_sum():
         err2 = ref2 = 0.0
         for ln, layer in lora_layers(model).items():
             e = (_delta(layer, name) - want[ln]).norm() ** 2
-            assert math.isclose(report.layer_errors[ln], math.sqrt(e / want[ln].norm() ** 2), rel_tol=1e-6, abs_tol=1e-9)
+            assert math.isclose(report.layer_errors[ln], math.sqrt(e / want[ln].norm() ** 2),
+                                rel_tol=1e-6, abs_tol=1e-9)
             err2, ref2 = err2 + e, ref2 + want[ln].norm() ** 2
             assert layer.slots[name].r == {"cat": 12, "svd": rank, "linear": 4}[method]
         assert math.isclose(report.error, math.sqrt(err2 / ref2), rel_tol=1e-6, abs_tol=1e-9)

@@ -194,7 +194,7 @@ def test_several_active_adapters_add_up():
     x = torch.randn(4, 6)
     assert torch.allclose(model(x), x @ dense.T + layer.base.bias, atol=1e-6)
     with pytest.raises(AttributeError, match="2 active adapters"):
-        layer.lora_A
+        _ = layer.lora_A
 
 
 # ------------------------------------------------------------------ shared frozen factors

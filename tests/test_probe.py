@@ -22,8 +22,8 @@ from asymlora.analysis.probe import (
     smallest_rank,
     summarize,
 )
-from asymlora.cli.main import main
 from asymlora.analysis.probe_run import classification_loss, find_targets
+from asymlora.cli.main import main
 from asymlora.errors import UserError
 from asymlora.theory import (
     LinearProblem,

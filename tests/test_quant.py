@@ -94,7 +94,8 @@ def test_step0_equals_quantized_base_exactly(scheme, tokens):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("preset,trained", [("b-only", {"lora_B"}), ("a-only", {"lora_A"}), ("lora", {"lora_A", "lora_B"})])
+@pytest.mark.parametrize("preset,trained", [("b-only", {"lora_B"}), ("a-only", {"lora_A"}),
+                                            ("lora", {"lora_A", "lora_B"})])
 def test_gradient_only_to_the_trained_factor(scheme, preset, trained, tokens):
     model = adapted(scheme, preset)
     model(tokens).logits.pow(2).mean().backward()
@@ -134,7 +135,7 @@ def test_fit_trains_B_and_leaves_the_quantized_base_alone(scheme):
     model = quantized_llama(scheme)
     wrap(model, AsymLoraConfig.preset("b-only", r=4, target_modules=ALL_LINEAR))
     layers = lora_layers(model)
-    before = {n: (quant.float_weight(l.base), l.lora_A.clone()) for n, l in layers.items()}
+    before = {n: (quant.float_weight(layer.base), layer.lora_A.clone()) for n, layer in layers.items()}
     g = torch.Generator().manual_seed(3)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 9), generator=g)]
     collate = lambda items: {k: torch.stack([it[k] for it in items]) for k in items[0]}  # noqa: E731

@@ -49,7 +49,8 @@ def test_qa_reader_on_the_bundled_files():
     # with an article and punctuation, all match; another question's answer does not
     p = next(p for p in trivia if len(p.answers) > 1)
     assert D.exact_match(p.answers[0], p.answers) and D.exact_match(f"The {p.answers[1].upper()}!", p.answers)
-    other = next(q for q in trivia if not set(map(D.normalize_answer, q.answers)) & set(map(D.normalize_answer, p.answers)))
+    answers = set(map(D.normalize_answer, p.answers))
+    other = next(q for q in trivia if not set(map(D.normalize_answer, q.answers)) & answers)
     assert not D.exact_match(other.answers[0], p.answers)
 
 
@@ -111,7 +112,8 @@ def test_exact_match_rises_when_the_answers_are_learnt(tiny_chat_llama):  # noqa
     """60 full fine-tuning steps on a fixed set of 8 questions with the response-only
     loss: the tuned model answers them (exact match ≥ 7/8), the untuned one does not."""
     colours = ["red", "green", "blue", "black", "white", "yellow", "red", "blue"]
-    pairs = [D.QAPair(f"What colour is item {k}?", (c,), "synthetic") for k, c in zip((2, 5, 8, 11, 14, 17, 20, 23), colours)]
+    pairs = [D.QAPair(f"What colour is item {k}?", (c,), "synthetic")
+             for k, c in zip((2, 5, 8, 11, 14, 17, 20, 23), colours)]
     lm, tok = _load(tiny_chat_llama)
     ds = D.ChatQADataset(pairs, tok, 64)
     assert len(ds) == len(pairs)

@@ -132,7 +132,8 @@ def test_guard_fails_tests_that_leak_global_state(inner):
     errored = set(re.findall(r"^ERROR test_leaky\.py::(\w+)", out, flags=re.M))
     assert errored == {"test_threads", "test_dtype", "test_grad_mode", "test_silences_warnings"}
     for what in ("torch.get_num_threads(): ", "torch.get_default_dtype(): torch.float32 -> torch.float64",
-                 "torch.is_grad_enabled(): True -> False", "blanket warning ignores: added FutureWarning, removed none"):
+                 "torch.is_grad_enabled(): True -> False",
+                 "blanket warning ignores: added FutureWarning, removed none"):
         assert "the test left global state changed (restore it where you change it): " + what in out, what
     assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
 
@@ -251,7 +252,8 @@ def test_no_test_skips_on_a_missing_import_by_hand():
     """Every optional import in the suite goes through conftest.require (CI fails on a missing
     one), and the package's own modules are imported plainly (conftest.py's asset checks look
     for the bundled packages themselves, and fail a CI run too)."""
-    offenders = [f"{p.name}:{i}" for p in sorted(HERE.glob("*.py")) if p.name not in ("test_suite_guards.py", "conftest.py")
+    offenders = [f"{p.name}:{i}" for p in sorted(HERE.glob("*.py"))
+                 if p.name not in ("test_suite_guards.py", "conftest.py")
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if "importorskip(" in line or re.search(r"find_spec\(\"(?!asymlora)", line)]
     assert offenders == []

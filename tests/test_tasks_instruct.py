@@ -27,8 +27,8 @@ def _mmlu_rows(n: int, offset: int) -> list[list[str]]:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("instruct")
-    alpaca = [{"instruction": f"Add {i} and {i}.", "input": "" if i % 2 else f"numbers {i}", "output": f"It is {2 * i}."}
-              for i in range(12)]
+    alpaca = [{"instruction": f"Add {i} and {i}.", "input": "" if i % 2 else f"numbers {i}",
+               "output": f"It is {2 * i}."} for i in range(12)]
     (root / "alpaca_data.json").write_text(json.dumps(alpaca))
     for split, n in (("dev", 5), ("test", 4)):
         (root / "mmlu" / split).mkdir(parents=True)

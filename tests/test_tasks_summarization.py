@@ -51,7 +51,8 @@ def tiny_bart(tmp_path_factory) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator([d for d, _ in _docs(50, 0)],
-                            trainers.BpeTrainer(vocab_size=350, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                            trainers.BpeTrainer(vocab_size=350,
+                                                special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",

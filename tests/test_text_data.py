@@ -95,7 +95,8 @@ def test_datasets_saved_to_disk(tmp_path):
     feats = datasets.Features({"text": datasets.Value("string"),
                                "label": datasets.ClassLabel(names=["cat", "dog", "fish"])})
     mk = lambda rs: datasets.Dataset.from_dict(  # noqa: E731
-        {"text": [r["sentence"] for r in rs], "label": [["cat", "dog", "fish"].index(r["y"]) for r in rs]}, features=feats)
+        {"text": [r["sentence"] for r in rs], "label": [["cat", "dog", "fish"].index(r["y"]) for r in rs]},
+        features=feats)
     dd = datasets.DatasetDict({"train": mk(rows[:18]), "validation": mk(rows[18:24]), "test": mk(rows[24:])})
     dd.save_to_disk(str(tmp_path / "dd"))
     ds = tc.load_text_dataset(str(tmp_path / "dd"))

@@ -40,9 +40,9 @@ def exact_moment_sample(rng, Sigma, d_out, sigma2, n=400):
     """Samples X (d_in×n), noise N (d_out×n) whose empirical moments are exact:
     X Xᵀ/n = Σ, N Nᵀ/n = σ² I, X Nᵀ = 0 — rows of a random orthogonal matrix, scaled."""
     d_in = Sigma.shape[0]
-    O, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    Z = O[:d_in] * math.sqrt(n)
-    Nz = O[d_in : d_in + d_out] * math.sqrt(n)
+    orth, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    Z = orth[:d_in] * math.sqrt(n)
+    Nz = orth[d_in : d_in + d_out] * math.sqrt(n)
     return sqrt_psd(Sigma) @ Z, math.sqrt(sigma2) * Nz
 
 
@@ -67,7 +67,7 @@ def test_loss_formula_matches_sample_average():
 @pytest.mark.parametrize("orthonormal", [True, False])
 def test_lemma41_matches_lstsq(sigma_rank, orthonormal):
     rng = np.random.default_rng(1 + (sigma_rank or 0))
-    for trial in range(5):
+    for _ in range(5):
         prob, (W0, Wt, Sigma, s2) = random_problem(rng, sigma_rank=sigma_rank)
         r = 3
         Q = L.haar_orthonormal(prob.d_in, r, rng).T if orthonormal else rng.standard_normal((r, prob.d_in))
@@ -92,7 +92,7 @@ def test_lemma41_matches_lstsq(sigma_rank, orthonormal):
 @pytest.mark.parametrize("sigma_rank", [None, 4])
 def test_lemma42_matches_lstsq(sigma_rank):
     rng = np.random.default_rng(7)
-    for trial in range(5):
+    for _ in range(5):
         prob, (W0, Wt, Sigma, s2) = random_problem(rng, sigma_rank=sigma_rank)
         r = 3
         U = L.haar_orthonormal(prob.d_out, r, rng)
@@ -373,7 +373,8 @@ def test_cli_bad_input_and_bare_help(tmp_path, capsys):
     assert "valid: isotropic" in capsys.readouterr().err
     assert main(["theory", "bound", "--model", "no-such-model", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == ("asymlora theory bound: error: unknown model 'no-such-model': not a "
-                                               "preset (llama-2-7b, roberta-large, bart-large, vit-base) and no such path")
+                                               "preset (llama-2-7b, roberta-large, bart-large, vit-base) "
+                                               "and no such path")
     assert not (tmp_path / "bound.json").exists()
     assert main(["theory"]) == 0
     assert "simulate" in capsys.readouterr().out

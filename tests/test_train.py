@@ -252,16 +252,16 @@ def test_frozen_factors_unchanged_trained_ones_change(preset, frozen, trained):
     model = wrapped_bert(preset)
     layers = lora_layers(model)
     assert layers
-    before_frozen = {n: getattr(l, frozen).clone() for n, l in layers.items()}
-    before_trained = {n: getattr(l, trained).detach().clone() for n, l in layers.items()}
-    before_base = {n: l.base.weight.detach().clone() for n, l in layers.items()}
+    before_frozen = {n: getattr(layer, frozen).clone() for n, layer in layers.items()}
+    before_trained = {n: getattr(layer, trained).detach().clone() for n, layer in layers.items()}
+    before_base = {n: layer.base.weight.detach().clone() for n, layer in layers.items()}
     head = model.classifier.weight.detach().clone()
     data = token_data()
     fit(model, data, collate, TrainArgs(lr=1e-2, max_steps=4, batch_size=8, progress=False))
-    for n, l in layers.items():
-        assert torch.equal(getattr(l, frozen), before_frozen[n]), f"{n}.{frozen} changed"
-        assert torch.equal(l.base.weight, before_base[n]), f"{n} base weight changed"
-        assert not torch.equal(getattr(l, trained), before_trained[n]), f"{n}.{trained} did not change"
+    for n, layer in layers.items():
+        assert torch.equal(getattr(layer, frozen), before_frozen[n]), f"{n}.{frozen} changed"
+        assert torch.equal(layer.base.weight, before_base[n]), f"{n} base weight changed"
+        assert not torch.equal(getattr(layer, trained), before_trained[n]), f"{n}.{trained} did not change"
     assert not torch.equal(model.classifier.weight, head)
 
 
@@ -350,15 +350,15 @@ def test_transformers_trainer_trains_a_wrapped_model(tmp_path):
 
     model = wrapped_bert("b-only", dropout=0.0)
     layers = lora_layers(model)
-    a0 = {n: l.lora_A.clone() for n, l in layers.items()}
-    b0 = {n: l.lora_B.detach().clone() for n, l in layers.items()}
+    a0 = {n: layer.lora_A.clone() for n, layer in layers.items()}
+    b0 = {n: layer.lora_B.detach().clone() for n, layer in layers.items()}
     targs = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8,
                               learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
                               logging_strategy="no", disable_tqdm=True)
     Trainer(model=model, args=targs, train_dataset=token_data(), data_collator=collate).train()
-    for n, l in layers.items():
-        assert torch.equal(l.lora_A, a0[n])
-        assert not torch.equal(l.lora_B, b0[n])
+    for n, layer in layers.items():
+        assert torch.equal(layer.lora_A, a0[n])
+        assert not torch.equal(layer.lora_B, b0[n])
 
 
 # ----------------------------------------------------------------------------- DDP

@@ -62,7 +62,8 @@ def test_resume_refuses_another_global_batch_or_length(finished_run, change, now
     before = files(finished_run)
     model = Toy(seed=1)
     w0 = trainable_state(model)
-    args = TrainArgs(output_dir=str(finished_run), resume=True, **{**KW, "max_steps": 4, "checkpoint_every": 2, **change})
+    args = TrainArgs(output_dir=str(finished_run), resume=True,
+                     **{**KW, "max_steps": 4, "checkpoint_every": 2, **change})
     expect = f"written with world_size=1, global batch 8, 4 steps; this run has world_size=1, {now}: they must match"
     with pytest.raises(ValueError, match=re.escape(expect)):
         fit(model, toy_data(), collate, args)

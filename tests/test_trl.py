@@ -15,17 +15,16 @@ from asymlora.core.adapters import add_adapter, set_adapter
 from asymlora.core.inject import lora_layers
 from asymlora.errors import UserError
 from asymlora.formats.peft import convert_to_peft
-from conftest import require
-
-require("trl")
-from trl import SFTConfig, SFTTrainer  # noqa: E402
-
-from asymlora.integrations.trl import (
+from asymlora.integrations.trl import (  # needs transformers and accelerate, not trl
     ADAPTER_DIR,
     AsymLoraCallback,
     adapter_trainable_parameters,
     check_for_trainer,
 )
+from conftest import require
+
+require("trl")
+from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trl_sft.py"
 _spec = importlib.util.spec_from_file_location("trl_sft_example", EXAMPLE)
@@ -90,7 +89,8 @@ def test_sft_round_trip(tmp_path, preset, data):
     assert trained == {f"{n}.{f}" for n in layers for f in factor} == set(adapter_trainable_parameters(model))
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == trained  # every trained factor changed (gradient checkpointing is on), frozen ones bit-for-bit not
+    # every trained factor changed (gradient checkpointing is on), frozen ones bit-for-bit not
+    assert changed == trained
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert len(losses) == 6 and sum(losses[-2:]) / 2 < losses[0]
 
@@ -204,7 +204,8 @@ def test_example_main(tmp_path, capsys, monkeypatch):
         return real_difference(a, b, ids)
 
     monkeypatch.setattr(example, "max_logit_difference", keep_trained)
-    out = example.main(["--steps", "4", "-r", "2", "--output", str(tmp_path), "--target-modules", "q_proj,v_proj"])
+    out = example.main(["--max-steps", "4", "-r", "2", "--output-dir", str(tmp_path),
+                        "--target-modules", "q_proj,v_proj"])
     assert out["losses"][-1] < out["losses"][0]
     # checked here, not by the example's own numbers: on every training prompt, the trained model,
     # its adapter loaded onto a fresh base and the PEFT conversion loaded by PEFT give the same
@@ -231,5 +232,5 @@ def test_example_rejects_bad_data(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n')
     with pytest.raises(UserError, match="line 1: need string fields 'prompt' and 'completion'"):
-        example.main(["--data", str(bad), "--output", str(tmp_path / "out")])
+        example.main(["--data", str(bad), "--output-dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()

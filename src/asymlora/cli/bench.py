@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         bad = [b for b in args.only or [] if b not in suite.BENCHMARKS]
         p.check(not bad, f"unknown benchmark(s) {bad}; valid: {', '.join(suite.BENCHMARKS)}")
     p.raise_if_any()
-    argv = (["--quick"] if args.quick else []) + (["--out", args.output_dir] if args.output_dir else [])
+    argv = (["--quick"] if args.quick else []) + (["--output-dir", args.output_dir] if args.output_dir else [])
     argv += (["--only", *args.only] if args.only else []) + ["--threads", str(args.threads)]
     argv += ["--merge"] if args.merge else []
     return int(suite.main(argv) or 0)
