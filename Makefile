@@ -29,9 +29,9 @@ install-test: install
 	$(PIP) install -e ".[test]"
 
 # The main job: head-only / lora / b-only on the bundled model and data, each at its own learning
-# rate, a fixed budget of 240 steps with a decaying rate, 3 paired seeds, a verdict with its
-# interval. Measured on 2 cores of an Intel Xeon, whole process: 258-287 s with native
-# bf16 (AVX512-BF16/AMX), 420 s without (median of 3; fp32, as on an AVX2-only CPU); README, "Two commands".
+# rate, a fixed budget of 360 steps with a decaying rate, 3 paired seeds, a verdict with its
+# interval. Measured on 2 cores of an Intel Xeon, whole process: 318 s with native bf16
+# (AVX512-BF16/AMX), 588 s without (fp32, as on an AVX2-only CPU; medians of 2); README, "Two commands".
 demo: install
 	HF_HUB_OFFLINE=1 asymlora compare
 

@@ -24,9 +24,9 @@ rule (constant rate, stop after --patience evaluations without a new best, best 
 
 With no arguments: the bundled all-MiniLM-L6-v2 encoder on topic classification of Debian
 fortunes (5 classes); strategies head-only, lora r=8 and b-only r=8; lr grid 1e-3, 3e-3, 1e-2;
-seeds 0 1 2; 240 steps of batch 16, 48 tokens. Measured on 2 cores of an Intel Xeon as a whole
-process: 258-287 s with native bf16 (AVX512-BF16/AMX), 420 s without (median of 3; AVX2
-only: fp32, as with --mixed-precision no); README, "Two commands". Writes results.json (with the time per phase),
+seeds 0 1 2; 360 steps of batch 16, 48 tokens. Measured on 2 cores of an Intel Xeon as a whole
+process: 318 s with native bf16 (AVX512-BF16/AMX), 588 s without (AVX2 only: fp32, as with
+--mixed-precision no; medians of 2); README, "Two commands". Writes results.json (with the time per phase),
 results.csv, results.md, metric_by_strategy.png, training_curves.png, lr_selection.png and verdicts.png.
 
 Strategies: lora | b-only | a-only | head-only | peft-lora | peft-lora-fa, with an optional @Kr

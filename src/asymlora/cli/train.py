@@ -13,7 +13,7 @@ from asymlora.cli.options import (
     add_quantize,
     str_list,
 )
-from asymlora.sweep.budget import DEFAULT, QUICK, TRAIN_LR
+from asymlora.sweep.budget import DEFAULT, QUICK, TRAIN_EVAL_EVERY, TRAIN_LR
 
 DESCRIPTION = """\
 Fine-tune a pretrained classifier with one adapter strategy and seed, on the same tasks as
@@ -43,7 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {DEFAULT.batch_size})")
     p.add_argument("--max-length", type=int, default=None, help=f"max tokens (default: {DEFAULT.max_length})")
     p.add_argument("--eval-every", type=int, default=None,
-                   help=f"validate every N steps (default: {DEFAULT.eval_every})")
+                   help=f"validate every N steps (default: {TRAIN_EVAL_EVERY})")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default: eval-every)")
     add_list(p, "--target-modules", kind=str_list, default=None,
              help="adapted module names, commas or spaces (default: per architecture)")
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     b = QUICK if args.quick else DEFAULT
     pick = lambda v, d: d if v is None else v  # noqa: E731
     r = pick(args.rank, b.r)
-    eval_every = pick(args.eval_every, b.eval_every)
+    eval_every = pick(args.eval_every, b.eval_every if args.quick else TRAIN_EVAL_EVERY)
     # an unknown strategy is reported by cfg.problems() below; its lr default is then moot
     lr = pick(args.lr, TRAIN_LR.get(args.strategy.split("@")[0].strip(), TRAIN_LR["b-only"]))
     cfg = CompareConfig(
