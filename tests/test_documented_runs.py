@@ -23,7 +23,7 @@ def _settings(folder: str) -> dict:
     return results["settings"]
 
 
-def _check_protocol(settings: dict, max_steps: int) -> None:
+def _check_protocol(settings: dict, max_steps: int, strategies: tuple[str, ...] = DEFAULT_STRATEGIES) -> None:
     assert settings["max_steps"] == max_steps
     assert settings["stopping"] == "budget"
     assert settings["lr_grid"] == list(DEFAULT.lrs)
@@ -34,7 +34,7 @@ def _check_protocol(settings: dict, max_steps: int) -> None:
     assert settings["max_length"] == DEFAULT.max_length
     assert settings["seeds"] == list(DEFAULT.seeds)
     assert settings["ranks"] == [DEFAULT.r]
-    assert [s.split(" ")[0] for s in settings["strategies"]] == list(DEFAULT_STRATEGIES)
+    assert [s.split(" ")[0] for s in settings["strategies"]] == list(strategies)
     assert settings["quick"] is False
 
 
@@ -55,3 +55,10 @@ def test_documented_twins_train_twice_as_long_and_change_nothing_else(folder, da
     settings = _settings(folder)
     _check_protocol(settings, 2 * DEFAULT.max_steps)
     assert settings["data"] == data
+
+
+def test_documented_five_strategy_run_uses_the_default_protocol():
+    settings = _settings("compare-five-strategies")
+    _check_protocol(settings, DEFAULT.max_steps,
+                    strategies=("head-only", "lora", "b-only", "a-only", "peft-lora", "peft-lora-fa"))
+    assert settings["data"] == "fortunes" and settings["precision_used"] == "bf16"
