@@ -36,6 +36,11 @@ def _check_protocol(settings: dict, max_steps: int, strategies: tuple[str, ...] 
     assert settings["ranks"] == [DEFAULT.r]
     assert [s.split(" ")[0] for s in settings["strategies"]] == list(strategies)
     assert settings["quick"] is False
+    # the scored splits: whole unless the default caps them (a capped test split made the tweets
+    # verdict's word depend on the sampled texts, docs/compare-protocol.md)
+    for split, cap in (("val", DEFAULT.max_val), ("test", DEFAULT.max_test)):
+        available = settings["dataset"]["sizes"][split]
+        assert settings["used_sizes"][split] == (available if cap is None else min(cap, available)), split
 
 
 @pytest.mark.parametrize("folder,data,precision", [

@@ -52,7 +52,7 @@ class Budget:
 
 
 DEFAULT = Budget(lrs=(1e-3, 3e-3, 1e-2), max_steps=360, eval_every=60, patience=3, min_steps=100, warmup_steps=15,
-                 batch_size=16, max_length=48, seeds=(0, 1, 2), max_train=None, max_val=1000, max_test=2000,
+                 batch_size=16, max_length=48, seeds=(0, 1, 2), max_train=None, max_val=1000, max_test=None,
                  max_lr_extensions=1)
 # About a minute: smaller subsets and a short cap, but the same protocol, and enough steps that
 # every adapter strategy learns (checked by the end-to-end test).
