@@ -36,3 +36,19 @@ def test_compare_prints_its_own_line_first(tmp_path):
         proc.wait()
         proc.stdout.close()
     assert COMPARE_FIRST_LINE.match(first), f"first line of output: {first!r}"
+
+
+def _progress_bar_enabled(start_command: bool) -> str:
+    """transformers' own verdict on its progress bars (the "Loading weights" bar is one) in a
+    fresh interpreter, with or without the command's start-up."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    env["PYTHONPATH"] = SRC + os.pathsep + os.environ.get("PYTHONPATH", "")
+    code = ("from asymlora.startup import start_command_process; start_command_process()\n" if start_command else "")
+    code += "from transformers.utils import logging; print(logging.is_progress_bar_enabled())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          check=True, timeout=300).stdout.strip()
+
+
+def test_command_processes_show_no_weight_loading_bar_and_the_library_leaves_it_alone():
+    assert _progress_bar_enabled(start_command=True) == "False"
+    assert _progress_bar_enabled(start_command=False) == "True"  # importing asymlora changes nothing

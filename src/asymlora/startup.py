@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 
-__all__ = ["offline", "quiet_third_party", "start_command_process"]
+__all__ = ["offline", "quiet_third_party", "no_loading_bars", "start_command_process"]
 
 # logger name -> message fragments dropped from it (see the module docstring)
 STARTUP_NOISE: dict[str, tuple[str, ...]] = {
@@ -59,7 +59,22 @@ def offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def no_loading_bars() -> None:
+    """No hub or transformers progress bars: offline there is nothing to download, and what is
+    left is transformers' "Loading weights" bar, which a causal LM prints before the command's
+    first line and again from each worker. ``HF_HUB_DISABLE_PROGRESS_BARS=1`` (unless the user set
+    it) reaches the processes this one starts before they import transformers; this process has
+    imported it already, so its switch is turned here. The command's own bars (``--no-progress``)
+    do not depend on either."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].upper() in ("1", "ON", "YES", "TRUE"):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def start_command_process() -> None:
-    """Both of the above: the first thing ``asymlora`` and each of its worker processes do."""
+    """All of the above: the first thing ``asymlora`` and each of its worker processes do."""
     offline()
     quiet_third_party()
+    no_loading_bars()
