@@ -326,13 +326,13 @@ def run_demo(
     (``settings.threads``) and global RNG (the head seed) are as before when it returns."""
     import torch
 
-    with torch.random.fork_rng(), torch_threads():
+    settings = settings or DemoSettings()
+    with torch.random.fork_rng(), torch_threads(settings.threads):
         return _run_demo(settings, out_dir, log)
 
 
-def _run_demo(settings: DemoSettings | None, out_dir: str | os.PathLike | None,
+def _run_demo(settings: DemoSettings, out_dir: str | os.PathLike | None,
               log: Callable[[str], None]) -> DemoResult:
-    settings = settings or DemoSettings()
     settings.validate()
     model_path = settings.model_path or default_model_path()
 
@@ -353,8 +353,6 @@ def _run_demo(settings: DemoSettings | None, out_dir: str | os.PathLike | None,
     from asymlora.training.loop import TrainArgs, fit
 
     t0 = time.time()
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
     hf_logging.set_verbosity_error()
     specs = design_runs(settings.tasks, settings.init_seeds)
     tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
