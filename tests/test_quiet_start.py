@@ -43,7 +43,8 @@ def _progress_bar_enabled(start_command: bool) -> str:
     fresh interpreter, with or without the command's start-up."""
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
     env["PYTHONPATH"] = SRC + os.pathsep + os.environ.get("PYTHONPATH", "")
-    code = ("from asymlora.startup import start_command_process; start_command_process()\n" if start_command else "")
+    code = ("from asymlora.startup import start_command_process; start_command_process()\n" if start_command
+            else "import asymlora, asymlora.startup\n")
     code += "from transformers.utils import logging; print(logging.is_progress_bar_enabled())"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           check=True, timeout=300).stdout.strip()
