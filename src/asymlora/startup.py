@@ -66,8 +66,10 @@ def no_loading_bars() -> None:
     it) reaches the processes this one starts before they import transformers; this process has
     imported it already, so its switch is turned here. The command's own bars (``--no-progress``)
     do not depend on either."""
+    from huggingface_hub.constants import ENV_VARS_TRUE_VALUES  # how the hub itself reads the variable
+
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].upper() in ("1", "ON", "YES", "TRUE"):
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].upper() in ENV_VARS_TRUE_VALUES:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
