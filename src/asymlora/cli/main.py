@@ -120,9 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as err:  # SIGINT, or SIGTERM during a sweep (asymlora.sweep.interrupt)
         signum = getattr(err, "signum", signal.SIGINT)
-        saved = os.path.join(out, "results.json") if out else None
-        kept = (f"; the finished runs are kept in {saved} (add --resume to go on)"
-                if saved and os.path.isfile(saved) else "")
+        from asymlora.sweep.outdir import partial_results
+
+        saved = partial_results(out) if out and os.path.isdir(out) else None
+        kept = f"; the finished runs are kept in {saved} (add --resume to go on)" if saved else ""
         print(f"{_command_name(args)}: stopped by {signal.Signals(signum).name}{kept}", file=sys.stderr)
         if hasattr(err, "signum"):  # a sweep: its workers are stopped and its results on disk; skip the
             sys.stdout.flush()      # interpreter's teardown of the loaded models (tens of seconds on a busy

@@ -84,6 +84,10 @@ def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targ
     p.add_argument("--resume", action="store_true",
                    help="go on with the interrupted sweep in --output-dir: its finished runs are kept, the others "
                         "run (refused when the settings, the data or the model differ from the saved ones)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new sweep in an --output-dir that holds an earlier one; the earlier results are "
+                        "replaced only once the new sweep completes (without it, or --resume, such a folder "
+                        "is refused)")
 
 
 _PROTOCOL_KEYS = ("strategies", "ranks", "seeds", "lrs", "max_lr_extensions", "stopping", "max_steps", "eval_every",
@@ -96,7 +100,7 @@ def protocol_settings(args: argparse.Namespace, d: dict) -> dict:
     out = {k: d[k] if getattr(args, k) is None else getattr(args, k) for k in _PROTOCOL_KEYS}
     out.update(lr=args.lr, margin=(1.0 if args.margin is None else args.margin) / 100, threads=args.threads,
                workers=args.workers, mixed_precision=args.mixed_precision, progress=not args.no_progress,
-               prune=not args.no_prune, resume=args.resume, backend=args.backend,
+               prune=not args.no_prune, resume=args.resume, overwrite=args.overwrite, backend=args.backend,
                ray_address=args.ray_address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
     if args.schedule is not None:
         out["schedule"] = args.schedule

@@ -23,8 +23,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ from asymlora.sweep.backends import (
 )
 from asymlora.sweep.engine import run_jobs
 from asymlora.sweep.interrupt import stop_on_signals
+from asymlora.sweep.outdir import RESULTS, SweepFolder, check_output_dir
 from asymlora.sweep.resume import (
     Journal,
     check_fingerprints,
@@ -133,17 +134,18 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
 
     specs = cfg.runs()
     phases = Phases()
+    check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)  # an earlier sweep is never lost by accident
     saved = load_partial(cfg.output_dir) if cfg.resume else None
     fingerprints = {"settings": settings_fingerprint(cfg, cfg.NOT_IN_FINGERPRINT)}
     if saved:  # refused before anything is loaded when the settings differ
         check_fingerprints(saved["fingerprints"], fingerprints, cfg.output_dir)
+    folder = SweepFolder(cfg.output_dir, saved)
+    cfg = replace(cfg, checkpoint_dir=folder.checkpoints)  # this sweep's own: no earlier checkpoint is taken
     task = prepare_task(cfg)
     fingerprints.update(data=data_fingerprint(task.train_ds, task.val_ds, task.test_ds),
                         model=model_fingerprint(task.model_path))
     if saved:
         check_fingerprints(saved["fingerprints"], fingerprints, cfg.output_dir)
-    else:  # a fresh sweep: no checkpoint of an earlier one may be taken for this one's
-        shutil.rmtree(os.path.join(cfg.output_dir, "runs"), ignore_errors=True)
     journal = Journal(saved["journal"] if saved else ())
     phases.add("load", task.timings["load"])
     phases.add("tokenise", task.timings["tokenise"])
@@ -179,8 +181,8 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
         runs, selections = sched.ordered(specs)
         partial = assemble(cfg, settings, specs, runs, selections, phases, time.perf_counter() - t_start,
                            complete=False)
-        partial.update(fingerprints=fingerprints, journal=journal.to_json())  # what --resume reads
-        atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(partial, indent=1))
+        partial.update(fingerprints=fingerprints, journal=journal.to_json(), **folder.state())  # what --resume reads
+        atomic_write_text(folder.partial_path, json.dumps(partial, indent=1))
 
     local = InProcess((task, features), cfg, execute)
     pool = adapter_backend(cfg, workers, prepare_worker, execute)
@@ -192,7 +194,6 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
     run_jobs(first, lambda job: pool if (pool is not None and job.spec.is_adapter) else local,
              sched.book, sched.tag, checkpoint_results, [local, pool or local], journal=journal)
     settings["runs_wall_s"] = round(time.perf_counter() - t_runs, 2)
-    shutil.rmtree(os.path.join(cfg.output_dir, "runs"), ignore_errors=True)  # the paused pilots' checkpoints
     t = time.perf_counter()
     runs, selections = sched.ordered(specs)
     results = assemble(cfg, settings, specs, runs, selections, phases, time.perf_counter() - t_start, complete=True)
@@ -200,5 +201,6 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
     phases.add("report", time.perf_counter() - t)
     results["phases_s"] = phases.to_dict()
     results["total_time_s"] = time.perf_counter() - t_start
-    atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(results, indent=1))
+    atomic_write_text(os.path.join(cfg.output_dir, RESULTS), json.dumps(results, indent=1))
+    folder.finish()  # the paused pilots' checkpoints, and the partial results of an --overwrite
     return results

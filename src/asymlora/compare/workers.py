@@ -15,9 +15,11 @@ __all__ = ["prepare_worker", "execute", "run_dir"]
 
 
 def run_dir(cfg: CompareConfig, job: Job) -> str:
-    """Where the checkpoint of a paused run lives (``<output_dir>/runs/…``)."""
+    """Where the checkpoint of a paused run lives (under the sweep's own ``cfg.checkpoint_dir``,
+    ``<output_dir>/runs/<sweep id>/``: ``asymlora.sweep.outdir``)."""
     slug = job.spec.label.replace(" ", "").replace("=", "").replace("(", "").replace(")", "").replace("@", "x")
-    return os.path.join(cfg.output_dir, "runs", f"{slug}-seed{job.seed}-lr{job.lr:g}")
+    root = cfg.checkpoint_dir or os.path.join(cfg.output_dir, "runs")
+    return os.path.join(root, f"{slug}-seed{job.seed}-lr{job.lr:g}")
 
 
 def prepare_worker(cfg: CompareConfig) -> tuple[Task, None]:

@@ -43,6 +43,7 @@ from asymlora.sweep.backends import (
 )
 from asymlora.sweep.engine import run_jobs
 from asymlora.sweep.interrupt import stop_on_signals
+from asymlora.sweep.outdir import SweepFolder, check_output_dir
 from asymlora.sweep.resume import (
     Journal,
     check_fingerprints,
@@ -153,6 +154,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
     specs = cfg.runs()
     phases = Phases()
+    check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)  # an earlier sweep is never lost by accident
     saved = load_partial(cfg.output_dir) if cfg.resume else None
     fingerprints = {"settings": settings_fingerprint(cfg, cfg.NOT_IN_FINGERPRINT)}
     if saved:  # refused before anything is loaded when the settings differ
@@ -163,6 +165,7 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
     if saved:
         check_fingerprints(saved["fingerprints"], fingerprints, cfg.output_dir)
     journal = Journal(saved["journal"] if saved else ())
+    folder = SweepFolder(cfg.output_dir, saved)
     phases.add("load", task.timings["load"])
     phases.add("tokenise", task.timings["tokenise"])
     workers = worker_count(cfg, specs)
@@ -184,8 +187,8 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
     def checkpoint_results() -> None:
         runs, selections = sched.ordered(specs)
         partial = _assemble(cfg, settings, specs, runs, selections, {}, phases, t_start, complete=False)
-        partial.update(fingerprints=fingerprints, journal=journal.to_json())  # what --resume reads
-        atomic_write_text(os.path.join(cfg.output_dir, "results.json"), json.dumps(partial, indent=1))
+        partial.update(fingerprints=fingerprints, journal=journal.to_json(), **folder.state())  # what --resume reads
+        atomic_write_text(folder.partial_path, json.dumps(partial, indent=1))
 
     local = InProcess(task, cfg, _execute_job)
     pool = adapter_backend(cfg, workers, prepare_lm_task, _execute_job)
@@ -211,6 +214,7 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
         phases.add("benchmarks", time.perf_counter() - t)
     results = _assemble(cfg, settings, specs, runs, selections, bench, phases, t_start, complete=True)
     _write_reports(results, cfg.output_dir)
+    folder.finish()  # the partial results of an --overwrite
     return results
 
 

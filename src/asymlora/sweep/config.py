@@ -125,6 +125,8 @@ class SweepConfig:
     quick: bool = False
     progress: bool = True
     resume: bool = False                     # go on with the interrupted sweep in output_dir
+    overwrite: bool = False                  # replace an earlier sweep in output_dir once this one completes
+    checkpoint_dir: str | None = None        # paused runs' checkpoints (set by the sweep: asymlora.sweep.outdir)
     backend: str = "local"                   # where runs execute: local processes, or Ray tasks
     ray_address: str | None = None           # ray: "auto" or HOST:PORT of a running cluster; None = a local one
     cpus_per_run: float = 1                  # ray: CPUs a run asks for (its torch threads)
@@ -132,8 +134,8 @@ class SweepConfig:
 
     # fields that do not change a run's record: left out of the settings' fingerprint (--resume)
     NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("output_dir", "threads", "workers", "progress", "plots",
-                                                     "resume", "backend", "ray_address", "cpus_per_run",
-                                                     "gpus_per_run")
+                                                     "resume", "overwrite", "checkpoint_dir", "backend",
+                                                     "ray_address", "cpus_per_run", "gpus_per_run")
 
     # how the protocol ranks the pilot runs of the lr grid (asymlora.sweep.schedule.Schedule)
     selection_metric: ClassVar[str] = "val_accuracy"

@@ -8,7 +8,7 @@ three *fingerprints*: of the protocol's settings, of the data splits' contents a
 (config and weight files). ``--resume`` refuses, in one line, when any of them differs now;
 otherwise the journal is replayed (:class:`Journal`: a job already done is not computed again,
 its saved outcome is booked instead) and every other job runs as usual — a pilot paused at a
-rung continues from its checkpoint under ``<output_dir>/runs/``. The schedule's decisions depend
+rung continues from its checkpoint under ``<output_dir>/runs/<sweep id>/``. The schedule's decisions depend
 only on the outcomes, never on the order they arrive in, so a resumed sweep ends equal to an
 uninterrupted one."""
 from __future__ import annotations
@@ -115,9 +115,12 @@ class Journal:
 
 
 def load_partial(output_dir: str) -> dict[str, Any]:
-    """The saved results.json of an interrupted sweep in ``output_dir`` (UserError when there
-    is none, or when it finished)."""
-    path = os.path.join(output_dir, "results.json")
+    """The saved partial results of an interrupted sweep in ``output_dir`` (``results.json``, or
+    ``results.partial.json`` beside an earlier complete sweep: ``asymlora.sweep.outdir``);
+    UserError when there is none, or when it finished."""
+    from asymlora.sweep.outdir import RESULTS, partial_results
+
+    path = partial_results(output_dir) or os.path.join(output_dir, RESULTS)
     if not os.path.isfile(path):
         raise UserError(f"--resume: {path} does not exist; nothing to resume (run without --resume)")
     try:

@@ -1,0 +1,111 @@
+"""A second run never destroys the first (``asymlora.sweep.outdir``): a sweep into a folder that
+holds an earlier one is refused without --resume or --overwrite; with --overwrite the earlier
+results stay until the new ones are complete; nothing the user put in the folder is removed."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+
+from asymlora.cli.main import main
+from asymlora.sweep.outdir import PARTIAL, SweepFolder, check_output_dir
+
+needs_real = pytest.mark.needs_assets("minilm", "fortunes")
+
+EARLIER = {"complete": True, "settings": {"seeds": [7]}, "runs": [{"strategy": "lora r=4", "seed": 7}]}
+
+
+def earlier_sweep_with_user_files(folder):
+    """A folder holding an earlier complete sweep and files of the user's own (``runs/`` too)."""
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(EARLIER))
+    (folder / "runs").mkdir()
+    (folder / "runs" / "mine.txt").write_text("my notes")
+    (folder / "notes.md").write_text("mine too")
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def files_of(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["compare", "sft"])
+def test_a_sweep_into_a_folder_with_an_earlier_one_is_refused_before_any_work(tmp_path, capsys, command):
+    out = tmp_path / "d"
+    before = earlier_sweep_with_user_files(out)
+    assert main([command, "--quick", "--no-progress", "--seeds", "3", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"asymlora {command}: error: {out} holds an earlier sweep ({out}/results.json)")
+    assert "--resume" in err[0] and "--overwrite" in err[0]
+    assert files_of(out) == before  # nothing changed, nothing removed
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path):
+    from asymlora.errors import UserError
+
+    with pytest.raises(UserError, match="--resume and --overwrite"):
+        check_output_dir(str(tmp_path), resume=True, overwrite=True)
+
+
+def test_a_fresh_sweep_keeps_its_checkpoints_in_a_folder_of_its_own(tmp_path):
+    """A user's own runs/ is neither used nor removed; the sweep's subfolder is, and runs/ only
+    when the sweep made it."""
+    mine = tmp_path / "runs" / "mine"
+    mine.mkdir(parents=True)
+    folder = SweepFolder(str(tmp_path), None)
+    assert os.path.dirname(folder.checkpoints) == str(tmp_path / "runs") and not folder.made_runs
+    os.makedirs(os.path.join(folder.checkpoints, "lora-seed0-lr0.01"))
+    folder.finish()
+    assert not os.path.exists(folder.checkpoints) and mine.is_dir()
+    empty = tmp_path / "e"
+    empty.mkdir()
+    folder = SweepFolder(str(empty), None)
+    assert folder.made_runs and folder.partial_path == str(empty / "results.json")
+    os.makedirs(folder.checkpoints)
+    folder.finish()
+    assert list(empty.iterdir()) == []
+    # resumed: the same folder again, from what the partial results kept
+    again = SweepFolder(str(empty), {"sweep_folder": folder.state()["sweep_folder"]})
+    assert again.checkpoints == folder.checkpoints and again.made_runs
+
+
+@pytest.mark.slow
+@needs_real
+def test_overwrite_replaces_the_earlier_sweep_only_once_complete(tmp_path, monkeypatch, capsys):
+    """--overwrite interrupted part-way leaves the earlier results.json as it was (the new partial
+    results beside it); --resume completes the new sweep, which then replaces it. The user's own
+    files, runs/ included, are there throughout."""
+    from asymlora.compare import protocol
+
+    out = tmp_path / "d"
+    before = earlier_sweep_with_user_files(out)
+    flags = ["compare", "--quick", "--no-progress", "--no-plots", "--strategies", "lora", "--seeds", "0",
+             "--lrs", "0.003,0.03", "--max-steps", "40", "--eval-every", "5", "--workers", "1", "-o", str(out)]
+    real, calls = protocol.Schedule.book, []
+
+    def book_then_stop(self, job, result, tag):  # stop the sweep part-way, as Ctrl-C does
+        calls.append(job)
+        if len(calls) == 3:  # the two pilots' first segments are booked and saved
+            raise KeyboardInterrupt
+        return real(self, job, result, tag)
+
+    monkeypatch.setattr(protocol.Schedule, "book", book_then_stop)
+    assert main([*flags, "--overwrite"]) == 128 + 2
+    assert "the finished runs are kept in " + str(out / PARTIAL) in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text()) == EARLIER
+    assert json.loads((out / PARTIAL).read_text())["complete"] is False
+    assert {k: v for k, v in files_of(out).items() if k in before} == before
+    monkeypatch.setattr(protocol.Schedule, "book", real)
+    assert main([*flags, "--resume"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["complete"] is True and res["settings"]["seeds"] == [0]
+    assert not (out / PARTIAL).exists()
+    kept = files_of(out)
+    assert kept[Path("runs", "mine.txt")] == b"my notes" and kept[Path("notes.md")] == b"mine too"
+    assert sorted(os.listdir(out / "runs")) == ["mine.txt"]  # the sweep's checkpoints are gone, nothing else
