@@ -24,8 +24,13 @@ from asymlora.sweep.plots import save_figure, write_verdict_plot
 __all__ = ["write_plots"]
 
 
+def _finished(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The summary rows of the strategies with finished runs (not every rate diverged)."""
+    return [r for r in results["summary"] if not r.get("all_diverged")]
+
+
 def _bars(plt: Any, results: dict[str, Any], path: str) -> str:
-    summary = results["summary"]
+    summary = _finished(results)
     labels = [r["strategy"] for r in summary]
     x = np.arange(len(labels))
     wd = 0.38
@@ -36,7 +41,7 @@ def _bars(plt: Any, results: dict[str, Any], path: str) -> str:
         bars = ax.bar(x + (j - 0.5) * wd, means, wd, yerr=stds, capsize=4, label=f"test {name}")
         for b, m, sd in zip(bars, means, stds):
             ax.text(b.get_x() + b.get_width() / 2, m + sd + 1.5, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
-        for run in results["runs"]:
+        for run in (r for r in results["runs"] if not r.get("diverged")):
             ax.plot(labels.index(run["strategy"]) + (j - 0.5) * wd, 100 * run[key], "k.", ms=4, alpha=0.6)
     ticks = [f"{lab}\n{r['trainable_params']:,} params\nlr {r['lr_mean']:g}" for lab, r in zip(labels, summary)]
     ax.set_xticks(x, ticks, fontsize=8)
@@ -58,7 +63,7 @@ def _bars(plt: Any, results: dict[str, Any], path: str) -> str:
 
 
 def _curves(plt: Any, results: dict[str, Any], path: str) -> str:
-    labels = [r["strategy"] for r in results["summary"]]
+    labels = [r["strategy"] for r in _finished(results)]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for c, lab in enumerate(labels):
@@ -94,12 +99,19 @@ def _curves(plt: Any, results: dict[str, Any], path: str) -> str:
 def _lr_selection(plt: Any, results: dict[str, Any], path: str) -> str:
     fig, ax = plt.subplots(figsize=(6, 4))
     for sel in results["lr_selection"]:
-        lrs = [g["lr"] for g in sel["grid"]]
-        vals = [100 * g["val_accuracy"] for g in sel["grid"]]
-        line, = ax.plot(lrs, vals, "o-", label=f"{sel['strategy']} → {sel['chosen_lr']:g}")
-        ax.plot(sel["chosen_lr"], 100 * dict(zip(lrs, [g["val_accuracy"] for g in sel["grid"]]))[sel["chosen_lr"]],
-                "o", ms=12, mfc="none", color=line.get_color())
+        scored = [g for g in sel["grid"] if g.get("diverged_at_step") is None]
+        lrs = [g["lr"] for g in scored]
+        vals = [100 * g["val_accuracy"] for g in scored]
+        chosen = "every rate diverged" if sel["chosen_lr"] is None else f"{sel['chosen_lr']:g}"
+        line, = ax.plot(lrs, vals, "o-", label=f"{sel['strategy']} → {chosen}")
+        if sel["chosen_lr"] is not None:
+            ax.plot(sel["chosen_lr"], 100 * dict(zip(lrs, [g["val_accuracy"] for g in scored]))[sel["chosen_lr"]],
+                    "o", ms=12, mfc="none", color=line.get_color())
         for g in sel["grid"]:
+            if g.get("diverged_at_step") is not None:  # drawn at the bottom: it has no score
+                ax.plot(g["lr"], 0, "v", ms=9, color=line.get_color(), clip_on=False)
+                ax.annotate(f"diverged at step {g['diverged_at_step']}", (g["lr"], 0), fontsize=7,
+                            textcoords="offset points", xytext=(4, 6), color=line.get_color())
             if g.get("pruned_at_step") is not None:
                 ax.plot(g["lr"], 100 * g["val_accuracy"], "x", ms=9, color=line.get_color())
                 ax.annotate(f"pruned at {g['pruned_at_step']}", (g["lr"], 100 * g["val_accuracy"]), fontsize=7,

@@ -10,6 +10,7 @@ from typing import Any
 
 from asymlora.compare.config import CompareConfig, StrategySpec
 from asymlora.fileio import atomic_write_text
+from asymlora.sweep.divergence import DIVERGED_NOTE, all_diverged_rows, diverged_cell
 from asymlora.sweep.stats import paired_verdicts, summarize_runs
 from asymlora.text import mean_pm
 
@@ -31,7 +32,9 @@ def assemble(cfg: CompareConfig, settings: dict[str, Any], specs: list[StrategyS
     """The results dict written to results.json."""
     verdicts = paired_verdicts(runs, specs, cfg.margin)
     return {"complete": complete, "settings": settings, "total_time_s": elapsed, "phases_s": phases.to_dict(),
-            "lr_selection": selections, "summary": summarize(runs, [s.label for s in specs]),
+            "lr_selection": selections,
+            "summary": all_diverged_rows(summarize(runs, [s.label for s in specs]), selections,
+                                         [s.label for s in specs]),
             "verdicts": [v.to_dict() for v in verdicts], "verdict_lines": [v.line() for v in verdicts],
             "runs": runs}
 
@@ -46,6 +49,9 @@ def format_table(summary: list[dict[str, Any]], markdown: bool = False) -> str:
     head += ["saved act. (MiB)"]
     body = []
     for r in summary:
+        if r.get("all_diverged"):
+            body.append([r["strategy"], "-", "-", diverged_cell(r)] + [""] * (len(head) - 4))
+            continue
         row = [
             r["strategy"], f"{r['trainable_params']:,}", f"{r['lr_mean']:g}",
             mean_pm(r["test_accuracy_mean"], r["test_accuracy_std"], scale=100),
@@ -54,6 +60,8 @@ def format_table(summary: list[dict[str, Any]], markdown: bool = False) -> str:
         ]
         row += [f"{r['best_step_mean']:.0f}", f"{r['plateaued']}/{r['n']}"] if plateau else [f"{r['steps_mean']:.0f}"]
         row += [f"{r.get('saved_activation_bytes_mean', float('nan')) / 2**20:,.1f}"]
+        if r.get("diverged"):
+            row[3] += f" ({r['diverged']} diverged)"
         body.append(row)
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
@@ -84,8 +92,8 @@ def _csv(results: dict[str, Any]) -> str:
 
 def _markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
-    sel = "; ".join(f"{x['strategy']} {x['chosen_lr']:g}" + (f" ({x['at_edge']} edge of the grid)"
-                                                              if x.get("at_edge") else "")
+    sel = "; ".join(f"{x['strategy']} " + (DIVERGED_NOTE if x["chosen_lr"] is None else f"{x['chosen_lr']:g}")
+                    + (f" ({x['at_edge']} edge of the grid)" if x.get("at_edge") else "")
                     for x in results["lr_selection"])
     grid = ", ".join(f"{x:g}" for x in s["lr_grid"])
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in results["phases_s"].items())

@@ -10,6 +10,7 @@ from asymlora.compare.config import CompareConfig
 from asymlora.compare.run import execute_run
 from asymlora.compare.task import HeadFeatures, Task, prepare_task
 from asymlora.sweep.backends import Job
+from asymlora.sweep.divergence import run_or_diverged
 
 __all__ = ["prepare_worker", "execute", "run_dir"]
 
@@ -30,10 +31,16 @@ def prepare_worker(cfg: CompareConfig) -> tuple[Task, None]:
 
 def execute(state: tuple[Task, dict[str, HeadFeatures] | None], cfg: CompareConfig, job: Job,
             tag: str) -> tuple[dict[str, Any], float]:
-    """One job of a compare sweep: (record, seconds spent evaluating)."""
+    """One job of a compare sweep: (record, seconds spent evaluating); a run whose loss became
+    non-finite gives its diverged record."""
     task, features = state
     desc = f"{tag} {job.spec.label} " + (f"lr {job.lr:g}" if job.pilot else f"seed {job.seed}")
     segmented = job.until is not None or job.resume
-    out = execute_run(task, job.spec, job.seed, job.lr, cfg, desc=desc, features=features, pilot=job.pilot,
-                    output_dir=run_dir(cfg, job) if segmented else None, resume=job.resume, pause_at=job.until)
-    return out.record, out.eval_seconds
+
+    def run() -> tuple[dict[str, Any], float]:
+        out = execute_run(task, job.spec, job.seed, job.lr, cfg, desc=desc, features=features, pilot=job.pilot,
+                          output_dir=run_dir(cfg, job) if segmented else None, resume=job.resume,
+                          pause_at=job.until)
+        return out.record, out.eval_seconds
+
+    return run_or_diverged(run, job)  # a non-finite loss is a result of the run, not a crash of the sweep

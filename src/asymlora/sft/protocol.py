@@ -41,6 +41,7 @@ from asymlora.sweep.backends import (
     threads_for_run,
     worker_count,
 )
+from asymlora.sweep.divergence import DIVERGED_NOTE, all_diverged_rows, diverged_cell, is_diverged, run_or_diverged
 from asymlora.sweep.engine import run_jobs
 from asymlora.sweep.interrupt import stop_on_signals
 from asymlora.sweep.outdir import SweepFolder, check_output_dir
@@ -80,7 +81,8 @@ def _report_run(tag: str, rec: dict[str, Any], pilot: bool) -> None:
 
 def _execute_job(task: LMTask, cfg: SFTConfig, job: Job, tag: str) -> tuple[dict[str, Any], float]:
     desc = f"{tag} {job.spec.label} " + (f"lr {job.lr:g}" if job.pilot else f"seed {job.seed}")
-    return execute_run(task, job.spec, job.seed, job.lr, cfg, desc=desc, pilot=job.pilot)
+    return run_or_diverged(lambda: execute_run(task, job.spec, job.seed, job.lr, cfg, desc=desc, pilot=job.pilot),
+                           job)  # a non-finite loss is a result of the run, not a crash of the sweep
 
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -124,7 +126,7 @@ def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None,
 
 
 def _run_benchmarks(cfg: SFTConfig, runs: list[dict[str, Any]], workers: int, state: Any) -> dict[str | None, Any]:
-    jobs: list[str | None] = [None] + [r["adapter_dir"] for r in runs]
+    jobs: list[str | None] = [None] + [r["adapter_dir"] for r in runs if not is_diverged(r)]
     executor: Any = (LocalPool(replace(cfg, progress=False), workers, _prepare_bench, _execute_bench) if workers > 1
                      else InProcess(state(), cfg, _execute_bench))
     out: dict[str | None, Any] = {}
@@ -307,7 +309,7 @@ def _bench_rows(runs: list[dict[str, Any]], bench: dict[str | None, Any], order:
              **{f"{t}_{k}": bench[None]["scores"][t][k]
                 for t in tasks for k in ("acc", "acc_norm", "acc_stderr", "n")}}]
     for label in order:
-        rs = [r for r in runs if r["strategy"] == label and r["adapter_dir"] in bench]
+        rs = [r for r in runs if r["strategy"] == label and r.get("adapter_dir") in bench]
         if not rs:
             continue
         row: dict[str, Any] = {"strategy": label, "n_models": len(rs)}
@@ -323,7 +325,7 @@ def _assemble(cfg: SFTConfig, settings: dict[str, Any], specs: list[Any], runs: 
               complete: bool) -> dict[str, Any]:
     order = [s.label for s in specs]
     for r in runs:  # each run's benchmark scores, for the paired verdicts
-        for t, s in (bench.get(r["adapter_dir"], {}).get("scores") or {}).items():
+        for t, s in (bench.get(r.get("adapter_dir"), {}).get("scores") or {}).items():
             r[f"{t}_acc"] = s["acc"]
     verdicts = []
     if complete:  # exact match in points (margin: cfg.margin), log-likelihood per token in nats (margin 0.01)
@@ -333,7 +335,8 @@ def _assemble(cfg: SFTConfig, settings: dict[str, Any], specs: list[Any], runs: 
         verdicts += paired_verdicts(runs, specs, cfg.margin, metric=f"{t}_acc")
     return {
         "complete": complete, "settings": settings, "lr_selection": selections,
-        "summary": summarize_runs(runs, order, SUMMARY_KEYS), "benchmarks": _bench_rows(runs, bench, order, cfg.tasks),
+        "summary": all_diverged_rows(summarize_runs(runs, order, SUMMARY_KEYS), selections, order),
+        "benchmarks": _bench_rows(runs, bench, order, cfg.tasks),
         "paired_verdicts": [v.to_dict() for v in verdicts], "verdict_lines": [_verdict_line(v) for v in verdicts],
         "runs": runs, "phases_s": phases.to_dict(), "total_time_s": round(time.perf_counter() - t_start, 1),
     }
@@ -347,11 +350,15 @@ def format_sft_table(results: dict[str, Any]) -> str:
     lines = [f"{'strategy':<12} {'lr':>7} {'exact match %':>15} {'test loss':>15} {'val loss':>9} "
              f"{'steps (best)':>13} {'trainable':>10}"]
     for row in results["summary"]:
+        if row.get("all_diverged"):
+            lines.append(f"{row['strategy']:<12} {'-':>7} {diverged_cell(row)}")
+            continue
         exact = mean_pm(row["test_exact_match_mean"], row["test_exact_match_std"], scale=100)
         loss = mean_pm(row["test_loss_mean"], row["test_loss_std"], digits=4)
         lines.append(f"{row['strategy']:<12} {row['lr_mean']:>7g} {exact:>15} {loss:>15}"
                      f"{row['val_loss_mean']:>9.4f} {row['steps_mean']:>7.0f} "
-                     f"({row['best_step_mean']:.0f}) {row['adapter_params']:>10,}")
+                     f"({row['best_step_mean']:.0f}) {row['adapter_params']:>10,}"
+                     + (f"  ({row['diverged']} diverged)" if row.get("diverged") else ""))
     base = results["settings"].get("base_model_test")
     if base:
         lines.append(f"{'untuned':<12} {'':>7} {100 * base['test_exact_match']:>8.2f}{'':7} {base['test_loss']:>8.4f}")
@@ -401,9 +408,12 @@ def format_sft_markdown(results: dict[str, Any]) -> str:
            f"{s['patience']} from step {s['min_steps']}; {s['loss']}; targets {s['target_modules']}, {s['alpha']}.",
            "", "```", format_sft_table(results), "```", ""]
     for sel in results["lr_selection"]:
-        grid = ", ".join(f"{g['lr']:g}: {g['val_loss']:.4f}" for g in sel["grid"])
+        grid = ", ".join(f"{g['lr']:g}: " + (f"diverged at step {g['diverged_at_step']}"
+                                              if g.get("diverged_at_step") is not None else f"{g['val_loss']:.4f}")
+                         for g in sel["grid"])
         edge = f" (on the {sel['at_edge']} edge of the grid)" if sel.get("at_edge") else ""
-        out.append(f"- lr for {sel['strategy']}: {sel['chosen_lr']:g}{edge} — validation loss by lr: {grid}")
+        chosen = DIVERGED_NOTE if sel["chosen_lr"] is None else f"{sel['chosen_lr']:g}"
+        out.append(f"- lr for {sel['strategy']}: {chosen}{edge} — validation loss by lr: {grid}")
     bench = format_bench_table(results, s["tasks"])
     if bench:
         out += ["", f"Benchmarks ({_bench_sizes(s)}; accuracy %, mean over seeds):", "",

@@ -22,10 +22,17 @@ class SelectionMetric:
     show: Callable[[float], str]
 
 
+def _grid_point(g: dict[str, Any], metric: SelectionMetric) -> str:
+    if g.get("diverged_at_step") is not None:
+        return f"{g['lr']:.3g}: diverged at step {g['diverged_at_step']}"
+    return (f"{g['lr']:.3g}: {metric.show(g[metric.key])}"
+            + (f" (pruned at step {g['pruned_at_step']})" if g.get("pruned_at_step") else ""))
+
+
 def _selection_line(sel: dict[str, Any], metric: SelectionMetric, first_seed: int) -> str:
-    grid = "  ".join(f"{g['lr']:.3g}: {metric.show(g[metric.key])}"
-                     + (f" (pruned at step {g['pruned_at_step']})" if g.get("pruned_at_step") else "")
-                     for g in sel["grid"])
+    grid = "  ".join(_grid_point(g, metric) for g in sel["grid"])
+    if sel.get("chosen_lr") is None:
+        return f"lr for {sel['strategy']}: none, every rate diverged   ({metric.name} by lr, seed {first_seed}: {grid})"
     edge = (f"  — on the {sel['at_edge']} edge of the grid: the best rate may lie beyond it (widen --lrs "
             f"or raise --max-lr-extensions)" if sel.get("at_edge") else "")
     return (f"lr for {sel['strategy']}: {sel['chosen_lr']:.3g}   ({metric.name} by lr, seed {first_seed}: "

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from asymlora.sweep.backends import Job
+from asymlora.sweep.divergence import is_diverged
 from asymlora.sweep.pruning import PruneDecision, accuracy_difference_se, prune_rates
 from asymlora.sweep.timing import Phases
 
@@ -78,6 +79,7 @@ class Schedule:
         self.live: dict[str, set[float]] = {s.label: set() for s in specs}       # pilots not finished nor pruned
         self.waiting: dict[str, dict[float, dict[str, Any]]] = {s.label: {} for s in specs}  # paused at a rung
         self.pruned: dict[str, dict[float, tuple[dict[str, Any], PruneDecision]]] = {s.label: {} for s in specs}
+        self.diverged: dict[str, dict[float, dict[str, Any]]] = {s.label: {} for s in specs}  # never chosen
         self.spent: dict[tuple[str, int, float], tuple[float, float]] = {}  # (wall, eval) s of earlier segments
         self.runs: dict[tuple[str, int], dict[str, Any]] = {}
         self.selections: dict[str, dict[str, Any]] = {}
@@ -110,12 +112,29 @@ class Schedule:
             self.waiting[job.spec.label][job.lr] = rec
             return self._at_rung(job.spec, rec["steps"])
         rec = dict(rec, wall_time_s=rec["wall_time_s"] + wall, eval_time_s=rec.get("eval_time_s", eval_s) + ev)
+        if is_diverged(rec):
+            return self._diverged(job, rec, tag)
         self.report_run(tag, rec, job.pilot and self.cfg.selects_lr)
         if not job.pilot:
             self.runs[(job.spec.label, job.seed)] = dict(rec, role="run")
             return []
         self.pilots[job.spec.label][job.lr] = rec
         self.live[job.spec.label].discard(job.lr)
+        return self._maybe_select(job.spec)
+
+    def _diverged(self, job: Job, rec: dict[str, Any], tag: str) -> list[Job]:
+        """A run whose loss became non-finite (``asymlora.sweep.divergence``): a pilot is
+        dropped from the lr search; a run at the chosen rate is kept as diverged."""
+        _log(f"{tag} {job.spec.label:<18} seed {job.seed} lr {job.lr:<7g} diverged at step "
+             f"{rec['diverged_at_step']} ({rec['diverged_because']})" + ("  [pilot]" if job.pilot else ""))
+        if not job.pilot:
+            self.runs[(job.spec.label, job.seed)] = dict(rec, role="run")
+            return []
+        self.diverged[job.spec.label][job.lr] = rec
+        self.live[job.spec.label].discard(job.lr)
+        waiting = self.waiting[job.spec.label]
+        if waiting:  # the others may all be waiting at a rung for this one
+            return self._at_rung(job.spec, next(iter(waiting.values()))["steps"])
         return self._maybe_select(job.spec)
 
     def book(self, job: Job, result: Sequence[Any], tag: str) -> list[Job]:
@@ -157,15 +176,20 @@ class Schedule:
         label = spec.label
         if self.live[label]:
             return []
-        pilots = self.pilots[label]
+        pilots, diverged = self.pilots[label], self.diverged[label]
+        if not pilots:  # every rate diverged: nothing to choose, no other seed to run
+            self.selections[label] = selection_record(spec, self.cfg, pilots, None, self.metric, self.pruned[label],
+                                                      diverged)
+            return []
         chosen = select_lr(pilots, self.metric, self.higher)
-        beyond = grid_extension(sorted(set(pilots) | set(self.pruned[label])), chosen)
+        beyond = grid_extension(sorted(set(pilots) | set(self.pruned[label]) | set(diverged)), chosen)
         if beyond is not None and self.extensions.get(label, 0) < self.cfg.max_lr_extensions:
             # The best rate is at the edge of what was tried: the optimum may lie beyond it.
             self.extensions[label] = self.extensions.get(label, 0) + 1
             self.total += 1
             return [self._first_segment(spec, self.cfg.seeds[0], beyond)]
-        self.selections[label] = selection_record(spec, self.cfg, pilots, chosen, self.metric, self.pruned[label])
+        self.selections[label] = selection_record(spec, self.cfg, pilots, chosen, self.metric, self.pruned[label],
+                                                  diverged)
         self.runs[(label, self.cfg.seeds[0])] = dict(pilots[chosen], role="pilot-winner" if self.cfg.selects_lr
                                                      else "run")
         return [Job(spec, seed, chosen, False) for seed in self.cfg.seeds[1:]]
@@ -186,11 +210,15 @@ def grid_extension(tried: list[float], chosen: float) -> float | None:
 
 
 def selection_record(spec: Any, cfg: Any, pilots: dict[float, dict[str, Any]],
-               chosen: float, metric: str = "val_accuracy",
-               pruned: dict[float, tuple[dict[str, Any], PruneDecision]] | None = None) -> dict[str, Any]:
-    pruned = pruned or {}
-    tried = sorted(set(pilots) | set(pruned))
-    edge = None if grid_extension(tried, chosen) is None else ("lower" if chosen == tried[0] else "upper")
+               chosen: float | None, metric: str = "val_accuracy",
+               pruned: dict[float, tuple[dict[str, Any], PruneDecision]] | None = None,
+               diverged: dict[float, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What the lr search of one strategy found: every rate tried (finished, pruned at a rung,
+    or diverged at a step) and the one chosen (None when every rate diverged)."""
+    pruned, diverged = pruned or {}, diverged or {}
+    tried = sorted(set(pilots) | set(pruned) | set(diverged))
+    edge = (None if chosen is None or grid_extension(tried, chosen) is None
+            else ("lower" if chosen == tried[0] else "upper"))
     what = metric.removeprefix("val_").replace("_", " ")
     grid = [{"lr": lr, metric: r[metric], "best_step": r["best_step"], "steps": r["steps"],
              "stopped_early": r["stopped_early"], "pruned_at_step": None, "wall_time_s": r["wall_time_s"],
@@ -199,7 +227,11 @@ def selection_record(spec: Any, cfg: Any, pilots: dict[float, dict[str, Any]],
               "pruned_at_step": d.step, "optimistic_final": d.optimistic, "leader_at_rung": d.leader,
               "allowance": d.allowance, "wall_time_s": r["wall_time_s"], "curve": _curve(r, metric)}
              for lr, (r, d) in pruned.items()]
+    grid += [{"lr": lr, metric: None, "best_step": None, "steps": r["steps"], "stopped_early": False,
+              "pruned_at_step": None, "diverged_at_step": r["diverged_at_step"], "wall_time_s": r["wall_time_s"],
+              "curve": _curve(r, metric)} for lr, r in diverged.items()]
     return {
         "strategy": spec.label, "chosen_lr": chosen, "selected_on": f"validation {what}, seed {cfg.seeds[0]}",
         "at_edge": edge, "grid": sorted(grid, key=lambda g: g["lr"]),
+        **({"all_diverged": True} if chosen is None else {}),
     }

@@ -150,10 +150,12 @@ def curve_slope(steps: Sequence[float], values: Sequence[float], fraction: float
 
 
 def summarize_runs(runs: list[dict[str, Any]], order: list[str], keys: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Per strategy label: mean and sample std over seeds of the run metrics ``keys``."""
+    """Per strategy label: mean and sample std over seeds of the run metrics ``keys``; runs that
+    diverged (``asymlora.sweep.divergence``) are left out and counted (``diverged``)."""
     rows = []
     for label in order:
-        rs = [r for r in runs if r["strategy"] == label]
+        mine = [r for r in runs if r["strategy"] == label]
+        rs = [r for r in mine if not r.get("diverged")]
         if not rs:
             continue
         row: dict[str, Any] = {"strategy": label, "preset": rs[0]["preset"], "rank": rs[0]["rank"],
@@ -164,6 +166,8 @@ def summarize_runs(runs: list[dict[str, Any]], order: list[str], keys: tuple[str
         for key in keys:
             vals = [r[key] for r in rs if r.get(key) is not None and not _isnan(r[key])]
             row[key + "_mean"], row[key + "_std"] = mean_std(vals)
+        if len(mine) > len(rs):
+            row["diverged"] = len(mine) - len(rs)
         rows.append(row)
     return rows
 
@@ -175,7 +179,7 @@ def _isnan(x: Any) -> bool:
 def paired_verdicts(runs: list[dict[str, Any]], specs: list[Any], margin: float,
                     metric: str = "test_accuracy") -> list[PairedDifference]:
     """Every adapter strategy other than lora against lora at its base rank, paired by seed."""
-    by = {(r["strategy"], r["seed"]): r[metric] for r in runs}
+    by = {(r["strategy"], r["seed"]): r[metric] for r in runs if r.get(metric) is not None}  # diverged: none
     labels = {(s.preset, s.rank): s.label for s in specs}
     out = []
     for s in specs:
