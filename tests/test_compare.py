@@ -235,6 +235,10 @@ def test_compare_quick_end_to_end_learns(tmp_path, capsys):
     s = res["settings"]
     k, r = len(s["dataset"]["label_names"]), s["ranks"][0]
     assert k == 5 and s["quick"] is True and s["selects_lr"] is True
+    # "auto" decided by measuring bf16 against fp32, and the header line says what it measured
+    probe = s["precision_probe"]
+    assert s["mixed_precision"] == "auto" and probe["precision"] == s["precision_used"] in ("bf16", "no")
+    assert f"bf16 measured at {probe['bf16_speedup']:.2f}× fp32's speed" in printed.splitlines()[0]
     expected = {"head-only": head_params(k), f"lora r={r}": LAYERS * r * 2 * D + head_params(k),
                 f"a-only r={r}": LAYERS * r * D + head_params(k), f"b-only r={r}": LAYERS * r * D + head_params(k),
                 f"b-only r={2 * r} (@2r)": LAYERS * 2 * r * D + head_params(k)}

@@ -141,9 +141,9 @@ def _progress(enabled: bool, label: str):
 def uses_bf16(mixed_precision: str) -> bool:
     """Whether the forward passes run under bfloat16 autocast (the model is on the CPU)."""
     if mixed_precision == "auto":
-        from asymlora.training.loop import cpu_has_native_bf16
+        from asymlora.precision import cpu_precision
 
-        return cpu_has_native_bf16()
+        return cpu_precision().precision == "bf16"
     return mixed_precision == "bf16"
 
 

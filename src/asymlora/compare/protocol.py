@@ -52,7 +52,7 @@ from asymlora.sweep.resume import (
     model_fingerprint,
     settings_fingerprint,
 )
-from asymlora.sweep.run_settings import autocast, resolve_precision
+from asymlora.sweep.run_settings import autocast, describe_precision, precision_settings, resolve_precision
 from asymlora.sweep.schedule import Schedule, grid_extension, select_lr
 from asymlora.sweep.timing import Phases
 from asymlora.text import plural
@@ -109,7 +109,7 @@ def _settings(cfg: CompareConfig, task: Task, specs: list[StrategySpec], threads
                            f"({plural(len(targets), 'layer')})"),
         "head": task.head, "quick": cfg.quick, "threads": threads,
         "thread_probe_s": {str(n): round(v, 5) for n, v in thread_probe.items()},
-        "mixed_precision": cfg.mixed_precision, "precision_used": resolve_precision(cfg.mixed_precision),
+        **precision_settings(cfg.mixed_precision),
         "peak_memory": ("CUDA max_memory_allocated" if torch.cuda.is_available() else
                         "CPU peak resident set size of the process during the run (Linux VmHWM reset per run)"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -175,7 +175,7 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
                                             f"{plural(cfg.eval_every, 'step')}, "
                                             f"at most {plural(cfg.max_steps, 'step')})")
          + "; "
-         + describe_backend(cfg, workers, threads))
+         + describe_backend(cfg, workers, threads) + "; " + describe_precision(cfg.mixed_precision))
 
     def checkpoint_results() -> None:
         runs, selections = sched.ordered(specs)

@@ -53,6 +53,7 @@ from asymlora.sweep.resume import (
     model_fingerprint,
     settings_fingerprint,
 )
+from asymlora.sweep.run_settings import describe_precision, precision_settings
 from asymlora.sweep.schedule import Schedule
 from asymlora.sweep.stats import mean_std, paired_verdicts, summarize_runs
 from asymlora.sweep.timing import Phases
@@ -184,7 +185,8 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
          f"{task.sizes['test']}; {', '.join(s.label for s in specs)}; lr grid "
          f"{', '.join(f'{x:g}' for x in cfg.lr_grid())}; seeds {', '.join(map(str, cfg.seeds))}: "
          f"{plural(sched.total, 'run')} of batch {cfg.batch_size} until the validation loss stops falling "
-         f"(at most {plural(cfg.max_steps, 'step')}); " + describe_backend(cfg, workers, threads))
+         f"(at most {plural(cfg.max_steps, 'step')}); " + describe_backend(cfg, workers, threads)
+         + "; " + describe_precision(cfg.mixed_precision))
 
     def checkpoint_results() -> None:
         runs, selections = sched.ordered(specs)
@@ -286,7 +288,8 @@ def _settings(cfg: SFTConfig, task: LMTask, threads: int, workers: int) -> dict[
         "loss": "response-only (assistant tokens of the model's chat template)",
         "tasks": cfg.tasks, "bench_limit": cfg.bench_limit, "mmlu_limit": cfg.mmlu_limit, "shots": cfg.shots,
         "max_new_tokens": cfg.max_new_tokens, "margin": cfg.margin, "min_delta": cfg.min_delta,
-        "threads": threads, "workers": workers, "precision": cfg.mixed_precision,
+        "threads": threads, "workers": workers,
+        **precision_settings(cfg.mixed_precision),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "asymlora": __version__},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
