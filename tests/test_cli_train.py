@@ -168,3 +168,49 @@ def test_bench_quick_writes_results_and_merges(tmp_path, capsys):
     assert merged["benchmarks"] == ["checkpoint", "layer_memory"]
     assert merged["checkpoint"] == first["checkpoint"] and merged["layer_memory"]
     assert len(merged["runs"]) == 1
+
+
+def _train_stderr(assets, out, on_terminal: bool) -> str:
+    """stderr of a real `asymlora train` process, given a terminal (a pty) or a pipe (a log file, CI)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    model_dir, data = assets
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "asymlora.cli", "train", "--model", model_dir, "--data", data, "--quick",
+           "--max-steps", "40", "--mixed-precision", "no", "--threads", "1", "-o", str(out)]
+    if not on_terminal:
+        done = subprocess.run(cmd, env=env, capture_output=True, timeout=300)  # bytes: "\r" kept as it is
+        assert done.returncode == 0, done.stderr
+        return done.stderr.decode(errors="replace")
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a terminal 80 columns wide
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=follower)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the process closed its end
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=300) == 0
+    finally:
+        os.close(leader)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_only_on_a_terminal(assets, tmp_path):
+    # in a log file or CI a bar's carriage returns made lines of thousands of characters: off there
+    assert "\r" in _train_stderr(assets, tmp_path / "tty", on_terminal=True)  # the bar is drawn on a terminal
+    logged = _train_stderr(assets, tmp_path / "log", on_terminal=False)
+    assert "\r" not in logged and all(len(line) < 400 for line in logged.splitlines())

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from asymlora.bundled import SMOLLM2_ALIAS as BUNDLED
+from asymlora.cli.options import show_progress
 from asymlora.errors import UserError
 
 DEFAULT_OUT = "asymlora-eval"
@@ -162,12 +163,12 @@ def score_all(args: argparse.Namespace, path: str) -> dict[str, dict[str, Any]]:
                     bf16=uses_bf16(args.mixed_precision))
     rows: dict[str, dict[str, Any]] = {}
     if args.base or not args.adapter:
-        rows["base"] = evaluate(model, tokenizer, args.benchmarks, progress=_progress(not args.no_progress, "base"),
+        rows["base"] = evaluate(model, tokenizer, args.benchmarks, progress=_progress(show_progress(args), "base"),
                                 **settings)
     for folder in args.adapter:
         label = os.path.normpath(folder)
         load_adapter(model, folder)
-        rows[label] = evaluate(model, tokenizer, args.benchmarks, progress=_progress(not args.no_progress, label),
+        rows[label] = evaluate(model, tokenizer, args.benchmarks, progress=_progress(show_progress(args), label),
                                **settings)
         unload(model)
     return rows

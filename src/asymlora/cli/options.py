@@ -4,6 +4,10 @@
   as a hidden alias, so older scripts keep running).
 * List options (``--seeds``, ``--rank``, ...) take values separated by commas, spaces or
   both: ``--seeds 0,1,2``, ``--seeds 0 1 2`` and ``--seeds "0, 1" 2`` are the same.
+* Progress bars and lines (``--no-progress`` turns them off) are drawn only on a terminal: in
+  a log file or CI their carriage returns made lines of thousands of characters, so there a
+  command prints its ordinary lines only (one per finished run for compare and sft)
+  (:func:`show_progress`).
 * Arguments are checked before any work, and every bad one is reported at once
   (:class:`Problems`), as one :class:`asymlora.errors.UserError`.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -132,3 +137,9 @@ def add_model_and_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=DEFAULT_DATA, help="fortunes (default), tweets, or a local dataset path")
     parser.add_argument("--text-column", default="text", help="text column of a local dataset (default: text)")
     parser.add_argument("--label-column", default="label", help="label column of a local dataset (default: label)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Whether to draw progress: not with ``--no-progress``, and only when stderr (where bars go,
+    also the sweep workers', which inherit it) is a terminal."""
+    return not args.no_progress and sys.stderr.isatty()

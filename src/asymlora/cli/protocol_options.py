@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from asymlora.cli.options import add_list, float_list, str_list
+from asymlora.cli.options import add_list, float_list, show_progress, str_list
 
 __all__ = ["add_protocol_options", "protocol_settings"]
 
@@ -100,7 +100,7 @@ def protocol_settings(args: argparse.Namespace, d: dict) -> dict:
     """The protocol fields of a config: each flag given, else its default from ``d``."""
     out = {k: d[k] if getattr(args, k) is None else getattr(args, k) for k in _PROTOCOL_KEYS}
     out.update(lr=args.lr, margin=(1.0 if args.margin is None else args.margin) / 100, threads=args.threads,
-               workers=args.workers, mixed_precision=args.mixed_precision, progress=not args.no_progress,
+               workers=args.workers, mixed_precision=args.mixed_precision, progress=show_progress(args),
                prune=not args.no_prune, resume=args.resume, overwrite=args.overwrite, backend=args.backend,
                ray_address=args.ray_address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
     if args.schedule is not None:

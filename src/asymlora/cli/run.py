@@ -10,6 +10,7 @@ from asymlora.cli.options import (
     add_list,
     add_output_dir,
     add_quantize,
+    show_progress,
     str_list,
 )
 from asymlora.errors import UserError
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         strategies=args.strategies, ranks=args.ranks, max_steps=args.max_steps, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, max_train_samples=args.max_train,
         max_eval_samples=args.max_test, dtype=args.dtype, quantize=args.quantize, mixed_precision=args.mixed_precision,
-        save_adapter=not args.no_save_adapter, force=args.force, progress=not args.no_progress,
+        save_adapter=not args.no_save_adapter, force=args.force, progress=show_progress(args),
         device=args.device,
     )
     try:

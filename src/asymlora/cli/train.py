@@ -11,6 +11,7 @@ from asymlora.cli.options import (
     add_model_and_data,
     add_output_dir,
     add_quantize,
+    show_progress,
     str_list,
 )
 from asymlora.sweep.budget import DEFAULT, QUICK, TRAIN_EVAL_EVERY, TRAIN_LR
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=pick(args.batch_size, b.batch_size), max_length=pick(args.max_length, b.max_length),
         max_train=b.max_train, max_val=b.max_val, max_test=b.max_test, output_dir=args.output_dir,
         threads=args.threads, mixed_precision=args.mixed_precision, target_modules=args.target_modules,
-        quantize=args.quantize, quick=args.quick, progress=not args.no_progress)
+        quantize=args.quantize, quick=args.quick, progress=show_progress(args))
     problems = Problems()  # every bad argument, before any work
     problems.at_least("--rank", r, 1)
     for message in cfg.problems():
