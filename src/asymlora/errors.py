@@ -6,7 +6,7 @@ callers that already catch ``ValueError`` keep working.
 """
 from __future__ import annotations
 
-__all__ = ["UserError", "MissingFileError"]
+__all__ = ["UserError", "MissingFileError", "WorkerLost"]
 
 
 class UserError(ValueError):
@@ -19,3 +19,14 @@ class MissingFileError(UserError, FileNotFoundError):
 
     Both a :class:`UserError` (the CLI prints it in one line) and a ``FileNotFoundError``
     (what library callers catch for a missing file)."""
+
+
+class WorkerLost(RuntimeError):
+    """A worker process of a sweep died from outside (SIGKILL, the out-of-memory killer) while it
+    ran ``runs`` (their tags and names). Neither the user's mistake nor our bug: the CLI prints one
+    line naming the lost runs and that ``--resume`` goes on from the finished ones, and exits 1."""
+
+    def __init__(self, runs: list[str]) -> None:
+        super().__init__("a worker process died (killed from outside: SIGKILL, out of memory?) while running "
+                         + ", ".join(runs))
+        self.runs = runs

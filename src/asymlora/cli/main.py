@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from asymlora.errors import UserError
+from asymlora.errors import UserError, WorkerLost
 from asymlora.startup import start_command_process
 
 # subcommand name -> module under asymlora.cli
@@ -130,6 +130,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.flush()      # machine) so that the process ends when asked to
             os._exit(128 + signum)
         return 128 + signum
+    except WorkerLost as err:  # a worker killed from outside: the finished runs are saved, --resume goes on
+        from asymlora.sweep.outdir import partial_results
+
+        saved = partial_results(out) if out and os.path.isdir(out) else None
+        kept = (f"; the finished runs are kept in {saved}: add --resume to go on" if saved else
+                "; nothing finished yet: run it again")
+        print(f"{_command_name(args)}: {err}{kept}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # output piped into `head` etc.: stop quietly
         try:
             sys.stdout = open(os.devnull, "w")

@@ -1,17 +1,34 @@
 """Driving a sweep: submit the jobs a schedule releases to the backends, book each finished
 one, release what it unlocks, and save the partial results after each (docs/design.md).
+A worker process killed from outside (the out-of-memory killer) ends the sweep with
+:class:`asymlora.errors.WorkerLost` naming the runs it lost, after the finished ones are saved.
 SIGTERM or SIGINT stop the sweep: every worker is stopped at once and
 :class:`asymlora.sweep.interrupt.Interrupted` propagates to the caller."""
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
+from asymlora.errors import WorkerLost
 from asymlora.sweep.interrupt import stop_on_signals
 from asymlora.sweep.resume import Journal
 
-__all__ = ["run_jobs"]
+__all__ = ["run_jobs", "worker_died"]
+
+
+def worker_died(err: BaseException) -> bool:
+    """Whether a job failed because its worker process died (a local pool's
+    ``BrokenProcessPool``; Ray's ``WorkerCrashedError`` / ``NodeDiedError``), not in the job's code."""
+    return isinstance(err, BrokenProcessPool) or type(err).__name__ in ("WorkerCrashedError", "NodeDiedError")
+
+
+def _describe(job: Any) -> str:
+    spec = getattr(job, "spec", None)
+    if spec is None:  # sft's benchmark phase drives adapter folders
+        return str(job)
+    return f"{spec.label} seed {job.seed} lr {job.lr:g}"
 
 # A sweep's jobs are asymlora.sweep.backends.Job; sft's benchmark phase drives adapter folders.
 JobT = TypeVar("JobT", bound=Hashable)
@@ -47,15 +64,22 @@ def run_jobs(first: Iterable[JobT], backend_for: Callable[[JobT], Any],
                 submit(job)
             while pending:
                 done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                lost: list[str] = []
                 for fut in done:
                     job, t = pending.pop(fut)
+                    err = fut.exception()
+                    if err is not None and worker_died(err):
+                        lost.append(f"{t} {_describe(job)}")
+                        continue
                     outcome = fut.result()
                     if journal is not None and fut not in replayed:
                         journal.add(job, outcome)
                     replayed.discard(fut)
                     for nxt in record(job, outcome, t):
                         submit(nxt)
-                on_progress()
+                on_progress()  # what finished before the worker died is saved for --resume
+                if lost:
+                    raise WorkerLost(lost)
             aborted = False
         finally:
             for b in backends:
