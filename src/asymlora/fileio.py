@@ -61,9 +61,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         # mkstemp makes the file owner-only (0600); give it the permissions open() would.
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno is not None and err.filename in (None, tmp):
+            # a full disk while writing the temporary file: name the file the user asked for
+            raise OSError(err.errno, err.strerror, path) from err
         raise
 
 
@@ -172,6 +175,27 @@ def _exchange(a: str, b: str) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), b)
+
+
+def unwritable_folder(path: str | os.PathLike) -> str | None:
+    """Why the folder ``path`` could not be created or written into, as ``"<OS error> (<why>)"``
+    (None when it can): a file where a folder is needed on the way, a read-only file system, no
+    permission. Checked before a command's work; writes nothing (the probe is an unnamed
+    temporary file where the OS has them)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return f"{os.strerror(errno.ENOTDIR)} ({path} is a file)"
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{os.strerror(errno.ENOTDIR)} ({existing} is a file)"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f"{err.strerror} ({existing})"
+    return None
 
 
 def current_umask() -> int:

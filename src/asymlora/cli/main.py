@@ -8,7 +8,10 @@ dependency of one command does not break the others.
 Errors: a mistake in what the user gave (a bad flag value, a missing file, a bad dataset or
 adapter folder, a tampered file) raises :class:`asymlora.errors.UserError`; ``main`` prints it
 as one line, ``asymlora <command>: error: <message>``, removes the output folder if this call
-created it, and returns 2. Any other exception is a bug and keeps its traceback. ``--debug``
+created it, and returns 2. An ``--output-dir`` that cannot be written (a file on the way, a
+read-only file system) is refused the same way before any work; an ``OSError`` during the work (a
+full disk) is one line naming the file and the OS error, exit 1 (atomic writes leave the files
+written before as they were). Any other exception is a bug and keeps its traceback. ``--debug``
 (anywhere on the command line) or ``ASYMLORA_DEBUG=1`` shows the traceback of user errors too.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from asymlora.errors import UserError, WorkerLost
+from asymlora.fileio import unwritable_folder
 from asymlora.startup import start_command_process
 
 # subcommand name -> module under asymlora.cli
@@ -107,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = getattr(args, "output_dir", None)
     out_existed = out is None or os.path.lexists(out)
+    why = unwritable_folder(out) if out is not None else None
+    if why is not None:  # a bad --output-dir: said before any work
+        print(f"{_command_name(args)}: error: cannot write to --output-dir {out}: {why}", file=sys.stderr)
+        return 2
     try:
         result = args.func(args)
     except UserError as err:
@@ -144,6 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError:
             pass
         return 0
+    except OSError as err:  # a full disk, a folder gone read-only during the work: what failed, in one line
+        if debug:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"{_command_name(args)}: error: {where}{err.strerror or err}"
+              + (" (files written before are left as they were)" if out else ""), file=sys.stderr)
+        return 1
     return int(result or 0)
 
 
