@@ -1,7 +1,7 @@
 """Weighted sums of adapters: exact when they share their frozen factor, measured when not.
 
-    report = asymlora.add_weighted_adapter(model, ["topics", "sentiment"], [1.0, 1.0], "both")
-    report = asymlora.save_weighted_adapter(["c1", "c2", "c3"], [120, 80, 40], "avg", normalize=True)
+    report = asymlora.adapters.add_weighted_adapter(model, ["topics", "sentiment"], [1.0, 1.0], "both")
+    report = asymlora.adapters.save_weighted_adapter(["c1", "c2", "c3"], [120, 80, 40], "avg", normalize=True)
     print(report)          # method, weights, relative ΔW error per layer and overall
 
 The math. An adapter's update of a layer is ΔW = s·B·A (A: r×d_in, B: d_out×r, s = alpha/r or

@@ -23,7 +23,7 @@ _SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "val_accuracy", "val_macro_f1
 
 def summarize(runs: list[dict[str, Any]], order: list[str],
               keys: tuple[str, ...] = _SUMMARY_KEYS) -> list[dict[str, Any]]:
-    """``asymlora.sweep.stats.summarize`` over compare's metrics by default."""
+    """``asymlora.sweep.stats.summarize_runs`` over compare's metrics by default."""
     return summarize_runs(runs, order, keys)
 
 

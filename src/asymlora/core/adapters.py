@@ -1,10 +1,10 @@
 """Many named adapters on one base model: add, switch, delete, list — and shared frozen factors.
 
     model = asymlora.wrap(base, cfg)                        # adapter "default"
-    asymlora.add_adapter(model, "topics", cfg_topics)       # a second one, inactive
+    asymlora.adapters.add_adapter(model, "topics", cfg_topics)       # a second one, inactive
     asymlora.load_adapter(model, "out/sentiment", adapter_name="sentiment")
-    asymlora.set_adapter(model, "topics")                   # or several: ["topics", "sentiment"]
-    asymlora.delete_adapter(model, "default")
+    asymlora.adapters.set_adapter(model, "topics")                   # or several: ["topics", "sentiment"]
+    asymlora.adapters.delete_adapter(model, "default")
 
 Shared frozen factors. A b-only adapter's A is drawn from (seed, layer name, init, rank), so
 every b-only adapter made with the same seed and rank has the same A in a layer. When an

@@ -242,14 +242,14 @@ def wrap(model: nn.Module, config: AsymLoraConfig, adapter_name: str = DEFAULT_A
     Every base parameter is frozen; the trained factors and the parameters of
     ``config.modules_to_save`` require grad. All targets, ranks and shapes are checked before
     any module is replaced, so a bad config leaves the model untouched. More adapters:
-    ``asymlora.add_adapter``.
+    ``asymlora.adapters.add_adapter``.
     """
     if not isinstance(config, AsymLoraConfig):
         raise UserError(f"config must be an AsymLoraConfig, got {type(config).__name__}")
     check_adapter_name(adapter_name)
     if lora_layers(model):
         raise UserError("model already has asymlora adapters; call asymlora.unload(model) first "
-                         "(or asymlora.add_adapter to add a named one)")
+                         "(or asymlora.adapters.add_adapter to add a named one)")
     keep = saved_modules_of(model, config.modules_to_save)
     targets = plan_targets(model, config)
     # make_layer validates the ranks, so a bad config fails before the model is touched

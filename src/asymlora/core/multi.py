@@ -2,7 +2,7 @@
 
     model(**batch, adapter_names=["sentiment", "topics", "__base__", ...])   # one name per row
     model.generate(**batch, adapter_names=[...])
-    with asymlora.mixed_batch(model, names): ...                            # the same, as a block
+    with asymlora.adapters.mixed_batch(model, names): ...                   # the same, as a block
 
 Row i of every adapted layer computes  y_i = W0·x_i + s_k·B_k·A_k·x_i  with k = names[i]
 (``"__base__"``: y_i = W0·x_i). The base GEMM runs once for the whole batch. The adapters of a

@@ -36,7 +36,7 @@ asymlora:
   wrapped model, but it is no adapter. The callback writes an asymlora adapter folder into every
   checkpoint (``checkpoint-N/asymlora_adapter``) and, when training ends,
   ``<output_dir>/asymlora_adapter``; ``asymlora.load_adapter`` reloads it and
-  ``asymlora.convert_to_peft`` turns it into a PEFT LoRA folder. It is a subfolder because an
+  ``asymlora.formats.peft.convert_to_peft`` turns it into a PEFT LoRA folder. It is a subfolder because an
   ``adapter_config.json`` beside a checkpoint's ``config.json`` would be taken for an embedded
   PEFT adapter by ``AutoModel*.from_pretrained``.
 """
@@ -107,7 +107,7 @@ def check_for_trainer(model: nn.Module, optimizer: Any | None = None) -> None:
     active = adapter_state(model).asymlora_active
     if len(active) != 1:
         raise UserError(f"{len(active)} adapters are active ({list(active)}); the "
-                        "callback saves one: asymlora.set_adapter(model, name) before building the trainer")
+                        "callback saves one: asymlora.adapters.set_adapter(model, name) before building the trainer")
     heads = output_head_names(model) & set(lora_layers(model))
     if heads:
         raise UserError(f"layer {sorted(heads)[0]!r} is the output layer: TRL's fused LM head multiplies by its base "
@@ -121,13 +121,13 @@ def check_for_trainer(model: nn.Module, optimizer: Any | None = None) -> None:
     if extra:
         raise UserError(f"the optimizer trains {len(extra)} parameter(s) that are not part of the asymlora adapter, "
                         f"e.g. {extra[0]!r}: they would not be saved. "
-                        "Call asymlora.mark_only_adapters_trainable(model) "
+                        "Call asymlora.core.inject.mark_only_adapters_trainable(model) "
                         "before building the trainer, or list their module in modules_to_save")
     missing = sorted(n for n, p in expected.items() if id(p) not in held)
     if missing:
         raise UserError(f"the optimizer does not train {len(missing)} trained factor(s) of the adapter, e.g. "
                         f"{missing[0]!r} (requires_grad={expected[missing[0]].requires_grad}); call "
-                        "asymlora.mark_only_adapters_trainable(model) before building the trainer")
+                        "asymlora.core.inject.mark_only_adapters_trainable(model) before building the trainer")
 
 
 def _optimizer_parameters(optimizer: Any) -> Iterable[nn.Parameter]:
