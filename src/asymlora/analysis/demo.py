@@ -55,7 +55,7 @@ from asymlora.analysis.similarity import (
     compare_factors,
     nanmean,
 )
-from asymlora.bundled import default_model_path
+from asymlora.bundled import ENCODER, model_problem, resolve_model
 from asymlora.core.threads import torch_threads
 from asymlora.errors import UserError
 from asymlora.fileio import atomic_write_text
@@ -289,8 +289,8 @@ class DemoSettings:
         unknown = [s for s in self.schemes if s not in SCHEMES]
         if unknown or not self.schemes:
             bad("schemes", f"must be a non-empty subset of {list(SCHEMES)}")
-        if self.model_path is not None and not os.path.isfile(os.path.join(self.model_path, "config.json")):
-            bad("model_path", "must be a folder with a transformers model (config.json)")
+        if self.model_path is not None and (problem := model_problem(self.model_path, ENCODER)):
+            problems.append(problem)
         if problems:
             raise UserError("; ".join(problems))
         design_runs(self.tasks, self.init_seeds)  # validates tasks and seeds
@@ -334,7 +334,7 @@ def run_demo(
 def _run_demo(settings: DemoSettings, out_dir: str | os.PathLike | None,
               log: Callable[[str], None]) -> DemoResult:
     settings.validate()
-    model_path = settings.model_path or default_model_path()
+    model_path = resolve_model(settings.model_path)
 
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

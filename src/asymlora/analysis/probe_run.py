@@ -140,11 +140,11 @@ def run_probe(s: ProbeSettings) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from asymlora.analysis.probe import analyse_layer, collect_moments, summarize
-    from asymlora.bundled import default_model_path
+    from asymlora.bundled import resolve_model
     from asymlora.compare.data import load_text_dataset
 
     t0 = time.perf_counter()
-    path = s.model or default_model_path()
+    path = resolve_model(s.model)
     find_targets(skeleton(path), s.target_modules, s.rank)
     try:
         data = load_text_dataset(s.data, s.seed, text_column=s.text_column, label_column=s.label_column)

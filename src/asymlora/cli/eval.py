@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from asymlora.bundled import SMOLLM2_ALIAS as BUNDLED
+from asymlora.bundled import CAUSAL_LM, DEFAULT_MODEL, model_help, model_problem
 from asymlora.cli.options import show_progress
 from asymlora.errors import UserError
 
@@ -41,9 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("eval", help="score a causal LM (and adapters on it) on ARC, SciQ, PIQA, MMLU, ...",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=BUNDLED,
-                   help=f"local transformers causal-LM folder, or {BUNDLED} "
-                   "(the bundled SmolLM2-135M-Instruct; default)")
+    p.add_argument("--model", default=DEFAULT_MODEL[CAUSAL_LM], help=model_help(CAUSAL_LM))
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="asymlora adapter folder to score on the model (repeatable; none: the base model)")
     p.add_argument("--base", action="store_true", help="with --adapter: score the base model too")
@@ -88,8 +86,8 @@ def validate(args: argparse.Namespace) -> None:
             "use bf16, auto or no")
     p.at_least("--batch-size", args.batch_size, 1)
     p.at_least("--threads", args.threads, 1)
-    p.check(args.model == BUNDLED or os.path.isfile(os.path.join(args.model, "config.json")),
-            f"--model {args.model!r} is neither {BUNDLED} nor a folder with a transformers model (config.json)")
+    if problem := model_problem(args.model, CAUSAL_LM):
+        p.add(problem)
     for folder in args.adapter:
         p.check(os.path.isfile(os.path.join(folder, CONFIG_NAME)),
                 f"--adapter {folder!r} is not an adapter folder (no {CONFIG_NAME})")
@@ -214,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     from asymlora.bundled import resolve_model
     from asymlora.core.threads import torch_threads
 
-    path = resolve_model(args.model)  # the bundled SmolLM2 is converted from its GGUF once, then cached
+    path = resolve_model(args.model, CAUSAL_LM)  # the bundled SmolLM2 is converted from its GGUF once, then cached
     check_adapters_fit(path, args.adapter)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

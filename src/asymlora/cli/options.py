@@ -130,10 +130,10 @@ def add_quantize(parser: argparse.ArgumentParser, default_help: str = "none: the
 def add_model_and_data(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--data``, ``--text-column``, ``--label-column``: the text-classification
     inputs that compare, train and probe share (defaults: the bundled model and fortunes)."""
+    from asymlora.bundled import ENCODER, model_help
     from asymlora.sweep.budget import DEFAULT_DATA
 
-    parser.add_argument("--model", default=None,
-                        help="local transformers model folder (default: bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--model", default=None, help=model_help(ENCODER))
     parser.add_argument("--data", default=DEFAULT_DATA, help="fortunes (default), tweets, or a local dataset path")
     parser.add_argument("--text-column", default="text", help="text column of a local dataset (default: text)")
     parser.add_argument("--label-column", default="label", help="label column of a local dataset (default: label)")

@@ -47,6 +47,7 @@ def register(subparsers: Any) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Every check that needs no model or data, all reported together before any work."""
+    from asymlora.bundled import ENCODER, model_problem
     from asymlora.cli.options import Problems
     from asymlora.compare.data import NAMED_DATASETS
 
@@ -55,8 +56,8 @@ def validate(args: argparse.Namespace) -> None:
                              ("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, 8),
                              ("--mc-samples", args.mc_samples, 2), ("--seed", args.seed, 0)):
         problems.check(value >= low, f"{flag} {value}: must be an integer >= {low}")
-    problems.check(args.model is None or os.path.isfile(os.path.join(args.model, "config.json")),
-                   f"--model {args.model!r} is not a folder with a transformers model (config.json)")
+    if model := model_problem(args.model, ENCODER):
+        problems.add(model)
     problems.check(args.data in NAMED_DATASETS or os.path.exists(args.data),
                    f"--data {args.data!r} is neither a named dataset ({', '.join(NAMED_DATASETS)}) nor an existing "
                    "file or folder")

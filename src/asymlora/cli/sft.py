@@ -34,12 +34,12 @@ benchmarks; measured on an idle Intel Xeon); a CPU without native bf16 runs fp32
 
 
 def register(subparsers) -> None:
+    from asymlora.bundled import CAUSAL_LM, DEFAULT_MODEL, model_help
     from asymlora.sft.config import SFT_DEFAULTS
 
     p = subparsers.add_parser("sft", help="instruction-tune a causal LM with lora / b-only / a-only, fair protocol",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2",
-                   help="smollm2 (the bundled SmolLM2-135M-Instruct, default) or a local causal-LM folder")
+    p.add_argument("--model", default=DEFAULT_MODEL[CAUSAL_LM], help=model_help(CAUSAL_LM))
     add_list(p, "--data", kind=str_list, default=["trivia_qa", "nq_open"],
              help="QA sources, commas or spaces (default: trivia_qa,nq_open)")
     add_protocol_options(p, SFT_DEFAULTS, lr_note="validation response loss", targets_note="q_proj,v_proj")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from asymlora.bundled import ENCODER, model_help
 from asymlora.cli.options import Problems, add_list, add_output_dir, plural, str_list
 from asymlora.errors import UserError
 
@@ -55,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
     d.add_argument("--margin", type=float, default=None, help="verdict margin (default 0.02)")
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    d.add_argument("--model", default=None, help="local model folder (default: the embedded all-MiniLM-L6-v2)")
+    d.add_argument("--model", default=None, help=model_help(ENCODER))
     p.set_defaults(func=run)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from asymlora.bundled import ENCODER, model_problem
 from asymlora.sweep.config import (
     ADAPTER_PRESETS,
     HEAD_ONLY,
@@ -27,7 +28,8 @@ __all__ = ["ADAPTER_PRESETS", "PEFT_PRESETS", "STOPPING_RULES", "HEAD_ONLY", "St
 @dataclass
 class CompareConfig(SweepConfig):
     """A compare sweep: ``SweepConfig``'s protocol settings plus the classification task —
-    ``model`` (None: the bundled all-MiniLM-L6-v2), ``data`` (fortunes, tweets or a file),
+    ``model`` (None: the bundled all-MiniLM-L6-v2; a name in ``asymlora.bundled.BUNDLED_MODELS``
+    or a folder), ``data`` (fortunes, tweets or a file),
     its text and label columns, ``quantize`` (an ``asymlora.core.quant`` scheme of the frozen base)
     and ``plots``."""
 
@@ -44,8 +46,8 @@ class CompareConfig(SweepConfig):
         out: list[str] = []
         if self.quantize is not None and (problem := _quantize_problem(self.quantize)):
             out.append(problem)  # an unknown scheme, or its package (bitsandbytes, torchao) missing
-        if self.model is not None and not os.path.isfile(os.path.join(self.model, "config.json")):
-            out.append(f"--model {self.model!r} is not a folder with a transformers model (config.json)")
+        if problem := model_problem(self.model, ENCODER):
+            out.append(problem)  # not a bundled model's name nor a model folder, or not installed
         if self.data not in ("fortunes", "tweets") and not os.path.exists(self.data):
             out.append(f"--data {self.data!r} is neither a named dataset (fortunes, tweets) nor an existing path")
         return out

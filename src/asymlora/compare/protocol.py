@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from asymlora.bundled import model_title
 from asymlora.compare.config import CompareConfig, StrategySpec
 from asymlora.compare.run import execute_run
 from asymlora.compare.task import Task, head_features, prepare_task
@@ -86,7 +87,7 @@ def _settings(cfg: CompareConfig, task: Task, specs: list[StrategySpec], threads
     k = task.num_labels
     return {
         "model": os.path.abspath(task.model_path),
-        "model_name": "all-MiniLM-L6-v2" if cfg.model is None else os.path.basename(os.path.normpath(task.model_path)),
+        "model_name": model_title(cfg.model),
         "model_type": base.config.model_type, "model_params": sum(p.numel() for p in base.parameters()),
         "data": cfg.data, "dataset": task.data.summary(),
         "used_sizes": {"train": len(task.train), "val": len(task.val), "test": len(task.test)},

@@ -76,13 +76,13 @@ def bundled_classifier(data: str = "fortunes", *, seed: int = 0, max_length: int
 
     ``data``: a named dataset (``fortunes``, ``tweets``) or a local path, as ``--data`` takes;
     ``seed`` fixes the split and the new head's initial weights (drawn as ``asymlora compare``
-    draws them for that seed); ``model_path``: another local transformers model folder. Nothing
-    is downloaded."""
+    draws them for that seed); ``model_path``: a bundled model's name (``mpnet``) or another
+    local transformers model folder. Nothing is downloaded."""
     from transformers import AutoTokenizer
 
-    from asymlora.bundled import default_model_path
+    from asymlora.bundled import resolve_model
 
-    path = model_path or default_model_path()
+    path = resolve_model(model_path)
     dataset = load_text_dataset(data, seed)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = load_classifier(path, dataset.label_names)
@@ -127,14 +127,14 @@ def prepare_task(cfg: Any) -> Task:
     import transformers
     from transformers import AutoTokenizer
 
-    from asymlora.bundled import default_model_path
+    from asymlora.bundled import resolve_model
     from asymlora.compare.data import subsample_stratified
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     t0 = time.perf_counter()
     try:
-        model_path = cfg.model or default_model_path()
+        model_path = resolve_model(cfg.model)  # a bundled model is assembled into the cache on first use
     except FileNotFoundError as err:
         raise UserError(str(err)) from None
     if not os.path.isfile(os.path.join(model_path, "config.json")):

@@ -48,6 +48,7 @@ DEFAULT_TARGETS: dict[str, list[list[str]]] = {
     "deberta-v2": [["query_proj", "value_proj"]],
     "distilbert": [["q_lin", "v_lin"]],
     "electra": [["query", "value"]],
+    "mpnet": [["q", "v"]],  # MPNet's attention: attention.attn.{q,k,v,o}
     "vit": [["query", "value"], ["q_proj", "v_proj"]],
     "bart": [["q_proj", "v_proj"]],
     "mbart": [["q_proj", "v_proj"]],

@@ -9,7 +9,6 @@ LLaMA targets), alpha = 2r.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -75,13 +74,12 @@ class SFTConfig(SweepConfig):
         return [s.strip() for s in self.data.split(",") if s.strip()]
 
     def task_problems(self) -> list[str]:
-        from asymlora.bundled import SMOLLM2_ALIAS
+        from asymlora.bundled import CAUSAL_LM, model_problem
         from asymlora.sft.data import QA_SOURCES
 
         out: list[str] = []
-        if self.model != SMOLLM2_ALIAS and not (self.model and os.path.isfile(os.path.join(self.model, "config.json"))):
-            out.append(f"--model {self.model!r} is neither {SMOLLM2_ALIAS} (the bundled SmolLM2-135M-Instruct) "
-                       "nor a folder with a transformers causal LM (config.json)")
+        if problem := model_problem(self.model, CAUSAL_LM):
+            out.append(problem)
         bad = [s for s in self.sources if s not in QA_SOURCES]
         if bad or not self.sources:
             out.append(f"--data {self.data!r}: give one or more of {', '.join(QA_SOURCES)} (commas)")

@@ -92,9 +92,9 @@ def _execute_job(task: LMTask, cfg: SFTConfig, job: Job, tag: str) -> tuple[dict
 def _prepare_bench(cfg: SFTConfig) -> tuple[str, Any]:
     from transformers import AutoTokenizer
 
-    from asymlora.bundled import resolve_model
+    from asymlora.bundled import CAUSAL_LM, resolve_model
 
-    path = resolve_model(cfg.model)
+    path = resolve_model(cfg.model, CAUSAL_LM)
     return path, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 

@@ -56,10 +56,10 @@ def prepare_lm_task(cfg: SFTConfig) -> LMTask:
     """Load the model and tokenizer, split and tokenise the QA pairs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from asymlora.bundled import resolve_model
+    from asymlora.bundled import CAUSAL_LM, resolve_model
 
     t = time.perf_counter()
-    path = resolve_model(cfg.model)
+    path = resolve_model(cfg.model, CAUSAL_LM)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     lm.requires_grad_(False)
