@@ -6,7 +6,7 @@ callers that already catch ``ValueError`` keep working.
 """
 from __future__ import annotations
 
-__all__ = ["UserError", "MissingFileError", "WorkerLost"]
+__all__ = ["UserError", "MissingFileError", "WorkerLost", "BaseMismatchWarning"]
 
 
 class UserError(ValueError):
@@ -30,3 +30,8 @@ class WorkerLost(RuntimeError):
         super().__init__("a worker process died (killed from outside: SIGKILL, out of memory?) while running "
                          + ", ".join(runs))
         self.runs = runs
+
+
+class BaseMismatchWarning(UserWarning):
+    """An adapter is loaded onto base weights other than the ones it was trained on
+    (``asymlora.formats.base_identity``); the CLI prints it as one line."""

@@ -63,6 +63,7 @@ from asymlora.core.config import AsymLoraConfig
 from asymlora.core.inject import adapter_configs, adapter_state, lora_layers
 from asymlora.core.layer import is_conv1d
 from asymlora.errors import UserError
+from asymlora.formats.base_identity import check_same_base
 from asymlora.formats.native import (
     WEIGHTS_NAME,
     LayerFactors,
@@ -436,13 +437,16 @@ def _recorded(info: dict[str, Any]) -> torch.Tensor:
 
 def save_weighted_adapter(adapter_dirs: Sequence[str | os.PathLike], weights: Sequence[float],
                           output_dir: str | os.PathLike, method: str = "exact", rank: int | None = None,
-                          normalize: bool = False, modules_to_save: str = "refuse") -> MergeReport:
+                          normalize: bool = False, modules_to_save: str = "refuse",
+                          strict: bool = False) -> MergeReport:
     """Combine saved adapter folders into one saved adapter folder, Σ wᵢ·ΔWᵢ, without the base
     model, and return the report (also recorded as ``"weighted_sum"`` in the new
     ``adapter_config.json``). Same methods, checks and refusals as ``add_weighted_adapter``;
     ``normalize=True`` with sample counts as weights is federated averaging. ``modules_to_save``:
     ``"refuse"`` | ``"weighted"`` | ``"drop"`` (module docstring). ``output_dir`` must not
-    exist or be empty; it appears complete or not at all.
+    exist or be empty; it appears complete or not at all. Folders trained on different base weights
+    (their recorded sketches: ``asymlora.formats.base_identity``) give a warning naming two of them,
+    or with ``strict`` a UserError.
     """
     if isinstance(adapter_dirs, (str, os.PathLike)):
         raise UserError(f"adapter_dirs must be a list of folders, got the single path {os.fspath(adapter_dirs)!r}")
@@ -458,6 +462,7 @@ def save_weighted_adapter(adapter_dirs: Sequence[str | os.PathLike], weights: Se
     if len({os.path.abspath(f) for f in folders}) != len(folders):
         raise UserError(f"adapter folders {folders} name one folder twice; add its weights up instead")
     metas = _folder_check(folders, method)
+    base_weights = check_same_base(dict(zip(folders, metas)), strict)
     configs = [AsymLoraConfig.from_dict(m["config"]) for m in metas]
     with_saved = [f for f, c in zip(folders, configs) if c.modules_to_save]
     keep: list[str] = []
@@ -504,6 +509,8 @@ def save_weighted_adapter(adapter_dirs: Sequence[str | os.PathLike], weights: Se
     extra = {"weighted_sum": {**report.to_dict(), "adapters": [os.fspath(f) for f in folders],
                               "modules_to_save": modules_to_save if with_saved else None}}
     extra["weighted_sum"].pop("name")
+    if base_weights is not None:
+        extra["base_weights"] = base_weights
     # write_adapter fills a hidden sibling folder and swaps it in: the output appears complete or not at all
     write_adapter(out, config, combined, saved_out, metas[0].get("base_model"), metas[0].get("base_class"),
                   extra=extra)

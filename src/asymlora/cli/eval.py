@@ -36,7 +36,7 @@ log-likelihoods and predictions) and results.md to --output-dir.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from asymlora.cli.options import add_list, add_output_dir, str_list
+    from asymlora.cli.options import add_list, add_output_dir, add_strict, str_list
     from asymlora.lmeval.benchmarks import TASKS
 
     p = subparsers.add_parser("eval", help="score a causal LM (and adapters on it) on ARC, SciQ, PIQA, MMLU, ...",
@@ -59,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "fp16 is refused (the model runs on the CPU)")
     add_output_dir(p, DEFAULT_OUT, f"output folder (default: ./{DEFAULT_OUT})")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
+    add_strict(p)
     p.set_defaults(func=run)
 
 
@@ -165,7 +166,7 @@ def score_all(args: argparse.Namespace, path: str) -> dict[str, dict[str, Any]]:
                                 **settings)
     for folder in args.adapter:
         label = os.path.normpath(folder)
-        load_adapter(model, folder)
+        load_adapter(model, folder, strict=args.strict)
         rows[label] = evaluate(model, tokenizer, args.benchmarks, progress=_progress(show_progress(args), label),
                                **settings)
         unload(model)

@@ -22,10 +22,11 @@ import os
 import shutil
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
-from asymlora.errors import UserError, WorkerLost
+from asymlora.errors import BaseMismatchWarning, UserError, WorkerLost
 from asymlora.fileio import unwritable_folder
 from asymlora.startup import start_command_process
 
@@ -97,6 +98,20 @@ def _command_name(args: argparse.Namespace) -> str:
     return " ".join(["asymlora", args.command] + ([sub] if sub else []))
 
 
+def _warnings_in_one_line(command: str) -> None:
+    """Our warnings to the user (an adapter on another base) as one line each,
+    ``asymlora <command>: warning: <message>``; other warnings as Python shows them."""
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, BaseMismatchWarning):
+            print(f"{command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     start_command_process()  # offline, and no third-party chatter before the command's first line
     argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
@@ -115,6 +130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if why is not None:  # a bad --output-dir: said before any work
         print(f"{_command_name(args)}: error: cannot write to --output-dir {out}: {why}", file=sys.stderr)
         return 2
+    previous = warnings.showwarning
+    _warnings_in_one_line(_command_name(args))
+    try:
+        return _call(args, out, out_existed, debug)
+    finally:
+        warnings.showwarning = previous
+
+
+def _call(args: argparse.Namespace, out: str | None, out_existed: bool, debug: bool) -> int:
+    """Run the command; each way it can fail, in one line (module docstring)."""
     try:
         result = args.func(args)
     except UserError as err:

@@ -9,7 +9,7 @@ import argparse
 import math
 import os
 
-from asymlora.cli.options import Problems, add_list, add_output_dir, float_list
+from asymlora.cli.options import Problems, add_list, add_output_dir, add_strict, float_list
 
 DESCRIPTION = """\
 Write to --output-dir one adapter folder whose update is sum_i w_i * dW_i of the ADAPTER folders'
@@ -49,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--modules-to-save", default="refuse", choices=MODULES_TO_SAVE_CHOICES,
                    help="what to do with saved modules_to_save: refuse (default), weighted, drop")
     add_output_dir(p, None, "output folder for the new adapter (required; must not exist or be empty)")
+    add_strict(p)
     p.set_defaults(func=run)
 
 
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
                 f"--output-dir {out!r} already exists and is not empty; remove it or pick another folder")
     p.raise_if_any()
     report = save_weighted_adapter(args.adapters, weights, args.output_dir, method=args.method, rank=args.rank,
-                                   normalize=args.normalize, modules_to_save=args.modules_to_save)
+                                   normalize=args.normalize, modules_to_save=args.modules_to_save,
+                                   strict=args.strict)
     print(report)
     print(f"wrote adapter to {args.output_dir}")
     return 0

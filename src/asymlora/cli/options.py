@@ -30,6 +30,13 @@ def add_output_dir(parser: argparse.ArgumentParser, default: str | None, help: s
     parser.add_argument("--out", dest="output_dir", help=argparse.SUPPRESS)
 
 
+def add_strict(parser: argparse.ArgumentParser) -> None:
+    """``--strict``: an adapter trained on other base weights is refused instead of warned about
+    (``asymlora.formats.base_identity``)."""
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse an adapter trained on other base weights than the model's (default: a warning)")
+
+
 def _split(text: str, convert: Callable[[str], Any], kind: str) -> list[Any]:
     items = text.replace(",", " ").split()
     try:

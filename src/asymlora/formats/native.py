@@ -61,6 +61,7 @@ from asymlora.core.layer import (
 )
 from asymlora.errors import MissingFileError, UserError
 from asymlora.fileio import atomic_folder, fault_point, read_json
+from asymlora.formats.base_identity import base_sketch, check_base
 from asymlora.version import __version__
 
 # (layer name, "A"/"B", recorded fingerprint) -> a tensor already held with that fingerprint, or None
@@ -131,7 +132,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, store_frozen: b
     }
     base_model = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     return write_adapter(directory, config, layers, saved_parameters(model, config), base_model,
-                         type(model).__name__, store_frozen=store_frozen)
+                         type(model).__name__, store_frozen=store_frozen,
+                         extra={"base_weights": base_sketch(model, list(layers))})  # compared on load
 
 
 def write_adapter(directory: str | os.PathLike, config: AsymLoraConfig, layers: dict[str, LayerFactors],
@@ -140,7 +142,8 @@ def write_adapter(directory: str | os.PathLike, config: AsymLoraConfig, layers: 
     """Write an adapter folder in our format from its factors (``save_adapter`` without a model).
 
     ``saved``: parameter name -> tensor of ``config.modules_to_save``; ``extra``: more keys for
-    ``adapter_config.json`` (e.g. how the adapter was made), never read back by ``load_adapter``.
+    ``adapter_config.json`` (e.g. how the adapter was made; ``base_weights``, the sketch of the base
+    it was trained on, which ``load_adapter`` compares: ``asymlora.formats.base_identity``).
     """
     directory = os.fspath(directory)
     tensors: dict[str, torch.Tensor] = {}
@@ -416,8 +419,14 @@ def load_factors(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, 
     return {n: (a.float(), b.float()) for n, (a, b) in factors.items()}
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None,
+                 strict: bool = False) -> nn.Module:
     """Put the adapter saved in ``directory`` onto ``model`` and return the model.
+
+    The base weights the adapter was trained on (a sketch recorded at save time:
+    ``asymlora.formats.base_identity``) are compared with ``model``'s first: other weights of the
+    same shapes give a ``BaseMismatchWarning`` naming both, or with ``strict`` a UserError before
+    the model is touched. Files saved before the record existed load without the check.
 
     A plain model is wrapped with the saved config first (as adapter ``adapter_name``, default
     "default"). On a wrapped model the file replaces the values of adapter ``adapter_name``
@@ -442,6 +451,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
                 f"adapter layer {name!r} was saved for a {entry['in_features']}->{entry['out_features']} layer, "
                 f"the model's is {shape[0]}->{shape[1]}: wrong base model?"
             )
+    check_base(meta, model, os.fspath(directory), strict)  # the base it was trained on?
     own_params = saved_parameters(model, config)  # only modules_to_save may be written, never a base weight
     for p_name, value in saved.items():
         own = own_params.get(p_name)

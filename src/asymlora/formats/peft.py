@@ -7,6 +7,7 @@ Frozen factors are written out in full: PEFT has no notion of a seed-rebuilt A.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any
@@ -20,6 +21,7 @@ from asymlora.core.inject import get_config, lora_layers, name_matches, wrap
 from asymlora.core.layer import DEFAULT_ADAPTER, is_conv1d, linear_shape
 from asymlora.errors import MissingFileError, UserError
 from asymlora.fileio import read_json
+from asymlora.formats.base_identity import base_sketch, check_base
 from asymlora.formats.native import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -34,6 +36,7 @@ from asymlora.formats.native import (
 )
 
 PEFT_PREFIX = "base_model.model."
+BASE_KEY = "asymlora_base_weights"  # the base's sketch, in the weights file's header
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
@@ -51,7 +54,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
         for name, layer in adapter_layers(model, adapter_name).items()
     }
     base = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    return _write_peft(directory, config, layers, saved_parameters(model, config), base)
+    return _write_peft(directory, config, layers, saved_parameters(model, config), base,
+                       base_sketch(model, list(layers)))
 
 
 def export_peft_adapters(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None,
@@ -80,7 +84,7 @@ def convert_to_peft(adapter_dir: str | os.PathLike, directory: str | os.PathLike
     meta, factors, saved = read_factors(adapter_dir)
     config = AsymLoraConfig.from_dict(meta["config"])
     layers = {n: (a, b, bool(meta["layers"][n].get("conv1d"))) for n, (a, b) in factors.items()}
-    return _write_peft(directory, config, layers, saved, meta.get("base_model"))
+    return _write_peft(directory, config, layers, saved, meta.get("base_model"), meta.get("base_weights"))
 
 
 def _write_peft(
@@ -89,7 +93,10 @@ def _write_peft(
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, bool]],
     saved: dict[str, torch.Tensor],
     base_model_name_or_path: str | None,
+    base_weights: dict[str, Any] | None = None,
 ) -> str:
+    """PEFT's adapter_config.json and weights; the sketch of the base (``base_weights``) travels in
+    the weights file's header, which PEFT ignores and ``import_peft`` compares."""
     conv = {c for _, _, c in layers.values()}
     if len(conv) > 1:
         raise UserError("PEFT needs one fan_in_fan_out for all layers; this adapter mixes Linear and Conv1D layers")
@@ -119,7 +126,8 @@ def _write_peft(
     for p_name, p in saved.items():
         tensors[PEFT_PREFIX + p_name] = p
     directory = os.fspath(directory)
-    write_adapter_folder(directory, tensors, {"format": "pt"}, peft_config)
+    header = {"format": "pt", **({BASE_KEY: json.dumps(base_weights)} if base_weights else {})}
+    write_adapter_folder(directory, tensors, header, peft_config)
     return directory
 
 
@@ -208,12 +216,29 @@ def _read_peft(model: nn.Module, weights_path: str, pc: dict[str, Any]
     return {name: (pair["A"], pair["B"]) for name, pair in pairs.items()}, others
 
 
-def import_peft(model: nn.Module, directory: str | os.PathLike, trainable: str = "AB") -> nn.Module:
+def _recorded_base(weights_path: str, pc: dict[str, Any]) -> dict[str, Any]:
+    """What an exported PEFT file says about its base: the name in its config and the sketch in
+    its weights header (absent from PEFT's own files)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights_path, framework="pt") as fh:
+            text = (fh.metadata() or {}).get(BASE_KEY)
+        sketch = json.loads(text) if text else None
+    except Exception:  # noqa: BLE001 - a damaged header is reported by _read_peft
+        sketch = None
+    return {"base_model": pc.get("base_model_name_or_path"), "base_weights": sketch}
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike, trainable: str = "AB",
+                strict: bool = False) -> nn.Module:
     """Load a PEFT LoRA adapter folder onto a plain ``model`` (wrapping it) and return it.
 
     All factors come from the file; ``trainable`` chooses which ones train from here on (e.g.
     ``"B"`` to continue a PEFT LoRA run with A frozen). The file is checked before the model is
-    touched (``_read_peft``): a refused folder leaves the model as it was.
+    touched (``_read_peft``): a refused folder leaves the model as it was. A file exported by
+    asymlora carries the sketch of its base: other base weights give a ``BaseMismatchWarning``,
+    or with ``strict`` a UserError (``asymlora.formats.base_identity``).
     """
     # the initialiser recorded for each factor: only its name matters (every factor comes from the file)
     inits = {"AB": ("kaiming", "zero"), "A": ("zero", "gaussian"), "B": ("gaussian", "zero")}
@@ -236,6 +261,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, trainable: str =
         if pc.get(key) not in allowed:
             raise UserError(f"PEFT adapter uses {key}={pc.get(key)!r}, which asymlora cannot represent")
     factors, others = _read_peft(model, weights_path, pc)
+    check_base(_recorded_base(weights_path, pc), model, directory, strict)  # exported by asymlora: its base?
     r0, alpha0 = int(pc["r"]), float(pc["lora_alpha"])
     ranks = {name: int(a.shape[0]) for name, (a, _) in factors.items()}
     alphas = {name: float(_peft_pattern_value(pc.get("alpha_pattern") or {}, name, alpha0)) for name in factors}
