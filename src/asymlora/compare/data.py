@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from asymlora.bundled import package_path
+from asymlora.compare.table_checks import check_cells, check_split_sizes, csv_rows, read_utf8
 from asymlora.errors import MissingFileError, UserError
 
 __all__ = [
@@ -208,16 +209,14 @@ def _read_table(path: str, text_column: str, label_column: str) -> tuple[list[st
 def _parse_table(path: str, text_column: str, label_column: str) -> tuple[list[str], list[Any]]:
     low = path.lower()
     rows: Iterable[dict[str, Any]]
+    first_row = 1  # a row's number as the user counts it: its line in a JSONL file, below the header in a table
     if low.endswith((".jsonl", ".ndjson")):
-        with open(path, encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
+        rows = [json.loads(line) for line in read_utf8(path).splitlines() if line.strip()]
     elif low.endswith(".json"):
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+        data = json.loads(read_utf8(path))
         rows = data if isinstance(data, list) else data.get("data", [])
     elif low.endswith((".csv", ".tsv")):
-        with open(path, encoding="utf-8", errors="replace", newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t" if low.endswith(".tsv") else ","))
+        rows, first_row = csv_rows(path, read_utf8(path), "\t" if low.endswith(".tsv") else ","), 2
     else:
         raise UserError(
             f"--data {path!r}: unsupported file type; use .csv, .tsv, .jsonl, .json, a folder saved "
@@ -230,7 +229,9 @@ def _parse_table(path: str, text_column: str, label_column: str) -> tuple[list[s
     for c, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
         if c not in cols:
             raise UserError(f"{path}: column {c!r} not found ({flag}); columns are {sorted(cols)}")
-    return [str(r[text_column]) for r in rows], [r[label_column] for r in rows]
+    texts, labels = [r.get(text_column) for r in rows], [r.get(label_column) for r in rows]
+    check_cells(path, texts, labels, first_row)  # blank cells, labels spelt two ways: refused with their row
+    return [str(t) for t in texts], labels
 
 
 def _encode_labels(raw: Sequence[Any], names: list[str] | None = None) -> tuple[list[int], list[str]]:
@@ -347,6 +348,7 @@ def _split_dataset(name: str, texts: list[str], labels: list[int], names: list[s
     if len(names) < 2:
         raise UserError(f"dataset {name!r} has {len(names)} label value(s) {names}: need at least 2 classes")
     tr, va, te = stratified_split(labels, seed, fractions)
+    check_split_sizes(name, labels, names, (len(tr), len(va), len(te)))
 
     def take(ix: np.ndarray) -> TextSplit:
         return TextSplit([texts[i] for i in ix], [int(labels[i]) for i in ix])
@@ -383,9 +385,8 @@ def load_text_dataset(spec: str, seed: int = 0, *, text_column: str = "text", la
     if os.path.isdir(spec):
         return _load_from_disk(spec, text_column, label_column, seed, fractions)
     texts, raw = _read_table(spec, text_column, label_column)
-    keep = [i for i, t in enumerate(texts) if t.strip() and raw[i] is not None and str(raw[i]) != ""]
-    texts = [_clean(texts[i]) for i in keep]
-    labels, names = _encode_labels([raw[i] for i in keep])
+    texts = [_clean(t) for t in texts]
+    labels, names = _encode_labels(raw)
     return _split_dataset(spec, texts, labels, names, seed, fractions,
                           {"source": os.path.abspath(spec), "text_column": text_column, "label_column": label_column})
 
@@ -402,6 +403,10 @@ class TokenizedDataset:
         enc = tokenizer(list(split.texts), truncation=True, max_length=max_length)
         self.input_ids: list[list[int]] = enc["input_ids"]
         self.labels = list(split.labels)
+        # texts cut at max_length: those that reached it and are longer untruncated
+        full = [i for i, ids in enumerate(self.input_ids) if len(ids) >= max_length]
+        lengths = [len(x) for x in tokenizer([split.texts[i] for i in full])["input_ids"]] if full else []
+        self.truncated = sum(n > max_length for n in lengths)
 
     def __len__(self) -> int:
         return len(self.labels)

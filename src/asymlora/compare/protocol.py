@@ -91,6 +91,8 @@ def _settings(cfg: CompareConfig, task: Task, specs: list[StrategySpec], threads
         "model_type": base.config.model_type, "model_params": sum(p.numel() for p in base.parameters()),
         "data": cfg.data, "dataset": task.data.summary(),
         "used_sizes": {"train": len(task.train), "val": len(task.val), "test": len(task.test)},
+        "truncated_texts": {name: getattr(ds, "truncated", 0) for name, ds in
+                            (("train", task.train_ds), ("val", task.val_ds), ("test", task.test_ds))},
         "majority_class_test_accuracy": max(task.test.class_counts(k)) / len(task.test),
         "strategies": [s.label for s in specs], "ranks": cfg.ranks, "seeds": cfg.seeds,
         "lr_grid": cfg.lr_grid(), "selects_lr": cfg.selects_lr, "max_lr_extensions": cfg.max_lr_extensions,
@@ -177,6 +179,11 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
                                             f"at most {plural(cfg.max_steps, 'step')})")
          + "; "
          + describe_backend(cfg, workers, threads) + "; " + describe_precision(cfg.mixed_precision))
+
+    cut = settings["truncated_texts"]
+    if any(cut.values()):
+        _log(f"texts longer than --max-length {cfg.max_length} tokens were cut to it: "
+             + ", ".join(f"{name} {n} of {settings['used_sizes'][name]}" for name, n in cut.items()))
 
     def checkpoint_results() -> None:
         runs, selections = sched.ordered(specs)

@@ -19,6 +19,7 @@ import ast
 import random
 import re
 import string
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -135,10 +136,16 @@ class ChatQADataset(torch.utils.data.Dataset):
     def __init__(self, pairs: Sequence[QAPair], tokenizer: Any, max_length: int) -> None:
         self.pairs = list(pairs)
         self.items = []
+        self.dropped = 0      # exchanges whose question leaves no room for the answer within max_length
+        self.answers_cut = 0  # exchanges kept with their answer cut (its end, the EOS included, is not learnt)
         for p in self.pairs:
-            ids, labels = encode_chat(tokenizer, p.question, p.answers[0], max_length)
-            if any(label != -100 for label in labels):  # a question too long to leave room: dropped
-                self.items.append({"input_ids": ids, "labels": labels})
+            whole_ids, whole_labels = encode_chat(tokenizer, p.question, p.answers[0], sys.maxsize)
+            ids, labels = whole_ids[:max_length], whole_labels[:max_length]
+            if not any(label != -100 for label in labels):  # a question too long to leave room: dropped, counted
+                self.dropped += 1
+                continue
+            self.answers_cut += len(whole_ids) > max_length
+            self.items.append({"input_ids": ids, "labels": labels})
 
     def __len__(self) -> int:
         return len(self.items)

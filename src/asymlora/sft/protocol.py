@@ -188,6 +188,12 @@ def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
          f"(at most {plural(cfg.max_steps, 'step')}); " + describe_backend(cfg, workers, threads)
          + "; " + describe_precision(cfg.mixed_precision))
 
+    too_long: dict[str, dict[str, int]] = task.sizes.get("too_long", {})
+    if any(v for part in too_long.values() for v in part.values()):
+        _log(f"exchanges longer than --max-length {cfg.max_length} tokens: "
+             + ", ".join(f"{name} {part['questions_dropped']} dropped (question too long), {part['answers_cut']} "
+                         "with the answer cut (its end not learnt)" for name, part in too_long.items()))
+
     def checkpoint_results() -> None:
         runs, selections = sched.ordered(specs)
         partial = _assemble(cfg, settings, specs, runs, selections, {}, phases, t_start, complete=False)

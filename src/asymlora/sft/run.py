@@ -42,7 +42,7 @@ class LMTask:
     test_batches: list[dict[str, torch.Tensor]]
     test_pairs: list[QAPair]
     collate: Any
-    sizes: dict[str, int]
+    sizes: dict[str, Any]
     timings: dict[str, float]
 
 
@@ -73,7 +73,10 @@ def prepare_lm_task(cfg: SFTConfig) -> LMTask:
     train_ds = ChatQADataset(train, tokenizer, cfg.max_length)
     val_ds, test_ds = ChatQADataset(val, tokenizer, cfg.max_length), ChatQADataset(test, tokenizer, cfg.max_length)
     sizes = {"available": len(pairs), "train": len(train_ds), "val": len(val_ds), "test": len(test_ds),
-             "train_label_tokens": train_ds.label_tokens(), "val_label_tokens": val_ds.label_tokens()}
+             "train_label_tokens": train_ds.label_tokens(), "val_label_tokens": val_ds.label_tokens(),
+             # exchanges longer than --max-length: questions dropped, answers cut (their EOS unlearnt)
+             "too_long": {name: {"questions_dropped": ds.dropped, "answers_cut": ds.answers_cut}
+                          for name, ds in (("train", train_ds), ("val", val_ds), ("test", test_ds))}}
     return LMTask(path, lm, tokenizer, train_ds, _batches(val_ds, collate), _batches(test_ds, collate), test,
                   collate, sizes, {"load": load_s, "tokenise": time.perf_counter() - t})
 
