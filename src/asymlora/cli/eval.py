@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--mixed-precision", default="no", choices=["auto", "no", "fp16", "bf16"],
                    help="no = fp32 (default); bf16 = bfloat16 autocast (faster where supported; scores move ~1e-3); "
-                        "auto = bf16 where a short probe measures it ≥ 1.5× as fast as fp32 on this CPU, else fp32; "
+                        "auto = bf16 where a short probe measures it ≥ 1.2× as fast as fp32 on this CPU, else fp32; "
                         "fp16 is refused (the model runs on the CPU)")
     add_output_dir(p, DEFAULT_OUT, f"output folder (default: ./{DEFAULT_OUT})")
     p.add_argument("--no-progress", action="store_true", help="no progress line")

@@ -72,7 +72,7 @@ def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targ
                         "core, at most 2; 1 on a GPU)")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                    help="auto = bf16 (or fp16) on a GPU, and on a CPU where a short probe measures bf16 "
-                        "≥ 1.5× as fast as fp32 (native AVX512-BF16 or AMX), else fp32")
+                        "≥ 1.2× as fast as fp32 (native AVX512-BF16 or AMX), else fp32")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--backend", choices=["local", "ray"], default="local",
                    help="where runs execute: local = worker processes of this machine (one per GPU, each pinned "
