@@ -263,10 +263,13 @@ class LoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self, name: str | None = None) -> torch.Tensor:
-        """ΔW = s·B·A of adapter ``name`` (default: the active one) as a (d_out × d_in) matrix."""
+        """ΔW = s·B·A of adapter ``name`` (default: the active one) as a (d_out × d_in) matrix, in
+        the wider dtype of the two factors (on a half-precision base a trained factor is float32
+        and a frozen one half: ``inject.factor_dtype``)."""
         name = self.primary if name is None else name
         a, b = self.factors(name)
-        return (b @ a) * self.slots[name].scaling
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        return (b.to(dtype) @ a.to(dtype)) * self.slots[name].scaling
 
     def merge(
         self, safe: bool = False, keep_original: bool = False, adapter_names: Sequence[str] | None = None
@@ -290,17 +293,17 @@ class LoraLinear(nn.Module):
         delta = self.delta_weight(names[0])
         for name in names[1:]:
             delta = delta + self.delta_weight(name)
-        delta = delta.to(weight.dtype)
         if is_conv1d(self.base):
             delta = delta.T
-        if safe:
-            merged = weight.detach() + delta
-            if not (torch.isfinite(delta).all() and torch.isfinite(merged).all()):
-                raise UserError("refusing to merge: the adapter's delta weight has NaN or Inf values")
+        # W + ΔW summed in the wider dtype and rounded once to the base's (a bf16 base is not
+        # rounded twice, ΔW then the sum)
+        merged = (weight.detach().to(delta.dtype) + delta).to(weight.dtype)
+        if safe and not (torch.isfinite(delta).all() and torch.isfinite(merged).all()):
+            raise UserError("refusing to merge: the adapter's delta weight has NaN or Inf values")
         if keep_original:
             self._original_weight = weight.detach().clone()
         with torch.no_grad():
-            weight.add_(delta)
+            weight.copy_(merged)
         self.merged_adapters = list(names)
 
     def unmerge(self) -> None:

@@ -159,6 +159,8 @@ def write_adapter(directory: str | os.PathLike, config: AsymLoraConfig, layers: 
         for factor, init_name, value, trained in (("A", config.init_A, lf.A, lf.trains_A),
                                                   ("B", config.init_B, lf.B, lf.trains_B)):
             stored = trained or store_frozen or init_name not in SEED_REPRODUCIBLE
+            if not stored and value.dtype != torch.float32:
+                value, stored = _as_drawn(value, init_name, factor, config.seed, name)
             if stored:
                 tensors[f"{name}.lora_{factor}"] = value
             entry[factor] = {
@@ -189,6 +191,17 @@ def write_adapter(directory: str | os.PathLike, config: AsymLoraConfig, layers: 
     header = {"format": FORMAT, "config": json.dumps(config.to_dict(), sort_keys=True)}
     write_adapter_folder(directory, tensors, header, meta)
     return directory
+
+
+def _as_drawn(value: torch.Tensor, init_name: str, factor: str, seed: int, layer: str) -> tuple[torch.Tensor, bool]:
+    """A frozen seeded factor held in half precision (on a bf16/fp16 base) is the float32 draw
+    rounded: its fingerprint is recorded from the float32 draw, which is what loading rebuilds,
+    so the file stays seed-only. Returns (the tensor to fingerprint, whether it must be stored):
+    a factor that is not the rounded draw is stored as it is."""
+    drawn = init_factor(init_name, (int(value.shape[0]), int(value.shape[1])), factor, seed, layer)
+    if torch.equal(drawn.to(value.dtype), value.detach().to("cpu")):
+        return drawn, False
+    return value, True
 
 
 def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
