@@ -307,6 +307,10 @@ def test_compare_on_a_local_csv_single_rate(tmp_path):
     assert res["settings"]["dataset"]["label_names"] == ["1", "5"] and res["settings"]["selects_lr"] is False
     assert res["summary"][0]["trainable_params"] == LAYERS * 4 * D + head_params(2)
     assert [r["lr"] for r in res["runs"]] == [0.01]
+    # and it learnt: the two kinds of review are told apart by their words, far above the majority class
+    (run,) = res["runs"]
+    assert run["test_accuracy"] >= 0.9 > res["settings"]["majority_class_test_accuracy"] + 0.2, run["test_accuracy"]
+    assert run["final_train_loss"] < 0.5 * run["history"][0]["loss"]
 
 
 def test_grid_extension_steps_beyond_an_edge_only():

@@ -182,7 +182,10 @@ def test_cli_writes_artefacts(tmp_path, capsys):
                  "similarity_cosine_A.png", "similarity_cosine_B.png"):
         assert (out / name).is_file(), name
     assert (out / "similarity_subspace_A.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes left no temp files
+    # atomic writes left no temporary file (asymlora.fileio names them .tmp-<name>-…, folders .old-…)
+    assert sorted(p.name for p in out.iterdir()) == ["similarity.csv", "similarity_cosine_A.png",
+                                                     "similarity_cosine_B.png", "similarity_subspace_A.png",
+                                                     "similarity_subspace_B.png", "summary.txt"]
     mask = os.umask(0)
     os.umask(mask)
     for p in out.iterdir():  # permissions as open() gives them, not the temp file's owner-only 0600
