@@ -109,3 +109,21 @@ def test_overwrite_replaces_the_earlier_sweep_only_once_complete(tmp_path, monke
     kept = files_of(out)
     assert kept[Path("runs", "mine.txt")] == b"my notes" and kept[Path("notes.md")] == b"mine too"
     assert sorted(os.listdir(out / "runs")) == ["mine.txt"]  # the sweep's checkpoints are gone, nothing else
+
+
+@pytest.mark.parametrize("earlier", ["metrics.json", "adapter", "checkpoint"])
+def test_train_into_a_folder_with_an_earlier_run_is_refused_before_any_work(tmp_path, capsys, earlier):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    if earlier == "metrics.json":
+        (out / earlier).write_text("{}")
+    else:
+        (out / earlier).mkdir()
+        (out / earlier / "kept.txt").write_text("kept")
+    before = files_of(out)
+    assert main(["train", "--quick", "--no-progress", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"asymlora train: error: {out} holds an earlier run ({out}/{earlier}); add --resume to go on "
+                   "with it, --overwrite to replace it once this run completes, or choose another --output-dir"]
+    assert files_of(out) == before

@@ -54,9 +54,15 @@ def register(subparsers) -> None:
     add_quantize(p)
     add_output_dir(p, "asymlora-train", "output folder (default: ./asymlora-train)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint if present")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an OUTPUT_DIR that holds an earlier one (without it, or --resume, "
+                        "such a folder is refused)")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (compare --quick's budget)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+RUN_FILES = ("metrics.json", "adapter", "checkpoint")  # what a run leaves in its folder
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from asymlora.fileio import atomic_write_text
     from asymlora.sweep.backends import threads_for_run
+    from asymlora.sweep.outdir import check_output_dir
 
     b = QUICK if args.quick else DEFAULT
     pick = lambda v, d: d if v is None else v  # noqa: E731
@@ -92,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
             problems.add(message)
     problems.at_least("--checkpoint-every", args.checkpoint_every, 1)
     problems.raise_if_any()
+    # an earlier run's adapter and metrics are never replaced by accident
+    check_output_dir(cfg.output_dir, args.resume, args.overwrite, markers=RUN_FILES, what="run")
     spec = parse_strategy(args.strategy, r)
     with threads_for_run(cfg.threads) as (threads, _):
         task = prepare_task(cfg)

@@ -43,15 +43,17 @@ def partial_results(output_dir: str) -> str | None:
     return earlier_sweep(output_dir)
 
 
-def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
-    """UserError, before any work, when a fresh sweep would land on an earlier one."""
+def check_output_dir(output_dir: str, resume: bool, overwrite: bool, markers: tuple[str, ...] = (PARTIAL, RESULTS),
+                     what: str = "sweep") -> None:
+    """UserError, before any work, when a fresh run would land on an earlier one: ``output_dir``
+    holds one of ``markers`` (what a finished or interrupted ``what`` leaves there)."""
     if resume and overwrite:
-        raise UserError("--resume and --overwrite exclude each other: --resume goes on with the sweep in "
+        raise UserError(f"--resume and --overwrite exclude each other: --resume goes on with the {what} in "
                         f"{output_dir}, --overwrite starts a new one that replaces it")
-    found = earlier_sweep(output_dir)
+    found = next((p for p in (os.path.join(output_dir, m) for m in markers) if os.path.lexists(p)), None)
     if found and not resume and not overwrite:
-        raise UserError(f"{output_dir} holds an earlier sweep ({found}); add --resume to go on with it, "
-                        "--overwrite to replace it once this sweep completes, or choose another --output-dir")
+        raise UserError(f"{output_dir} holds an earlier {what} ({found}); add --resume to go on with it, "
+                        f"--overwrite to replace it once this {what} completes, or choose another --output-dir")
 
 
 class SweepFolder:
