@@ -96,9 +96,14 @@ def check_base(meta: dict[str, Any], model: nn.Module, where: str, strict: bool 
     message = (f"{where} was trained on the base weights of {saved_on!r}, but {this!r} has other weights in the "
                f"adapted layers (sketches differ by {diff:.3g} of their norm, more than {TOLERANCE:g}): another "
                "fine-tune, init or quantization of the same architecture; its outputs will not be the trained ones")
+    _mismatch(message, strict)
+
+
+def _mismatch(message: str, strict: bool) -> None:
+    """One warning for the caller of the public function, or with ``strict`` a refusal."""
     if strict:
         raise UserError(message + "; refused (strict)")
-    warnings.warn(message, BaseMismatchWarning, stacklevel=3)
+    warnings.warn(message, BaseMismatchWarning, stacklevel=4)
 
 
 def check_same_base(metas: dict[str, dict[str, Any]], strict: bool = False) -> dict[str, Any] | None:
@@ -120,9 +125,7 @@ def check_same_base(metas: dict[str, dict[str, Any]], strict: bool = False) -> d
             message = (f"{folder} was trained on the base weights of {metas[folder].get('base_model')!r} and {first} "
                        f"on those of {metas[first].get('base_model')!r}, which differ (sketches by {diff:.3g} of "
                        "their norm): their sum is not an adapter of either")
-            if strict:
-                raise UserError(message + "; refused (strict)")
-            warnings.warn(message, BaseMismatchWarning, stacklevel=3)
+            _mismatch(message, strict)
         for n in sk["layers"]:
             layers.setdefault(n, sk["layers"][n])
     return {"sketch": SKETCH, "layers": layers}
