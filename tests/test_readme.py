@@ -86,6 +86,27 @@ def test_quick_start_runs_as_written(tmp_path):
         assert has_a == (kinds[folder.name] == "LORA"), (folder.name, sorted(keys)[:4])
         assert any("lora_B" in k for k in keys)
 
+    # the two files are one adapter: ours loaded by asymlora and the export loaded by PEFT itself
+    # compute the same logits, and both differ from the base with the same head (B was trained)
+    import torch
+
+    import asymlora
+    from asymlora.compare.task import bundled_classifier
+    from conftest import require
+
+    peft = require("peft")
+    ours, data, collate = bundled_classifier("fortunes")
+    theirs, untuned = bundled_classifier("fortunes")[0], bundled_classifier("fortunes")[0]
+    asymlora.load_adapter(ours, str(tmp_path / "out" / "adapter"))
+    theirs = peft.PeftModel.from_pretrained(theirs, str(tmp_path / "out" / "peft"))
+    batch = {k: v for k, v in collate([data[i] for i in range(16)]).items() if k != "labels"}
+    with torch.no_grad():
+        a, b = ours.eval()(**batch).logits, theirs.eval()(**batch).logits
+        untuned.classifier.load_state_dict(ours.classifier.state_dict())  # the trained head, no adapter
+        c = untuned.eval()(**batch).logits
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    assert float((a - c).abs().max()) > 1e-4
+
 
 def test_examples_quickstart_is_the_readme_quick_start():
     def lines(text: str) -> list[str]:  # the example may add blank lines (import grouping) and a docstring
