@@ -92,8 +92,11 @@ def check_base(meta: dict[str, Any], model: nn.Module, where: str, strict: bool 
     if diff <= TOLERANCE:
         return
     saved_on = meta.get("base_model") or "an unnamed model"
-    this = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
-    message = (f"{where} was trained on the base weights of {saved_on!r}, but {this!r} has other weights in the "
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    # a model built from the same config (a re-init) carries the same name: say what differs
+    this = (f"this {type(model).__name__}" + (f" (named {name!r} too)" if name == saved_on else "") if
+            not name or name == saved_on else repr(name))
+    message = (f"{where} was trained on the base weights of {saved_on!r}, but {this} has other weights in the "
                f"adapted layers (sketches differ by {diff:.3g} of their norm, more than {TOLERANCE:g}): another "
                "fine-tune, init or quantization of the same architecture; its outputs will not be the trained ones")
     _mismatch(message, strict)
