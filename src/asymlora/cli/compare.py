@@ -5,7 +5,8 @@ import argparse
 
 from asymlora.cli.options import add_model_and_data, add_output_dir, add_quantize
 from asymlora.cli.protocol_options import add_protocol_options, protocol_settings
-from asymlora.sweep.budget import DEFAULT, DEFAULT_STRATEGIES, QUICK
+from asymlora.strategies import DEFAULT_STRATEGIES
+from asymlora.sweep.budget import DEFAULT, QUICK
 
 DESCRIPTION = """\
 Fine-tune a pretrained classifier with each strategy at its own learning rate, over paired seeds;
@@ -27,20 +28,28 @@ fortunes (5 classes); strategies head-only, lora r=8 and b-only r=8; lr grid 1e-
 seeds 0 1 2; 360 steps of batch 16, 48 tokens. Measured on 2 cores of an Intel Xeon as a whole
 process: 318 s with native bf16 (AVX512-BF16/AMX), 588 s without (AVX2 only: fp32, as with
 --mixed-precision no; medians of 2); README, "Two commands". Writes results.json (with the time per phase),
-results.csv, results.md, metric_by_strategy.png, training_curves.png, lr_selection.png and verdicts.png.
+results.csv, results.md, metric_by_strategy.png, training_curves.png, lr_selection.png, verdicts.png
+and cost.png.
 
-Strategies: lora | b-only | a-only | head-only | peft-lora | peft-lora-fa, with an optional @Kr
-suffix (rank K·r). peft-lora is PEFT's own LoraModel on the same layers, rank, alpha and head;
-peft-lora-fa trains it with PEFT's LoRA-FA optimizer (A frozen at its Kaiming init).
+Strategies (--strategies, commas; NAME@Kr multiplies the rank by K). Each runs at its own rate
+from the grid (times its scale, where it has one); its row carries its trained parameters,
+adapter file size, peak memory and time per step, and cost.png plots accuracy against them:
+{strategies}
+  MODULE:FACTORY  your own: a factory (model, request) -> adapted model or PEFT config, or a
+                 Strategy, in an importable module or a .py file (examples/custom_strategy.py)
+A method PEFT cannot apply to the model is refused in one line before any run.
 --data: fortunes | tweets | a .csv/.tsv/.jsonl/.json file with text and label columns |
 a folder written by datasets' save_to_disk.
 """
 
 
 def register(subparsers) -> None:
+    from asymlora.strategies import describe_strategies
+
     p = subparsers.add_parser("compare",
                               help="compare lora / b-only / a-only / head-only / PEFT's methods on a real task",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION.format(strategies=describe_strategies()),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_data(p)
     add_protocol_options(p, _compare_defaults(DEFAULT), lr_note="validation accuracy",
                          targets_note="the architecture's, query,value for BERT")

@@ -14,7 +14,8 @@ from asymlora.cli.options import (
     show_progress,
     str_list,
 )
-from asymlora.sweep.budget import DEFAULT, QUICK, TRAIN_EVAL_EVERY, TRAIN_LR
+from asymlora.strategies import REGISTRY
+from asymlora.sweep.budget import DEFAULT, QUICK, TRAIN_EVAL_EVERY
 
 DESCRIPTION = """\
 Fine-tune a pretrained classifier with one adapter strategy and seed, on the same tasks as
@@ -29,7 +30,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="fine-tune one strategy on a real task (checkpoints, resume)",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategy", default="b-only",
-                   help="lora | b-only | a-only | head-only, optional @Kr (default: b-only)")
+                   help="a strategy of `asymlora compare --help` (lora, b-only, a-only, head-only, peft:NAME, "
+                        "MODULE:FACTORY), optional @Kr (default: b-only)")
     p.add_argument("--rank", "-r", type=int, default=None, metavar="R", help=f"adapter rank r (default: {DEFAULT.r})")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order, head and frozen factor (default: 0)")
     add_model_and_data(p)
@@ -39,8 +41,9 @@ def register(subparsers) -> None:
     p.add_argument("--patience", type=int, default=None,
                    help=f"stop after N evaluations without a new best (default: {DEFAULT.patience})")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: the one compare chose for the preset on the bundled data: "
-                        + ", ".join(f"{k} {v:g}" for k, v in TRAIN_LR.items()) + ")")
+                   help="learning rate (default: the one compare chose for the strategy on the bundled data: "
+                        + ", ".join(f"{s.name} {s.train_lr:g}" for s in REGISTRY.values() if s.train_lr)
+                        + f"; any other: the grid's middle rate {DEFAULT.lrs[1]:g} times its scale)")
     p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {DEFAULT.batch_size})")
     p.add_argument("--max-length", type=int, default=None, help=f"max tokens (default: {DEFAULT.max_length})")
     p.add_argument("--eval-every", type=int, default=None,
@@ -65,6 +68,19 @@ def register(subparsers) -> None:
 RUN_FILES = ("metrics.json", "adapter", "checkpoint")  # what a run leaves in its folder
 
 
+def _default_lr(name: str) -> float:
+    """The strategy's own rate for one run, else the grid's middle rate times its scale; an
+    unknown strategy is reported by ``cfg.problems()`` (its rate is then moot)."""
+    from asymlora.errors import UserError
+    from asymlora.strategies import parse_strategy
+
+    try:
+        strategy = parse_strategy(name, 1).strategy
+    except UserError:
+        return DEFAULT.lrs[1]
+    return strategy.train_lr or DEFAULT.lrs[1] * strategy.lr_scale
+
+
 def run(args: argparse.Namespace) -> int:
     from asymlora.compare import (
         CompareConfig,
@@ -80,8 +96,7 @@ def run(args: argparse.Namespace) -> int:
     pick = lambda v, d: d if v is None else v  # noqa: E731
     r = pick(args.rank, b.r)
     eval_every = pick(args.eval_every, b.eval_every if args.quick else TRAIN_EVAL_EVERY)
-    # an unknown strategy is reported by cfg.problems() below; its lr default is then moot
-    lr = pick(args.lr, TRAIN_LR.get(args.strategy.split("@")[0].strip(), TRAIN_LR["b-only"]))
+    lr = pick(args.lr, _default_lr(args.strategy))
     cfg = CompareConfig(
         model=args.model, data=args.data, text_column=args.text_column, label_column=args.label_column,
         strategies=[args.strategy], ranks=[r], seeds=[args.seed], lr=lr, max_steps=pick(args.max_steps, b.max_steps),
@@ -109,10 +124,8 @@ def run(args: argparse.Namespace) -> int:
                           output_dir=cfg.output_dir, checkpoint_every=pick(args.checkpoint_every, eval_every),
                           resume=args.resume)
     run_info, model = out.record, out.model
-    if spec.preset is not None:
-        from asymlora.formats.native import save_adapter
-
-        save_adapter(model, os.path.join(cfg.output_dir, "adapter"))
+    if spec.strategy.save is not None:
+        spec.strategy.save(model, os.path.join(cfg.output_dir, "adapter"))
     run_info["settings"] = {"data": cfg.data, "model": task.model_path, "max_steps": cfg.max_steps, "lr": lr,
                             "patience": cfg.patience, "eval_every": cfg.eval_every, "batch_size": cfg.batch_size,
                             "max_length": cfg.max_length, "quantize": cfg.quantize, "threads": threads,

@@ -7,11 +7,9 @@ module per concern of the task:
 - ``task``     — data, tokenisation, the base model and the head-only features, loaded once;
 - ``protocol`` — the compare sweep: settings block, progress lines, results.json;
 - ``run``      — one run by the protocol's rules;  ``workers`` — one job on a backend;
-- ``peers``    — PEFT's LoRA and LoRA-FA under the same protocol;
 - ``report``   — tables, verdict lines, results.json/csv/md;  ``plots`` — the PNGs.
 """
 from asymlora.compare.config import (
-           ADAPTER_PRESETS,
            HEAD_ONLY,
            CompareConfig,
            StrategySpec,
@@ -28,6 +26,6 @@ from asymlora.compare.report import (
 from asymlora.compare.run import execute_run
 from asymlora.compare.task import Task, prepare_task, set_threads
 
-__all__ = ["ADAPTER_PRESETS", "HEAD_ONLY", "CompareConfig", "StrategySpec", "parse_strategy", "run_compare",
+__all__ = ["HEAD_ONLY", "CompareConfig", "StrategySpec", "parse_strategy", "run_compare",
            "select_lr", "execute_run", "format_report", "format_table", "paired_verdicts", "summarize", "write_reports",
            "Task", "prepare_task", "set_threads"]

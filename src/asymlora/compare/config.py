@@ -1,8 +1,8 @@
 """What one ``asymlora compare`` run is: the protocol's settings (``asymlora.sweep.config``)
 and the classification task's — the model, the dataset and its columns, a quantized base.
 
-Strategies (``asymlora.sweep.config.parse_strategy``): ``lora``, ``b-only``, ``a-only``,
-``head-only`` and PEFT's ``peft-lora`` / ``peft-lora-fa`` as peers (``asymlora.compare.peers``).
+Strategies: the registry's (``asymlora.strategies``: ours, PEFT's ``peft:NAME``, the user's
+``MODULE:ATTR``, head-only).
 """
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 from asymlora.bundled import ENCODER, model_problem
 from asymlora.sweep.config import (
-    ADAPTER_PRESETS,
     HEAD_ONLY,
-    PEFT_PRESETS,
     STOPPING_RULES,
     StrategySpec,
     SweepConfig,
@@ -21,8 +19,7 @@ from asymlora.sweep.config import (
     target_spec,
 )
 
-__all__ = ["ADAPTER_PRESETS", "PEFT_PRESETS", "STOPPING_RULES", "HEAD_ONLY", "StrategySpec", "parse_strategy",
-           "target_spec", "CompareConfig"]
+__all__ = ["STOPPING_RULES", "HEAD_ONLY", "StrategySpec", "parse_strategy", "target_spec", "CompareConfig"]
 
 
 @dataclass

@@ -6,6 +6,9 @@
   lines, best steps marked) and the smoothed training loss.
 - ``lr_selection.png``: validation accuracy of the pilot runs against the learning rate, one
   line per strategy, the chosen rate circled, pruned pilots marked with their rung.
+- ``cost.png``: test accuracy (mean over seeds with its 95 % t-interval) against the trained
+  parameters on a log axis, one point per strategy: the cheap rows that are not worse stand out
+  at the top left.
 - ``verdicts.png`` (``asymlora.sweep.plots.write_verdict_plot``, shared with ``asymlora sft``):
   each paired difference (method − LoRA) with its 95 % interval, the ±margin band and the
   verdict word — the one figure to read first.
@@ -128,6 +131,28 @@ def _lr_selection(plt: Any, results: dict[str, Any], path: str) -> str:
         plt.close(fig)
 
 
+def _cost(plt: Any, results: dict[str, Any], path: str) -> str:
+    from asymlora.sweep.stats import t_quantile
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in results["summary"]:
+        n, sd = r["n"], r["test_accuracy_std"]
+        half = t_quantile(0.975, n - 1) * sd / np.sqrt(n) if n > 1 and sd == sd else 0.0
+        ax.errorbar(r["trainable_params"], 100 * r["test_accuracy_mean"], yerr=100 * half, fmt="o", capsize=4,
+                    label=r["strategy"])
+        ax.annotate(r["strategy"], (r["trainable_params"], 100 * r["test_accuracy_mean"]), fontsize=7,
+                    textcoords="offset points", xytext=(5, 4))
+    ax.set_xscale("log")
+    ax.set_xlabel("trained parameters (adapter and head; log scale)")
+    ax.set_ylabel("test accuracy (%), mean and 95 % t-interval")
+    ax.set_title("test accuracy against what each strategy trains (a cheaper row not worse: top left)",
+                 fontsize=9)
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
     import matplotlib
 
@@ -135,7 +160,8 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     out = [_bars(plt, results, os.path.join(out_dir, "metric_by_strategy.png")),
-           _curves(plt, results, os.path.join(out_dir, "training_curves.png"))]
+           _curves(plt, results, os.path.join(out_dir, "training_curves.png")),
+           _cost(plt, results, os.path.join(out_dir, "cost.png"))]
     if results["settings"].get("selects_lr"):
         out.append(_lr_selection(plt, results, os.path.join(out_dir, "lr_selection.png")))
     s = results["settings"]

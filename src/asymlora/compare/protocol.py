@@ -31,7 +31,7 @@ import torch
 
 from asymlora.bundled import model_title
 from asymlora.compare.config import CompareConfig, StrategySpec
-from asymlora.compare.run import execute_run
+from asymlora.compare.run import execute_run, refuse_unfit
 from asymlora.compare.task import Task, head_features, prepare_task
 from asymlora.compare.workers import execute, prepare_worker
 from asymlora.fileio import atomic_write_text
@@ -95,7 +95,8 @@ def _settings(cfg: CompareConfig, task: Task, specs: list[StrategySpec], threads
                             (("train", task.train_ds), ("val", task.val_ds), ("test", task.test_ds))},
         "majority_class_test_accuracy": max(task.test.class_counts(k)) / len(task.test),
         "strategies": [s.label for s in specs], "ranks": cfg.ranks, "seeds": cfg.seeds,
-        "lr_grid": cfg.lr_grid(), "selects_lr": cfg.selects_lr, "max_lr_extensions": cfg.max_lr_extensions,
+        "lr_grid": cfg.lr_grid(), "lr_grids": {s.label: cfg.lr_grid(s) for s in specs},
+        "selects_lr": cfg.selects_lr, "max_lr_extensions": cfg.max_lr_extensions,
         "max_steps": cfg.max_steps, "stopping": cfg.stopping, "rungs": cfg.rung_steps(), "prune_z": cfg.prune_z,
         "eval_every": cfg.eval_every, "patience": cfg.patience, "min_steps": cfg.min_steps,
         "warmup_steps": cfg.warmup_steps,
@@ -145,6 +146,7 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
     folder = SweepFolder(cfg.output_dir, saved)
     cfg = replace(cfg, checkpoint_dir=folder.checkpoints)  # this sweep's own: no earlier checkpoint is taken
     task = prepare_task(cfg)
+    refuse_unfit(task, specs, cfg)  # a method that cannot adapt this model: one line, before any run
     fingerprints.update(data=data_fingerprint(task.train_ds, task.val_ds, task.test_ds),
                         model=model_fingerprint(task.model_path))
     if saved:
@@ -165,7 +167,8 @@ def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: flo
         features = None if any(f is None for f in feats.values()) else feats
         phases.add("features", time.perf_counter() - t)
     sched = Schedule(specs, cfg, phases, report_run=_report_run)
-    grid = ", ".join(f"{x:g}" for x in cfg.lr_grid())
+    grid = ", ".join(f"{x:g}" for x in cfg.lr_grid()) + "".join(
+        f" ({s.label}: ×{s.lr_scale:g})" for s in specs if s.lr_scale != 1 and cfg.lr is None)
     _log(f"asymlora compare: {settings['model_name']} ({settings['model_params'] / 1e6:.1f}M params) on "
          f"{task.data.name} ({task.num_labels} classes); train {len(task.train)} / val {len(task.val)} / test "
          f"{len(task.test)}; {plural(len(specs), 'strategy', 'strategies')}, lr {'grid ' if cfg.selects_lr else ''}"

@@ -11,14 +11,14 @@ from typing import Any
 from asymlora.compare.config import CompareConfig, StrategySpec
 from asymlora.fileio import atomic_write_text
 from asymlora.sweep.divergence import DIVERGED_NOTE, all_diverged_rows, diverged_cell
-from asymlora.sweep.stats import paired_verdicts, summarize_runs
+from asymlora.sweep.stats import cheaper_not_worse, paired_verdicts, summarize_runs
 from asymlora.text import mean_pm
 
 __all__ = ["summarize", "paired_verdicts", "assemble", "format_table", "format_report", "write_reports"]
 
 _SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "val_accuracy", "val_macro_f1", "lr", "best_step", "steps",
                  "val_slope_last_quarter", "wall_time_s", "peak_memory_bytes", "saved_activation_bytes",
-                 "final_train_loss")
+                 "final_train_loss", "adapter_file_bytes", "step_time_s")
 
 
 def summarize(runs: list[dict[str, Any]], order: list[str],
@@ -29,14 +29,34 @@ def summarize(runs: list[dict[str, Any]], order: list[str],
 
 def assemble(cfg: CompareConfig, settings: dict[str, Any], specs: list[StrategySpec], runs: list[dict[str, Any]],
              selections: list[dict[str, Any]], phases: Any, elapsed: float, complete: bool) -> dict[str, Any]:
-    """The results dict written to results.json."""
+    """The results dict written to results.json. Each run gets its training time per step (wall
+    time less evaluation, over the steps it took), a cost column beside its file size and peak memory."""
+    runs = [dict(r, step_time_s=_step_time(r)) for r in runs]
     verdicts = paired_verdicts(runs, specs, cfg.margin)
+    summary = all_diverged_rows(summarize(runs, [s.label for s in specs]), selections, [s.label for s in specs])
     return {"complete": complete, "settings": settings, "total_time_s": elapsed, "phases_s": phases.to_dict(),
-            "lr_selection": selections,
-            "summary": all_diverged_rows(summarize(runs, [s.label for s in specs]), selections,
-                                         [s.label for s in specs]),
+            "lr_selection": selections, "summary": summary,
             "verdicts": [v.to_dict() for v in verdicts], "verdict_lines": [v.line() for v in verdicts],
-            "runs": runs}
+            "cheaper_not_worse": cheaper_not_worse(verdicts, summary), "runs": runs}
+
+
+def _step_time(rec: dict[str, Any]) -> float | None:
+    steps = rec.get("steps") or 0
+    if not steps or rec.get("wall_time_s") is None:
+        return None
+    return (rec["wall_time_s"] - (rec.get("eval_time_s") or 0.0)) / steps
+
+
+def _mib(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x / 2**20:,.1f}"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{1000 * x:.0f}"
+
+
+def _kib(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x / 2**10:,.0f}"
 
 
 def format_table(summary: list[dict[str, Any]], markdown: bool = False) -> str:
@@ -46,7 +66,7 @@ def format_table(summary: list[dict[str, Any]], markdown: bool = False) -> str:
     plateau = any(r.get("stopping") == "plateau" for r in summary)
     head = ["strategy", "trainable", "lr", "test acc", "test macro-F1", "val acc"]
     head += ["best step", "plateau"] if plateau else ["steps"]
-    head += ["saved act. (MiB)"]
+    head += ["saved act. (MiB)", "adapter", "file (KiB)", "peak mem (MiB)", "ms/step"]
     body = []
     for r in summary:
         if r.get("all_diverged"):
@@ -59,7 +79,10 @@ def format_table(summary: list[dict[str, Any]], markdown: bool = False) -> str:
             f"{100 * r['val_accuracy_mean']:.2f}",
         ]
         row += [f"{r['best_step_mean']:.0f}", f"{r['plateaued']}/{r['n']}"] if plateau else [f"{r['steps_mean']:.0f}"]
-        row += [f"{r.get('saved_activation_bytes_mean', float('nan')) / 2**20:,.1f}"]
+        row += [f"{r.get('saved_activation_bytes_mean', float('nan')) / 2**20:,.1f}",
+                f"{r['adapter_params']:,}", _kib(r.get("adapter_file_bytes_mean")),
+                _mib(r.get("peak_memory_bytes_mean")),
+                _ms(r.get("step_time_s_mean"))]
         if r.get("diverged"):
             row[3] += f" ({r['diverged']} diverged)"
         body.append(row)
@@ -78,7 +101,7 @@ def format_table(summary: list[dict[str, Any]], markdown: bool = False) -> str:
 _CSV_COLUMNS = ["strategy", "preset", "rank", "seed", "lr", "role", "trainable_params", "adapter_params",
                 "test_accuracy", "test_macro_f1", "val_accuracy", "val_macro_f1", "best_step", "steps",
                 "stopped_early", "val_slope_last_quarter", "final_train_loss", "wall_time_s", "eval_time_s",
-                "peak_memory_bytes", "saved_activation_bytes"]
+                "peak_memory_bytes", "saved_activation_bytes", "adapter_file_bytes", "step_time_s"]
 
 
 def _csv(results: dict[str, Any]) -> str:
@@ -126,6 +149,7 @@ def _markdown(results: dict[str, Any]) -> str:
         "Paired differences in test accuracy (per seed, then mean with a 95 % t-interval; verdict margin "
         f"±{100 * s['margin']:g} point):", "",
         *[f"- {line}" for line in results["verdict_lines"]], "",
+        *([results["cheaper_not_worse"], ""] if results.get("cheaper_not_worse") else []),
         f"Total time {results['total_time_s']:.0f} s ({phases}).", "",
     ]
     return "\n".join(md)
@@ -147,7 +171,7 @@ def write_reports(results: dict[str, Any], out_dir: str, plots: bool = True) -> 
     return written
 
 
-PLOT_FILES = ("metric_by_strategy.png", "training_curves.png", "lr_selection.png", "verdicts.png")
+PLOT_FILES = ("metric_by_strategy.png", "training_curves.png", "lr_selection.png", "verdicts.png", "cost.png")
 
 
 def format_report(results: dict[str, Any], cfg: CompareConfig) -> str:
@@ -160,4 +184,4 @@ def format_report(results: dict[str, Any], cfg: CompareConfig) -> str:
         results, tables=[format_table(results["summary"])],
         metric=SelectionMetric("validation accuracy", "val_accuracy", lambda v: f"{100 * v:.1f}"),
         first_seed=cfg.seeds[0], margin=cfg.margin, verdicts_on="test-accuracy", output_dir=cfg.output_dir,
-        files=files)
+        files=files, sections=[results.get("cheaper_not_worse") or ""])

@@ -2,8 +2,8 @@
 protocol's stopping rule (``CompareConfig.stopping``: a fixed budget with a linearly decaying
 rate, scored with the final weights; or the plateau rule) and scored on test. A pilot run may be
 trained in segments (``pause_at`` / ``resume``) so the lr search can look at it part-way. The
-head-only baseline runs on cached features of the frozen encoder (``FeatureHead``); PEFT's
-methods are built by ``asymlora.compare.peers``."""
+head-only baseline runs on cached features of the frozen encoder (``FeatureHead``); every other
+strategy adapts the model as its registry entry says (``asymlora.strategies``)."""
 from __future__ import annotations
 
 import copy
@@ -18,11 +18,13 @@ from torch import nn
 
 from asymlora.compare.config import HEAD_ONLY, CompareConfig, StrategySpec
 from asymlora.compare.task import HeadFeatures, Task, reinit_head
+from asymlora.errors import UserError
+from asymlora.strategies import Adapted, AdaptRequest, Strategy
 from asymlora.sweep.run_settings import autocast, resolve_precision, run_copy, stopping_args
 from asymlora.sweep.stats import curve_slope
 from asymlora.sweep.timing import Timed
 
-__all__ = ["RunResult", "FeatureHead", "execute_run"]
+__all__ = ["RunResult", "FeatureHead", "execute_run", "refuse_unfit"]
 
 
 @dataclass
@@ -72,46 +74,63 @@ def _head_dropout(config: Any) -> float:
     return float(p or 0.0)
 
 
+def _private_modules(task: Task, strategy: Strategy, cfg: CompareConfig) -> list[str]:
+    """What a run owns a copy of: the head, and the adapted layers when the strategy's init
+    rewrites them (PiSSA, OLoRA); the rest of the frozen base is shared between runs."""
+    from asymlora.core.inject import find_target_modules
+
+    if not strategy.mutates_base:
+        return [task.head]
+    return [task.head, *find_target_modules(task.base, cfg.targets, exclude=[task.head])]
+
+
+def refuse_unfit(task: Task, specs: list[StrategySpec], cfg: CompareConfig) -> None:
+    """Every strategy that cannot adapt the task's model, in one UserError, before any run."""
+    bad = []
+    for spec in specs:
+        strategy = spec.strategy
+        if strategy.is_adapter:
+            scratch = run_copy(task.base, private=_private_modules(task, strategy, cfg))
+            problem = strategy.problem(scratch, AdaptRequest(rank=spec.rank, seed=0, targets=cfg.targets,
+                                                             head=task.head))
+            if problem:
+                bad.append(problem)
+    if bad:
+        raise UserError("; ".join(bad))
+
+
 def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
-           features: dict[str, HeadFeatures] | None) -> tuple[Any, Any, Any, Callable, Callable, int]:
+           features: dict[str, HeadFeatures] | None) -> tuple[Any, Any, Any, Callable, Callable, Adapted | None]:
     """The model of one run and how to feed and score it:
-    (model, train data, collate, val scorer, test scorer, adapter parameters)."""
-    from asymlora.compare.config import PEFT_PRESETS
+    (model, train data, collate, val scorer, test scorer, what the strategy made of it)."""
     from asymlora.compare.data import evaluate_classifier
-    from asymlora.core.config import AsymLoraConfig
-    from asymlora.core.inject import find_target_modules, parameter_report, wrap
 
     k = task.num_labels
-    if spec.preset is None and features is not None:
+    strategy = spec.strategy
+    if not strategy.is_adapter and features is not None:
         head = copy.deepcopy(getattr(task.base, task.head))
         shell = SimpleNamespace(config=task.base.config, h=head)
         reinit_head(shell, seed, "h")
         model: nn.Module = FeatureHead(head, _head_dropout(task.base.config))
         return (model, features["train"], _stack_features,
                 lambda m: _feature_metrics(m, features["val"], k, "val_"),
-                lambda m: _feature_metrics(m, features["test"], k, "test_"), 0)
-    model = run_copy(task.base, private=[task.head])  # the frozen base shared, the head the run's own
+                lambda m: _feature_metrics(m, features["test"], k, "test_"), None)
+    model = run_copy(task.base, private=_private_modules(task, strategy, cfg))
     reinit_head(model, seed, task.head)
-    if spec.preset is None:
+    adapted = None
+    if not strategy.is_adapter:
         for p in model.parameters():
             p.requires_grad_(False)
         for p in getattr(model, task.head).parameters():
             p.requires_grad_(True)
-        adapter = 0
-    elif spec.preset in PEFT_PRESETS:
-        from asymlora.compare.peers import build_peft_model, peft_adapter_params
-
-        targets = find_target_modules(model, cfg.targets, exclude=[task.head])
-        model = build_peft_model(model, spec.preset, spec.rank, seed, list(targets), task.head)
-        adapter = peft_adapter_params(model)
     else:
-        acfg = AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed,
-                                              target_modules=cfg.targets, modules_to_save=[task.head])
-        wrap(model, acfg)
-        adapter = parameter_report(model).adapter_trainable
+        assert strategy.adapt is not None
+        adapted = strategy.adapt(model, AdaptRequest(rank=spec.rank, seed=seed, targets=cfg.targets,
+                                                     head=task.head))
+        model = adapted.model
     return (model, task.train_ds, task.collate,
             lambda m: evaluate_classifier(m, task.val_ds, task.collate, k, prefix="val_"),
-            lambda m: evaluate_classifier(m, task.test_ds, task.collate, k, prefix="test_"), adapter)
+            lambda m: evaluate_classifier(m, task.test_ds, task.collate, k, prefix="test_"), adapted)
 
 
 def execute_run(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: CompareConfig, *, desc: str,
@@ -124,16 +143,14 @@ def execute_run(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: Compa
     holds only the curve so far (``paused``); ``resume`` continues it."""
     from asymlora.training.loop import TrainArgs, fit
 
-    model, train_data, collate, score_val, score_test, adapter_params = _build(task, spec, seed, cfg, features)
+    model, train_data, collate, score_val, score_test, adapted = _build(task, spec, seed, cfg, features)
     precision = resolve_precision(cfg.mixed_precision)
     if torch.cuda.is_available():  # fit() returns the model on the device it was given
         model.to("cuda")
     timed_val = Timed(score_val)
     make_optimizer = None
-    if spec.preset == "peft-lora-fa":
-        from asymlora.compare.peers import lorafa_optimizer_factory
-
-        make_optimizer = lorafa_optimizer_factory(model, spec.rank, lr, cfg.weight_decay)
+    if adapted is not None and adapted.make_optimizer is not None:
+        make_optimizer = adapted.make_optimizer(lr, cfg.weight_decay)
     args = TrainArgs(lr=lr, max_steps=cfg.max_steps, batch_size=cfg.batch_size, seed=seed,
                      **stopping_args(cfg, pilot, "val_accuracy"),
                      group_by_length=callable(getattr(train_data, "lengths", None)),
@@ -150,10 +167,12 @@ def execute_run(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: Compa
     with autocast(precision):  # test is scored at the precision validation was
         test_m = score_test(model)
     eval_s = timed_val.seconds + time.perf_counter() - t
+    strategy = spec.strategy
     evals = [(h["step"], h["val_accuracy"]) for h in res.history if "val_accuracy" in h]
     record = {
         "strategy": spec.label, "preset": spec.preset or HEAD_ONLY, "rank": spec.rank, "seed": seed, "lr": lr,
-        "trainable_params": res.trainable_params, "adapter_params": adapter_params,
+        "trainable_params": res.trainable_params, "adapter_params": strategy.adapter_params(model, task.head),
+        "adapter_file_bytes": strategy.file_bytes(model) if strategy.is_adapter else None,
         **test_m,
         "val_accuracy": res.final_metrics.get("val_accuracy"),
         "val_macro_f1": res.final_metrics.get("val_macro_f1"),

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from asymlora.errors import UserError
-from asymlora.sweep.config import HEAD_ONLY, SweepConfig, parse_strategy
+from asymlora.sweep.config import SweepConfig, parse_strategy
 
 __all__ = ["SFTConfig", "SFT_DEFAULTS", "SFT_QUICK"]
 
@@ -85,13 +85,14 @@ class SFTConfig(SweepConfig):
             out.append(f"--data {self.data!r}: give one or more of {', '.join(QA_SOURCES)} (commas)")
         for s in self.strategies:
             try:
-                preset = parse_strategy(s, 1).preset
-                if preset is None:
-                    out.append(f"strategy {HEAD_ONLY!r} has no meaning for a causal LM; use lora, b-only or a-only")
-                elif preset.startswith("peft-"):
-                    out.append(f"strategy {s!r} runs in compare only; sft takes lora, b-only or a-only")
+                strategy = parse_strategy(s, 1).strategy
             except UserError:
-                pass  # reported by problems()
+                continue  # reported by problems()
+            if not strategy.is_adapter:
+                out.append(f"strategy {s!r} has no meaning for a causal LM (no adapter); use an adapter strategy")
+            elif strategy.load is None:  # a pilot that wins is scored later, from its saved adapter
+                out.append(f"strategy {s!r} cannot load its saved adapter back, which sft needs to score a "
+                           "winning pilot; give it as a Strategy with save and load")
         if self.tasks:
             from asymlora.lmeval import TASKS
 

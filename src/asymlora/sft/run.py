@@ -21,7 +21,8 @@ from asymlora.sft.model import (
     generate_answers,
     response_nll,
 )
-from asymlora.sweep.config import StrategySpec
+from asymlora.strategies import AdaptRequest, Strategy, StrategySpec, get_strategy
+from asymlora.strategies.base import folder_bytes
 from asymlora.sweep.run_settings import autocast, resolve_precision, run_copy, stopping_args
 from asymlora.sweep.stats import curve_slope
 from asymlora.sweep.timing import Timed
@@ -101,13 +102,22 @@ DEFERRED_TEST: dict[str, Any] = {"test_loss": None, "test_loglik": None, "test_e
                                  "test_answers": [], "test_deferred": True}
 
 
+def _run_lm(task: LMTask, strategy: Strategy, cfg: SFTConfig) -> Any:
+    """The LM one run adapts: the frozen base weights shared with every run, not copied — but
+    the adapted layers copied when the strategy's init rewrites them (PiSSA, OLoRA)."""
+    if not strategy.mutates_base:
+        return run_copy(task.lm)
+    from asymlora.core.inject import find_target_modules
+
+    return run_copy(task.lm, private=list(find_target_modules(task.lm, cfg.targets)))
+
+
 def score_saved_adapter(task: LMTask, cfg: SFTConfig, record: dict[str, Any]) -> dict[str, Any]:
     """The test scores of a run whose scoring was deferred (a pilot that won its lr search),
     from the adapter it saved; returns the record with them filled in."""
-    from asymlora.formats.native import load_adapter
-
-    lm = run_copy(task.lm)  # the frozen base weights shared, not copied
-    load_adapter(lm, record["adapter_dir"])
+    strategy = get_strategy(record["preset"])
+    assert strategy.load is not None  # sft refuses a strategy that cannot load (SFTConfig.task_problems)
+    lm = strategy.load(_run_lm(task, strategy, cfg), record["adapter_dir"])
     t = time.perf_counter()
     test = score_test(lm, task, cfg)
     seconds = time.perf_counter() - t
@@ -119,16 +129,14 @@ def execute_run(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFT
                 desc: str, pilot: bool = False) -> tuple[dict[str, Any], float]:
     """One run of the protocol: one strategy × seed at ``lr``, trained and scored; returns
     (record, seconds spent evaluating)."""
-    from asymlora.core.config import AsymLoraConfig
-    from asymlora.core.inject import parameter_report, wrap
-    from asymlora.formats.native import save_adapter
     from asymlora.training.loop import TrainArgs, fit
 
-    assert spec.preset is not None  # sft refuses head-only (SFTConfig.task_problems)
-    lm = run_copy(task.lm)  # the frozen base weights shared, not copied
-    acfg = AsymLoraConfig.preset(spec.preset, r=spec.rank, seed=seed, target_modules=cfg.targets)
-    wrap(lm, acfg)
-    model = ResponseOnlyLM(lm)
+    strategy = spec.strategy
+    assert strategy.adapt is not None and strategy.save is not None  # SFTConfig.task_problems
+    adapted = strategy.adapt(_run_lm(task, strategy, cfg), AdaptRequest(rank=spec.rank, seed=seed,
+                                                                        targets=cfg.targets))
+    lm = adapted.model
+    model = ResponseOnlyLM(lm)  # type: ignore[arg-type]  # a PEFT wrapper forwards as the LM does
     precision = resolve_precision(cfg.mixed_precision)
     score_val = Timed(lambda m: {"val_loss": response_nll(m, task.val_batches)})
 
@@ -136,18 +144,20 @@ def execute_run(task: LMTask, spec: StrategySpec, seed: int, lr: float, cfg: SFT
                      **stopping_args(cfg, pilot, "val_loss", higher_is_better=False),
                      group_by_length=True, weight_decay=cfg.weight_decay, mixed_precision=precision,
                      progress=cfg.progress, desc=desc)
-    res = fit(model, task.train, task.collate, args, eval_fn=score_val)
+    make_optimizer = adapted.make_optimizer(lr, cfg.weight_decay) if adapted.make_optimizer else None
+    res = fit(model, task.train, task.collate, args, eval_fn=score_val, make_optimizer=make_optimizer)
     t = time.perf_counter()
     # Exact match is generated only where it is scored: a pilot's test scores count only if its
     # rate wins, so pilots are scored later, from their saved adapter (``score_saved_adapter``).
     test = DEFERRED_TEST if pilot else score_test(lm, task, cfg)
     out = adapter_dir(cfg, spec.label, seed, lr)
-    save_adapter(lm, out)
+    strategy.save(lm, out)
     eval_s = score_val.seconds + time.perf_counter() - t
     evals = [(h["step"], h["val_loss"]) for h in res.history if "val_loss" in h]
     record = {
         "strategy": spec.label, "preset": spec.preset, "rank": spec.rank, "seed": seed, "lr": lr,
-        "trainable_params": res.trainable_params, "adapter_params": parameter_report(lm).adapter_trainable,
+        "trainable_params": res.trainable_params, "adapter_params": strategy.adapter_params(lm, None),
+        "adapter_file_bytes": folder_bytes(out),
         "val_loss": res.best_metric if res.best_metric is not None else res.final_metrics.get("val_loss"),
         **test,
         "best_step": res.best_step if res.best_step is not None else res.steps, "steps": res.steps,

@@ -23,12 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Budget", "DEFAULT", "QUICK", "DEFAULT_DATA", "DEFAULT_STRATEGIES", "TRAIN_LR", "TRAIN_EVAL_EVERY"]
+__all__ = ["Budget", "DEFAULT", "QUICK", "DEFAULT_DATA", "TRAIN_EVAL_EVERY"]
 
 DEFAULT_DATA = "fortunes"
-# LoRA, the paper's b-only, and the head-only baseline (no adapter; only the new classifier is
-# trained). a-only and b-only@2r are one flag away; with them the default takes about 20 minutes.
-DEFAULT_STRATEGIES = ("head-only", "lora", "b-only")
 
 
 @dataclass(frozen=True)
@@ -59,11 +56,6 @@ DEFAULT = Budget(lrs=(1e-3, 3e-3, 1e-2), max_steps=360, eval_every=60, patience=
 QUICK = Budget(lrs=(3e-3, 1e-2), max_steps=80, eval_every=10, patience=2, min_steps=40, warmup_steps=5, batch_size=16,
                max_length=32, seeds=(0, 1), max_train=480, max_val=80, max_test=160, r=4)
 
-# `asymlora train`'s learning rate per preset when --lr is not given: the rates `asymlora compare`
-# chose on validation for the bundled model and fortunes under the plateau rule that `train` uses
-# (constant rate; a run of an earlier version, not kept in docs/results). One rate
-# for all would not do: 1e-2 is a-only's best and makes LoRA diverge (45.7 % validation).
-TRAIN_LR = {"lora": 1e-3, "b-only": 3e-3, "a-only": 1e-2, "head-only": 1e-2}
 # `asymlora train` stops one run on its validation plateau, which needs validation often enough to
 # see one (compare's fixed-budget runs validate only for the lr search's pruning: DEFAULT.eval_every).
 TRAIN_EVAL_EVERY = 30

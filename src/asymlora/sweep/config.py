@@ -1,70 +1,24 @@
-"""What a sweep is: the strategies, the protocol's settings, validation (docs/design.md).
+"""What a sweep is: the protocol's settings and their validation (docs/design.md).
 
-Strategies (docs/design.md, "The method"): ``lora`` (A kaiming, B zero, both trained),
-``b-only`` (A random orthonormal frozen, B zero trained — the paper's recommendation),
-``a-only`` (A zero trained, B random orthonormal frozen) and the ``head-only`` baseline (no
-adapter). PEFT's own methods run as peers under the same protocol: ``peft-lora`` (PEFT's
-``LoraModel`` on the same targets, rank, alpha, dropout and head) and ``peft-lora-fa`` (the same
-model trained by PEFT's LoRA-FA optimizer: A frozen at its Kaiming init, B's gradient
-preconditioned by (A·Aᵀ)⁻¹; ``asymlora.compare.peers``). A suffix ``@Kr``
-multiplies the rank: ``b-only@2r`` trains 2r·Σd_out parameters, the same as ``lora`` at r
-(r·Σ(d_in+d_out)) when d_in = d_out, as for BERT's query/value. Scaling is alpha/r with
-alpha = 2r (the paper's choice), so every strategy uses s = 2.
+The strategies a sweep runs are named in the registry (``asymlora.strategies``); this layer
+reads them through it and names none. A strategy may bring its own place on the rate axis
+(``Strategy.lr_scale``: VeRA's rates live about 10× higher), so the grid is asked per row
+(``SweepConfig.lr_grid(spec)``).
 """
 from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from asymlora.errors import UserError
-from asymlora.sweep.budget import DEFAULT, DEFAULT_STRATEGIES
+from asymlora.strategies import DEFAULT_STRATEGIES, HEAD_ONLY, StrategySpec, parse_strategy
+from asymlora.sweep.budget import DEFAULT
 
-__all__ = ["ADAPTER_PRESETS", "PEFT_PRESETS", "STOPPING_RULES", "HEAD_ONLY", "StrategySpec", "parse_strategy",
-           "target_spec", "SweepConfig"]
+__all__ = ["STOPPING_RULES", "HEAD_ONLY", "StrategySpec", "parse_strategy", "target_spec", "SweepConfig"]
 
-ADAPTER_PRESETS = ("lora", "b-only", "a-only", "peft-lora", "peft-lora-fa")
-PEFT_PRESETS = ("peft-lora", "peft-lora-fa")
 STOPPING_RULES = ("budget", "plateau")
-HEAD_ONLY = "head-only"
-_STRATEGY_RE = re.compile(r"^(?P<name>[a-z-]+?)(?:@(?P<mult>\d+)r)?$")
-
-
-@dataclass(frozen=True)
-class StrategySpec:
-    """One strategy: ``preset`` is None for head-only; ``rank`` the adapter rank used and
-    ``base_rank`` the r it was derived from (``b-only@2r`` at r=8: rank 16, base_rank 8)."""
-
-    label: str
-    preset: str | None
-    rank: int
-    base_rank: int
-
-    @property
-    def is_adapter(self) -> bool:
-        return self.preset is not None
-
-
-def parse_strategy(spec: str, r: int) -> StrategySpec:
-    """``lora``, ``b-only``, ``a-only``, ``head-only``, optionally with ``@Kr`` (rank K·r)."""
-    m = _STRATEGY_RE.match(spec.strip())
-    valid = f"{', '.join(ADAPTER_PRESETS + (HEAD_ONLY,))}, optionally suffixed @Kr (e.g. b-only@2r)"
-    if not m:
-        raise UserError(f"strategy {spec!r} is not valid; use {valid}")
-    name, mult = m.group("name"), m.group("mult")
-    if name == HEAD_ONLY:
-        if mult:
-            raise UserError(f"strategy {spec!r}: head-only has no rank; use {valid}")
-        return StrategySpec(HEAD_ONLY, None, 0, r)
-    if name not in ADAPTER_PRESETS:
-        raise UserError(f"strategy {spec!r} is not valid; use {valid}")
-    k = int(mult) if mult else 1
-    if k < 1:
-        raise UserError(f"strategy {spec!r}: the rank multiplier must be >= 1")
-    label = f"{name} r={k * r}" + (f" (@{k}r)" if k > 1 else "")
-    return StrategySpec(label, name, k * r, r)
 
 
 def target_spec(names: list[str] | None) -> list[str] | str | None:
@@ -150,8 +104,13 @@ class SweepConfig:
     def selects_lr(self) -> bool:
         return self.lr is None and len(self.lrs) > 1
 
-    def lr_grid(self) -> list[float]:
-        return [self.lr] if self.lr is not None else list(self.lrs)
+    def lr_grid(self, spec: Any = None) -> list[float]:
+        """The rates tried for ``spec`` (None: the protocol's grid): the grid times the
+        strategy's ``lr_scale``; ``lr`` set: that one rate for every strategy."""
+        if self.lr is not None:
+            return [self.lr]
+        scale = getattr(spec, "lr_scale", 1.0) if spec is not None else 1.0
+        return [float(f"{x * scale:.6g}") for x in self.lrs]
 
     @property
     def fixed_budget(self) -> bool:
@@ -174,7 +133,7 @@ class SweepConfig:
         """Every invalid setting, one message each (empty when the config is valid)."""
         out: list[str] = []
         if not self.strategies:
-            out.append("--strategies is empty: give at least one of lora, b-only, a-only, head-only")
+            out.append("--strategies is empty: give at least one (`asymlora compare --help` lists them)")
         for s in self.strategies:
             try:
                 parse_strategy(s, 1)

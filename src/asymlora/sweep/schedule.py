@@ -72,7 +72,7 @@ class Schedule:
         # validation accuracy, sft by validation loss)
         self.metric, self.higher = cfg.selection_metric, cfg.selection_higher_is_better
         self.rungs = cfg.rung_steps()
-        self.total = len(specs) * (len(cfg.lr_grid()) + len(cfg.seeds) - 1)
+        self.total = sum(len(cfg.lr_grid(s)) + len(cfg.seeds) - 1 for s in specs)
         self.started = 0
         self.tags: dict[tuple[str, int, float], str] = {}
         self.pilots: dict[str, dict[float, dict[str, Any]]] = {s.label: {} for s in specs}
@@ -98,7 +98,7 @@ class Schedule:
         return Job(spec, seed, lr, True, until=until)
 
     def pilot_jobs(self, spec: Any) -> list[Job]:
-        return [self._first_segment(spec, self.cfg.seeds[0], lr) for lr in self.cfg.lr_grid()]
+        return [self._first_segment(spec, self.cfg.seeds[0], lr) for lr in self.cfg.lr_grid(spec)]
 
     def record(self, job: Job, rec: dict[str, Any], eval_s: float, tag: str) -> list[Job]:
         """Book a finished job (a whole run, or a pilot's segment up to a rung); returns the

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["mean_std", "t_quantile", "PairedDifference", "paired_difference", "verdict", "curve_slope",
-           "VERDICTS", "summarize_runs", "paired_verdicts"]
+           "VERDICTS", "summarize_runs", "paired_verdicts",
+           "cheaper_not_worse"]
 
 
 def mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
@@ -178,12 +179,13 @@ def _isnan(x: Any) -> bool:
 
 def paired_verdicts(runs: list[dict[str, Any]], specs: list[Any], margin: float,
                     metric: str = "test_accuracy") -> list[PairedDifference]:
-    """Every adapter strategy other than lora against lora at its base rank, paired by seed."""
+    """Every adapter strategy against the reference strategy (``is_reference``: LoRA) at its
+    base rank, paired by seed."""
     by = {(r["strategy"], r["seed"]): r[metric] for r in runs if r.get(metric) is not None}  # diverged: none
-    labels = {(s.preset, s.rank): s.label for s in specs}
+    refs = {s.rank: s.label for s in specs if s.is_adapter and s.is_reference}
     out = []
     for s in specs:
-        ref = labels.get(("lora", s.base_rank))
+        ref = refs.get(s.base_rank)
         if s.preset is None or ref is None or s.label == ref:
             continue
         mine = {seed: v for (lab, seed), v in by.items() if lab == s.label}
@@ -191,3 +193,24 @@ def paired_verdicts(runs: list[dict[str, Any]], specs: list[Any], margin: float,
         if set(mine) & set(theirs):
             out.append(paired_difference(s.label, ref, metric, mine, theirs, margin=margin))
     return out
+
+
+NOT_WORSE = ("better", "equivalent", "no worse")
+
+
+def cheaper_not_worse(verdicts: list[PairedDifference], summary: list[dict[str, Any]],
+                      cost: str = "adapter_params") -> str | None:
+    """The user's answer in one line: the row that trains fewer adapter parameters (``cost``)
+    than its reference while its interval allows "better", "equivalent" or "no worse" — the
+    cheapest such row, or None when no row is both."""
+    rows = {r["strategy"]: r for r in summary}
+    fits = [(rows[v.method][cost], v) for v in verdicts
+            if v.verdict in NOT_WORSE and v.method in rows and v.reference in rows
+            and rows[v.method].get(cost) is not None and rows[v.method][cost] < rows[v.reference][cost]]
+    if not fits:
+        return None
+    c, v = min(fits, key=lambda x: x[0])
+    ref = rows[v.reference][cost]
+    return (f"cheaper and not worse: {v.method} trains {c:,} adapter parameters, "
+            f"{ref / max(c, 1):.1f}× fewer than {v.reference} ({ref:,}), and its paired difference is "
+            f"{v.verdict} ({100 * v.mean:+.1f} pts [{100 * v.lo:+.1f}, {100 * v.hi:+.1f}])")

@@ -1,4 +1,4 @@
-"""PEFT's own methods as compare strategies (``asymlora.compare.peers``): the model PEFT builds
+"""PEFT's own methods as strategies (``asymlora.strategies.peft_methods``): the model PEFT builds
 is the one our ``lora`` builds (same layers, scaling, head), and our trainer steps it exactly as
 a plain loop with PEFT's own optimizer does (same step → same weights within 1e-6), for PEFT's
 LoRA under AdamW and for PEFT's LoRA-FA optimizer; a run paused at a rung and resumed from its
@@ -10,12 +10,8 @@ import pytest
 import torch
 
 import asymlora
-from asymlora.compare.peers import (
-    build_peft_model,
-    lorafa_optimizer_factory,
-    peft_adapter_params,
-)
 from asymlora.core.inject import lora_layers
+from asymlora.strategies import AdaptRequest, get_strategy
 from asymlora.training.loop import TrainArgs, _stream_indices, fit, linear_warmup_decay
 from conftest import require, tiny_bert
 
@@ -39,8 +35,20 @@ def _collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
             "labels": torch.stack([it["labels"] for it in items])}
 
 
+def _adapt(preset: str, model: torch.nn.Module, seed: int = 0):
+    return get_strategy(preset).adapt(model, AdaptRequest(rank=R, seed=seed, targets=TARGETS, head="classifier"))
+
+
 def _peft_model(preset: str, seed: int = 0) -> torch.nn.Module:
-    return build_peft_model(tiny_bert(seed=1).train(), preset, R, seed, TARGETS, "classifier")
+    return _adapt(preset, tiny_bert(seed=1).train(), seed).model
+
+
+def lorafa_optimizer_factory(model: torch.nn.Module, lr: float, weight_decay: float):
+    """What the registry's LoRA-FA entry gives fit for ``model`` (a fresh adaptation's factory,
+    bound to this model)."""
+    from asymlora.strategies.peft_methods import lorafa_optimizer
+
+    return lorafa_optimizer(model, R)(lr, weight_decay)
 
 
 def _args(**kw) -> TrainArgs:
@@ -80,7 +88,7 @@ def test_peft_lora_is_our_lora_layout():
         assert layer.r["default"] == R and layer.scaling["default"] == pytest.approx(2.0)  # alpha = 2r
         assert torch.count_nonzero(layer.lora_B["default"].weight) == 0  # B starts at zero, as ours
     # the same number of trained adapter parameters: r·(d_in + d_out) per layer
-    assert peft_adapter_params(theirs) == sum(R * (32 + 32) for _ in TARGETS)
+    assert get_strategy("peft:lora").adapter_params(theirs, "classifier") == sum(R * (32 + 32) for _ in TARGETS)
     head = dict(theirs.named_parameters())["base_model.model.classifier.modules_to_save.default.weight"]
     assert head.requires_grad and torch.equal(head, tiny_bert(seed=1).classifier.weight)
 
@@ -88,7 +96,7 @@ def test_peft_lora_is_our_lora_layout():
 def test_peft_lora_draws_a_per_seed_and_leaves_the_global_rng_alone():
     base = tiny_bert(seed=1)
     state = torch.random.get_rng_state()
-    a0 = build_peft_model(base, "peft-lora", R, 0, TARGETS, "classifier")
+    a0 = _adapt("peft-lora", base, 0).model
     assert torch.equal(torch.random.get_rng_state(), state)
     a0b, a1 = _peft_model("peft-lora", seed=0), _peft_model("peft-lora", seed=1)
     key = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight"
@@ -102,7 +110,7 @@ def test_fit_steps_peft_models_as_peft_own_loop_does(preset):
     ours, ref = _peft_model(preset), _peft_model(preset)
     before = _trainable(ours)
     if preset == "peft-lora-fa":
-        make = lorafa_optimizer_factory(ours, R, LR, 0.0)
+        make = lorafa_optimizer_factory(ours, LR, 0.0)
         from peft.optimizers import create_lorafa_optimizer
 
         opt_ref = create_lorafa_optimizer(ref, r=R, lora_alpha=2 * R, lr=LR, weight_decay=0.0)
@@ -139,7 +147,7 @@ def test_a_paused_and_resumed_run_equals_the_uninterrupted_one(tmp_path, preset)
         return _peft_model(preset)
 
     def make(model):
-        return lorafa_optimizer_factory(model, R, LR, 0.0) if preset == "peft-lora-fa" else None
+        return lorafa_optimizer_factory(model, LR, 0.0) if preset == "peft-lora-fa" else None
 
     whole = build()
     whole_history = fit(whole, data, _collate, _args(), make_optimizer=make(whole)).history
