@@ -1,7 +1,8 @@
 """Your own adapter method as a row of ``asymlora compare``, refereed like ours: same seeds, its
 own learning rate from the grid, a paired verdict against LoRA, the cost columns.
 
-    asymlora compare --quick --strategies lora,b-only,examples/custom_strategy.py:ia3,examples/custom_strategy.py:half_b_only
+    asymlora compare --quick --strategies lora b-only \
+        examples/custom_strategy.py:ia3 examples/custom_strategy.py:half_b_only
 
 (or ``mypkg.mod:ia3`` for a module on your PYTHONPATH). A strategy is a factory
 ``(model, request) -> adapted model | PEFT config``; ``request`` says the rank, the run's seed

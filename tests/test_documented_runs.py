@@ -11,7 +11,8 @@ import os
 
 import pytest
 
-from asymlora.sweep.budget import DEFAULT, DEFAULT_STRATEGIES
+from asymlora.strategies import DEFAULT_STRATEGIES
+from asymlora.sweep.budget import DEFAULT
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results")
 

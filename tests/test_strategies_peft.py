@@ -48,7 +48,7 @@ def lorafa_optimizer_factory(model: torch.nn.Module, lr: float, weight_decay: fl
     bound to this model)."""
     from asymlora.strategies.peft_methods import lorafa_optimizer
 
-    return lorafa_optimizer(model, R)(lr, weight_decay)
+    return lorafa_optimizer(model)(lr, weight_decay)
 
 
 def _args(**kw) -> TrainArgs:
@@ -113,7 +113,7 @@ def test_fit_steps_peft_models_as_peft_own_loop_does(preset):
         make = lorafa_optimizer_factory(ours, LR, 0.0)
         from peft.optimizers import create_lorafa_optimizer
 
-        opt_ref = create_lorafa_optimizer(ref, r=R, lora_alpha=2 * R, lr=LR, weight_decay=0.0)
+        opt_ref = create_lorafa_optimizer(ref, lr=LR, weight_decay=0.0)
     else:
         make = None  # fit's own AdamW (betas 0.9/0.999, eps 1e-8), as PEFT's examples use torch's AdamW
         opt_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=LR, betas=(0.9, 0.999),

@@ -68,7 +68,7 @@ def test_compare_and_sft_print_through_the_shared_report(tmp_path):
     assert compare.endswith(f"wrote {tmp_path}/results.json, results.csv, results.md")
     with_plots = format_report(_results("val_accuracy", [0.5, 0.6, 0.4]), CompareConfig(output_dir=str(tmp_path)))
     assert with_plots.endswith(
-        "results.md, metric_by_strategy.png, training_curves.png, lr_selection.png, verdicts.png")
+        "results.md, metric_by_strategy.png, training_curves.png, lr_selection.png, verdicts.png, cost.png")
 
     sft = format_sft_report(_results("val_loss", [1.25, 1.0, 2.0]), SFTConfig(seeds=[1], output_dir=str(tmp_path)))
     assert "(validation loss by lr, seed 1: 0.001: 1.2500  0.003: 1.0000  0.01: 2.0000" in sft

@@ -74,9 +74,11 @@ def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targ
                    help="auto = bf16 (or fp16) on a GPU, and on a CPU where a short probe measures bf16 "
                         "≥ 1.2× as fast as fp32 (native AVX512-BF16 or AMX), else fp32")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--backend", choices=["local", "ray"], default="local",
-                   help="where runs execute: local = worker processes of this machine (one per GPU, each pinned "
-                        "to it); ray = each run a Ray task (default: local)")
+    from asymlora.sweep.backends import BACKENDS
+
+    p.add_argument("--backend", choices=list(BACKENDS), default="local",
+                   help="where runs execute: " + "; ".join(f"{b.name} = {b.help}" for b in BACKENDS.values())
+                        + " (default: local)")
     p.add_argument("--ray-address", default=None,
                    help="ray: join a running cluster (auto, or HOST:PORT of `ray start --head`); default: start a "
                         "local one on this machine, loopback only")

@@ -1,4 +1,4 @@
-"""``asymlora compare`` as a task on the sweep engine (``asymlora.sweep``; docs/design.md §4): each
+"""``asymlora compare`` as a task of the sweep driver (``asymlora.sweep.driver``; docs/design.md §4): each
 strategy at its own learning rate, picked on validation accuracy; paired seeds.
 
 1. **Learning rate** (``asymlora.sweep.schedule``): per strategy, one pilot run per rate of
@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -32,34 +31,21 @@ import torch
 from asymlora.bundled import model_title
 from asymlora.compare.config import CompareConfig, StrategySpec
 from asymlora.compare.run import execute_run, refuse_unfit
-from asymlora.compare.task import Task, head_features, prepare_task
+from asymlora.compare.task import HeadFeatures, Task, head_features, prepare_task
 from asymlora.compare.workers import execute, prepare_worker
 from asymlora.fileio import atomic_write_text
-from asymlora.sweep.backends import (
-    InProcess,
-    adapter_backend,
-    describe_backend,
-    threads_for_run,
-    worker_count,
-)
-from asymlora.sweep.engine import run_jobs
+from asymlora.sweep.backends import Job, describe_backend, threads_for_run
+from asymlora.sweep.driver import Loaded, Sweep, SweepTask, run_sweep
 from asymlora.sweep.interrupt import stop_on_signals
-from asymlora.sweep.outdir import RESULTS, SweepFolder, check_output_dir
-from asymlora.sweep.resume import (
-    Journal,
-    check_fingerprints,
-    data_fingerprint,
-    load_partial,
-    model_fingerprint,
-    settings_fingerprint,
-)
+from asymlora.sweep.outdir import RESULTS
+from asymlora.sweep.resume import data_fingerprint, model_fingerprint
 from asymlora.sweep.run_settings import autocast, describe_precision, precision_settings, resolve_precision
 from asymlora.sweep.schedule import Schedule, grid_extension, select_lr
 from asymlora.sweep.timing import Phases
 from asymlora.text import plural
 from asymlora.version import __version__
 
-__all__ = ["run_compare", "select_lr", "grid_extension", "Phases", "execute_run"]
+__all__ = ["run_compare", "CompareSweep", "select_lr", "grid_extension", "Phases", "execute_run"]
 
 
 def _log(msg: str) -> None:
@@ -130,88 +116,95 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     with stop_on_signals(), threads_for_run(cfg.threads) as (threads, probe):
-        return _run(cfg, threads, probe, t_start)
+        return run_sweep(CompareSweep(cfg), threads, probe, t_start)
 
 
-def _run(cfg: CompareConfig, threads: int, probe: dict[int, float], t_start: float) -> dict[str, Any]:
-    from asymlora.compare.report import assemble, write_reports
-
-    specs = cfg.runs()
-    phases = Phases()
-    check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)  # an earlier sweep is never lost by accident
-    saved = load_partial(cfg.output_dir) if cfg.resume else None
-    fingerprints = {"settings": settings_fingerprint(cfg, cfg.NOT_IN_FINGERPRINT)}
-    if saved:  # refused before anything is loaded when the settings differ
-        check_fingerprints(saved["fingerprints"], fingerprints, cfg.output_dir)
-    folder = SweepFolder(cfg.output_dir, saved)
-    cfg = replace(cfg, checkpoint_dir=folder.checkpoints)  # this sweep's own: no earlier checkpoint is taken
-    task = prepare_task(cfg)
-    refuse_unfit(task, specs, cfg)  # a method that cannot adapt this model: one line, before any run
-    fingerprints.update(data=data_fingerprint(task.train_ds, task.val_ds, task.test_ds),
-                        model=model_fingerprint(task.model_path))
-    if saved:
-        check_fingerprints(saved["fingerprints"], fingerprints, cfg.output_dir)
-    journal = Journal(saved["journal"] if saved else ())
-    phases.add("load", task.timings["load"])
-    phases.add("tokenise", task.timings["tokenise"])
-    workers = worker_count(cfg, specs)
-    settings = _settings(cfg, task, specs, threads, probe)
-    settings["workers"] = workers
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    features = None
-    if any(s.preset is None for s in specs):
-        t = time.perf_counter()
-        with autocast(resolve_precision(cfg.mixed_precision)):
-            feats = {name: head_features(task.base, task.head, ds, task.collate)
-                     for name, ds in (("train", task.train_ds), ("val", task.val_ds), ("test", task.test_ds))}
-        features = None if any(f is None for f in feats.values()) else feats
-        phases.add("features", time.perf_counter() - t)
-    sched = Schedule(specs, cfg, phases, report_run=_report_run)
-    grid = ", ".join(f"{x:g}" for x in cfg.lr_grid()) + "".join(
-        f" ({s.label}: ×{s.lr_scale:g})" for s in specs if s.lr_scale != 1 and cfg.lr is None)
-    _log(f"asymlora compare: {settings['model_name']} ({settings['model_params'] / 1e6:.1f}M params) on "
-         f"{task.data.name} ({task.num_labels} classes); train {len(task.train)} / val {len(task.val)} / test "
-         f"{len(task.test)}; {plural(len(specs), 'strategy', 'strategies')}, lr {'grid ' if cfg.selects_lr else ''}"
-         f"{grid}, {plural(len(cfg.seeds), 'seed')} ({', '.join(map(str, cfg.seeds))}): {plural(sched.total, 'run')} "
-         f"of batch {cfg.batch_size}, " + (f"{plural(cfg.max_steps, 'step')} each with a decaying rate"
-                                            + (f" (pilots clearly losing at step {' or '.join(map(str, sched.rungs))} "
-                                               "are pruned)" if sched.rungs else "")
-                                            if cfg.fixed_budget else
-                                            f"until validation stops improving ({plural(cfg.patience, 'evaluation')} × "
-                                            f"{plural(cfg.eval_every, 'step')}, "
-                                            f"at most {plural(cfg.max_steps, 'step')})")
-         + "; "
-         + describe_backend(cfg, workers, threads) + "; " + describe_precision(cfg.mixed_precision))
-
+def _truncation_line(cfg: CompareConfig, settings: dict[str, Any]) -> str:
+    """A second line of the intro when texts were cut to --max-length (empty otherwise)."""
     cut = settings["truncated_texts"]
-    if any(cut.values()):
-        _log(f"texts longer than --max-length {cfg.max_length} tokens were cut to it: "
-             + ", ".join(f"{name} {n} of {settings['used_sizes'][name]}" for name, n in cut.items()))
+    if not any(cut.values()):
+        return ""
+    return (f"\ntexts longer than --max-length {cfg.max_length} tokens were cut to it: "
+            + ", ".join(f"{name} {n} of {settings['used_sizes'][name]}" for name, n in cut.items()))
 
-    def checkpoint_results() -> None:
-        runs, selections = sched.ordered(specs)
-        partial = assemble(cfg, settings, specs, runs, selections, phases, time.perf_counter() - t_start,
-                           complete=False)
-        partial.update(fingerprints=fingerprints, journal=journal.to_json(), **folder.state())  # what --resume reads
-        atomic_write_text(folder.partial_path, json.dumps(partial, indent=1))
 
-    local = InProcess((task, features), cfg, execute)
-    pool = adapter_backend(cfg, workers, prepare_worker, execute)
-    t_runs = time.perf_counter()
-    first = [job for spec in sorted(specs, key=lambda s: s.is_adapter) for job in sched.pilot_jobs(spec)]
-    if saved:
-        _log(f"resuming the sweep in {cfg.output_dir}: {plural(len(journal.entries), 'finished job')} kept "
-             "(runs, and pilots' segments up to a rung); the others run now")
-    run_jobs(first, lambda job: pool if (pool is not None and job.spec.is_adapter) else local,
-             sched.book, sched.tag, checkpoint_results, [local, pool or local], journal=journal)
-    settings["runs_wall_s"] = round(time.perf_counter() - t_runs, 2)
-    t = time.perf_counter()
-    runs, selections = sched.ordered(specs)
-    results = assemble(cfg, settings, specs, runs, selections, phases, time.perf_counter() - t_start, complete=True)
-    write_reports(results, cfg.output_dir, plots=cfg.plots)
-    phases.add("report", time.perf_counter() - t)
-    results["phases_s"] = phases.to_dict()
-    results["total_time_s"] = time.perf_counter() - t_start
-    atomic_write_text(os.path.join(cfg.output_dir, RESULTS), json.dumps(results, indent=1))
-    folder.finish()  # the paused pilots' checkpoints, and the partial results of an --overwrite
-    return results
+class CompareSweep(SweepTask):
+    """compare as a task of the sweep driver (``asymlora.sweep.driver``)."""
+
+    prepare_worker = staticmethod(prepare_worker)
+    execute = staticmethod(execute)
+
+    def load(self) -> Loaded:
+        task = prepare_task(self.cfg)
+        return Loaded(task, {"data": data_fingerprint(task.train_ds, task.val_ds, task.test_ds),
+                             "model": model_fingerprint(task.model_path)},
+                      {"load": task.timings["load"], "tokenise": task.timings["tokenise"]})
+
+    def refuse_unfit(self, state: Task, specs: list[StrategySpec]) -> None:
+        refuse_unfit(state, specs, self.cfg)
+
+    def settings(self, state: Task, specs: list[StrategySpec], threads: int, probe: dict[int, float],
+                 workers: int) -> dict[str, Any]:
+        return dict(_settings(self.cfg, state, specs, threads, probe), workers=workers)
+
+    def before_runs(self, state: Task, specs: list[StrategySpec], settings: dict[str, Any],
+                    phases: Phases) -> tuple[Task, dict[str, HeadFeatures] | None]:
+        """The head-only runs' features of the frozen encoder, computed once here."""
+        cfg, task = self.cfg, state
+        features: dict[str, HeadFeatures] | None = None
+        if any(not s.is_adapter for s in specs):
+            t = time.perf_counter()
+            with autocast(resolve_precision(cfg.mixed_precision)):
+                feats = {name: head_features(task.base, task.head, ds, task.collate)
+                         for name, ds in (("train", task.train_ds), ("val", task.val_ds), ("test", task.test_ds))}
+            if all(f is not None for f in feats.values()):
+                features = {k: f for k, f in feats.items() if f is not None}
+            phases.add("features", time.perf_counter() - t)
+        return task, features
+
+    def runs_here(self, job: Job) -> bool:
+        return not job.spec.is_adapter  # head-only: on the features computed here
+
+    def first_jobs(self, sched: Schedule, specs: list[StrategySpec]) -> list[Job]:
+        return [job for spec in sorted(specs, key=lambda s: s.is_adapter) for job in sched.pilot_jobs(spec)]
+
+    def report_run(self, tag: str, rec: dict[str, Any], pilot: bool) -> None:
+        _report_run(tag, rec, pilot)
+
+    def intro(self, state: Task, specs: list[StrategySpec], settings: dict[str, Any], sched: Schedule,
+              workers: int, threads: int) -> str:
+        cfg, task = self.cfg, state
+        grid = ", ".join(f"{x:g}" for x in cfg.lr_grid()) + "".join(
+            f" ({s.label}: ×{s.lr_scale:g})" for s in specs if s.lr_scale != 1 and cfg.lr is None)
+        if cfg.fixed_budget:
+            budget = f"{plural(cfg.max_steps, 'step')} each with a decaying rate" + (
+                f" (pilots clearly losing at step {' or '.join(map(str, sched.rungs))} are pruned)"
+                if sched.rungs else "")
+        else:
+            budget = (f"until validation stops improving ({plural(cfg.patience, 'evaluation')} × "
+                      f"{plural(cfg.eval_every, 'step')}, at most {plural(cfg.max_steps, 'step')})")
+        return (f"asymlora compare: {settings['model_name']} ({settings['model_params'] / 1e6:.1f}M params) on "
+                f"{task.data.name} ({task.num_labels} classes); train {len(task.train)} / val {len(task.val)} / "
+                f"test {len(task.test)}; {plural(len(specs), 'strategy', 'strategies')}, lr "
+                f"{'grid ' if cfg.selects_lr else ''}{grid}, {plural(len(cfg.seeds), 'seed')} "
+                f"({', '.join(map(str, cfg.seeds))}): {plural(sched.total, 'run')} of batch {cfg.batch_size}, "
+                f"{budget}; " + describe_backend(cfg, workers, threads)
+                + "; " + describe_precision(cfg.mixed_precision) + _truncation_line(cfg, settings))
+
+    def assemble(self, sweep: Sweep, complete: bool) -> dict[str, Any]:
+        from asymlora.compare.report import assemble
+
+        runs, selections = sweep.sched.ordered(sweep.specs)
+        return assemble(self.cfg, sweep.settings, sweep.specs, runs, selections, sweep.phases,
+                        time.perf_counter() - sweep.t_start, complete=complete)
+
+    def write(self, results: dict[str, Any], sweep: Sweep) -> dict[str, Any]:
+        from asymlora.compare.report import write_reports
+
+        t = time.perf_counter()
+        write_reports(results, self.cfg.output_dir, plots=self.cfg.plots)
+        sweep.phases.add("report", time.perf_counter() - t)
+        results["phases_s"] = sweep.phases.to_dict()
+        results["total_time_s"] = time.perf_counter() - sweep.t_start
+        atomic_write_text(os.path.join(self.cfg.output_dir, RESULTS), json.dumps(results, indent=1))
+        return results

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -32,27 +31,12 @@ from asymlora.sft.run import (
     score_saved_adapter,
     score_test,
 )
-from asymlora.sweep.backends import (
-    InProcess,
-    Job,
-    LocalPool,
-    adapter_backend,
-    describe_backend,
-    threads_for_run,
-    worker_count,
-)
+from asymlora.sweep.backends import InProcess, Job, adapter_backend, describe_backend, threads_for_run, worker_count
 from asymlora.sweep.divergence import DIVERGED_NOTE, all_diverged_rows, diverged_cell, is_diverged, run_or_diverged
+from asymlora.sweep.driver import Loaded, Sweep, SweepTask, run_sweep
 from asymlora.sweep.engine import run_jobs
 from asymlora.sweep.interrupt import stop_on_signals
-from asymlora.sweep.outdir import SweepFolder, check_output_dir
-from asymlora.sweep.resume import (
-    Journal,
-    check_fingerprints,
-    data_fingerprint,
-    load_partial,
-    model_fingerprint,
-    settings_fingerprint,
-)
+from asymlora.sweep.resume import data_fingerprint, model_fingerprint
 from asymlora.sweep.run_settings import describe_precision, precision_settings
 from asymlora.sweep.schedule import Schedule
 from asymlora.sweep.stats import mean_std, paired_verdicts, summarize_runs
@@ -98,20 +82,25 @@ def _prepare_bench(cfg: SFTConfig) -> tuple[str, Any]:
     return path, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None,
+def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, job: tuple[str, str] | None,
                    tag: str) -> tuple[str | None, dict[str, Any], float]:
-    """Score the base model (``adapter`` None) or base + adapter on the benchmarks."""
+    """Score the base model (``job`` None) or base + one run's adapter (``(folder, strategy)``,
+    loaded back by its strategy) on the benchmarks."""
     from transformers import AutoModelForCausalLM
 
-    from asymlora.formats.native import load_adapter
     from asymlora.lmeval import evaluate
+    from asymlora.strategies import get_strategy
     from asymlora.sweep.run_settings import resolve_precision
 
     path, tokenizer = state
     t = time.perf_counter()
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-    if adapter is not None:
-        load_adapter(lm, adapter)
+    lm: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    adapter = None
+    if job is not None:
+        adapter, preset = job
+        load = get_strategy(preset).load
+        assert load is not None  # sft refuses a strategy that cannot load its adapter (SFTConfig.task_problems)
+        lm = load(lm, adapter)
     bf16 = resolve_precision(cfg.mixed_precision) == "bf16"
     scores = {}
     for task in cfg.tasks:  # MMLU's limit counts items per subject (57 of them), the others' items per task
@@ -127,9 +116,12 @@ def _execute_bench(state: tuple[str, Any], cfg: SFTConfig, adapter: str | None,
 
 
 def _run_benchmarks(cfg: SFTConfig, runs: list[dict[str, Any]], workers: int, state: Any) -> dict[str | None, Any]:
-    jobs: list[str | None] = [None] + [r["adapter_dir"] for r in runs if not is_diverged(r)]
-    executor: Any = (LocalPool(replace(cfg, progress=False), workers, _prepare_bench, _execute_bench) if workers > 1
-                     else InProcess(state(), cfg, _execute_bench))
+    """The base model and every run's adapter on the benchmarks, on the sweep's backend
+    (``--backend``: worker processes, or Ray tasks)."""
+    jobs: list[tuple[str, str] | None] = [None]
+    jobs += [(r["adapter_dir"], r["preset"]) for r in runs if not is_diverged(r)]
+    pool = adapter_backend(cfg, workers, _prepare_bench, _execute_bench, phase="benchmarks")
+    executor: Any = pool if pool is not None else InProcess(state(), cfg, _execute_bench)
     out: dict[str | None, Any] = {}
 
     def book(_job: Any, result: tuple[str | None, dict[str, Any], float], _tag: str) -> list[Any]:
@@ -150,82 +142,84 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     cfg.validate()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t_start = time.perf_counter()
-    with stop_on_signals(), threads_for_run(cfg.threads) as (threads, _):
-        return _run(cfg, threads, t_start)
+    with stop_on_signals(), threads_for_run(cfg.threads) as (threads, probe):
+        return run_sweep(SFTSweep(cfg), threads, probe, t_start)
 
 
-def _run(cfg: SFTConfig, threads: int, t_start: float) -> dict[str, Any]:
-    specs = cfg.runs()
-    phases = Phases()
-    check_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)  # an earlier sweep is never lost by accident
-    saved = load_partial(cfg.output_dir) if cfg.resume else None
-    fingerprints = {"settings": settings_fingerprint(cfg, cfg.NOT_IN_FINGERPRINT)}
-    if saved:  # refused before anything is loaded when the settings differ
-        check_fingerprints(saved["fingerprints"], fingerprints, cfg.output_dir)
-    task = prepare_lm_task(cfg)
-    fingerprints.update(data=data_fingerprint(task.train, task.val_batches, task.test_batches),
-                        model=model_fingerprint(task.model_path))
-    if saved:
-        check_fingerprints(saved["fingerprints"], fingerprints, cfg.output_dir)
-    journal = Journal(saved["journal"] if saved else ())
-    folder = SweepFolder(cfg.output_dir, saved)
-    phases.add("load", task.timings["load"])
-    phases.add("tokenise", task.timings["tokenise"])
-    workers = worker_count(cfg, specs)
-    settings = _settings(cfg, task, threads, workers)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    t = time.perf_counter()
-    settings["base_model_test"] = score_test(task.lm, task, cfg)  # the "before" of every run's "after"
-    phases.add("eval", time.perf_counter() - t)
-    _log(f"untuned: test loss {settings['base_model_test']['test_loss']:.4f}  exact match "
-         f"{100 * settings['base_model_test']['test_exact_match']:.1f}")
-    sched = Schedule(specs, cfg, phases, report_run=_report_run)
-    _log(f"asymlora sft: {settings['model_name']} ({settings['model_params'] / 1e6:.0f}M params) on "
-         f"{cfg.data} question→answer pairs: train {task.sizes['train']} / val {task.sizes['val']} / test "
-         f"{task.sizes['test']}; {', '.join(s.label for s in specs)}; lr grid "
-         f"{', '.join(f'{x:g}' for x in cfg.lr_grid())}; seeds {', '.join(map(str, cfg.seeds))}: "
-         f"{plural(sched.total, 'run')} of batch {cfg.batch_size} until the validation loss stops falling "
-         f"(at most {plural(cfg.max_steps, 'step')}); " + describe_backend(cfg, workers, threads)
-         + "; " + describe_precision(cfg.mixed_precision))
-
+def _too_long_line(cfg: SFTConfig, task: LMTask) -> str:
+    """A second line of the intro when exchanges were longer than --max-length (empty otherwise)."""
     too_long: dict[str, dict[str, int]] = task.sizes.get("too_long", {})
-    if any(v for part in too_long.values() for v in part.values()):
-        _log(f"exchanges longer than --max-length {cfg.max_length} tokens: "
-             + ", ".join(f"{name} {part['questions_dropped']} dropped (question too long), {part['answers_cut']} "
-                         "with the answer cut (its end not learnt)" for name, part in too_long.items()))
+    if not any(v for part in too_long.values() for v in part.values()):
+        return ""
+    return (f"\nexchanges longer than --max-length {cfg.max_length} tokens: "
+            + ", ".join(f"{name} {part['questions_dropped']} dropped (question too long), {part['answers_cut']} "
+                        "with the answer cut (its end not learnt)" for name, part in too_long.items()))
 
-    def checkpoint_results() -> None:
-        runs, selections = sched.ordered(specs)
-        partial = _assemble(cfg, settings, specs, runs, selections, {}, phases, t_start, complete=False)
-        partial.update(fingerprints=fingerprints, journal=journal.to_json(), **folder.state())  # what --resume reads
-        atomic_write_text(folder.partial_path, json.dumps(partial, indent=1))
 
-    local = InProcess(task, cfg, _execute_job)
-    pool = adapter_backend(cfg, workers, prepare_lm_task, _execute_job)
-    t_runs = time.perf_counter()
-    first = [job for spec in specs for job in sched.pilot_jobs(spec)]
-    if saved:
-        _log(f"resuming the sweep in {cfg.output_dir}: {plural(len(journal.entries), 'finished run')} kept; "
-             "the others run now")
-    run_jobs(first, lambda job: pool or local, sched.book, sched.tag, checkpoint_results, [pool or local],
-             journal=journal)
-    t = time.perf_counter()
-    for key, rec in list(sched.runs.items()):  # the winning pilots: test scored now, from their adapters
-        if rec.get("test_deferred"):
-            sched.runs[key] = score_saved_adapter(task, cfg, rec)
-            _report_run("[test]", sched.runs[key], False)
-    phases.add("eval", time.perf_counter() - t)
-    settings["runs_wall_s"] = round(time.perf_counter() - t_runs, 2)
-    runs, selections = sched.ordered(specs)
-    bench: dict[str | None, Any] = {}
-    if cfg.tasks:
+class SFTSweep(SweepTask):
+    """sft as a task of the sweep driver (``asymlora.sweep.driver``)."""
+
+    prepare_worker = staticmethod(prepare_lm_task)
+    execute = staticmethod(_execute_job)
+
+    def load(self) -> Loaded:
+        task = prepare_lm_task(self.cfg)
+        return Loaded(task, {"data": data_fingerprint(task.train, task.val_batches, task.test_batches),
+                             "model": model_fingerprint(task.model_path)},
+                      {"load": task.timings["load"], "tokenise": task.timings["tokenise"]})
+
+    def settings(self, state: LMTask, specs: list[Any], threads: int, probe: dict[int, float],
+                 workers: int) -> dict[str, Any]:
+        return _settings(self.cfg, state, threads, workers)
+
+    def before_runs(self, state: LMTask, specs: list[Any], settings: dict[str, Any], phases: Phases) -> LMTask:
         t = time.perf_counter()
-        bench = _run_benchmarks(cfg, runs, workers, lambda: (task.model_path, task.tokenizer))
-        phases.add("benchmarks", time.perf_counter() - t)
-    results = _assemble(cfg, settings, specs, runs, selections, bench, phases, t_start, complete=True)
-    _write_reports(results, cfg.output_dir)
-    folder.finish()  # the partial results of an --overwrite
-    return results
+        settings["base_model_test"] = score_test(state.lm, state, self.cfg)  # the "before" of every run's "after"
+        phases.add("eval", time.perf_counter() - t)
+        _log(f"untuned: test loss {settings['base_model_test']['test_loss']:.4f}  exact match "
+             f"{100 * settings['base_model_test']['test_exact_match']:.1f}")
+        return state
+
+    def report_run(self, tag: str, rec: dict[str, Any], pilot: bool) -> None:
+        _report_run(tag, rec, pilot)
+
+    def intro(self, state: LMTask, specs: list[Any], settings: dict[str, Any], sched: Schedule, workers: int,
+              threads: int) -> str:
+        cfg, task = self.cfg, state
+        return (f"asymlora sft: {settings['model_name']} ({settings['model_params'] / 1e6:.0f}M params) on "
+                f"{cfg.data} question→answer pairs: train {task.sizes['train']} / val {task.sizes['val']} / test "
+                f"{task.sizes['test']}; {', '.join(s.label for s in specs)}; lr grid "
+                f"{', '.join(f'{x:g}' for x in cfg.lr_grid())}; seeds {', '.join(map(str, cfg.seeds))}: "
+                f"{plural(sched.total, 'run')} of batch {cfg.batch_size} until the validation loss stops falling "
+                f"(at most {plural(cfg.max_steps, 'step')}); " + describe_backend(cfg, workers, threads)
+                + "; " + describe_precision(cfg.mixed_precision) + _too_long_line(cfg, task))
+
+    def finish_runs(self, state: LMTask, sweep: Sweep) -> None:
+        """The winning pilots' test scores, from their saved adapters."""
+        t = time.perf_counter()
+        for key, rec in list(sweep.sched.runs.items()):
+            if rec.get("test_deferred"):
+                sweep.sched.runs[key] = score_saved_adapter(state, self.cfg, rec)
+                _report_run("[test]", sweep.sched.runs[key], False)
+        sweep.phases.add("eval", time.perf_counter() - t)
+
+    def last_phase(self, state: LMTask, sweep: Sweep) -> None:
+        self.bench: dict[str | None, Any] = {}
+        if self.cfg.tasks:
+            t = time.perf_counter()
+            runs, _ = sweep.sched.ordered(sweep.specs)
+            self.bench = _run_benchmarks(self.cfg, runs, sweep.workers, lambda: (state.model_path, state.tokenizer))
+            sweep.phases.add("benchmarks", time.perf_counter() - t)
+
+    def assemble(self, sweep: Sweep, complete: bool) -> dict[str, Any]:
+        runs, selections = sweep.sched.ordered(sweep.specs)
+        return _assemble(self.cfg, sweep.settings, sweep.specs, runs, selections,
+                         getattr(self, "bench", {}) if complete else {}, sweep.phases, sweep.t_start,
+                         complete=complete)
+
+    def write(self, results: dict[str, Any], sweep: Sweep) -> dict[str, Any]:
+        _write_reports(results, self.cfg.output_dir)
+        return results
 
 
 def score_saved_run(cfg: SFTConfig) -> dict[str, Any]:

@@ -96,16 +96,15 @@ def _freeze_lora_a(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
-def lorafa_optimizer(model: nn.Module, rank: int):
+def lorafa_optimizer(model: nn.Module):
     """``(lr, weight_decay) -> make``, where ``make`` is what ``fit(make_optimizer=…)`` takes:
-    PEFT's LoRA-FA optimizer on ``model`` (alpha = 2r, as every strategy here)."""
+    PEFT's LoRA-FA optimizer on ``model`` (its r and alpha = 2r read from the model's LoraConfig)."""
     def factory(lr: float, weight_decay: float):
         from peft.optimizers import create_lorafa_optimizer
 
         def make(_named: Sequence[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
             # model: the PeftModel of this strategy's adapt (peft is optional, so not named in a signature)
-            return create_lorafa_optimizer(cast("PeftModel", model), r=rank, lora_alpha=2 * rank, lr=lr,
-                                           weight_decay=weight_decay)
+            return create_lorafa_optimizer(cast("PeftModel", model), lr=lr, weight_decay=weight_decay)
 
         return make
 
@@ -121,7 +120,7 @@ def peft_strategy(method: str, make_config: Callable[[nn.Module, AdaptRequest], 
         if not lora_fa:
             return Adapted(wrapped)
         _freeze_lora_a(wrapped)  # frozen before the trainer counts what it trains
-        return Adapted(wrapped, lorafa_optimizer(wrapped, req.rank))
+        return Adapted(wrapped, lorafa_optimizer(wrapped))
 
     return Strategy(name=f"peft:{method}", family="peft", trains=trains, same_r=same_r, adapt=adapt, save=_save,
                     load=_load, lr_scale=lr_scale, mutates_base=mutates_base,

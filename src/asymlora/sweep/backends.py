@@ -240,8 +240,6 @@ class LocalPool:
                 p.join(1)
 
 
-BACKENDS = ("local", "ray")
-
 _RAY_STATE: dict[Any, Any] = {}
 
 
@@ -333,26 +331,81 @@ class RayBackend:
             self.ray.shutdown()
 
 
-def adapter_backend(cfg: Any, workers: int, prepare: Callable[[Any], Any], execute: Callable[..., Any]) -> Any:
-    """Where the adapter runs of a sweep go: ``cfg.backend`` "ray" → :class:`RayBackend`;
-    "local" → :class:`LocalPool` of ``workers`` processes, or None (this process) for one."""
+@dataclass(frozen=True)
+class Backend:
+    """One place runs can execute (``--backend NAME``): ``make(cfg, workers, prepare, execute,
+    key)`` gives the executor of a sweep's adapter runs (None: this process), ``describe(cfg,
+    workers, threads)`` says how for the sweep's first line, ``problems(cfg)`` lists what is
+    wrong with the settings for it."""
+
+    name: str
+    help: str
+    make: Callable[[Any, int, Callable[[Any], Any], Callable[..., Any], str], Any]
+    describe: Callable[[Any, int, int], str]
+    problems: Callable[[Any], list[str]]
+
+
+def _make_local(cfg: Any, workers: int, prepare: Callable[[Any], Any], execute: Callable[..., Any],
+                key: str) -> Any:
+    return LocalPool(cfg, workers, prepare, execute) if workers > 1 else None
+
+
+def _describe_local(cfg: Any, workers: int, threads: int) -> str:
+    from asymlora.text import plural
+
+    return f"{workers} worker processes × 1 thread" if workers > 1 else plural(threads, "thread")
+
+
+def _local_problems(cfg: Any) -> list[str]:
+    if getattr(cfg, "ray_address", None) is not None:
+        return [f"--ray-address {cfg.ray_address!r} goes with --backend ray"]
+    return []
+
+
+def _make_ray(cfg: Any, workers: int, prepare: Callable[[Any], Any], execute: Callable[..., Any], key: str) -> Any:
+    return RayBackend(cfg, prepare, execute, address=cfg.ray_address, cpus_per_run=cfg.cpus_per_run,
+                      gpus_per_run=cfg.gpus_per_run, key=key)
+
+
+def _describe_ray(cfg: Any, workers: int, threads: int) -> str:
+    where = cfg.ray_address or "a local cluster"
+    return (f"Ray tasks on {where}, {cfg.cpus_per_run:g} CPU"
+            + (f" and {cfg.gpus_per_run:g} GPU" if cfg.gpus_per_run else "") + " each")
+
+
+def _ray_problems(cfg: Any) -> list[str]:
+    from asymlora.bundled import installed
+
+    return [] if installed("ray") else ["--backend ray needs the ray package (pip install 'asymlora[ray]')"]
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("local", "worker processes of this machine (one per GPU, each pinned to it)", _make_local,
+            _describe_local, _local_problems),
+    Backend("ray", "each run a Ray task", _make_ray, _describe_ray, _ray_problems),
+)}
+
+
+def backend_problems(cfg: Any) -> list[str]:
+    """What is wrong with ``cfg.backend`` and its settings (empty: nothing)."""
+    kind = BACKENDS.get(cfg.backend)
+    if kind is None:
+        return [f"--backend {cfg.backend!r}: use {' or '.join(BACKENDS)}"]
+    return kind.problems(cfg)
+
+
+def adapter_backend(cfg: Any, workers: int, prepare: Callable[[Any], Any], execute: Callable[..., Any],
+                    phase: str = "runs") -> Any:
+    """Where the jobs of a sweep's ``phase`` go (``BACKENDS[cfg.backend]``): an executor, or None
+    for this process. A Ray worker keeps the task of one phase at a time (the key)."""
     from dataclasses import replace
 
-    quiet = replace(cfg, progress=False)
-    if cfg.backend == "ray":
-        from asymlora.sweep.resume import settings_fingerprint
+    from asymlora.sweep.resume import settings_fingerprint
 
-        return RayBackend(quiet, prepare, execute, address=cfg.ray_address, cpus_per_run=cfg.cpus_per_run,
-                          gpus_per_run=cfg.gpus_per_run, key=settings_fingerprint(quiet))
-    return LocalPool(quiet, workers, prepare, execute) if workers > 1 else None
+    quiet = replace(cfg, progress=False)
+    return BACKENDS[cfg.backend].make(quiet, workers, prepare, execute, f"{phase}:{settings_fingerprint(quiet)}")
 
 
 def describe_backend(cfg: Any, workers: int, threads: int) -> str:
     """How the adapter runs execute, for the sweep's first line."""
-    from asymlora.text import plural
-
-    if cfg.backend == "ray":
-        where = cfg.ray_address or "a local cluster"
-        return (f"Ray tasks on {where}, {cfg.cpus_per_run:g} CPU"
-                + (f" and {cfg.gpus_per_run:g} GPU" if cfg.gpus_per_run else "") + " each")
-    return f"{workers} worker processes × 1 thread" if workers > 1 else plural(threads, "thread")
+    return BACKENDS[cfg.backend].describe(cfg, workers, threads)

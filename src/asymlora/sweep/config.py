@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from asymlora.errors import UserError
 from asymlora.strategies import DEFAULT_STRATEGIES, HEAD_ONLY, StrategySpec, parse_strategy
+from asymlora.sweep.backends import backend_problems
 from asymlora.sweep.budget import DEFAULT
 
 __all__ = ["STOPPING_RULES", "HEAD_ONLY", "StrategySpec", "parse_strategy", "target_spec", "SweepConfig"]
@@ -81,7 +82,7 @@ class SweepConfig:
     resume: bool = False                     # go on with the interrupted sweep in output_dir
     overwrite: bool = False                  # replace an earlier sweep in output_dir once this one completes
     checkpoint_dir: str | None = None        # paused runs' checkpoints (set by the sweep: asymlora.sweep.outdir)
-    backend: str = "local"                   # where runs execute: local processes, or Ray tasks
+    backend: str = "local"                   # where runs execute: a name of asymlora.sweep.backends.BACKENDS
     ray_address: str | None = None           # ray: "auto" or HOST:PORT of a running cluster; None = a local one
     cpus_per_run: float = 1                  # ray: CPUs a run asks for (its torch threads)
     gpus_per_run: float = 0                  # ray: GPUs a run asks for
@@ -183,12 +184,7 @@ class SweepConfig:
             out.append(f"--margin {self.margin!r}: must be in [0, 1) (a fraction: 0.01 = 1 point)")
         if self.weight_decay < 0:
             out.append(f"--weight-decay {self.weight_decay!r}: must be >= 0")
-        if self.backend not in ("local", "ray"):
-            out.append(f"--backend {self.backend!r}: use local or ray")
-        elif self.backend == "ray" and not _ray_installed():
-            out.append("--backend ray needs the ray package (pip install 'asymlora[ray]')")
-        if self.backend != "ray" and self.ray_address is not None:
-            out.append(f"--ray-address {self.ray_address!r} goes with --backend ray")
+        out += backend_problems(self)
         if not (isinstance(self.cpus_per_run, (int, float)) and self.cpus_per_run >= 1):
             out.append(f"--cpus-per-run {self.cpus_per_run!r}: must be a number >= 1")
         if not (isinstance(self.gpus_per_run, (int, float)) and self.gpus_per_run >= 0):
@@ -227,9 +223,3 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _ray_installed() -> bool:
-    from asymlora.bundled import installed
-
-    return installed("ray")
