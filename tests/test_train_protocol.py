@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from asymlora.training.loop import TrainArgs, _epoch_batches, constant_after_warmup, fit
+from asymlora.training.data_order import _epoch_batches
+from asymlora.training.loop import TrainArgs, constant_after_warmup, fit
 
 
 class Lin(nn.Module):
@@ -190,7 +191,7 @@ def test_min_delta_counts_small_improvements_as_a_plateau_but_restores_the_true_
 
 def test_warmup_stable_decay_by_hand():
     """T = 20, w = 4, the last quarter (5 steps) decays: 1/4 .. 4/4, eleven ones, then 5/5 .. 1/5."""
-    from asymlora.training.loop import warmup_stable_decay
+    from asymlora.training.schedules import warmup_stable_decay
 
     f = warmup_stable_decay(20, 4)
     got = [f(k) for k in range(20)]
@@ -199,7 +200,7 @@ def test_warmup_stable_decay_by_hand():
 
 
 def test_fit_follows_the_wsd_schedule():
-    from asymlora.training.loop import warmup_stable_decay
+    from asymlora.training.schedules import warmup_stable_decay
 
     model = Lin()
     data = [{"x": torch.randn(4), "y": torch.tensor(i % 2)} for i in range(16)]

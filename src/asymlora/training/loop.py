@@ -1,5 +1,10 @@
 """Fine-tuning engine: one small, deterministic training loop on HF Accelerate.
 
+This module is the loop itself; each other concern of a run has its own module beside it:
+``args`` (TrainArgs, FitResult), ``schedules`` (the rate multipliers), ``data_order`` (the
+batches as a function of seed and step), ``checkpoint_files``, ``best_weights``, ``memory``
+(peak memory, saved activations), ``rng`` and ``progress``.
+
 ``fit`` trains whatever parameters of ``model`` have ``requires_grad=True`` (for an
 asymlora-wrapped model: the trained adapter factors plus ``modules_to_save``) with AdamW,
 a linear warm-up then linear decay of the learning rate, gradient accumulation, gradient
@@ -46,18 +51,16 @@ allocator's cache and the data, so compare them between runs of the same process
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,9 +68,52 @@ from torch import nn
 
 from asymlora.errors import UserError
 from asymlora.fileio import fault_point
+from asymlora.training.args import (
+    FitResult,
+    NonFiniteLossError,
+    TrainArgs,
+)
+from asymlora.training.best_weights import (
+    _BestWeights,
+    _copy_into,
+    _storage_ptrs,
+)
+from asymlora.training.checkpoint_files import (
+    _BEST_FILE,
+    _OPTIM_FILE,
+    _SCALER_FILE,
+    _SCHED_FILE,
+    _STATE_FILE,
+    _WEIGHTS_FILE,
+    CHECKPOINT_NAME,
+    _find_checkpoint,
+    _load_state,
+    _load_weights,
+    _refuse_everywhere,
+)
+from asymlora.training.data_order import (
+    _GroupedStream,
+    _stream_indices,
+)
+from asymlora.training.memory import (
+    _peak_memory_end,
+    _peak_memory_start,
+    _SavedTensorBytes,
+)
+from asymlora.training.progress import (
+    _Progress,
+)
+from asymlora.training.rng import (
+    _keeps_caller_rng,
+    _rng_state,
+    _set_rng_state,
+)
+from asymlora.training.schedules import (
+    constant_after_warmup,
+    linear_warmup_decay,
+    lr_schedule,
+)
 from asymlora.training.sharding import (
-    SHARDED,
-    SHARDINGS,
     check_in_force,
     gathered_trainable,
     make_backend,
@@ -83,229 +129,6 @@ __all__ = [
     "constant_after_warmup",
     "CHECKPOINT_NAME",
 ]
-
-CHECKPOINT_NAME = "checkpoint"
-_STATE_FILE = "trainer_state.json"
-_WEIGHTS_FILE = "trainable.safetensors"
-_OPTIM_FILE = "optimizer.pt"
-_SCHED_FILE = "scheduler.pt"
-_SCALER_FILE = "scaler.pt"
-_MIXED = ("no", "fp16", "bf16", "auto")
-_SCHEDULES = ("linear", "constant", "wsd")
-_BEST_FILE = "best_trainable.safetensors"
-# group_by_length sorts runs of this many batches by length (as transformers' length-grouped sampler).
-_LENGTH_GROUP_BATCHES = 50
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Raised when the training loss (or gradient norm) becomes NaN or infinite.
-
-    The run stops before the optimizer applies the bad step; the last checkpoint written
-    (if any) is left untouched. ``step`` is the 1-based step that failed and
-    ``checkpoint`` the folder of the last good checkpoint (or ``None``).
-    """
-
-    def __init__(self, message: str, step: int, checkpoint: str | None) -> None:
-        super().__init__(message)
-        self.step = step
-        self.checkpoint = checkpoint
-
-
-@dataclass
-class TrainArgs:
-    """Training settings (see module docstring for the exact semantics).
-
-    ``batch_size`` is per process and per micro-batch; the global batch of one optimizer
-    step is ``batch_size · grad_accum · world_size``. ``max_steps`` (when set) overrides
-    ``epochs``; otherwise ``steps = ceil(epochs · len(train_dataset) / global_batch)``.
-    ``mixed_precision``: "no", "fp16" (CUDA only), "bf16", or "auto" (bf16 on a GPU that
-    supports it, else fp16 on CUDA, "no" on CPU). ``early_stopping_metric`` defaults to the
-    first key returned by ``eval_fn``.
-
-    ``lr_schedule``: "linear" (warm-up, then linear decay to 0 at ``max_steps``), "wsd" (warm-up,
-    the peak rate, then a linear decay to 0 over the last quarter: ``warmup_stable_decay``) or "constant"
-    (warm-up, then the peak rate until the run ends — with early stopping the run length is not
-    known in advance, and a decay would flatten the curve by itself). ``warmup_steps`` overrides
-    ``warmup_ratio``. ``restore_best``: keep the trainable weights of the best evaluation (by
-    the early-stopping metric) and put them back at the end. Evaluations before step
-    ``early_stopping_min_steps`` do not use up patience (a slow start is not a plateau).
-    ``early_stopping_min_delta``: only an evaluation that beats the last one that reset the
-    patience by more than this resets it again (a curve creeping down by noise-sized steps is a
-    plateau); ``restore_best`` still keeps the truly best weights.
-    ``group_by_length``: batches of similar length (the dataset must have ``lengths()``; see
-    ``_epoch_batches``).
-    ``pause_at``: stop after this optimizer step with a checkpoint in ``output_dir`` (evaluated
-    there when ``eval_every`` divides it), as if the run had been interrupted; ``fit`` with
-    ``resume=True`` and the same settings continues it bit for bit. The schedule still runs to
-    ``max_steps``: a paused run is a prefix of the full one (used by the learning-rate search
-    to look at a run part-way and stop paying for it when it is clearly losing).
-
-    ``sharding``: None (as launched: an Accelerate FSDP/DeepSpeed config is honoured, else
-    none), "none", "fsdp2", "zero2" or "zero3" (see ``asymlora.training.sharding``). A sharding that
-    would not be in force (one process, Accelerate's fallback to plain data parallel without a
-    GPU, a conflict with the launch config) stops the run with a ``UserError`` before any work.
-    """
-
-    output_dir: str | None = None
-    lr: float = 4e-4
-    weight_decay: float = 0.0
-    max_steps: int | None = None
-    epochs: float = 1.0
-    batch_size: int = 32
-    grad_accum: int = 1
-    warmup_ratio: float = 0.06
-    warmup_steps: int | None = None
-    lr_schedule: str = "linear"
-    max_grad_norm: float | None = 1.0
-    eval_every: int | None = None
-    checkpoint_every: int | None = None
-    resume: bool = False
-    mixed_precision: str = "no"
-    seed: int = 0
-    early_stopping_patience: int | None = None
-    early_stopping_metric: str | None = None
-    early_stopping_min_steps: int = 0
-    early_stopping_min_delta: float = 0.0
-    greater_is_better: bool = True
-    restore_best: bool = False
-    group_by_length: bool = False
-    progress: bool = True
-    desc: str = "train"
-    sharding: str | None = None
-    pause_at: int | None = None
-
-    def validate(self) -> None:
-        """Raise UserError naming the first bad field and what is valid."""
-
-        def bad(name: str, valid: str) -> None:
-            raise UserError(f"TrainArgs.{name}={getattr(self, name)!r} is invalid: {valid}")
-
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            bad("lr", "must be a finite number > 0")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            bad("weight_decay", "must be >= 0")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            bad("max_steps", "must be None or an int >= 1")
-        if self.max_steps is None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
-            bad("epochs", "must be > 0 (or set max_steps)")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            bad("batch_size", "must be an int >= 1")
-        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
-            bad("grad_accum", "must be an int >= 1")
-        if not (0.0 <= self.warmup_ratio < 1.0):
-            bad("warmup_ratio", "must be in [0, 1)")
-        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
-            bad("warmup_steps", "must be None or an int >= 0")
-        if self.lr_schedule not in _SCHEDULES:
-            bad("lr_schedule", f"must be one of {', '.join(_SCHEDULES)}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            bad("max_grad_norm", "must be None or > 0")
-        if not isinstance(self.early_stopping_min_steps, int) or self.early_stopping_min_steps < 0:
-            bad("early_stopping_min_steps", "must be an int >= 0")
-        if not (isinstance(self.early_stopping_min_delta, (int, float)) and self.early_stopping_min_delta >= 0):
-            bad("early_stopping_min_delta", "must be a number >= 0")
-        for name in ("eval_every", "checkpoint_every", "early_stopping_patience"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                bad(name, "must be None or an int >= 1")
-        if self.mixed_precision not in _MIXED:
-            bad("mixed_precision", f"must be one of {', '.join(_MIXED)}")
-        if self.checkpoint_every is not None and self.output_dir is None:
-            bad("checkpoint_every", "needs output_dir to be set")
-        if self.resume and self.output_dir is None:
-            bad("resume", "needs output_dir (where the checkpoint lives)")
-        if not isinstance(self.seed, int):
-            bad("seed", "must be an int")
-        if self.sharding is not None and self.sharding not in SHARDINGS:
-            bad("sharding", f"must be None or one of {', '.join(SHARDINGS)}")
-        if self.pause_at is not None and (not isinstance(self.pause_at, int) or self.pause_at < 1):
-            bad("pause_at", "must be None or an int >= 1")
-        if self.pause_at is not None and self.output_dir is None:
-            bad("pause_at", "needs output_dir (the paused run is a checkpoint there)")
-        if self.sharding in SHARDED and self.restore_best:
-            bad("restore_best", f"is not supported with sharding={self.sharding!r} (the best weights would have to "
-                "be re-sharded): keep it False and pick the best checkpoint by its evaluation")
-
-
-@dataclass
-class FitResult:
-    """What ``fit`` returns. ``history`` has one dict per optimizer step (``step``,
-    ``epoch``, ``loss`` — mean over the global batch —, ``lr``, ``grad_norm``) with the
-    eval metrics merged into the steps where evaluation ran.
-
-    ``saved_activation_bytes``: the largest total size, over micro-batches, of the tensors
-    autograd saved for the backward pass (distinct storages, parameters and buffers excluded),
-    tracked with ``torch.autograd.graph.saved_tensors_hooks``. Unlike the RSS peak it is exact
-    and machine-independent: it shows that a frozen A keeps only ``A·x`` (r numbers per token)
-    where LoRA also keeps ``x`` (d_in numbers per token) for A's gradient."""
-
-    history: list[dict[str, float]]
-    final_metrics: dict[str, float]
-    steps: int
-    wall_time_s: float
-    peak_memory_bytes: int
-    trainable_params: int
-    peak_memory_kind: str = ""
-    total_steps: int = 0
-    stopped_early: bool = False
-    best_metric: float | None = None
-    best_step: int | None = None
-    restored_best: bool = False
-    resumed_from_step: int = 0
-    checkpoint_dir: str | None = None
-    world_size: int = 1
-    global_batch_size: int = 0
-    saved_activation_bytes: int = 0
-    sharding: str = "none"
-    paused: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """LR factor for the optimizer step with 0-based index ``k``:
-    ``(k+1)/w`` for ``k < w`` (so the first step is not wasted at lr 0), then
-    ``(T-k)/(T-w)``: 1 at the end of warm-up, ``1/(T-w)`` at the last step ``k = T-1``."""
-
-    def factor(k: int) -> float:
-        if k < warmup_steps:
-            return (k + 1) / warmup_steps
-        return max(0.0, (total_steps - k) / max(1, total_steps - warmup_steps))
-
-    return factor
-
-
-def constant_after_warmup(warmup_steps: int) -> Callable[[int], float]:
-    """LR factor ``(k+1)/w`` for ``k < w``, then 1."""
-
-    def factor(k: int) -> float:
-        return (k + 1) / warmup_steps if k < warmup_steps else 1.0
-
-    return factor
-
-
-WSD_DECAY_FRACTION = 0.25
-
-
-def warmup_stable_decay(total_steps: int, warmup_steps: int,
-                        decay_fraction: float = WSD_DECAY_FRACTION) -> Callable[[int], float]:
-    """Warm-up, stable, decay: ``(k+1)/w`` for ``k < w``, then 1 until the last
-    ``d = ceil(decay_fraction·T)`` steps, then ``(T − k)/d`` down to ``1/d`` at ``k = T − 1``.
-    Most steps run at the peak rate, and the short decay at the end still brings the weights to
-    rest (Hu et al. 2024, MiniCPM; Hägele et al. 2024 find it matches a cosine schedule of the same
-    length)."""
-    decay = max(1, math.ceil(decay_fraction * total_steps))
-    start = max(warmup_steps, total_steps - decay)
-
-    def factor(k: int) -> float:
-        if k < warmup_steps:
-            return (k + 1) / warmup_steps
-        if k < start:
-            return 1.0
-        return max(0.0, (total_steps - k) / max(1, total_steps - start))
-
-    return factor
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -338,243 +161,8 @@ def _make_accelerator(mixed_precision: str):
     return Accelerator(mixed_precision=mp, step_scheduler_with_optimizer=False, cpu=cpu), mp
 
 
-def _stream_indices(n: int, seed: int, start: int, count: int) -> np.ndarray:
-    """Items ``start .. start+count-1`` of the infinite stream of per-epoch permutations."""
-    out = np.empty(count, dtype=np.int64)
-    filled = 0
-    pos = start
-    while filled < count:
-        epoch, offset = divmod(pos, n)
-        perm = np.random.Generator(np.random.Philox(key=[seed & 0xFFFFFFFF, epoch])).permutation(n)
-        take = min(n - offset, count - filled)
-        out[filled : filled + take] = perm[offset : offset + take]
-        filled += take
-        pos += take
-    return out
-
-
-def _epoch_batches(lengths: np.ndarray, seed: int, epoch: int, batch: int) -> np.ndarray:
-    """Length-grouped order of one epoch, as an array of shape ``(n // batch, batch)``.
-
-    The epoch's permutation (the same Philox stream as the plain order) is cut into runs of
-    ``_LENGTH_GROUP_BATCHES`` batches; each run is sorted by length (longest first), cut into
-    batches, and the batches of the epoch are shuffled. The ``n mod batch`` examples left over
-    after sorting are dropped for this epoch only (a different remainder each epoch), so that
-    every optimizer step takes one whole batch of similar lengths. A pure function of
-    ``(seed, epoch)``, so resume stays exact."""
-    n = len(lengths)
-    rng = np.random.Generator(np.random.Philox(key=[seed & 0xFFFFFFFF, epoch]))
-    perm = rng.permutation(n)
-    chunk = batch * _LENGTH_GROUP_BATCHES
-    runs = [perm[s:s + chunk] for s in range(0, n, chunk)]
-    ordered = np.concatenate([r[np.argsort(-lengths[r], kind="stable")] for r in runs])
-    nb = n // batch
-    batches = ordered[: nb * batch].reshape(nb, batch)
-    return batches[rng.permutation(nb)]
-
-
-class _GroupedStream:
-    """Global batch ``k`` of the length-grouped stream (one epoch cached at a time)."""
-
-    def __init__(self, lengths: Sequence[int], seed: int, batch: int) -> None:
-        self.lengths = np.asarray(lengths, dtype=np.int64)
-        if len(self.lengths) < batch:
-            raise UserError(f"group_by_length needs at least one full global batch ({batch} examples), "
-                             f"the dataset has {len(self.lengths)}")
-        self.seed, self.batch = seed, batch
-        self.per_epoch = len(self.lengths) // batch
-        self._epoch, self._batches = -1, np.empty((0, batch), dtype=np.int64)
-
-    def __call__(self, step: int) -> np.ndarray:
-        epoch, j = divmod(step, self.per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._batches = epoch, _epoch_batches(self.lengths, self.seed, epoch, self.batch)
-        return self._batches[j]
-
-
-class _BestWeights:
-    """The trainable weights at the best evaluation so far (a CPU copy), for ``restore_best``."""
-
-    def __init__(self) -> None:
-        self.step: int | None = None
-        self.tensors: dict[str, torch.Tensor] = {}
-
-    def capture(self, named: Sequence[tuple[str, torch.Tensor]], step: int) -> None:
-        self.step = step
-        self.tensors = {k: p.detach().to("cpu", copy=True).contiguous() for k, p in named}
-
-    def restore(self, model: nn.Module) -> None:
-        _copy_into(model, self.tensors)
-
-
-def _peak_memory_start(device: torch.device) -> str:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return "cuda_max_memory_allocated"
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return "cpu_peak_rss_vmhwm"
-    except OSError:
-        return "cpu_process_lifetime_max_rss"
-
-
-def _peak_memory_end(device: torch.device, kind: str) -> int:
-    if kind == "cuda_max_memory_allocated":
-        return int(torch.cuda.max_memory_allocated(device))
-    if kind == "cpu_peak_rss_vmhwm":
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    import resource
-    import sys
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-def _rng_state() -> dict[str, Any]:
-    # the global RandomState is an MT19937, whose legacy state is a tuple (never the dict form)
-    np_state = cast(tuple[Any, ...], np.random.get_state())
-    py_state = random.getstate()
-    state: dict[str, Any] = {
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npst = state["numpy"]
-    np.random.set_state((npst[0], np.asarray(npst[1], dtype=np.uint32), npst[2], npst[3], npst[4]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _load_state(path: str) -> Any:
-    """A checkpoint's optimizer / scheduler / scaler / RNG state, read with
-    ``torch.load(weights_only=True)``: tensors, numbers, strings and plain containers only, so a
-    checkpoint folder from someone else cannot run code on ``resume`` (everything saved here is
-    of those types: ``_rng_state`` keeps the Python and NumPy states as lists of ints)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"refusing to resume from {path}: it is not a plain state file (tensors, numbers, strings), "
-            f"so it is not loaded ({first})"
-        ) from err
-
-
-def _load_weights(path: str, named_trainable: Sequence[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """A checkpoint's trainable weights, refused (one-line UserError naming the tensor) unless the
-    file is readable and holds exactly the model's trainable parameters, each of its shape, a
-    floating-point dtype and finite values."""
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(path)
-    except Exception as err:  # safetensors' own error types for a damaged or cut-short file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"refusing to resume from {path}: not a readable safetensors file ({first})") from err
-    shapes = {k: tuple(p.shape) for k, p in named_trainable}
-    for key in sorted(set(tensors) ^ set(shapes)):
-        what = "is not a trainable parameter of the model" if key in tensors else "is missing"
-        raise UserError(f"refusing to resume from {path}: tensor {key!r} {what}")
-    for key, t in tensors.items():
-        if not t.is_floating_point() or tuple(t.shape) != shapes[key]:
-            raise UserError(f"refusing to resume from {path}: tensor {key!r} is {t.dtype} of shape {tuple(t.shape)}, "
-                            f"expected a floating-point tensor of shape {shapes[key]}")
-        if not bool(torch.isfinite(t).all()):
-            raise UserError(f"refusing to resume from {path}: tensor {key!r} holds non-finite values (NaN or inf)")
-    return tensors
-
-
-def _refuse_everywhere(refused: UserError | None, found: str, device: torch.device) -> None:
-    """Raise ``refused`` here, and a UserError on every other process when any process refused
-    its files (each reads its own rng_state_<rank>.pt): otherwise the others would go on into
-    collectives that the refusing one never joins, and hang."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flag = torch.tensor([dist.get_rank() + 1 if refused is not None else 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if refused is None and int(flag):
-            raise UserError(f"refusing to resume from {found}: process {int(flag) - 1} refused its state files "
-                            "(its error names the file)")
-    if refused is not None:
-        raise refused
-
-
 def _finite(x: float) -> bool:
     return math.isfinite(x)
-
-
-def _find_checkpoint(output_dir: str) -> str | None:
-    """The complete checkpoint folder, if any (a crash between the two renames of an
-    update leaves the previous one under ``.checkpoint.old``)."""
-    main = os.path.join(output_dir, CHECKPOINT_NAME)
-    old = os.path.join(output_dir, "." + CHECKPOINT_NAME + ".old")
-    for cand in (main, old):
-        if os.path.isfile(os.path.join(cand, _STATE_FILE)):
-            return cand
-    return None
-
-
-class _SavedTensorBytes:
-    """Counts the bytes of distinct storages saved for backward (see FitResult)."""
-
-    def __init__(self, exclude: set[int]) -> None:
-        self.exclude = exclude
-        self.seen: set[int] = set()
-        self.total = 0
-        self.peak = 0
-
-    def reset(self) -> None:
-        self.peak = max(self.peak, self.total)
-        self.seen.clear()
-        self.total = 0
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        try:
-            st = t.untyped_storage()
-            key = st.data_ptr()
-        except (RuntimeError, NotImplementedError):  # pragma: no cover - exotic tensor types
-            return t
-        if key and key not in self.seen and key not in self.exclude:
-            self.seen.add(key)
-            self.total += st.nbytes()
-        return t
-
-    @staticmethod
-    def unpack(t: torch.Tensor) -> torch.Tensor:
-        return t
-
-
-def _keeps_caller_rng(fn: Callable[..., FitResult]) -> Callable[..., FitResult]:
-    """``fit`` seeds the global python / numpy / torch (/ CUDA) RNGs from ``args.seed`` and
-    draws from them (dropout); put the caller's states back on return or raise, so a call to
-    ``fit`` does not change what the caller's own random draws give afterwards."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> FitResult:
-        caller = _rng_state()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _set_rng_state(caller)
-
-    return wrapper
 
 
 # ----------------------------------------------------------------------------- one run, in pieces
@@ -662,31 +250,6 @@ def _metric_of(metrics: dict[str, float], key: str | None) -> float:
     return metrics[key]
 
 
-class _Progress:
-    """The progress bar of the main process (nothing elsewhere, or with ``progress=False``)."""
-
-    def __init__(self, args: TrainArgs, total: int, initial: int, show: bool) -> None:
-        self.bar = None
-        if args.progress and show:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc=args.desc, leave=False, dynamic_ncols=True)
-
-    def log(self, rec: dict[str, float], last_eval: dict[str, float]) -> None:
-        if self.bar is None:
-            return
-        post = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}"}
-        if last_eval:
-            k0 = next(iter(last_eval))
-            post[k0] = f"{last_eval[k0]:.4f}"
-        self.bar.set_postfix(post, refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _adamw(named_trainable: Sequence[tuple[str, nn.Parameter]], args: TrainArgs) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and normalisation weights (1-d tensors)."""
     decay = [p for _, p in named_trainable if p.ndim >= 2]
@@ -694,14 +257,6 @@ def _adamw(named_trainable: Sequence[tuple[str, nn.Parameter]], args: TrainArgs)
     groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-
-
-def _lr_schedule(args: TrainArgs, plan: _Plan) -> Callable[[int], float]:
-    if args.lr_schedule == "linear":
-        return linear_warmup_decay(plan.total, plan.warmup)
-    if args.lr_schedule == "wsd":
-        return warmup_stable_decay(plan.total, plan.warmup)
-    return constant_after_warmup(plan.warmup)
 
 
 class _Run:
@@ -743,7 +298,8 @@ class _Run:
         self.raw = self.backend.unwrap(self.pmodel)
         check_in_force(self.backend, self.raw, self.plan.world)
         self.named_trainable = [(k, p) for k, p in self.raw.named_parameters() if p.requires_grad]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(inner, _lr_schedule(args, self.plan))
+        schedule = lr_schedule(args.lr_schedule, self.plan.total, self.plan.warmup)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(inner, schedule)
         if resume is not None:
             self._apply_resume(resume)
 
@@ -1062,28 +618,6 @@ class _Run:
             global_batch_size=plan.global_batch, saved_activation_bytes=self.tracker.peak,
             sharding=self.backend.name, paused=self._paused(),
         )
-
-
-def _storage_ptrs(model: nn.Module) -> set[int]:
-    """Storage addresses of the parameters and buffers (a sharded parameter: its local shard)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return {_storage_ptr(t.to_local() if hasattr(t, "to_local") else t) for t in tensors}
-
-
-def _storage_ptr(t: torch.Tensor) -> int:
-    """The data pointer of ``t``'s storage; 0 for a wrapper without one (a torchao quantized weight)."""
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return 0
-
-
-def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy ``tensors`` (by parameter name) into ``model``'s parameters, in place."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, t in tensors.items():
-            params[k].copy_(t.to(params[k].device, params[k].dtype))
 
 
 # ----------------------------------------------------------------------------- fit
