@@ -241,7 +241,7 @@ def uninterrupted(assets, tmp_path_factory):  # noqa: F811
 def test_train_killed_then_resumed_equals_uninterrupted(assets, uninterrupted, tmp_path, monkeypatch,  # noqa: F811
                                                         point, resume_step):
     from asymlora.compare import data as tc
-    from asymlora.training.loop import _find_checkpoint
+    from asymlora.training.loop import find_checkpoint
 
     model_dir, data = assets
     out = tmp_path / "run"
@@ -249,7 +249,7 @@ def test_train_killed_then_resumed_equals_uninterrupted(assets, uninterrupted, t
              "--max-steps", "6", "--eval-every", "2", "--checkpoint-every", "2", "--mixed-precision", "no",
              "--threads", "1", "--no-progress", "-o", str(out)], point, tmp_path / "paused")
     assert not (out / "metrics.json").exists() and not (out / "adapter").exists()
-    found = _find_checkpoint(str(out))
+    found = find_checkpoint(str(out))
     assert found is not None
     assert json.loads(open(os.path.join(found, "trainer_state.json")).read())["step"] == resume_step
 

@@ -12,7 +12,7 @@ import torch
 import asymlora
 from asymlora.core.inject import lora_layers
 from asymlora.strategies import AdaptRequest, get_strategy
-from asymlora.training.loop import TrainArgs, _stream_indices, fit, linear_warmup_decay
+from asymlora.training.loop import TrainArgs, fit, linear_warmup_decay, stream_indices
 from conftest import require, tiny_bert
 
 peft = require("peft")
@@ -63,7 +63,7 @@ def _own_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: li
     torch.manual_seed(seed)
     model.train()
     for step in range(STEPS):
-        idx = _stream_indices(len(data), seed, step * BATCH, BATCH)
+        idx = stream_indices(len(data), seed, step * BATCH, BATCH)
         loss = model(**_collate([data[int(i)] for i in idx])).loss
         loss.backward()
         optimizer.step()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from asymlora.training.data_order import _epoch_batches
+from asymlora.training.data_order import epoch_batches
 from asymlora.training.loop import TrainArgs, constant_after_warmup, fit
 
 
@@ -79,7 +79,7 @@ def test_early_stopping_stops_after_patience_evaluations_without_a_new_best():
 def test_length_grouped_epoch_is_a_permutation_of_similar_lengths():
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 60, size=1003)
-    b = _epoch_batches(lengths, seed=3, epoch=0, batch=8)
+    b = epoch_batches(lengths, seed=3, epoch=0, batch=8)
     assert b.shape == (1003 // 8, 8)
     flat = b.ravel()
     assert len(set(flat.tolist())) == flat.size  # no example twice
@@ -87,8 +87,8 @@ def test_length_grouped_epoch_is_a_permutation_of_similar_lengths():
     rnd = lengths[rng.permutation(1003)[:1000].reshape(-1, 8)]
     random_spread = (rnd.max(1) - rnd.min(1)).mean()
     assert spread < 0.2 * random_spread  # batches hold similar lengths
-    assert np.array_equal(b, _epoch_batches(lengths, seed=3, epoch=0, batch=8))  # pure function
-    assert not np.array_equal(b, _epoch_batches(lengths, seed=3, epoch=1, batch=8))
+    assert np.array_equal(b, epoch_batches(lengths, seed=3, epoch=0, batch=8))  # pure function
+    assert not np.array_equal(b, epoch_batches(lengths, seed=3, epoch=1, batch=8))
     # padding is what it saves: the padded size of the grouped epoch is close to the real size
     assert (lengths[b].max(1) * 8).sum() < 1.1 * lengths[flat].sum()
 

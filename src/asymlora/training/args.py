@@ -12,10 +12,10 @@ from asymlora.training.sharding import (
     SHARDINGS,
 )
 
-_MIXED = ("no", "fp16", "bf16", "auto")
+MIXED = ("no", "fp16", "bf16", "auto")
 
 
-_SCHEDULES = ("linear", "constant", "wsd")
+SCHEDULES = ("linear", "constant", "wsd")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -54,7 +54,7 @@ class TrainArgs:
     patience by more than this resets it again (a curve creeping down by noise-sized steps is a
     plateau); ``restore_best`` still keeps the truly best weights.
     ``group_by_length``: batches of similar length (the dataset must have ``lengths()``; see
-    ``_epoch_batches``).
+    ``epoch_batches``).
     ``pause_at``: stop after this optimizer step with a checkpoint in ``output_dir`` (evaluated
     there when ``eval_every`` divides it), as if the run had been interrupted; ``fit`` with
     ``resume=True`` and the same settings continues it bit for bit. The schedule still runs to
@@ -117,8 +117,8 @@ class TrainArgs:
             bad("warmup_ratio", "must be in [0, 1)")
         if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
             bad("warmup_steps", "must be None or an int >= 0")
-        if self.lr_schedule not in _SCHEDULES:
-            bad("lr_schedule", f"must be one of {', '.join(_SCHEDULES)}")
+        if self.lr_schedule not in SCHEDULES:
+            bad("lr_schedule", f"must be one of {', '.join(SCHEDULES)}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             bad("max_grad_norm", "must be None or > 0")
         if not isinstance(self.early_stopping_min_steps, int) or self.early_stopping_min_steps < 0:
@@ -129,8 +129,8 @@ class TrainArgs:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 bad(name, "must be None or an int >= 1")
-        if self.mixed_precision not in _MIXED:
-            bad("mixed_precision", f"must be one of {', '.join(_MIXED)}")
+        if self.mixed_precision not in MIXED:
+            bad("mixed_precision", f"must be one of {', '.join(MIXED)}")
         if self.checkpoint_every is not None and self.output_dir is None:
             bad("checkpoint_every", "needs output_dir to be set")
         if self.resume and self.output_dir is None:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 
-class _BestWeights:
+class BestWeights:
     """The trainable weights at the best evaluation so far (a CPU copy), for ``restore_best``."""
 
     def __init__(self) -> None:
@@ -19,16 +19,16 @@ class _BestWeights:
         self.tensors = {k: p.detach().to("cpu", copy=True).contiguous() for k, p in named}
 
     def restore(self, model: nn.Module) -> None:
-        _copy_into(model, self.tensors)
+        copy_into(model, self.tensors)
 
 
-def _storage_ptrs(model: nn.Module) -> set[int]:
+def storage_ptrs(model: nn.Module) -> set[int]:
     """Storage addresses of the parameters and buffers (a sharded parameter: its local shard)."""
     tensors = list(model.parameters()) + list(model.buffers())
-    return {_storage_ptr(t.to_local() if hasattr(t, "to_local") else t) for t in tensors}
+    return {storage_ptr(t.to_local() if hasattr(t, "to_local") else t) for t in tensors}
 
 
-def _storage_ptr(t: torch.Tensor) -> int:
+def storage_ptr(t: torch.Tensor) -> int:
     """The data pointer of ``t``'s storage; 0 for a wrapper without one (a torchao quantized weight)."""
     try:
         return t.untyped_storage().data_ptr()
@@ -36,7 +36,7 @@ def _storage_ptr(t: torch.Tensor) -> int:
         return 0
 
 
-def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def copy_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy ``tensors`` (by parameter name) into ``model``'s parameters, in place."""
     params = dict(model.named_parameters())
     with torch.no_grad():

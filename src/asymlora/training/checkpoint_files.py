@@ -14,29 +14,29 @@ from asymlora.errors import UserError
 CHECKPOINT_NAME = "checkpoint"
 
 
-_STATE_FILE = "trainer_state.json"
+STATE_FILE = "trainer_state.json"
 
 
-_WEIGHTS_FILE = "trainable.safetensors"
+WEIGHTS_FILE = "trainable.safetensors"
 
 
-_OPTIM_FILE = "optimizer.pt"
+OPTIM_FILE = "optimizer.pt"
 
 
-_SCHED_FILE = "scheduler.pt"
+SCHED_FILE = "scheduler.pt"
 
 
-_SCALER_FILE = "scaler.pt"
+SCALER_FILE = "scaler.pt"
 
 
-_BEST_FILE = "best_trainable.safetensors"
+BEST_FILE = "best_trainable.safetensors"
 
 
-def _load_state(path: str) -> Any:
+def load_state(path: str) -> Any:
     """A checkpoint's optimizer / scheduler / scaler / RNG state, read with
     ``torch.load(weights_only=True)``: tensors, numbers, strings and plain containers only, so a
     checkpoint folder from someone else cannot run code on ``resume`` (everything saved here is
-    of those types: ``_rng_state`` keeps the Python and NumPy states as lists of ints)."""
+    of those types: ``rng_state`` keeps the Python and NumPy states as lists of ints)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
@@ -47,7 +47,7 @@ def _load_state(path: str) -> Any:
         ) from err
 
 
-def _load_weights(path: str, named_trainable: Sequence[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def load_weights(path: str, named_trainable: Sequence[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """A checkpoint's trainable weights, refused (one-line UserError naming the tensor) unless the
     file is readable and holds exactly the model's trainable parameters, each of its shape, a
     floating-point dtype and finite values."""
@@ -71,7 +71,7 @@ def _load_weights(path: str, named_trainable: Sequence[tuple[str, torch.Tensor]]
     return tensors
 
 
-def _refuse_everywhere(refused: UserError | None, found: str, device: torch.device) -> None:
+def refuse_everywhere(refused: UserError | None, found: str, device: torch.device) -> None:
     """Raise ``refused`` here, and a UserError on every other process when any process refused
     its files (each reads its own rng_state_<rank>.pt): otherwise the others would go on into
     collectives that the refusing one never joins, and hang."""
@@ -87,12 +87,12 @@ def _refuse_everywhere(refused: UserError | None, found: str, device: torch.devi
         raise refused
 
 
-def _find_checkpoint(output_dir: str) -> str | None:
+def find_checkpoint(output_dir: str) -> str | None:
     """The complete checkpoint folder, if any (a crash between the two renames of an
     update leaves the previous one under ``.checkpoint.old``)."""
     main = os.path.join(output_dir, CHECKPOINT_NAME)
     old = os.path.join(output_dir, "." + CHECKPOINT_NAME + ".old")
     for cand in (main, old):
-        if os.path.isfile(os.path.join(cand, _STATE_FILE)):
+        if os.path.isfile(os.path.join(cand, STATE_FILE)):
             return cand
     return None

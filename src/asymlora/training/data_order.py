@@ -9,10 +9,10 @@ import numpy as np
 from asymlora.errors import UserError
 
 # group_by_length sorts runs of this many batches by length (as transformers' length-grouped sampler).
-_LENGTH_GROUP_BATCHES = 50
+LENGTH_GROUP_BATCHES = 50
 
 
-def _stream_indices(n: int, seed: int, start: int, count: int) -> np.ndarray:
+def stream_indices(n: int, seed: int, start: int, count: int) -> np.ndarray:
     """Items ``start .. start+count-1`` of the infinite stream of per-epoch permutations."""
     out = np.empty(count, dtype=np.int64)
     filled = 0
@@ -27,11 +27,11 @@ def _stream_indices(n: int, seed: int, start: int, count: int) -> np.ndarray:
     return out
 
 
-def _epoch_batches(lengths: np.ndarray, seed: int, epoch: int, batch: int) -> np.ndarray:
+def epoch_batches(lengths: np.ndarray, seed: int, epoch: int, batch: int) -> np.ndarray:
     """Length-grouped order of one epoch, as an array of shape ``(n // batch, batch)``.
 
     The epoch's permutation (the same Philox stream as the plain order) is cut into runs of
-    ``_LENGTH_GROUP_BATCHES`` batches; each run is sorted by length (longest first), cut into
+    ``LENGTH_GROUP_BATCHES`` batches; each run is sorted by length (longest first), cut into
     batches, and the batches of the epoch are shuffled. The ``n mod batch`` examples left over
     after sorting are dropped for this epoch only (a different remainder each epoch), so that
     every optimizer step takes one whole batch of similar lengths. A pure function of
@@ -39,7 +39,7 @@ def _epoch_batches(lengths: np.ndarray, seed: int, epoch: int, batch: int) -> np
     n = len(lengths)
     rng = np.random.Generator(np.random.Philox(key=[seed & 0xFFFFFFFF, epoch]))
     perm = rng.permutation(n)
-    chunk = batch * _LENGTH_GROUP_BATCHES
+    chunk = batch * LENGTH_GROUP_BATCHES
     runs = [perm[s:s + chunk] for s in range(0, n, chunk)]
     ordered = np.concatenate([r[np.argsort(-lengths[r], kind="stable")] for r in runs])
     nb = n // batch
@@ -47,7 +47,7 @@ def _epoch_batches(lengths: np.ndarray, seed: int, epoch: int, batch: int) -> np
     return batches[rng.permutation(nb)]
 
 
-class _GroupedStream:
+class GroupedStream:
     """Global batch ``k`` of the length-grouped stream (one epoch cached at a time)."""
 
     def __init__(self, lengths: Sequence[int], seed: int, batch: int) -> None:
@@ -62,5 +62,5 @@ class _GroupedStream:
     def __call__(self, step: int) -> np.ndarray:
         epoch, j = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            self._epoch, self._batches = epoch, _epoch_batches(self.lengths, self.seed, epoch, self.batch)
+            self._epoch, self._batches = epoch, epoch_batches(self.lengths, self.seed, epoch, self.batch)
         return self._batches[j]

@@ -74,39 +74,39 @@ from asymlora.training.args import (
     TrainArgs,
 )
 from asymlora.training.best_weights import (
-    _BestWeights,
-    _copy_into,
-    _storage_ptrs,
+    BestWeights,
+    copy_into,
+    storage_ptrs,
 )
 from asymlora.training.checkpoint_files import (
-    _BEST_FILE,
-    _OPTIM_FILE,
-    _SCALER_FILE,
-    _SCHED_FILE,
-    _STATE_FILE,
-    _WEIGHTS_FILE,
+    BEST_FILE,
     CHECKPOINT_NAME,
-    _find_checkpoint,
-    _load_state,
-    _load_weights,
-    _refuse_everywhere,
+    OPTIM_FILE,
+    SCALER_FILE,
+    SCHED_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    find_checkpoint,
+    load_state,
+    load_weights,
+    refuse_everywhere,
 )
 from asymlora.training.data_order import (
-    _GroupedStream,
-    _stream_indices,
+    GroupedStream,
+    stream_indices,
 )
 from asymlora.training.memory import (
-    _peak_memory_end,
-    _peak_memory_start,
-    _SavedTensorBytes,
+    SavedTensorBytes,
+    peak_memory_end,
+    peak_memory_start,
 )
 from asymlora.training.progress import (
-    _Progress,
+    Progress,
 )
 from asymlora.training.rng import (
-    _keeps_caller_rng,
-    _rng_state,
-    _set_rng_state,
+    keeps_caller_rng,
+    rng_state,
+    set_rng_state,
 )
 from asymlora.training.schedules import (
     constant_after_warmup,
@@ -208,7 +208,7 @@ class _TrainState:
     last_eval: dict[str, float] = field(default_factory=dict)
     last_ckpt: str | None = None
     resumed_from: int = 0
-    best_weights: _BestWeights = field(default_factory=_BestWeights)
+    best_weights: BestWeights = field(default_factory=BestWeights)
 
     def observe_eval(self, metrics: dict[str, float], args: TrainArgs,
                      named_trainable: Sequence[tuple[str, torch.Tensor]]) -> None:
@@ -303,13 +303,13 @@ class _Run:
         if resume is not None:
             self._apply_resume(resume)
 
-    def _grouped_stream(self) -> _GroupedStream | None:
+    def _grouped_stream(self) -> GroupedStream | None:
         if not self.args.group_by_length:
             return None
         lengths = getattr(self.data, "lengths", None)
         if not callable(lengths):
             raise UserError("group_by_length=True needs a dataset with a lengths() method")
-        return _GroupedStream(lengths(), self.args.seed, self.plan.global_batch)
+        return GroupedStream(lengths(), self.args.seed, self.plan.global_batch)
 
     # ------------------------------------------------------------------ one optimisation step
 
@@ -317,7 +317,7 @@ class _Run:
         """Dataset indices of the global batch of optimizer step ``step`` (0-based)."""
         if self.grouped is not None:
             return self.grouped(step)
-        return _stream_indices(self.plan.n, self.args.seed, step * self.plan.global_batch, self.plan.global_batch)
+        return stream_indices(self.plan.n, self.args.seed, step * self.plan.global_batch, self.plan.global_batch)
 
     def _accumulate(self, gidx: np.ndarray) -> float:
         """Forward and backward of this process's micro-batches of the global batch ``gidx``
@@ -425,16 +425,16 @@ class _Run:
     def _write_main_files(self, tmp: str, opt_state: dict, full: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: t.to("cpu").contiguous() for k, t in full.items()}, os.path.join(tmp, _WEIGHTS_FILE))
-        torch.save(opt_state, os.path.join(tmp, _OPTIM_FILE))
+        save_file({k: t.to("cpu").contiguous() for k, t in full.items()}, os.path.join(tmp, WEIGHTS_FILE))
+        torch.save(opt_state, os.path.join(tmp, OPTIM_FILE))
         fault_point("checkpoint.writing")  # kill tests: half the files are in the new folder
-        torch.save(self.scheduler.state_dict(), os.path.join(tmp, _SCHED_FILE))
+        torch.save(self.scheduler.state_dict(), os.path.join(tmp, SCHED_FILE))
         if self.accelerator.scaler is not None:
-            torch.save(self.accelerator.scaler.state_dict(), os.path.join(tmp, _SCALER_FILE))
+            torch.save(self.accelerator.scaler.state_dict(), os.path.join(tmp, SCALER_FILE))
         _maybe_save_adapter(self.raw, os.path.join(tmp, "adapter"))
         if self.state.best_weights.tensors:
-            save_file(self.state.best_weights.tensors, os.path.join(tmp, _BEST_FILE))
-        with open(os.path.join(tmp, _STATE_FILE), "w") as fh:
+            save_file(self.state.best_weights.tensors, os.path.join(tmp, BEST_FILE))
+        with open(os.path.join(tmp, STATE_FILE), "w") as fh:
             json.dump(self._state_json(), fh, indent=1)
 
     def save_checkpoint(self) -> str:
@@ -449,7 +449,7 @@ class _Run:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         acc.wait_for_everyone()
-        torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{self.plan.rank}.pt"))
+        torch.save(rng_state(), os.path.join(tmp, f"rng_state_{self.plan.rank}.pt"))
         opt_state = self.backend.optimizer_state(self.pmodel, self.optimizer)  # gathered when sharded
         with gathered_trainable(self.raw, self.backend) as full:  # full tensors in the model while it is saved
             if is_main:
@@ -494,39 +494,39 @@ class _Run:
         if not self.args.resume:
             return None
         assert self.ckpt_root is not None  # TrainArgs refuses resume without output_dir
-        found = _find_checkpoint(self.ckpt_root)
+        found = find_checkpoint(self.ckpt_root)
         if found is None:
             if self.plan.is_main:  # the first start of a job that always passes resume=True
-                # stacklevel: _read_resume <- _Run.__init__ <- fit <- _keeps_caller_rng <- the caller
+                # stacklevel: _read_resume <- _Run.__init__ <- fit <- keeps_caller_rng <- the caller
                 warnings.warn(f"resume=True but {self.ckpt_root!r} holds no complete checkpoint "
-                              f"({CHECKPOINT_NAME}/{_STATE_FILE}): starting from step 0", UserWarning, stacklevel=5)
+                              f"({CHECKPOINT_NAME}/{STATE_FILE}): starting from step 0", UserWarning, stacklevel=5)
             return None
-        with open(os.path.join(found, _STATE_FILE)) as fh:
+        with open(os.path.join(found, STATE_FILE)) as fh:
             st = json.load(fh)
         self._check_resumable(found, st)
-        scaler_path = os.path.join(found, _SCALER_FILE)
+        scaler_path = os.path.join(found, SCALER_FILE)
         refused: UserError | None = None
         try:  # a scaler.pt is read whenever present, so that no state file is left unchecked
             loaded = {
                 "found": found, "json": st,
-                "optimizer": _load_state(os.path.join(found, _OPTIM_FILE)),
-                "scheduler": _load_state(os.path.join(found, _SCHED_FILE)),
-                "rng": _load_state(os.path.join(found, f"rng_state_{self.plan.rank}.pt")),
-                "scaler": _load_state(scaler_path) if os.path.isfile(scaler_path) else None,
-                "best": (_load_weights(os.path.join(found, _BEST_FILE), self.named_trainable)
-                         if os.path.isfile(os.path.join(found, _BEST_FILE)) else None),
+                "optimizer": load_state(os.path.join(found, OPTIM_FILE)),
+                "scheduler": load_state(os.path.join(found, SCHED_FILE)),
+                "rng": load_state(os.path.join(found, f"rng_state_{self.plan.rank}.pt")),
+                "scaler": load_state(scaler_path) if os.path.isfile(scaler_path) else None,
+                "best": (load_weights(os.path.join(found, BEST_FILE), self.named_trainable)
+                         if os.path.isfile(os.path.join(found, BEST_FILE)) else None),
             }
-            weights = _load_weights(os.path.join(found, _WEIGHTS_FILE), self.named_trainable)
+            weights = load_weights(os.path.join(found, WEIGHTS_FILE), self.named_trainable)
             saved_scaler, scales = loaded["scaler"] is not None, self.accelerator.scaler is not None
             if saved_scaler != scales:  # a fresh or a dropped loss scale would not continue the run exactly
                 raise UserError(f"refusing to resume from {found}: it {'has' if saved_scaler else 'has no'} "
-                                f"{_SCALER_FILE} (fp16 loss scaling) but this run (mixed_precision={self.mp!r}) "
+                                f"{SCALER_FILE} (fp16 loss scaling) but this run (mixed_precision={self.mp!r}) "
                                 f"{'has none' if saved_scaler else 'scales the loss'}: resume with the precision "
                                 "it was written with")
         except UserError as err:
             refused = err
-        _refuse_everywhere(refused, found, self.device)  # a refusal on one process stops them all
-        _copy_into(self.model, weights)
+        refuse_everywhere(refused, found, self.device)  # a refusal on one process stops them all
+        copy_into(self.model, weights)
         return loaded
 
     def _apply_resume(self, loaded: dict[str, Any]) -> None:
@@ -535,7 +535,7 @@ class _Run:
         self.scheduler.load_state_dict(loaded["scheduler"])
         if loaded["scaler"] is not None:
             self.accelerator.scaler.load_state_dict(loaded["scaler"])
-        _set_rng_state(loaded["rng"])
+        set_rng_state(loaded["rng"])
         st = loaded["json"]
         self.state.load_json(st)
         if loaded["best"] is not None:
@@ -544,7 +544,7 @@ class _Run:
 
     # ------------------------------------------------------------------ the loop
 
-    def _loop(self, progress: _Progress) -> None:
+    def _loop(self, progress: Progress) -> None:
         st = self.state
         while st.step < self.plan.total and not st.stopped_early and not self._paused():
             rec = self.train_step()
@@ -588,18 +588,18 @@ class _Run:
         acc.free_memory()
 
     def run(self) -> FitResult:
-        kind = _peak_memory_start(self.device)
+        kind = peak_memory_start(self.device)
         t0 = time.perf_counter()
-        progress = _Progress(self.args, self.plan.total, self.state.step, self.plan.is_main)
+        progress = Progress(self.args, self.plan.total, self.state.step, self.plan.is_main)
         self.pmodel.train()
-        self.tracker = _SavedTensorBytes(_storage_ptrs(self.raw))
+        self.tracker = SavedTensorBytes(storage_ptrs(self.raw))
         try:
             self._loop(progress)
             restored = self._finish()
         finally:
             progress.close()
             wall = time.perf_counter() - t0
-            peak = _peak_memory_end(self.device, kind)
+            peak = peak_memory_end(self.device, kind)
             self._release()
         return self._result(wall, peak, kind, restored)
 
@@ -623,7 +623,7 @@ class _Run:
 # ----------------------------------------------------------------------------- fit
 
 
-@_keeps_caller_rng
+@keeps_caller_rng
 def fit(
     model: nn.Module,
     train_dataset: Sequence[Any],

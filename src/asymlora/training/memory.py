@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def _peak_memory_start(device: torch.device) -> str:
+def peak_memory_start(device: torch.device) -> str:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return "cuda_max_memory_allocated"
@@ -17,7 +17,7 @@ def _peak_memory_start(device: torch.device) -> str:
         return "cpu_process_lifetime_max_rss"
 
 
-def _peak_memory_end(device: torch.device, kind: str) -> int:
+def peak_memory_end(device: torch.device, kind: str) -> int:
     if kind == "cuda_max_memory_allocated":
         return int(torch.cuda.max_memory_allocated(device))
     if kind == "cpu_peak_rss_vmhwm":
@@ -35,7 +35,7 @@ def _peak_memory_end(device: torch.device, kind: str) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-class _SavedTensorBytes:
+class SavedTensorBytes:
     """Counts the bytes of distinct storages saved for backward (see FitResult)."""
 
     def __init__(self, exclude: set[int]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from asymlora.training.args import TrainArgs
 
 
-class _Progress:
+class Progress:
     """The progress bar of the main process (nothing elsewhere, or with ``progress=False``)."""
 
     def __init__(self, args: TrainArgs, total: int, initial: int, show: bool) -> None:

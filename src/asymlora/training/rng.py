@@ -13,7 +13,7 @@ import torch
 from asymlora.training.args import FitResult
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     # the global RandomState is an MT19937, whose legacy state is a tuple (never the dict form)
     np_state = cast(tuple[Any, ...], np.random.get_state())
     py_state = random.getstate()
@@ -27,7 +27,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     npst = state["numpy"]
@@ -37,17 +37,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _keeps_caller_rng(fn: Callable[..., FitResult]) -> Callable[..., FitResult]:
+def keeps_caller_rng(fn: Callable[..., FitResult]) -> Callable[..., FitResult]:
     """``fit`` seeds the global python / numpy / torch (/ CUDA) RNGs from ``args.seed`` and
     draws from them (dropout); put the caller's states back on return or raise, so a call to
     ``fit`` does not change what the caller's own random draws give afterwards."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> FitResult:
-        caller = _rng_state()
+        caller = rng_state()
         try:
             return fn(*args, **kwargs)
         finally:
-            _set_rng_state(caller)
+            set_rng_state(caller)
 
     return wrapper
