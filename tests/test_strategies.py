@@ -195,3 +195,44 @@ def test_cli_refuses_a_bad_strategy_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "'peft:nope' is not valid" in err
     assert not out.exists()  # nothing half-written
+
+
+def test_backends_are_registered_once():
+    """--backend, the settings check and the first line read ``BACKENDS``; a name not in it is
+    one message naming the ones that are."""
+    from asymlora.cli.main import build_parser
+    from asymlora.sweep.backends import BACKENDS, describe_backend
+
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["compare"]._actions
+                  if "--backend" in a.option_strings)
+    assert list(action.choices) == list(BACKENDS) == ["local", "ray"]
+    assert SweepConfig(backend="nope").problems() == ["--backend 'nope': use local or ray"]
+    assert "goes with --backend ray" in SweepConfig(ray_address="auto").problems()[0]
+    assert describe_backend(SweepConfig(), 2, 1) == "2 worker processes × 1 thread"
+
+
+def test_sft_benchmarks_go_through_the_chosen_backend(monkeypatch):
+    """sft's benchmark phase asks the sweep's backend (``--backend``) for its executor, as the
+    tuning phase does, and sends it the base model and every run's adapter with its strategy."""
+    import asymlora.sft.protocol as sp
+    from asymlora.sft.config import SFTConfig
+    from asymlora.sweep.backends import InProcess
+
+    asked, ran = [], []
+
+    def fake_backend(cfg, workers, prepare, execute, phase="runs"):
+        asked.append((cfg.backend, workers, phase, execute))
+
+        def run(state, cfg, job, tag):
+            ran.append(job)
+            return (None if job is None else job[0]), {"arc_easy": {"acc": 0.5}}, 0.0
+
+        return InProcess(None, cfg, run)
+
+    monkeypatch.setattr(sp, "adapter_backend", fake_backend)
+    runs = [{"adapter_dir": "/a/1", "preset": "b-only"}, {"adapter_dir": "/a/2", "preset": "peft:lora"},
+            {"adapter_dir": "/a/3", "preset": "lora", "diverged": True}]
+    out = sp._run_benchmarks(SFTConfig(backend="local"), runs, 2, lambda: None)
+    assert asked == [("local", 2, "benchmarks", sp._execute_bench)]
+    assert ran == [None, ("/a/1", "b-only"), ("/a/2", "peft:lora")]  # a diverged run has no adapter to score
+    assert set(out) == {None, "/a/1", "/a/2"}
