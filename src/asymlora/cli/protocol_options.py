@@ -23,7 +23,8 @@ def add_protocol_options(p: argparse.ArgumentParser, d: dict, lr_note: str, targ
     shown in the help; ``protocol_settings`` fills in the ones not given)."""
     show = _show_default
     add_list(p, "--strategies", kind=str_list, default=None,
-             help=f"commas or spaces (default: {show(d['strategies'])})")
+             help="commas or spaces: lora, b-only, a-only, head-only, peft:NAME, MODULE:FACTORY, any with @Kr "
+                  f"(`asymlora compare --help` lists them) (default: {show(d['strategies'])})")
     add_list(p, "--rank", "-r", dest="ranks", default=None, metavar="R",
              help=f"adapter ranks r, one or several, commas or spaces (default: {show(d['ranks'])})")
     add_list(p, "--seeds", default=None,

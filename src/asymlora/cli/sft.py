@@ -37,7 +37,9 @@ def register(subparsers) -> None:
     from asymlora.bundled import CAUSAL_LM, DEFAULT_MODEL, model_help
     from asymlora.sft.config import SFT_DEFAULTS
 
-    p = subparsers.add_parser("sft", help="instruction-tune a causal LM with lora / b-only / a-only, fair protocol",
+    p = subparsers.add_parser("sft",
+                              help="instruction-tune a causal LM with lora / b-only / a-only / PEFT's methods, "
+                                   "fair protocol",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL[CAUSAL_LM], help=model_help(CAUSAL_LM))
     add_list(p, "--data", kind=str_list, default=["trivia_qa", "nq_open"],
