@@ -4,6 +4,7 @@ end to end on a tiny Llama with a tiny chat tokenizer."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -185,3 +186,27 @@ def test_sft_protocol_end_to_end(tiny_chat_llama, tmp_path, monkeypatch):
     assert again["benchmarks"][0]["sciq_acc"] == direct(None, "sciq").acc
     assert again["runs"][0]["sciq_acc"] == direct(again["runs"][0]["adapter_dir"], "sciq").acc
     assert "benchmarks" in again["phases_s"]
+
+
+def test_sft_runs_a_peft_strategy_and_scores_it_from_its_saved_adapter(tiny_chat_llama, tmp_path, monkeypatch):
+    """A registry row of PEFT's trains in sft like ours: the run saves PEFT's adapter folder, and
+    the deferred scoring of a winning pilot loads it back (by the strategy) to the run's own
+    test loss."""
+    from asymlora.sft import SFTConfig
+    from asymlora.sft import run as R
+    from asymlora.strategies import parse_strategy
+
+    pytest.importorskip("peft")
+    monkeypatch.setattr(R, "load_qa", lambda sources: _pairs(120))
+    cfg = SFTConfig(model=str(tiny_chat_llama), strategies=["peft:lora"], ranks=[4], seeds=[0], lrs=[1e-2],
+                    max_steps=8, eval_every=4, patience=2, min_steps=4, warmup_steps=1, batch_size=8, max_length=48,
+                    max_val=16, max_test=16, tasks=[], workers=1, mixed_precision="no",
+                    output_dir=str(tmp_path / "out"), progress=False, target_modules=["q_proj", "v_proj"])
+    assert cfg.problems() == []
+    task = R.prepare_lm_task(cfg)
+    rec, _ = R.execute_run(task, parse_strategy("peft:lora", 4), 0, 1e-2, cfg, desc="t")
+    # 2 layers × (q_proj 32→32, v_proj 32→16: 2 key-value heads of 8): r·(d_in + d_out) each
+    assert rec["preset"] == "peft:lora" and rec["adapter_params"] == 2 * (4 * (32 + 32) + 4 * (32 + 16))
+    assert os.path.isfile(os.path.join(rec["adapter_dir"], "adapter_config.json"))  # PEFT's own folder
+    rescored = R.score_saved_adapter(task, cfg, dict(rec, test_deferred=True))
+    assert rescored["test_loss"] == pytest.approx(rec["test_loss"], rel=1e-5)
