@@ -136,6 +136,8 @@ def _cost(plt: Any, results: dict[str, Any], path: str) -> str:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for r in results["summary"]:
+        if r.get("all_diverged"):  # no score to place
+            continue
         n, sd = r["n"], r["test_accuracy_std"]
         half = t_quantile(0.975, n - 1) * sd / np.sqrt(n) if n > 1 and sd == sd else 0.0
         ax.errorbar(r["trainable_params"], 100 * r["test_accuracy_mean"], yerr=100 * half, fmt="o", capsize=4,
