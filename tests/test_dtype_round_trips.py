@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import asymlora
+from conftest import require
 
 # relative tolerance of logits computed in a dtype (per-element rounding 2^-8 bf16, 2^-11 fp16,
 # accumulated over two layers): measured errors are several times smaller
@@ -70,16 +71,14 @@ def test_an_adapter_saved_in_one_dtype_loads_onto_another(tmp_path, saved_in, lo
 
 
 def test_peft_export_from_bf16_and_import_back(tmp_path):
-    pytest.importorskip("peft")
+    peft = require("peft")
     model = adapted(torch.bfloat16, "lora")
     folder = asymlora.save_adapter(model, str(tmp_path / "a"))
     peft_dir = asymlora.export_peft(model, str(tmp_path / "peft"))
     want = reference(folder)
     close(logits(asymlora.import_peft(bert(torch.float32), peft_dir)), want, torch.float32)
     close(logits(asymlora.import_peft(bert(torch.bfloat16), peft_dir)), want, torch.bfloat16)
-    from peft import PeftModel
-
-    close(logits(PeftModel.from_pretrained(bert(torch.float32), peft_dir).eval()), want, torch.float32)
+    close(logits(peft.PeftModel.from_pretrained(bert(torch.float32), peft_dir).eval()), want, torch.float32)
 
 
 def test_merge_and_unload_into_a_bf16_base(tmp_path):
