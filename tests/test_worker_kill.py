@@ -54,7 +54,7 @@ def test_a_worker_killed_from_outside_ends_in_one_line_and_resume_completes(tmp_
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, stderr
     assert lines[0].startswith("asymlora compare: a worker process died (killed from outside: SIGKILL, out of "
-                               "memory?) while running [")
+                               "memory?); the runs not finished then (running or queued) are lost: [")
     assert lines[0].endswith(f"; the finished runs are kept in {cut}/results.json: add --resume to go on")
     kept = json.loads((cut / "results.json").read_text())
     assert kept["complete"] is False and kept["journal"]

@@ -27,8 +27,8 @@ class WorkerLost(RuntimeError):
     line naming the lost runs and that ``--resume`` goes on from the finished ones, and exits 1."""
 
     def __init__(self, runs: list[str]) -> None:
-        super().__init__("a worker process died (killed from outside: SIGKILL, out of memory?) while running "
-                         + ", ".join(runs))
+        super().__init__("a worker process died (killed from outside: SIGKILL, out of memory?); the runs not "
+                         "finished then (running or queued) are lost: " + ", ".join(runs))
         self.runs = runs
 
 
