@@ -128,7 +128,7 @@ def test_a_signal_stops_every_worker_and_keeps_the_finished_runs(tmp_path, signu
 
 # ----------------------------------------------------------------------------- resume
 
-TIMINGS = ("wall_time_s", "eval_time_s", "peak_memory_bytes")
+TIMINGS = ("wall_time_s", "eval_time_s", "peak_memory_bytes", "step_time_s")  # step_time_s: wall time per step
 
 
 def without_timings(obj):
