@@ -14,7 +14,7 @@ import torch
 from asymlora.sft import data as D
 from asymlora.sft.model import ResponseOnlyLM, exact_match_rate, response_nll
 from asymlora.sweep.schedule import select_lr
-from conftest import perturb_trained_factors
+from conftest import perturb_trained_factors, require
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -196,7 +196,7 @@ def test_sft_runs_a_peft_strategy_and_scores_it_from_its_saved_adapter(tiny_chat
     from asymlora.sft import run as R
     from asymlora.strategies import parse_strategy
 
-    pytest.importorskip("peft")
+    require("peft")
     monkeypatch.setattr(R, "load_qa", lambda sources: _pairs(120))
     cfg = SFTConfig(model=str(tiny_chat_llama), strategies=["peft:lora"], ranks=[4], seeds=[0], lrs=[1e-2],
                     max_steps=8, eval_every=4, patience=2, min_steps=4, warmup_steps=1, batch_size=8, max_length=48,
