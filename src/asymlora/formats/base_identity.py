@@ -59,12 +59,24 @@ def _layer_sketch(w: torch.Tensor) -> list[float]:
     return [float(torch.linalg.norm(w))] + probes
 
 
-def base_sketch(model: nn.Module, layer_names: list[str]) -> dict[str, Any]:
-    """The sketch of the base weights of ``layer_names`` (wrapped or plain layers of ``model``)."""
+def _sharded(module: nn.Module) -> bool:
+    """Whether this process holds only a shard of the layer's base weight: an FSDP2 ``DTensor``, or
+    DeepSpeed ZeRO-3's empty placeholder. Sketching it would need a collective on every rank, while
+    an adapter is saved by the main process alone."""
+    w = getattr(module.base if isinstance(module, LoraLinear) else module, "weight", None)
+    return w is not None and (type(w).__name__ == "DTensor" or w.numel() == 0)
+
+
+def base_sketch(model: nn.Module, layer_names: list[str]) -> dict[str, Any] | None:
+    """The sketch of the base weights of ``layer_names`` (wrapped or plain layers of ``model``);
+    None when the weights are sharded across processes (no record: such a file loads unchecked,
+    like one written before the record existed)."""
     modules = dict(model.named_modules())
+    names = [n for n in sorted(layer_names) if n in modules]
+    if any(_sharded(modules[n]) for n in names):
+        return None
     with torch.no_grad():
-        return {"sketch": SKETCH, "layers": {n: _layer_sketch(_base_weight(modules[n])) for n in sorted(layer_names)
-                                             if n in modules}}
+        return {"sketch": SKETCH, "layers": {n: _layer_sketch(_base_weight(modules[n])) for n in names}}
 
 
 def sketch_difference(recorded: dict[str, Any], now: dict[str, Any]) -> float:
@@ -88,6 +100,8 @@ def check_base(meta: dict[str, Any], model: nn.Module, where: str, strict: bool 
     if not isinstance(recorded, dict) or recorded.get("sketch") != SKETCH:
         return
     now = base_sketch(model, list(recorded.get("layers") or {}))
+    if now is None:  # a sharded model: its weights cannot be read from this process alone
+        return
     diff = sketch_difference(recorded, now)
     if diff <= TOLERANCE:
         return
