@@ -228,8 +228,8 @@ def test_compare_quick_end_to_end_learns(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "lr for b-only r=4:" in printed and " vs lora r=4: " in printed
     names = sorted(os.listdir(out))
-    assert names == ["cost.png", "lr_selection.png", "metric_by_strategy.png", "results.csv", "results.json", "results.md",
-                     "training_curves.png", "verdicts.png"]  # the pilots' checkpoints (runs/) are gone
+    assert names == ["cost.png", "lr_selection.png", "metric_by_strategy.png", "results.csv", "results.json",
+                     "results.md", "training_curves.png", "verdicts.png"]  # the pilots' checkpoints (runs/) are gone
     res = json.loads((out / "results.json").read_text())
     assert res["complete"] is True
     s = res["settings"]
