@@ -176,37 +176,51 @@ def test_summary_table_and_paired_verdicts():
 # ----------------------------------------------------------------------------- head-only features
 
 
-def test_head_features_and_feature_head_reproduce_the_full_model():
-    """The head-only baseline on cached features computes the same logits and loss as the
-    full model with the same head (eval mode)."""
-    from transformers import BertConfig, BertForSequenceClassification
+class _Toks:
+    """20 tokenised examples of 3 to 11 tokens, labels 0,1,2,0,..."""
 
+    def __init__(self, vocab: int = 64):
+        g = torch.Generator().manual_seed(1)
+        self.items = [{"input_ids": torch.randint(3, vocab, (int(n),), generator=g).tolist(), "labels": i % 3}
+                      for i, n in enumerate(torch.randint(3, 12, (20,), generator=g))]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def lengths(self):
+        return [len(it["input_ids"]) for it in self.items]
+
+
+def _tiny_classifier(family: str):
+    from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, vocab_size=64,
+                 num_labels=3)
+    if family == "bert":  # the head (a Linear) is fed the pooled vector, after the model's dropout
+        return BertForSequenceClassification(BertConfig(**sizes)).eval()
+    # the head is fed the whole sequence and reads token 0 (dropout inside the head)
+    return RobertaForSequenceClassification(RobertaConfig(**sizes, pad_token_id=1)).eval()
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_head_features_and_feature_head_reproduce_the_full_model(family):
+    """The head-only baseline on cached features computes the same logits and loss as the
+    full model with the same head (eval mode), whether the head is fed one vector per example
+    (BERT) or the sequence of which it reads the first token (RoBERTa, MPNet)."""
     from asymlora.compare.data import PadCollator
     from asymlora.compare.run import FeatureHead
     from asymlora.compare.task import head_features
 
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                     intermediate_size=48, vocab_size=64, num_labels=3)).eval()
-
-    class Toks:
-        def __init__(self):
-            g = torch.Generator().manual_seed(1)
-            self.items = [{"input_ids": torch.randint(1, 64, (int(n),), generator=g).tolist(), "labels": i % 3}
-                          for i, n in enumerate(torch.randint(3, 12, (20,), generator=g))]
-
-        def __len__(self):
-            return len(self.items)
-
-        def __getitem__(self, i):
-            return self.items[i]
-
-        def lengths(self):
-            return [len(it["input_ids"]) for it in self.items]
-
-    data, coll = Toks(), PadCollator(0)
+    model = _tiny_classifier(family)
+    data, coll = _Toks(), PadCollator(1 if family == "roberta" else 0)
     feats = head_features(model, "classifier", data, coll, batch_size=7)
-    fh = FeatureHead(copy.deepcopy(model.classifier), dropout=0.1).eval()
+    assert feats is not None and feats.first_token == (family == "roberta")
+    assert feats.features.shape == ((20, 1, 32) if family == "roberta" else (20, 32))
+    fh = FeatureHead(copy.deepcopy(model.classifier), dropout=0.0 if feats.first_token else 0.1).eval()
     for i in range(len(data)):
         batch = coll([data[i]])
         with torch.no_grad():
@@ -215,6 +229,25 @@ def test_head_features_and_feature_head_reproduce_the_full_model():
         assert torch.allclose(full.logits, mine.logits, atol=1e-6)
         assert torch.allclose(full.loss, mine.loss, atol=1e-6)
     assert feats.labels == [i % 3 for i in range(20)]
+
+
+def test_head_features_refuse_a_head_that_reads_more_than_the_first_token():
+    """A sequence head that pools over tokens cannot be fed cached first tokens: no features,
+    so the head-only run goes through the full model."""
+    from asymlora.compare.data import PadCollator
+    from asymlora.compare.task import head_features
+
+    class MeanPoolHead(torch.nn.Module):
+        def __init__(self, dense):
+            super().__init__()
+            self.dense = dense
+
+        def forward(self, features):
+            return self.dense(features.mean(dim=1))
+
+    model = _tiny_classifier("roberta")
+    model.classifier = MeanPoolHead(torch.nn.Linear(32, 3))
+    assert head_features(model, "classifier", _Toks(), PadCollator(1), batch_size=7) is None
 
 
 # ----------------------------------------------------------------------------- end to end

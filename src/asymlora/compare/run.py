@@ -111,7 +111,10 @@ def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
         head = copy.deepcopy(getattr(task.base, task.head))
         shell = SimpleNamespace(config=task.base.config, h=head)
         reinit_head(shell, seed, "h")
-        model: nn.Module = FeatureHead(head, _head_dropout(task.base.config))
+        # a head that reads the first token applies its own dropout; a head fed the pooled
+        # vector gets the dropout the full model applies before it
+        dropout = 0.0 if features["train"].first_token else _head_dropout(task.base.config)
+        model: nn.Module = FeatureHead(head, dropout)
         return (model, features["train"], _stack_features,
                 lambda m: _feature_metrics(m, features["val"], k, "val_"),
                 lambda m: _feature_metrics(m, features["test"], k, "test_"), None)

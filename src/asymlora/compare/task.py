@@ -173,11 +173,16 @@ def prepare_task(cfg: Any) -> Task:
 
 class HeadFeatures:
     """The input of the classification head for every example of one split, computed once by
-    the frozen base model in eval mode; items are ``{"features": (H,), "labels": int}``."""
+    the frozen base model in eval mode; items are ``{"features": (H,) or (1, H), "labels": int}``.
 
-    def __init__(self, features: Any, labels: list[int]) -> None:
+    ``first_token``: the head takes the whole sequence but reads only its first token (RoBERTa's,
+    MPNet's and ELECTRA's heads: ``features[:, 0, :]``), so each example keeps that token alone,
+    as a sequence of length 1; such a head applies its own dropout."""
+
+    def __init__(self, features: Any, labels: list[int], first_token: bool = False) -> None:
         self.features = features
         self.labels = list(labels)
+        self.first_token = first_token
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -189,21 +194,37 @@ class HeadFeatures:
 def head_features(model: Any, head: str, data: Any, collate: Any, batch_size: int = 128) -> HeadFeatures | None:
     """Run ``data`` through the frozen ``model`` and keep what enters ``model.<head>``.
 
-    None when the head's input is not one vector per example (e.g. RoBERTa's head reads the
-    whole sequence): the head-only run then goes through the full model instead."""
+    A head fed one vector per example keeps that vector. A head fed the whole sequence keeps its
+    first token only when the head is checked, on the first batch, to read nothing else: its
+    output on the full sequences must equal its output on their first tokens. Otherwise (e.g. a
+    head that pools over tokens) None: the head-only run then goes through the full model."""
     import torch
 
     captured: dict[int, torch.Tensor] = {}
     order = np.argsort(data.lengths(), kind="stable")
-    state: dict[str, Any] = {"ok": True}  # "idx": the dataset indices of the batch in flight
+    state: dict[str, Any] = {"ok": True, "first_token": None}  # "idx": dataset indices of the batch in flight
 
-    def grab(_module: Any, args: tuple) -> None:
+    def reads_first_token_only(module: Any, x: torch.Tensor) -> bool:
+        # forward() runs the module without its hooks (this one included)
+        full, first = module.forward(x), module.forward(x[:, :1, :])
+        return isinstance(full, torch.Tensor) and full.shape == first.shape and torch.allclose(full, first)
+
+    def grab(module: Any, args: tuple) -> None:
         x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or x.ndim != 2:
+        if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3):
             state["ok"] = False
             return
+        if state["first_token"] is None:
+            state["first_token"] = x.ndim == 3
+            if x.ndim == 3 and not reads_first_token_only(module, x):
+                state["ok"] = False
+                return
+        if state["first_token"] != (x.ndim == 3):
+            state["ok"] = False
+            return
+        kept = x[:, :1, :] if x.ndim == 3 else x
         for j, i in enumerate(state["idx"]):
-            captured[int(i)] = x[j].detach().clone()
+            captured[int(i)] = kept[j].detach().clone()
 
     hook = getattr(model, head).register_forward_pre_hook(grab)
     was = model.training
@@ -222,4 +243,4 @@ def head_features(model: Any, head: str, data: Any, collate: Any, batch_size: in
         model.train(was)
     # a normal (non-inference) float32 tensor, whatever autocast computed it in
     feats = torch.stack([captured[i] for i in range(len(data))]).float().clone()
-    return HeadFeatures(feats, [data[i]["labels"] for i in range(len(data))])
+    return HeadFeatures(feats, [data[i]["labels"] for i in range(len(data))], first_token=bool(state["first_token"]))
