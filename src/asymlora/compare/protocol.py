@@ -38,7 +38,6 @@ from asymlora.sweep.backends import Job, describe_backend, threads_for_run
 from asymlora.sweep.driver import Loaded, Sweep, SweepTask, run_sweep
 from asymlora.sweep.interrupt import stop_on_signals
 from asymlora.sweep.outdir import RESULTS
-from asymlora.sweep.resume import data_fingerprint, model_fingerprint
 from asymlora.sweep.run_settings import autocast, describe_precision, precision_settings, resolve_precision
 from asymlora.sweep.schedule import Schedule, grid_extension, select_lr
 from asymlora.sweep.timing import Phases
@@ -136,9 +135,7 @@ class CompareSweep(SweepTask):
 
     def load(self) -> Loaded:
         task = prepare_task(self.cfg)
-        return Loaded(task, {"data": data_fingerprint(task.train_ds, task.val_ds, task.test_ds),
-                             "model": model_fingerprint(task.model_path)},
-                      {"load": task.timings["load"], "tokenise": task.timings["tokenise"]})
+        return Loaded.fingerprinted(task, task.model_path, (task.train_ds, task.val_ds, task.test_ds), task.timings)
 
     def refuse_unfit(self, state: Task, specs: list[StrategySpec]) -> None:
         refuse_unfit(state, specs, self.cfg)

@@ -36,7 +36,6 @@ from asymlora.sweep.divergence import DIVERGED_NOTE, all_diverged_rows, diverged
 from asymlora.sweep.driver import Loaded, Sweep, SweepTask, run_sweep
 from asymlora.sweep.engine import run_jobs
 from asymlora.sweep.interrupt import stop_on_signals
-from asymlora.sweep.resume import data_fingerprint, model_fingerprint
 from asymlora.sweep.run_settings import describe_precision, precision_settings
 from asymlora.sweep.schedule import Schedule
 from asymlora.sweep.stats import mean_std, paired_verdicts, summarize_runs
@@ -164,9 +163,8 @@ class SFTSweep(SweepTask):
 
     def load(self) -> Loaded:
         task = prepare_lm_task(self.cfg)
-        return Loaded(task, {"data": data_fingerprint(task.train, task.val_batches, task.test_batches),
-                             "model": model_fingerprint(task.model_path)},
-                      {"load": task.timings["load"], "tokenise": task.timings["tokenise"]})
+        return Loaded.fingerprinted(task, task.model_path, (task.train, task.val_batches, task.test_batches),
+                                    task.timings)
 
     def settings(self, state: LMTask, specs: list[Any], threads: int, probe: dict[int, float],
                  workers: int) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import json
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,14 @@ from asymlora.fileio import atomic_write_text
 from asymlora.sweep.backends import InProcess, Job, adapter_backend, worker_count
 from asymlora.sweep.engine import run_jobs
 from asymlora.sweep.outdir import SweepFolder, check_output_dir
-from asymlora.sweep.resume import Journal, check_fingerprints, load_partial, settings_fingerprint
+from asymlora.sweep.resume import (
+    Journal,
+    check_fingerprints,
+    data_fingerprint,
+    load_partial,
+    model_fingerprint,
+    settings_fingerprint,
+)
 from asymlora.sweep.schedule import Schedule
 from asymlora.sweep.timing import Phases
 from asymlora.text import plural
@@ -45,6 +52,13 @@ class Loaded:
     state: Any
     fingerprints: dict[str, str]
     phases: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def fingerprinted(cls, state: Any, model_path: str, splits: Sequence[Any], timings: dict[str, float]) -> Loaded:
+        """A task whose data are ``splits`` (train, validation, test) and whose model is the
+        folder ``model_path``; ``timings`` holds its "load" and "tokenise" seconds."""
+        return cls(state, {"data": data_fingerprint(*splits), "model": model_fingerprint(model_path)},
+                   {"load": timings["load"], "tokenise": timings["tokenise"]})
 
 
 @dataclass
