@@ -366,3 +366,15 @@ def test_no_singular_plural_mistakes():
 
     assert plural(1, "thread") == "1 thread" and plural(2, "pair") == "2 pairs"
     assert plural(1, "copy", "copies") == "1 copy" and plural(0, "copy", "copies") == "0 copies"
+
+
+def test_python_dash_m_asymlora_is_the_command():
+    """`python -m asymlora` is the `asymlora` command (here: its version, exit status 0)."""
+    import subprocess
+    import sys
+
+    from asymlora.version import __version__
+
+    done = subprocess.run([sys.executable, "-m", "asymlora", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"asymlora {__version__}"

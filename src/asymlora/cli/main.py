@@ -29,6 +29,7 @@ from typing import NoReturn
 from asymlora.errors import BaseMismatchWarning, UserError, WorkerLost
 from asymlora.fileio import unwritable_folder
 from asymlora.startup import start_command_process
+from asymlora.version import __version__
 
 # subcommand name -> module under asymlora.cli
 COMMANDS: dict[str, str] = {
@@ -67,6 +68,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         f"or {DEBUG_ENV}=1 shows the full traceback.",
     )
     parser.add_argument(DEBUG_FLAG, action="store_true", help="show tracebacks for input errors too")
+    parser.add_argument("--version", action="version", version=f"asymlora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = None
     if argv:
