@@ -92,6 +92,32 @@ def test_b_only_layer_keeps_r_numbers_per_token():
 DETERMINISTIC_GOALS = ("peak train memory < PEFT LoRA", "checkpoint ≤ ", "memory of K b-only adapters ≤ ")
 
 
+# a safetensors header: 8 bytes of length, then JSON naming each tensor (name, dtype, shape, offsets)
+# and the metadata; generous bounds, far below the r·d_in·4 bytes a stored A would add per layer
+HEADER_BYTES_PER_TENSOR, HEADER_BYTES = 256, 4096
+
+# float32 bytes a d_in -> d_out adapted layer saves for backward per token, on CPU (dropout saves
+# its float32 noise there): benchmarks/layer_memory.py's docstring
+LAYER_SAVED_PER_TOKEN = {
+    ("floor", 0.0): lambda r, d_in: 0,
+    ("b-only", 0.0): lambda r, d_in: 4 * r,                  # A·x for B's gradient
+    ("b-only", 0.1): lambda r, d_in: 4 * r + 4 * d_in,       # + the dropout noise
+    ("lora", 0.0): lambda r, d_in: 4 * r + 4 * d_in,         # + x for A's gradient
+    ("peft-lora", 0.0): lambda r, d_in: 4 * r + 4 * d_in,
+    ("peft-lora", 0.1): lambda r, d_in: 4 * r + 8 * d_in,    # dropout(x) for A's gradient and the noise
+    ("peft-lora-frozenA", 0.0): lambda r, d_in: 4 * r,
+}
+
+
+def _layer_shapes(kind: str, targets: str) -> list[tuple[int, int]]:
+    """(d_in, d_out) of each adapted layer of the benchmark's quick model."""
+    from benchmarks.models import build_base, target_names
+
+    base, _ = build_base(kind, True)
+    modules = dict(base.named_modules())
+    return [(modules[n].in_features, modules[n].out_features) for n in target_names(base, kind, targets)]
+
+
 def _check_results(results: dict) -> None:
     from benchmarks import report
 
@@ -103,6 +129,16 @@ def _check_results(results: dict) -> None:
         assert row["value"] == row["value"]  # not NaN
         if row["goal"].startswith(DETERMINISTIC_GOALS):
             assert row["pass"] is True, row
+    # each weights file holds what the algebra says (B alone: r·d_out numbers per layer; PEFT: A and B,
+    # r·(d_in + d_out)) in float32, plus a safetensors header of bounded size
+    for c in results.get("checkpoint", []):
+        shapes = _layer_shapes(c["model"], c["targets"])
+        assert len(shapes) == c["layers"] > 0
+        ours, peft = (4 * c["r"] * sum(d_out for _, d_out in shapes),
+                      4 * c["r"] * sum(d_in + d_out for d_in, d_out in shapes))
+        for got, numbers, tensors in ((c["weights_bytes"]["asym_b_only"], ours, len(shapes)),
+                                      (c["weights_bytes"]["peft_lora"], peft, 2 * len(shapes))):
+            assert 0 < got - numbers <= HEADER_BYTES_PER_TENSOR * tensors + HEADER_BYTES, (c, got, numbers)
     # each checkpoint verdict is the ratio of the two files' bytes, against the report's threshold
     ckpt = {f"{c['model']} r={c['r']} {c['targets']}": c["weights_bytes"] for c in results.get("checkpoint", [])}
     for row in results["goals"]:
@@ -110,6 +146,11 @@ def _check_results(results: dict) -> None:
             sizes = ckpt[row["config"]]
             assert row["value"] == sizes["asym_b_only"] / sizes["peft_lora"]
             assert row["pass"] is (row["value"] <= report.CKPT_RATIO)
+    # what one adapted layer keeps for backward, per token, against benchmarks/layer_memory.py's closed forms
+    for row in results.get("layer_memory", []):
+        r, d_in = row["r"], row["d_in"]
+        want = LAYER_SAVED_PER_TOKEN[(row["variant"], row["dropout"])](r, d_in)
+        assert row["saved_bytes_per_token"] == want, row
     # peak memory: b-only's tracked peak against PEFT LoRA's, from the train rows themselves
     for g in results.get("train", []):
         ours = g["variants"]["asym-b-only"]["memory"]["tracked_peak_bytes"]

@@ -70,6 +70,30 @@ def test_envs_train_on_one_and_leave_one_out():
         D.envs_for("VLCS", list(DOMAINS), r3)
 
 
+def _hits_by_hand(model_dir: Path, adapter: Path, root: Path) -> dict[str, list[bool]]:
+    """Per domain folder, whether the base + saved adapter (its trained classifier among its
+    modules) puts each image in its folder's class: one image per forward."""
+    from transformers import ViTForImageClassification, ViTImageProcessor
+
+    from asymlora.formats.native import load_adapter
+
+    model = ViTForImageClassification.from_pretrained(model_dir, num_labels=len(CLASSES),
+                                                      ignore_mismatched_sizes=True)
+    model = load_adapter(model, adapter).eval()
+    processor = ViTImageProcessor.from_pretrained(model_dir)
+    hits: dict[str, list[bool]] = {}
+    with torch.no_grad():
+        for dom in DOMAINS:
+            hits[dom] = []
+            for c_i, cls in enumerate(CLASSES):  # sorted names: the class index
+                for f in sorted((root / dom / cls).iterdir()):
+                    with Image.open(f) as im:
+                        pixels = processor(images=[im.convert("RGB")], return_tensors="pt")["pixel_values"]
+                    hits[dom].append(int(model(pixel_values=pixels).logits[0].argmax()) == c_i)
+            assert len(hits[dom]) == 15
+    return hits
+
+
 def test_domainbed_end_to_end(tmp_path, tiny_vit, data_dir):
     out = tmp_path / "runs"
     rc = main(["run", "domainbed-vit-b16", "--model", str(tiny_vit), "--data", str(data_dir), "--out", str(out),
@@ -82,7 +106,14 @@ def test_domainbed_end_to_end(tmp_path, tiny_vit, data_dir):
     assert info["classes"] == list(CLASSES)
     assert info["n_train"] == 12 and info["n_in_val"] == 3 and info["n_test"] == {d: 15 for d in info["test_envs"]}
     m = r["metrics"]
-    assert m["ood_acc"] == pytest.approx(sum(m[f"acc/{d}"] for d in info["test_envs"]) / 3)
+    # every accuracy against the saved adapter's own predictions, one image at a time, the true class
+    # taken from the fixture's folders
+    hits = _hits_by_hand(tiny_vit, out / "VLCS" / "b-only-r2" / "seed1" / "adapter", data_dir / "VLCS")
+    for d in info["test_envs"]:
+        assert m[f"acc/{d}"] == pytest.approx(sum(hits[d]) / 15), d
+    assert m["ood_acc"] == pytest.approx(sum(sum(hits[d]) for d in info["test_envs"]) / 45)
+    # the training domain: its 12 training and 3 held-out images are its 15 images, however split
+    assert 12 * m["train_acc"] + 3 * m["id_acc"] == pytest.approx(sum(hits["LabelMe"]))
     assert m["gap"] == pytest.approx(m["train_acc"] - m["ood_acc"])
     assert m["id_ood_gap"] == pytest.approx(m["id_acc"] - m["ood_acc"])
     assert r["columns"] == {"VLCS ID": m["id_acc"], "VLCS OOD": m["ood_acc"], "VLCS gap": m["gap"]}

@@ -5,6 +5,7 @@ without header, STS-B regression, MNLI matched/mismatched) and as a `datasets` s
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -159,27 +160,77 @@ def test_missing_model_message(tmp_path, glue_dir, capsys):
     assert rc == 2 and "not found" in err and "hf download" in err
 
 
+def _scored_by_hand(model_dir: Path, adapter: Path, task: str, rows: list[dict]) -> list:
+    """Predictions of the saved adapter on ``rows``, one unpadded forward per example: the model
+    is rebuilt from the folders alone (base + adapter, the trained classifier among its modules)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from asymlora.formats.native import load_adapter
+
+    spec = glue.TASK_SPECS[task]
+    kw = {"problem_type": "regression"} if spec.num_labels == 1 else {}
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=spec.num_labels,
+                                                               ignore_mismatched_sizes=True, **kw)
+    model = load_adapter(model, adapter).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    preds = []
+    with torch.no_grad():
+        for ex in rows:
+            logits = model(**tok(*ex["text"], truncation=True, max_length=128, return_tensors="pt")).logits[0]
+            preds.append(float(logits[0]) if spec.num_labels == 1 else int(logits.argmax()))
+    return preds
+
+
+def _mcc(pred: list[int], ref: list[int]) -> float:
+    """Matthews' correlation from the 2x2 confusion counts (0 when a margin is empty)."""
+    tp = sum(p == r == 1 for p, r in zip(pred, ref))
+    tn = sum(p == r == 0 for p, r in zip(pred, ref))
+    fp = sum(p == 1 and r == 0 for p, r in zip(pred, ref))
+    fn = sum(p == 0 and r == 1 for p, r in zip(pred, ref))
+    den = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    return (tp * tn - fp * fn) / den if den else 0.0
+
+
 def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir, monkeypatch, capsys):
+    stats = require("scipy.stats")
     out = tmp_path / "runs"
     rc = main(["run", "glue-roberta-large", "--model", str(tiny_roberta), "--data", str(glue_dir),
                "--out", str(out), "--tasks", "sst2", "cola", "stsb", "mnli", "--strategies", "b-only",
                "--rank", "4", "--seeds", "0", "--max-steps", "2", "--batch-size", "8", "--no-progress"])
     assert rc == 0
-    res = {t: json.loads((out / t / "b-only-r4" / "seed0" / "result.json").read_text())
-           for t in ("sst2", "cola", "stsb", "mnli")}
-    assert set(res["sst2"]["metrics"]) == {"accuracy"}
-    assert set(res["cola"]["metrics"]) == {"mcc", "accuracy"}
-    assert set(res["stsb"]["metrics"]) == {"pearson", "spearman"}
-    assert set(res["mnli"]["metrics"]) == {"accuracy_m", "accuracy_mm"}
-    assert res["mnli"]["columns"] == {"MNLI": res["mnli"]["metrics"]["accuracy_m"],
-                                      "MNLI-mm": res["mnli"]["metrics"]["accuracy_mm"]}
+    run = {t: out / t / "b-only-r4" / "seed0" for t in ("sst2", "cola", "stsb", "mnli")}
+    res = {t: json.loads((d / "result.json").read_text()) for t, d in run.items()}
     for r in res.values():
         assert r["steps"] == 2 and r["alpha"] == 8.0 and r["adapter_config"]["r"] == 4
         assert r["adapter_trainable_params"] > 0
-    assert (out / "sst2" / "b-only-r4" / "seed0" / "adapter" / "adapter_config.json").is_file()
     assert res["stsb"]["info"]["n_train"] == 40 and res["mnli"]["info"]["n_eval"] == {"m": 10, "mm": 10}
+    # every metric recomputed from the saved adapter and the dev files, by hand (scipy for the correlations)
+    dev = {t: glue.load_split(t, glue_dir, "") for t in ("sst2", "cola", "stsb")}
+    dev["mnli_m"], dev["mnli_mm"] = glue.load_split("mnli", glue_dir, "m"), glue.load_split("mnli", glue_dir, "mm")
+
+    def scored(task, rows):
+        pred = _scored_by_hand(tiny_roberta, run[task] / "adapter", task, rows)
+        return pred, [ex["label"] for ex in rows]
+
+    def acc(pred, ref):
+        return sum(p == r for p, r in zip(pred, ref)) / len(ref)
+
+    pred, ref = scored("sst2", dev["sst2"])
+    m_sst2 = acc(pred, ref)
+    assert res["sst2"]["metrics"] == pytest.approx({"accuracy": m_sst2})
+    pred, ref = scored("cola", dev["cola"])
+    m_cola = _mcc(pred, ref)
+    assert res["cola"]["metrics"] == pytest.approx({"mcc": m_cola, "accuracy": acc(pred, ref)})
+    pred, ref = scored("stsb", dev["stsb"])
+    m_stsb = stats.pearsonr(pred, ref)[0]
+    assert res["stsb"]["metrics"] == pytest.approx({"pearson": stats.pearsonr(pred, ref)[0],
+                                                    "spearman": stats.spearmanr(pred, ref)[0]}, abs=1e-5)
+    assert len(set(pred)) > 1  # a regression output, not a constant
+    m = {f"accuracy_{s}": acc(*scored("mnli", dev[f"mnli_{s}"])) for s in ("m", "mm")}
+    assert res["mnli"]["metrics"] == pytest.approx(m)
+    assert res["mnli"]["columns"] == {"MNLI": m["accuracy_m"], "MNLI-mm": m["accuracy_mm"]}
     # a second invocation skips completed runs: no training, the result and adapter files untouched
-    done = out / "sst2" / "b-only-r4" / "seed0"
+    done = run["sst2"]
     files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (done / "result.json",
                                                                   done / "adapter" / "adapter_model.safetensors")}
     import asymlora.training.loop
@@ -196,21 +247,29 @@ def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir, monkeypatch, capsys):
     assert f"[skip] {done / 'result.json'} exists" in capsys.readouterr().err
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == files
     monkeypatch.undo()
-    # results table
+    # results table: each task's cell is its run's headline metric
     rc = main(["results", str(out), "-o", str(tmp_path / "table")])
     assert rc == 0
     md = (tmp_path / "table" / "results.md").read_text()
     assert "| b-only r=4 |" in md and "CoLA" in md and "STS-B" in md
-    assert (tmp_path / "table" / "results.csv").read_text().startswith("recipe,method,column")
+    rows = list(csv.DictReader(open(tmp_path / "table" / "results.csv", encoding="utf-8")))
+    cells = {row["column"]: float(row["mean"]) for row in rows if row["column"] != "Avg"}
+    want = {"SST-2": m_sst2, "CoLA": m_cola, "STS-B": m_stsb, "MNLI": m["accuracy_m"], "MNLI-mm": m["accuracy_mm"]}
+    assert cells == pytest.approx({k: 100 * v for k, v in want.items()}, abs=1e-3)  # percent
 
 
 def test_stsb_model_is_regression(tiny_roberta, glue_dir):
+    """STS-B trains a one-output regressor on the file's scores: the batch carries the scores as
+    written (fixture: (i % 6) * 0.9) and the loss the run minimises is their mean squared error."""
     from asymlora.recipes.base import RunOptions, load_recipe
 
     recipe = load_recipe("glue-roberta-large").for_task("stsb")
     prep = glue.prepare("stsb", str(tiny_roberta), glue_dir, recipe, RunOptions(max_eval_samples=4))
-    model = prep.build_model()
-    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
-    batch = prep.collate_fn(prep.train_dataset[:3])
+    assert prep.loss_fn is None  # the model's own loss
+    model = prep.build_model().eval()
+    batch = prep.collate_fn(prep.train_dataset[:5])
     assert batch["labels"].dtype == torch.float32
-    assert model(**batch).logits.shape == (3, 1)
+    assert batch["labels"].tolist() == pytest.approx([(i % 6) * 0.9 for i in range(5)])
+    out = model(**batch)
+    assert out.logits.shape == (5, 1)
+    assert float(out.loss) == pytest.approx(float(((out.logits[:, 0] - batch["labels"]) ** 2).mean()), rel=1e-6)
