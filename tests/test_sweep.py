@@ -96,10 +96,19 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_quick(tmp_path_factory):
+    """The results of ``compare --quick --workers 2`` run to the end without a stop."""
+    out = tmp_path_factory.mktemp("whole") / "out"
+    sweep = Sweep(out, "--workers", "2")
+    assert sweep.proc.wait(timeout=1800) == 0, "".join(sweep.stdout + sweep.stderr)
+    return json.loads((out / "results.json").read_text())
+
+
 @pytest.mark.slow
 @needs_real
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_stops_every_worker_and_keeps_the_finished_runs(tmp_path, signum):
+def test_a_signal_stops_every_worker_and_keeps_the_finished_runs(tmp_path, signum, uninterrupted_quick):
     out = tmp_path / "out"
     sweep = Sweep(out, "--workers", "2")
     try:
@@ -123,7 +132,17 @@ def test_a_signal_stops_every_worker_and_keeps_the_finished_runs(tmp_path, signu
                                                f"the finished runs are kept in {out}/results.json"), sweep.stderr
     assert "Traceback" not in "".join(sweep.stderr)
     partial = json.loads((out / "results.json").read_text())
-    assert partial["complete"] is False
+    assert partial["complete"] is False and partial["journal"]
+    # what it kept is enough: --resume ends with the records of a sweep that was never stopped
+    resumed = Sweep(out, "--workers", "2", "--resume")
+    assert resumed.proc.wait(timeout=1800) == 0, "".join(resumed.stdout + resumed.stderr)
+    a, b = json.loads((out / "results.json").read_text()), uninterrupted_quick
+    assert a["complete"] is True and not (out / "runs").exists()
+    assert len(a["runs"]) == len(b["runs"]) > 0
+    for ra, rb in zip(a["runs"], b["runs"]):
+        assert without_timings(ra) == without_timings(rb), (ra["strategy"], ra["seed"])
+    assert without_timings(a["lr_selection"]) == without_timings(b["lr_selection"])
+    assert a["verdict_lines"] == b["verdict_lines"]
 
 
 # ----------------------------------------------------------------------------- resume
@@ -142,8 +161,8 @@ def without_timings(obj):
 
 @pytest.mark.slow
 @needs_real
-def test_a_killed_compare_resumes_to_the_records_of_an_uninterrupted_one(tmp_path):
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
+def test_a_killed_compare_resumes_to_the_records_of_an_uninterrupted_one(tmp_path, uninterrupted_quick):
+    cut = tmp_path / "cut"
     sweep = Sweep(cut, "--workers", "2")
     try:  # SIGKILL: no handler runs, the workers die with their parent (PR_SET_PDEATHSIG)
         sweep.wait_for(FINISHED_RUN, timeout=900)
@@ -175,9 +194,7 @@ def test_a_killed_compare_resumes_to_the_records_of_an_uninterrupted_one(tmp_pat
     log = "".join(resumed.stdout)
     (tmp_path / "resumed.log").write_text(log)  # kept with pytest's tmp folders, to read what a resume prints
     assert f"resuming the sweep in {cut}: {len(kept['journal'])} finished job" in log
-    reference = Sweep(whole, "--workers", "2")
-    assert reference.proc.wait(timeout=1800) == 0, "".join(reference.stdout + reference.stderr)
-    a, b = json.loads((cut / "results.json").read_text()), json.loads((whole / "results.json").read_text())
+    a, b = json.loads((cut / "results.json").read_text()), uninterrupted_quick
     assert a["complete"] is True and not (cut / "runs").exists()
     assert len(a["runs"]) == len(b["runs"]) > 0
     for ra, rb in zip(a["runs"], b["runs"]):
@@ -290,17 +307,15 @@ def test_no_package_imports_another_ones_private_names(tmp_path):
 
 @pytest.mark.slow
 @needs_real
-def test_the_ray_backend_gives_the_records_of_the_local_one(tmp_path):
+def test_the_ray_backend_gives_the_records_of_the_local_one(tmp_path, uninterrupted_quick):
     with warnings.catch_warnings():  # importing ray adds a blanket ignore of urllib3's DependencyWarning
         require("ray")
     on_ray = Sweep(tmp_path / "ray", "--backend", "ray", "--cpus-per-run", "1")  # a local Ray cluster on CPU
     assert on_ray.proc.wait(timeout=1800) == 0, "".join(on_ray.stdout + on_ray.stderr)
-    local = Sweep(tmp_path / "local", "--workers", "2")
-    assert local.proc.wait(timeout=1800) == 0, "".join(local.stdout + local.stderr)
     time.sleep(0.5)
     assert "Ray tasks on a local cluster, 1 CPU each" in "".join(on_ray.stdout)
     a = json.loads((tmp_path / "ray" / "results.json").read_text())
-    b = json.loads((tmp_path / "local" / "results.json").read_text())
+    b = uninterrupted_quick  # the local backend's records
     assert len(a["runs"]) == len(b["runs"]) > 0
     for ra, rb in zip(a["runs"], b["runs"]):
         assert without_timings(ra) == without_timings(rb), (ra["strategy"], ra["seed"])
