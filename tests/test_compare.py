@@ -311,9 +311,24 @@ def test_compare_quick_end_to_end_learns(tmp_path, capsys):
     ran = [row["strategy"] for row in res["summary"]]
     assert {"head-only", f"lora r={r}", f"b-only r={r}"} <= set(ran)
     assert [v["method"] for v in res["verdicts"]] == [lab for lab in ran if lab not in ("head-only", f"lora r={r}")]
+    # the train side of the train - test gap: a stratified train sample as large as validation
+    assert s["used_sizes"]["train_sample"] <= s["used_sizes"]["val"] < s["used_sizes"]["train"]
+    gap = {}
+    for run in res["runs"]:
+        assert 0.0 <= run["train_accuracy"] <= 1.0
+        assert run["generalization_gap"] == pytest.approx(run["train_accuracy"] - run["test_accuracy"])
+        gap[run["strategy"], run["seed"]] = run["generalization_gap"]
+    paired = res["generalization_gap"]["paired"]
+    assert [d["method"] for d in paired] == [v["method"] for v in res["verdicts"]]
+    for d in paired:  # b-only's gap less LoRA's, seed by seed
+        assert d["differences"] == pytest.approx([gap[d["method"], seed] - gap[d["reference"], seed]
+                                                  for seed in d["seeds"]])
+        assert d["mean"] == pytest.approx(sum(d["differences"]) / len(d["differences"]))
+    assert res["generalization_gap"]["lines"][0] in printed
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(res["runs"]) and float(rows[0]["test_accuracy"]) == res["runs"][0]["test_accuracy"]
+    assert float(rows[0]["generalization_gap"]) == pytest.approx(res["runs"][0]["generalization_gap"])
     md = (out / "results.md").read_text()
     assert "| strategy |" in md and " vs lora r=4: " in md
     for png in ("metric_by_strategy.png", "training_curves.png", "lr_selection.png", "verdicts.png"):

@@ -75,7 +75,8 @@ def _settings(cfg: CompareConfig, task: Task, specs: list[StrategySpec], threads
         "model_name": model_title(cfg.model),
         "model_type": base.config.model_type, "model_params": sum(p.numel() for p in base.parameters()),
         "data": cfg.data, "dataset": task.data.summary(),
-        "used_sizes": {"train": len(task.train), "val": len(task.val), "test": len(task.test)},
+        "used_sizes": {"train": len(task.train), "val": len(task.val), "test": len(task.test),
+                       "train_sample": len(task.train_sample_ds)},
         "truncated_texts": {name: getattr(ds, "truncated", 0) for name, ds in
                             (("train", task.train_ds), ("val", task.val_ds), ("test", task.test_ds))},
         "majority_class_test_accuracy": max(task.test.class_counts(k)) / len(task.test),
@@ -153,7 +154,8 @@ class CompareSweep(SweepTask):
             t = time.perf_counter()
             with autocast(resolve_precision(cfg.mixed_precision)):
                 feats = {name: head_features(task.base, task.head, ds, task.collate)
-                         for name, ds in (("train", task.train_ds), ("val", task.val_ds), ("test", task.test_ds))}
+                         for name, ds in (("train", task.train_ds), ("val", task.val_ds), ("test", task.test_ds),
+                                          ("train_sample", task.train_sample_ds))}
             if all(f is not None for f in feats.values()):
                 features = {k: f for k, f in feats.items() if f is not None}
             phases.add("features", time.perf_counter() - t)

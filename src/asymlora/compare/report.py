@@ -5,20 +5,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from typing import Any
 
 from asymlora.compare.config import CompareConfig, StrategySpec
 from asymlora.fileio import atomic_write_text
 from asymlora.sweep.divergence import DIVERGED_NOTE, all_diverged_rows, diverged_cell
-from asymlora.sweep.stats import cheaper_not_worse, paired_verdicts, summarize_runs
-from asymlora.text import mean_pm
+from asymlora.sweep.stats import PairedDifference, cheaper_not_worse, paired_verdicts, summarize_runs
+from asymlora.text import mean_pm, plural
 
 __all__ = ["summarize", "paired_verdicts", "assemble", "format_table", "format_report", "write_reports"]
 
 _SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "val_accuracy", "val_macro_f1", "lr", "best_step", "steps",
                  "val_slope_last_quarter", "wall_time_s", "peak_memory_bytes", "saved_activation_bytes",
-                 "final_train_loss", "adapter_file_bytes", "step_time_s")
+                 "final_train_loss", "adapter_file_bytes", "step_time_s", "train_accuracy", "generalization_gap")
 
 
 def summarize(runs: list[dict[str, Any]], order: list[str],
@@ -37,7 +38,44 @@ def assemble(cfg: CompareConfig, settings: dict[str, Any], specs: list[StrategyS
     return {"complete": complete, "settings": settings, "total_time_s": elapsed, "phases_s": phases.to_dict(),
             "lr_selection": selections, "summary": summary,
             "verdicts": [v.to_dict() for v in verdicts], "verdict_lines": [v.line() for v in verdicts],
-            "cheaper_not_worse": cheaper_not_worse(verdicts, summary), "runs": runs}
+            "cheaper_not_worse": cheaper_not_worse(verdicts, summary),
+            "generalization_gap": _gaps(runs, specs, summary, cfg.margin), "runs": runs}
+
+
+def _gaps(runs: list[dict[str, Any]], specs: list[StrategySpec], summary: list[dict[str, Any]],
+          margin: float) -> dict[str, Any] | None:
+    """The train − test accuracy gap of each run's final weights (train side: a stratified train
+    sample as large as validation), per strategy and paired against LoRA by seed. The
+    generalisation bound (docs/design.md) is smaller for fewer trained parameters, so it orders
+    the gaps b-only ≤ LoRA; a difference carries its interval but no verdict word, since a smaller
+    gap is not a better model. None for runs recorded before the train sample was scored."""
+    scored = [r for r in runs if not r.get("diverged")]
+    if not scored or any(r.get("generalization_gap") is None for r in scored):
+        return None
+    diffs = paired_verdicts(scored, specs, margin, metric="generalization_gap")
+    return {"per_strategy": {row["strategy"]: [row["generalization_gap_mean"], row["generalization_gap_std"]]
+                             for row in summary if "generalization_gap_mean" in row},
+            "paired": [{k: v for k, v in d.to_dict().items() if k != "verdict"} for d in diffs],
+            "lines": [_gap_line(d) for d in diffs]}
+
+
+def _gap_line(d: PairedDifference) -> str:
+    n = len(d.seeds)
+    ci = f" [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}]" if math.isfinite(d.lo) else ""
+    reading = ("smaller gap" if d.hi < 0 else "larger gap" if d.lo > 0 else "the interval spans 0") if ci else ""
+    return (f"{d.method} − {d.reference}, train − test gap: {100 * d.mean:+.1f} pts{ci} over {plural(n, 'seed')}"
+            + (f" ({reading})" if reading else ""))
+
+
+def gap_section(results: dict[str, Any]) -> str:
+    """The gap paragraph of the report (empty for runs recorded without the train sample)."""
+    gap = results.get("generalization_gap")
+    if not gap:
+        return ""
+    n = results["settings"]["used_sizes"].get("train_sample")
+    per = "; ".join(f"{name} {mean_pm(100 * m, 100 * sd)}" for name, (m, sd) in gap["per_strategy"].items())
+    return "\n".join([f"Train − test accuracy gap of the final weights (train sample of {n}), in points: {per}.",
+                      *gap["lines"]])
 
 
 def _step_time(rec: dict[str, Any]) -> float | None:
@@ -101,7 +139,8 @@ def format_table(summary: list[dict[str, Any]], markdown: bool = False) -> str:
 _CSV_COLUMNS = ["strategy", "preset", "rank", "seed", "lr", "role", "trainable_params", "adapter_params",
                 "test_accuracy", "test_macro_f1", "val_accuracy", "val_macro_f1", "best_step", "steps",
                 "stopped_early", "val_slope_last_quarter", "final_train_loss", "wall_time_s", "eval_time_s",
-                "peak_memory_bytes", "saved_activation_bytes", "adapter_file_bytes", "step_time_s"]
+                "peak_memory_bytes", "saved_activation_bytes", "adapter_file_bytes", "step_time_s",
+                "train_accuracy", "generalization_gap"]
 
 
 def _csv(results: dict[str, Any]) -> str:
@@ -150,6 +189,7 @@ def _markdown(results: dict[str, Any]) -> str:
         f"±{100 * s['margin']:g} point):", "",
         *[f"- {line}" for line in results["verdict_lines"]], "",
         *([results["cheaper_not_worse"], ""] if results.get("cheaper_not_worse") else []),
+        *([gap_section(results), ""] if results.get("generalization_gap") else []),
         f"Total time {results['total_time_s']:.0f} s ({phases}).", "",
     ]
     return "\n".join(md)
@@ -184,4 +224,4 @@ def format_report(results: dict[str, Any], cfg: CompareConfig) -> str:
         results, tables=[format_table(results["summary"])],
         metric=SelectionMetric("validation accuracy", "val_accuracy", lambda v: f"{100 * v:.1f}"),
         first_seed=cfg.seeds[0], margin=cfg.margin, verdicts_on="test-accuracy", output_dir=cfg.output_dir,
-        files=files, sections=[results.get("cheaper_not_worse") or ""])
+        files=files, sections=[results.get("cheaper_not_worse") or "", gap_section(results)])

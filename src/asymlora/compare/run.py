@@ -102,7 +102,8 @@ def refuse_unfit(task: Task, specs: list[StrategySpec], cfg: CompareConfig) -> N
 def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
            features: dict[str, HeadFeatures] | None) -> tuple[Any, Any, Any, Callable, Callable, Adapted | None]:
     """The model of one run and how to feed and score it:
-    (model, train data, collate, val scorer, test scorer, what the strategy made of it)."""
+    (model, train data, collate, val scorer, test scorer (test and the train sample), what the strategy made
+    of it)."""
     from asymlora.compare.data import evaluate_classifier
 
     k = task.num_labels
@@ -117,7 +118,8 @@ def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
         model: nn.Module = FeatureHead(head, dropout)
         return (model, features["train"], _stack_features,
                 lambda m: _feature_metrics(m, features["val"], k, "val_"),
-                lambda m: _feature_metrics(m, features["test"], k, "test_"), None)
+                lambda m: {**_feature_metrics(m, features["test"], k, "test_"),
+                           **_feature_metrics(m, features["train_sample"], k, "train_")}, None)
     model = run_copy(task.base, private=_private_modules(task, strategy, cfg))
     reinit_head(model, seed, task.head)
     adapted = None
@@ -133,7 +135,8 @@ def _build(task: Task, spec: StrategySpec, seed: int, cfg: CompareConfig,
         model = adapted.model
     return (model, task.train_ds, task.collate,
             lambda m: evaluate_classifier(m, task.val_ds, task.collate, k, prefix="val_"),
-            lambda m: evaluate_classifier(m, task.test_ds, task.collate, k, prefix="test_"), adapted)
+            lambda m: {**evaluate_classifier(m, task.test_ds, task.collate, k, prefix="test_"),
+                       **evaluate_classifier(m, task.train_sample_ds, task.collate, k, prefix="train_")}, adapted)
 
 
 def execute_run(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: CompareConfig, *, desc: str,
@@ -167,8 +170,10 @@ def execute_run(task: Task, spec: StrategySpec, seed: int, lr: float, cfg: Compa
                   "wall_time_s": res.wall_time_s, "eval_time_s": timed_val.seconds, "history": res.history}
         return RunResult(record, timed_val.seconds, model)
     t = time.perf_counter()
-    with autocast(precision):  # test is scored at the precision validation was
+    with autocast(precision):  # test (and the train sample) scored at the precision validation was
         test_m = score_test(model)
+    # the train - test accuracy gap of the final weights, on a train sample the size of validation
+    test_m["generalization_gap"] = test_m["train_accuracy"] - test_m["test_accuracy"]
     eval_s = timed_val.seconds + time.perf_counter() - t
     strategy = spec.strategy
     evals = [(h["step"], h["val_accuracy"]) for h in res.history if "val_accuracy" in h]

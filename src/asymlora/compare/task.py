@@ -107,6 +107,9 @@ class Task:
     base: Any
     head: str
     timings: dict[str, float] = field(default_factory=dict)
+    # a stratified sample of train as large as validation, scored with each run's final weights:
+    # the train side of the train - test gap (the generalisation bound's ordering, docs/design.md)
+    train_sample_ds: Any = None
 
     @property
     def num_labels(self) -> int:
@@ -161,11 +164,13 @@ def prepare_task(cfg: Any) -> Task:
         except ValueError as err:
             raise UserError(f"--target-modules {','.join(cfg.target_modules)}: {err}") from err
     t1 = time.perf_counter()
-    train_ds, val_ds, test_ds = (TokenizedDataset(s, tokenizer, cfg.max_length) for s in (train, val, test))
+    train_sample = subsample_stratified(train, len(val), cfg.split_seed)
+    train_ds, val_ds, test_ds, train_sample_ds = (TokenizedDataset(s, tokenizer, cfg.max_length)
+                                                  for s in (train, val, test, train_sample))
     t2 = time.perf_counter()
     return Task(model_path=model_path, data=data, train=train, val=val, test=test, train_ds=train_ds,
                 val_ds=val_ds, test_ds=test_ds, collate=PadCollator(tokenizer.pad_token_id or 0), base=base,
-                head=head, timings={"load": t1 - t0, "tokenise": t2 - t1})
+                head=head, timings={"load": t1 - t0, "tokenise": t2 - t1}, train_sample_ds=train_sample_ds)
 
 
 # ----------------------------------------------------------------------------- head-only features
