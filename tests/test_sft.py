@@ -210,3 +210,89 @@ def test_sft_runs_a_peft_strategy_and_scores_it_from_its_saved_adapter(tiny_chat
     assert os.path.isfile(os.path.join(rec["adapter_dir"], "adapter_config.json"))  # PEFT's own folder
     rescored = R.score_saved_adapter(task, cfg, dict(rec, test_deferred=True))
     assert rescored["test_loss"] == pytest.approx(rec["test_loss"], rel=1e-5)
+
+
+SWEEP_CHILD = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from test_sft import _pairs
+from asymlora.sft import SFTConfig, run_sft
+from asymlora.sft import run as R
+from asymlora.sweep import driver
+R.load_qa = lambda sources: _pairs(120)
+real = driver.atomic_write_text
+def write_then_stall(path, text):  # the kill lands once the new sweep has saved its partial results
+    real(path, text)
+    if path.endswith("results.partial.json"):
+        print("partial results saved", flush=True)
+        time.sleep(600)
+driver.atomic_write_text = write_then_stall
+run_sft(SFTConfig(**json.loads(sys.argv[2])))
+"""
+
+
+def test_an_interrupted_overwrite_leaves_the_earlier_sfts_adapters_and_the_complete_one_replaces_them(
+        tiny_chat_llama, tmp_path, monkeypatch):
+    """sft --overwrite keeps its adapters aside until the sweep is complete: SIGKILLed once its
+    runs have saved theirs (and their partial results), the earlier sweep's results.json and
+    adapters are byte for byte as they were; --resume completes it, and only then are the
+    same-named adapters replaced (each record names the published folder, which loads to its
+    test loss). The user's files stay."""
+    import signal
+    import subprocess
+    import sys
+
+    from asymlora.formats.native import load_adapter
+    from asymlora.sft import SFTConfig, run_sft
+    from asymlora.sft import run as R
+
+    out = tmp_path / "out"
+    base = dict(model=str(tiny_chat_llama), strategies=["b-only"], ranks=[4], seeds=[0, 1], lrs=[1e-2],
+                max_steps=6, eval_every=3, patience=2, min_steps=3, warmup_steps=1, batch_size=8, max_length=48,
+                max_val=16, max_test=16, tasks=[], workers=1, mixed_precision="no", output_dir=str(out),
+                progress=False, target_modules=["q_proj", "v_proj"])
+    monkeypatch.setattr(R, "load_qa", lambda sources: _pairs(120))
+    first = run_sft(SFTConfig(**base))
+    assert [os.path.dirname(r["adapter_dir"]) for r in first["runs"]] == [str(out / "adapters")] * 2
+    (out / "adapters" / "mine.txt").write_text("my notes")
+    (out / "notes.md").write_text("mine too")
+    before = files_of(out)
+    assert not (out / "runs").exists()
+    # the same runs (same adapter folders) with more steps: other adapters
+    second = dict(base, max_steps=9, overwrite=True)
+    src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(R.__file__))))  # what imports asymlora
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    log = tmp_path / "child.err"
+    with open(log, "w") as err:
+        child = subprocess.Popen([sys.executable, "-c", SWEEP_CHILD, os.path.dirname(__file__), json.dumps(second)],
+                                 stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    try:
+        assert "partial results saved\n" in iter(child.stdout.readline, ""), log.read_text()[-3000:]
+        assert len(list((out / "runs").rglob("adapter_config.json"))) == 2  # the new sweep's adapters, aside
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    after = files_of(out)
+    assert {k: v for k, v in after.items() if k in before} == before  # the earlier sweep and the user's files
+    assert all(k.parts[0] == "runs" or k.name == "results.partial.json" for k in after.keys() - before.keys())
+    # --resume completes the new sweep, which then replaces the earlier one
+    res = run_sft(SFTConfig(**dict(second, overwrite=False, resume=True)))
+    assert json.loads((out / "results.json").read_text())["settings"]["max_steps"] == 9
+    assert not (out / "results.partial.json").exists() and not (out / "runs").exists()
+    now = files_of(out)
+    assert now[Path("adapters", "mine.txt")] == b"my notes" and now[Path("notes.md")] == b"mine too"
+    task = R.prepare_lm_task(SFTConfig(**second))
+    for old, new in zip(first["runs"], res["runs"]):
+        assert new["adapter_dir"] == old["adapter_dir"] and os.path.isdir(new["adapter_dir"])
+        weights = Path(new["adapter_dir"]).relative_to(out) / "adapter_model.safetensors"
+        assert now[weights] != before[weights]  # replaced by the new sweep's
+        lm, _ = _load(tiny_chat_llama)
+        load_adapter(lm, new["adapter_dir"])
+        assert response_nll(ResponseOnlyLM(lm), task.test_batches) == pytest.approx(new["test_loss"], rel=1e-4)
+
+
+def files_of(folder: Path) -> dict[Path, bytes]:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}

@@ -23,6 +23,7 @@ from asymlora.sft.model import (
 )
 from asymlora.strategies import AdaptRequest, Strategy, StrategySpec, get_strategy
 from asymlora.strategies.base import folder_bytes
+from asymlora.sweep.outdir import staged_dir
 from asymlora.sweep.run_settings import autocast, resolve_precision, run_copy, stopping_args
 from asymlora.sweep.stats import curve_slope
 from asymlora.sweep.timing import Timed
@@ -83,8 +84,10 @@ def prepare_lm_task(cfg: SFTConfig) -> LMTask:
 
 
 def adapter_dir(cfg: SFTConfig, label: str, seed: int, lr: float) -> str:
+    """Where a run saves its adapter: the sweep's staging folder while the sweep runs, so an
+    earlier sweep's adapters stay as they are until this one is complete (``asymlora.sweep.outdir``)."""
     slug = label.replace(" ", "").replace("=", "").replace("(", "").replace(")", "").replace("@", "x")
-    return os.path.join(cfg.output_dir, "adapters", f"{slug}-seed{seed}-lr{lr:g}")
+    return os.path.join(staged_dir(cfg.checkpoint_dir, cfg.output_dir), "adapters", f"{slug}-seed{seed}-lr{lr:g}")
 
 
 def score_test(lm: Any, task: LMTask, cfg: SFTConfig) -> dict[str, Any]:

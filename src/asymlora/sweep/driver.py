@@ -184,6 +184,7 @@ def run_sweep(task: SweepTask, threads: int, probe: dict[int, float], t_start: f
     task.finish_runs(loaded.state, sweep)
     settings["runs_wall_s"] = round(time.perf_counter() - t_runs, 2)
     task.last_phase(loaded.state, sweep)
-    results = task.write(task.assemble(sweep, complete=True), sweep)
+    # what the runs kept (sft's adapters) joins the output folder just before the results naming it
+    results = task.write(folder.publish(task.assemble(sweep, complete=True)), sweep)
     folder.finish()  # the paused pilots' checkpoints, and the partial results of an --overwrite
     return results

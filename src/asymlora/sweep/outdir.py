@@ -7,6 +7,10 @@ delete (docs/design.md).
 - With ``--overwrite`` the earlier results stay in place until the new sweep is complete: the new
   sweep's partial results (what ``--resume`` reads) go to ``results.partial.json``, and
   ``results.json`` is replaced in one rename at the end.
+- What a sweep keeps beside its results (sft's ``adapters/``) is written to
+  ``runs/<sweep id>/outputs/`` while it runs and moved into the output folder only when the sweep
+  is complete, just before its results.json: an interrupted ``--overwrite`` leaves the earlier
+  sweep's adapters as they were, and the complete one replaces only the same-named entries.
 - The checkpoints of paused pilots live in ``runs/<sweep id>/``, a folder this sweep made; only
   it is removed at the end (and ``runs/`` when this sweep made it and it is left empty), so a
   user's own ``runs/`` (``-o .``) is never touched.
@@ -21,11 +25,13 @@ from typing import Any
 
 from asymlora.errors import UserError
 
-__all__ = ["RESULTS", "PARTIAL", "earlier_sweep", "check_output_dir", "partial_results", "SweepFolder"]
+__all__ = ["RESULTS", "PARTIAL", "earlier_sweep", "check_output_dir", "partial_results", "staged_dir",
+           "SweepFolder"]
 
 RESULTS = "results.json"
 PARTIAL = "results.partial.json"   # an --overwrite sweep's partial results, beside the earlier complete ones
 RUNS = "runs"                      # paused pilots' checkpoints, one subfolder per sweep
+STAGED = "outputs"                 # in a sweep's subfolder: what it keeps beside its results, until complete
 
 
 def earlier_sweep(output_dir: str) -> str | None:
@@ -56,6 +62,28 @@ def check_output_dir(output_dir: str, resume: bool, overwrite: bool, markers: tu
                         f"--overwrite to replace it once this {what} completes, or choose another --output-dir")
 
 
+def staged_dir(checkpoint_dir: str | None, output_dir: str) -> str:
+    """Where a sweep writes what it keeps beside its results (sft: ``adapters/<run>``) while it
+    runs: ``runs/<sweep id>/outputs/`` (``checkpoint_dir`` is the sweep's subfolder, set by the
+    driver), moved into ``output_dir`` by :meth:`SweepFolder.publish`; ``output_dir`` itself
+    when no sweep folder is set (a run called outside a sweep)."""
+    return os.path.join(checkpoint_dir, STAGED) if checkpoint_dir else output_dir
+
+
+def _relocated(obj: Any, old: str, new: str) -> Any:
+    """``obj`` (a results dict) with every path under ``old`` (strings and keys) put under ``new``."""
+    def move(value: Any) -> Any:
+        if isinstance(value, str) and (value == old or value.startswith(old + os.sep)):
+            return new + value[len(old):]
+        return value
+
+    if isinstance(obj, dict):
+        return {move(k): _relocated(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_relocated(v, old, new) for v in obj)
+    return move(obj)
+
+
 class SweepFolder:
     """A sweep's output folder: where its partial results go and where its paused pilots'
     checkpoints live. ``saved`` is the partial results ``--resume`` goes on from (None for a
@@ -77,6 +105,46 @@ class SweepFolder:
         else:
             self.sweep_id, self.made_runs = uuid.uuid4().hex[:12], not os.path.lexists(runs)
             self.checkpoints = os.path.join(runs, self.sweep_id)
+
+    @property
+    def staged(self) -> str:
+        """This sweep's staging folder (:func:`staged_dir`)."""
+        return staged_dir(self.checkpoints, self.output_dir)
+
+    def publish(self, results: dict[str, Any]) -> dict[str, Any]:
+        """Once the sweep is complete, before its results.json is written: move what it staged
+        into the output folder and return ``results`` with the paths that named the staged
+        entries naming the published ones. A staged folder whose name is taken by a folder
+        (``adapters/``) goes in entry by entry; an entry of the same name (an earlier sweep's
+        adapter of the same run, replaced by ``--overwrite``) is replaced, nothing else is
+        removed."""
+        staged = self.staged
+        if not os.path.isdir(staged):
+            return results
+        for name in sorted(os.listdir(staged)):
+            src, dst = os.path.join(staged, name), os.path.join(self.output_dir, name)
+            if os.path.isdir(src) and os.path.isdir(dst) and not os.path.islink(dst):
+                for child in sorted(os.listdir(src)):
+                    self._replace(os.path.join(src, child), os.path.join(dst, child))
+                os.rmdir(src)
+            else:
+                self._replace(src, dst)
+        os.rmdir(staged)
+        return _relocated(results, os.path.abspath(staged), os.path.abspath(self.output_dir))
+
+    def _replace(self, src: str, dst: str) -> None:
+        """``src`` renamed to ``dst``; an entry already at ``dst`` is set aside first and removed
+        only once ``src`` is in place."""
+        if not os.path.lexists(dst):
+            os.rename(src, dst)
+            return
+        aside = f"{dst}.replaced-{self.sweep_id or uuid.uuid4().hex[:12]}"
+        os.rename(dst, aside)
+        os.rename(src, dst)
+        if os.path.isdir(aside) and not os.path.islink(aside):
+            shutil.rmtree(aside)
+        else:
+            os.remove(aside)
 
     def state(self) -> dict[str, Any]:
         return {"sweep_folder": {"id": self.sweep_id, "made_runs": self.made_runs}} if self.sweep_id else {}
