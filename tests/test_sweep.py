@@ -320,3 +320,23 @@ def test_the_ray_backend_gives_the_records_of_the_local_one(tmp_path, uninterrup
     for ra, rb in zip(a["runs"], b["runs"]):
         assert without_timings(ra) == without_timings(rb), (ra["strategy"], ra["seed"])
     assert without_timings(a["lr_selection"]) == without_timings(b["lr_selection"])
+
+
+def test_jobs_run_in_this_process_take_the_thread_count_they_are_given():
+    """compare's head-only jobs run in the parent beside worker processes at one thread, as a
+    worker does, whatever this process's own count (a load-dependent probe picks it: with 2
+    threads the head's small GEMMs round differently, and a resumed sweep's head-only records
+    differed from an uninterrupted one's in the last bits). The caller's count is put back."""
+    from asymlora.sweep.backends import InProcess
+
+    def threads_seen(state, cfg, job, tag):
+        return torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert InProcess(None, None, threads_seen, threads=1).submit("job", "tag").result() == 1
+        assert torch.get_num_threads() == 2
+        assert InProcess(None, None, threads_seen).submit("job", "tag").result() == 2
+    finally:
+        torch.set_num_threads(before)

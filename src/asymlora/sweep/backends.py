@@ -158,15 +158,19 @@ def release_freed_memory() -> bool:
 
 class InProcess:
     """Runs each job at once in this process; ``submit`` returns a finished future.
-    ``execute(state, cfg, job, tag)`` does one job on the task ``state`` loaded here."""
+    ``execute(state, cfg, job, tag)`` does one job on the task ``state`` loaded here, at
+    ``threads`` torch threads (None: this process's count)."""
 
-    def __init__(self, state: Any, cfg: Any, execute: Callable[..., Any]) -> None:
-        self.state, self.cfg, self.execute = state, cfg, execute
+    def __init__(self, state: Any, cfg: Any, execute: Callable[..., Any], threads: int | None = None) -> None:
+        self.state, self.cfg, self.execute, self.threads = state, cfg, execute, threads
 
     def submit(self, job: Any, tag: str) -> Future:
+        from asymlora.core.threads import torch_threads
+
         fut: Future = Future()
         try:
-            fut.set_result(self.execute(self.state, self.cfg, job, tag))
+            with torch_threads(self.threads):
+                fut.set_result(self.execute(self.state, self.cfg, job, tag))
         except Exception as err:  # noqa: BLE001 - handed to the caller through the future
             fut.set_exception(err)
         finally:

@@ -173,8 +173,11 @@ def run_sweep(task: SweepTask, threads: int, probe: dict[int, float], t_start: f
         partial.update(fingerprints=fingerprints, journal=journal.to_json(), **folder.state())  # what --resume reads
         atomic_write_text(folder.partial_path, json.dumps(partial, indent=1))
 
-    local = InProcess(local_state, cfg, type(task).execute)
     pool = adapter_backend(cfg, workers, type(task).prepare_worker, type(task).execute)
+    # Jobs run here beside worker processes (compare's head-only, on cached features) take one
+    # thread, as a worker does: this process's count comes from a timing probe that the machine's
+    # load can tip, and a record must not depend on it (a resumed sweep equals an uninterrupted one).
+    local = InProcess(local_state, cfg, type(task).execute, threads=1 if pool is not None else None)
     t_runs = time.perf_counter()
     if saved:
         _log(f"resuming the sweep in {cfg.output_dir}: {plural(len(journal.entries), 'finished job')} kept "
