@@ -38,6 +38,8 @@ VOCABULARY: dict[str, tuple[list[str], set[str]]] = {
     "output folder": (["--output-dir", "-o"], {"compare", "sft", "train", "run", "results", "eval", "probe",
                                                "theory simulate", "theory bound", "similarity", "merge", "export",
                                                "bench"}),
+    "earlier output": (["--overwrite"], {"compare", "sft", "train", "run", "results", "eval", "probe",
+                                         "theory simulate", "theory bound", "similarity", "export", "bench"}),
     "lm-eval benchmarks": (["--benchmarks"], {"eval", "sft"}),
     "recipe tasks": (["--tasks"], {"run"}),
 }
@@ -45,7 +47,7 @@ VOCABULARY: dict[str, tuple[list[str], set[str]]] = {
 FORBIDDEN = ["--ranks", "--r", "--lora-rank", "--adapter-rank", "--no-plot", "--bf16", "--fp16", "--targets", "--steps",
              "--num-steps", "--max-train-samples", "--max-eval-samples", "--max-eval", "--examples", "--n-examples",
              "--out-dir", "--outdir", "--precision", "--num-threads", "--modules", "--plot", "--seed-list",
-             "--output", "--batch", "--test-limit"]
+             "--output", "--batch", "--test-limit", "--force"]
 PRECISION_CHOICES = ["auto", "no", "fp16", "bf16"]
 
 

@@ -127,3 +127,77 @@ def test_train_into_a_folder_with_an_earlier_run_is_refused_before_any_work(tmp_
     assert err == [f"asymlora train: error: {out} holds an earlier run ({out}/{earlier}); add --resume to go on "
                    "with it, --overwrite to replace it once this run completes, or choose another --output-dir"]
     assert files_of(out) == before
+
+
+# ------------------------------------------------------------------ every other command with -o
+# command line (DIR for the folder), a file its earlier run left there, and what the refusal calls it
+EARLIER_OUTPUT = {
+    "eval": (["eval", "-o", "DIR"], "results.json", "evaluation"),
+    "probe": (["probe", "-o", "DIR"], "probe.json", "probe"),
+    "similarity": (["similarity", "RUNS", "RUNS", "-o", "DIR"], "similarity.csv", "similarity report"),
+    "similarity --demo": (["similarity", "--demo", "-o", "DIR"], "verdict.json", "demo"),
+    "theory simulate": (["theory", "simulate", "--d-in", "8", "--d-out", "8", "--rank", "2", "--mc-samples", "20",
+                         "--no-plots", "-o", "DIR"], "simulation.csv", "simulation"),
+    "theory bound": (["theory", "bound", "--shapes", "64x64*2", "-o", "DIR"], "bound.json", "bound table"),
+    "results": (["results", "RUNS", "-o", "DIR"], "results.md", "table"),
+    "export": (["export", "ADAPTER", "-o", "DIR"], "adapter_config.json", "adapter"),
+    "bench": (["bench", "--only", "checkpoint", "--quick", "-o", "DIR"], "results.json", "benchmark results"),
+}
+
+
+def _tiny_adapter(folder: Path) -> Path:
+    """A b-only adapter saved from a two-layer model: what export converts."""
+    import torch
+    from torch import nn
+
+    import asymlora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    asymlora.wrap(model, asymlora.AsymLoraConfig.preset("b-only", r=2, alpha=4, target_modules=["0", "2"]))
+    asymlora.save_adapter(model, folder)
+    return folder
+
+
+def _argv(template: list[str], tmp_path: Path, out: Path) -> list[str]:
+    runs = tmp_path / "runs-in"
+    runs.mkdir(exist_ok=True)
+    adapter = tmp_path / "adapter-in"
+    if "ADAPTER" in template and not adapter.exists():
+        _tiny_adapter(adapter)
+    return [{"DIR": str(out), "RUNS": str(runs), "ADAPTER": str(adapter)}.get(a, a) for a in template]
+
+
+@pytest.mark.parametrize("command", list(EARLIER_OUTPUT))
+def test_every_command_with_an_output_folder_refuses_an_earlier_ones_output(tmp_path, capsys, command):
+    """One line naming the earlier file and --overwrite, exit 2, before any work; nothing in the
+    folder changed."""
+    template, marker, what = EARLIER_OUTPUT[command]
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / marker).write_text("the earlier run's")
+    (out / "notes.md").write_text("mine")
+    before = files_of(out)
+    assert main(_argv(template, tmp_path, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    name = " ".join(template[:2]) if template[0] == "theory" else template[0]
+    assert len(err) == 1 and err[0].startswith(f"asymlora {name}: error: "), err
+    assert (f"{out} holds an earlier {what} ({out / marker}); add --overwrite to replace it once this {what} "
+            "completes, or choose another --output-dir") in err[0]
+    assert "--resume" not in err[0]  # none of these commands can go on with an earlier run
+    assert files_of(out) == before
+
+
+@pytest.mark.parametrize("command", ["theory simulate", "theory bound", "export"])
+def test_overwrite_replaces_the_earlier_output_and_keeps_the_users_files(tmp_path, capsys, command):
+    template, marker, _ = EARLIER_OUTPUT[command]
+    out = tmp_path / "d"
+    assert main(_argv(template, tmp_path, out)) == 0
+    first = files_of(out)
+    (out / marker).write_text("edited since")
+    (out / "notes.md").write_text("mine")
+    assert main(_argv(template, tmp_path, out)) == 2  # refused: the earlier output is there
+    assert main([*_argv(template, tmp_path, out), "--overwrite"]) == 0
+    now = files_of(out)
+    assert now[Path(marker)] == first[Path(marker)]  # the same deterministic output, written again
+    assert now[Path("notes.md")] == b"mine"

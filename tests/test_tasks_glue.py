@@ -247,6 +247,13 @@ def test_glue_end_to_end(tmp_path, tiny_roberta, glue_dir, monkeypatch, capsys):
     assert f"[skip] {done / 'result.json'} exists" in capsys.readouterr().err
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == files
     monkeypatch.undo()
+    # --overwrite trains it again, and the new run's result and adapter replace the earlier ones
+    rc = main(["run", "glue-roberta-large", "--model", str(tiny_roberta), "--data", str(glue_dir),
+               "--out", str(out), "--tasks", "sst2", "--strategies", "b-only", "--rank", "4", "--seeds", "0",
+               "--max-steps", "2", "--batch-size", "8", "--no-progress", "--overwrite"])
+    assert rc == 0 and "[skip]" not in capsys.readouterr().err
+    assert all(p.stat().st_mtime_ns != mtime for p, (_, mtime) in files.items())
+    assert json.loads((done / "result.json").read_text())["metrics"] == res["sst2"]["metrics"]  # same seed, steps
     # results table: each task's cell is its run's headline metric
     rc = main(["results", str(out), "-o", str(tmp_path / "table")])
     assert rc == 0

@@ -362,7 +362,10 @@ def test_cli_bound_preset_and_shapes(tmp_path, capsys):
     assert data["sum_d_in"] == 64 * 4096 and len(data["layers"]) == 64  # q_proj + v_proj, 32 layers
     row = next(r for r in data["rows"] if r["r"] == 8 and r["strategy"] == "both")
     assert row["params"] == 8 * 64 * 8192
-    assert main(["theory", "bound", "--shapes", "4x6*3", "--rank", "2", "--n", "50", "--out", str(out)]) == 0
+    assert main(["theory", "bound", "--shapes", "4x6*3", "--rank", "2", "--n", "50", "--out", str(out)]) == 2
+    assert "holds an earlier bound table" in capsys.readouterr().err  # the first table is not replaced by accident
+    assert main(["theory", "bound", "--shapes", "4x6*3", "--rank", "2", "--n", "50", "--out", str(out),
+                 "--overwrite"]) == 0
     assert json.loads((out / "bound.json").read_text())["rows"][0]["params"] == 2 * 12
 
 

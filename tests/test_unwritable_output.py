@@ -84,7 +84,7 @@ def test_a_read_only_file_system_is_refused_before_any_work(tmp_path, capsys):
 
 
 def _check_full_disk(out, capsys, earlier: bytes) -> None:
-    assert main(["theory", "bound", "-o", str(out)]) == 1
+    assert main(["theory", "bound", "-o", str(out), "--overwrite"]) == 1  # replacing the earlier table
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in captured.err, captured.err

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from asymlora.cli.options import Problems, add_list, add_output_dir, str_list
+from asymlora.cli.options import Problems, add_list, add_output_dir, add_overwrite, str_list
 from asymlora.errors import UserError
 
 SUITE = "benchmarks"
@@ -40,6 +40,7 @@ def register(subparsers) -> None:
                   "reported with the valid ones)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--merge", action="store_true", help="update only the --only benchmarks in DIR/results.json")
+    add_overwrite(parser, "benchmark results")
     parser.set_defaults(func=run)
 
 
@@ -73,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         bad = [b for b in args.only or [] if b not in suite.BENCHMARKS]
         p.check(not bad, f"unknown benchmark(s) {bad}; valid: {', '.join(suite.BENCHMARKS)}")
+        if not args.merge:  # --merge goes on with the earlier results; --quick alone writes to a new temp folder
+            out = args.output_dir or (None if args.quick else suite.HERE)
+            p.earlier_output(out, args.overwrite, ("results.json", "results.md"), "benchmark results")
     p.raise_if_any()
     argv = (["--quick"] if args.quick else []) + (["--output-dir", args.output_dir] if args.output_dir else [])
     argv += (["--only", *args.only] if args.only else []) + ["--threads", str(args.threads)]

@@ -35,8 +35,11 @@ log-likelihoods and predictions) and results.md to --output-dir.
 """
 
 
+OUTPUT_FILES = ("results.json", "items.json", "results.md")  # what an evaluation writes in --output-dir
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from asymlora.cli.options import add_list, add_output_dir, add_strict, str_list
+    from asymlora.cli.options import add_list, add_output_dir, add_overwrite, add_strict, str_list
     from asymlora.lmeval.benchmarks import TASKS
 
     p = subparsers.add_parser("eval", help="score a causal LM (and adapters on it) on ARC, SciQ, PIQA, MMLU, ...",
@@ -58,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "auto = bf16 where a short probe measures it ≥ 1.2× as fast as fp32 on this CPU, else fp32; "
                         "fp16 is refused (the model runs on the CPU)")
     add_output_dir(p, DEFAULT_OUT, f"output folder (default: ./{DEFAULT_OUT})")
+    add_overwrite(p, "evaluation")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     add_strict(p)
     p.set_defaults(func=run)
@@ -95,6 +99,7 @@ def validate(args: argparse.Namespace) -> None:
     check_distinct(p, "--adapter", [os.path.abspath(a) for a in args.adapter] or None)
     p.check(not args.base or bool(args.adapter), "--base only applies with --adapter")
     p.output_folder("--output-dir", args.output_dir)
+    p.earlier_output(args.output_dir, args.overwrite, OUTPUT_FILES, "evaluation")
     p.raise_if_any()
 
 
@@ -195,7 +200,7 @@ def write_outputs(out: str, rows: dict[str, dict[str, Any]], config: dict[str, A
                "scores": {label: {t: s.to_dict(with_items=False) for t, s in scores.items()}
                           for label, scores in rows.items()}}
     items = {label: {t: [vars(i) for i in s.items] for t, s in scores.items()} for label, scores in rows.items()}
-    paths = [os.path.join(out, n) for n in ("results.json", "items.json", "results.md")]
+    paths = [os.path.join(out, n) for n in OUTPUT_FILES]
     atomic_write_text(paths[0], json.dumps(results, indent=2) + "\n")
     atomic_write_text(paths[1], json.dumps(items) + "\n")
     atomic_write_text(paths[2], table(rows, markdown=True))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from asymlora.cli.options import Problems, add_output_dir
+from asymlora.cli.options import Problems, add_output_dir, add_overwrite
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,12 +16,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("adapter_dir", help="folder written by asymlora.save_adapter")
     add_output_dir(p, None, "output folder for the PEFT adapter (required)")
+    add_overwrite(p, "adapter")
     p.add_argument("--format", default="peft", choices=["peft"], help="target format (default: peft)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from asymlora.formats.native import CONFIG_NAME
+    from asymlora.formats.native import CONFIG_NAME, WEIGHTS_NAME
     from asymlora.formats.peft import convert_to_peft
 
     p = Problems()
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         p.check(os.path.abspath(args.adapter_dir) != os.path.abspath(args.output_dir),
                 "--output-dir must differ from ADAPTER_DIR: both use adapter_config.json")
         p.output_folder("--output-dir", args.output_dir)
+        p.earlier_output(args.output_dir, args.overwrite, (CONFIG_NAME, WEIGHTS_NAME), "adapter")
     p.raise_if_any()
     convert_to_peft(args.adapter_dir, args.output_dir)
     print(f"wrote PEFT LoRA adapter to {args.output_dir}")

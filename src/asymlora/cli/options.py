@@ -30,6 +30,14 @@ def add_output_dir(parser: argparse.ArgumentParser, default: str | None, help: s
     parser.add_argument("--out", dest="output_dir", help=argparse.SUPPRESS)
 
 
+def add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--overwrite``: replace what an earlier ``what`` wrote in --output-dir (the one flag every
+    command with -o takes for it: ``asymlora.sweep.outdir.check_output_dir``)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace the earlier {what} in --output-dir once this one completes (without it, "
+                             "such a folder is refused)")
+
+
 def add_strict(parser: argparse.ArgumentParser) -> None:
     """``--strict``: an adapter trained on other base weights is refused instead of warned about
     (``asymlora.formats.base_identity``)."""
@@ -113,6 +121,18 @@ class Problems:
         """An output folder may exist, but not as a file."""
         if path is not None and os.path.exists(path) and not os.path.isdir(path):
             self.add(f"{flag} {path!r} exists and is not a folder")
+
+    def earlier_output(self, path: str | None, overwrite: bool, markers: tuple[str, ...], what: str) -> None:
+        """A folder holding what an earlier ``what`` wrote there (any of ``markers``) is refused
+        unless --overwrite: a second run never destroys the first (``asymlora.sweep.outdir``)."""
+        from asymlora.sweep.outdir import check_output_dir
+
+        if path is None:
+            return
+        try:
+            check_output_dir(path, resume=False, overwrite=overwrite, markers=markers, what=what, resumable=False)
+        except UserError as err:
+            self.add(str(err))
 
     def raise_if_any(self) -> None:
         if self.items:

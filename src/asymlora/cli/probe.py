@@ -24,6 +24,7 @@ def register(subparsers: Any) -> None:
         add_list,
         add_model_and_data,
         add_output_dir,
+        add_overwrite,
         str_list,
     )
 
@@ -41,6 +42,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the data split/subset, head init and Monte Carlo (default: 0)")
     add_output_dir(p, DEFAULT_OUT, f"output folder (default: ./{DEFAULT_OUT})")
+    add_overwrite(p, "probe")
     p.add_argument("--no-plots", action="store_true", help="skip probe.png")
     p.set_defaults(func=run)
 
@@ -64,6 +66,7 @@ def validate(args: argparse.Namespace) -> None:
     problems.check(args.target_modules is None or bool(args.target_modules),
                    "--target-modules is empty; give module names, one regex, or all-linear")
     problems.output_folder("--output-dir", args.output_dir)
+    problems.earlier_output(args.output_dir, args.overwrite, ("probe.csv", "probe.json", "probe.png"), "probe")
     problems.raise_if_any()
 
 

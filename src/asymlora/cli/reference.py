@@ -34,6 +34,7 @@ Every command spells the same concept the same way:
 | CPU threads | `--threads` |
 | adapted modules | `--target-modules` |
 | output | `--output-dir/-o DIR`, always a folder (`--out` is a hidden alias of it) |
+| an earlier run's output there | refused, unless `--overwrite` (replaced once this run completes) or `--resume` |
 | seeds | `--seed` (one), `--seeds` (several) |
 
 Words: a **task** is a fine-tuning problem (its data and metric, e.g. GLUE's sst2): `run --tasks`

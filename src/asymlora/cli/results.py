@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from asymlora.cli.options import Problems, add_output_dir
+from asymlora.cli.options import Problems, add_output_dir, add_overwrite
 
 
 def register(subparsers) -> None:
@@ -18,6 +18,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run output folders (searched recursively)")
     add_output_dir(p, None, "folder to also write results.md and results.csv into (default: print only)")
+    add_overwrite(p, "table")
     p.add_argument("--digits", type=int, default=2, help="decimals in the markdown table (default: 2)")
     p.set_defaults(func=run)
 
@@ -30,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
         p.existing("DIR", d)
     p.at_least("--digits", args.digits, 0)
     p.output_folder("--output-dir", args.output_dir)
+    p.earlier_output(args.output_dir, args.overwrite, ("results.md", "results.csv"), "table")
     p.raise_if_any()
     tables = load_tables(args.dirs)
     print(to_markdown(tables, args.digits), end="")

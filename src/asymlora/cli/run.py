@@ -52,7 +52,9 @@ def register(subparsers) -> None:
     add_quantize(p, "the recipe's quantize field, else none")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-save-adapter", action="store_true", help="do not save the trained adapters")
-    p.add_argument("--force", action="store_true", help="re-run runs whose result.json exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="re-run the runs whose result.json exists, each one's result and adapter replaced when its "
+                        "new run completes (without it they are skipped: a second run goes on with the first)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, dotted keys, YAML values (e.g. eval_args.num_beams=2, "
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         strategies=args.strategies, ranks=args.ranks, max_steps=args.max_steps, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, max_train_samples=args.max_train,
         max_eval_samples=args.max_test, dtype=args.dtype, quantize=args.quantize, mixed_precision=args.mixed_precision,
-        save_adapter=not args.no_save_adapter, force=args.force, progress=show_progress(args),
+        save_adapter=not args.no_save_adapter, force=args.overwrite, progress=show_progress(args),
         device=args.device,
     )
     try:

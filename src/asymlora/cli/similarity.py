@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from asymlora.bundled import ENCODER, model_help
-from asymlora.cli.options import Problems, add_list, add_output_dir, plural, str_list
+from asymlora.cli.options import Problems, add_list, add_output_dir, add_overwrite, plural, str_list
 from asymlora.errors import UserError
 
 DESCRIPTION = """\
@@ -32,6 +32,9 @@ its final adapter is used (adapters under checkpoint/ are passed over) and the c
 printed. Only the given folders are searched, at most two levels down."""
 
 
+DEFAULT_OUT = "similarity"  # RUN_DIRs' report folder when no --output-dir is given
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "similarity",
@@ -43,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="adapter folders, or folders written by `asymlora train`/`run`/`compare`")
     add_output_dir(p, None, "output folder for PNG/CSV (default: ./similarity for RUN_DIRs; "
                    "--demo writes only when given)")
+    add_overwrite(p, "report")
     add_list(p, "--labels", kind=str_list, default=None,
              help="one label per RUN_DIR, commas or spaces (default: folder names)")
     p.add_argument("--rtol", type=float, default=None,
@@ -85,6 +89,11 @@ def _check(args: argparse.Namespace) -> None:
         if args.rtol is not None:
             p.check(args.rtol >= 0, f"--rtol must be >= 0, got {args.rtol}")
     p.output_folder("--output-dir", args.output_dir)
+    if args.demo:
+        p.earlier_output(args.output_dir, args.overwrite, ("verdict.json", "verdict.txt"), "demo")
+    else:
+        p.earlier_output(args.output_dir or DEFAULT_OUT, args.overwrite, ("similarity.csv", "summary.txt"),
+                         "similarity report")
     p.raise_if_any()
 
 
@@ -107,7 +116,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         if note:
             print(note)
     report = compare_adapters(args.run_dirs, labels, rtol=args.rtol)  # reads and checks every adapter first
-    out = Path(args.output_dir or "similarity")
+    out = Path(args.output_dir or DEFAULT_OUT)
     lines = report.summary_lines("subspace") + report.summary_lines("cosine")
     written = [report.to_csv(out / "similarity.csv"), *save_report_heatmaps(report, out)]
     written.append(atomic_write_text(out / "summary.txt", "\n".join(lines) + "\n"))

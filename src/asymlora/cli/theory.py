@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from asymlora.cli.options import Problems, add_list, add_output_dir, str_list
+from asymlora.cli.options import Problems, add_list, add_output_dir, add_overwrite, str_list
 
 DEFAULT_OUT = "./asymlora-theory"
 
@@ -40,6 +40,8 @@ def _check_simulate(args: argparse.Namespace) -> None:
     p.at_least("--mc-samples", args.mc_samples, 2)
     p.at_least("--seed", args.seed, 0)
     p.output_folder("--output-dir", args.output_dir)
+    p.earlier_output(args.output_dir, args.overwrite, ("simulation.csv", "simulation.json", "simulation.png"),
+                     "simulation")
     p.raise_if_any()
 
 
@@ -91,6 +93,7 @@ def _check_bound(args: argparse.Namespace) -> None:
     p.positive("--sigma", args.sigma)
     p.at_least("--n", args.n, 1)
     p.output_folder("--output-dir", args.output_dir)
+    p.earlier_output(args.output_dir, args.overwrite, ("bound.csv", "bound.json"), "bound table")
     p.raise_if_any()
 
 
@@ -150,6 +153,7 @@ def register(subparsers: Any) -> None:
     sim.add_argument("--seed", type=int, default=0, help="seed of the random Δ and the Haar draws (default: 0)")
     sim.add_argument("--no-plots", action="store_true", help="skip simulation.png")
     add_output_dir(sim, DEFAULT_OUT, f"artefact folder (default {DEFAULT_OUT})")
+    add_overwrite(sim, "simulation")
     sim.set_defaults(func=run_simulate)
 
     bnd = sub.add_parser(
@@ -176,6 +180,7 @@ def register(subparsers: Any) -> None:
     bnd.add_argument("--sigma", type=float, default=1.0, help="sub-Gaussian parameter σ of the loss (default 1)")
     add_list(bnd, "--n", default=[10_000], help="training-set sizes, commas or spaces (default 10000)")
     add_output_dir(bnd, None, "also write bound.csv and bound.json to this folder (default: print only)")
+    add_overwrite(bnd, "bound table")
     bnd.set_defaults(func=run_bound)
 
     def show_help(_args: argparse.Namespace) -> int:

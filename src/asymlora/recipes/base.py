@@ -500,7 +500,7 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> list[dict[str, Any]]:
         rdir = run_dir(out, task, strategy, r, seed)
         result_path = rdir / "result.json"
         if result_path.is_file() and not opts.force:
-            _log(f"[skip] {result_path} exists (use --force to re-run)")
+            _log(f"[skip] {result_path} exists (use --overwrite to re-run)")
             with open(result_path, encoding="utf-8") as fh:
                 records.append(json.load(fh))
             continue

@@ -50,16 +50,19 @@ def partial_results(output_dir: str) -> str | None:
 
 
 def check_output_dir(output_dir: str, resume: bool, overwrite: bool, markers: tuple[str, ...] = (PARTIAL, RESULTS),
-                     what: str = "sweep") -> None:
+                     what: str = "sweep", resumable: bool = True) -> None:
     """UserError, before any work, when a fresh run would land on an earlier one: ``output_dir``
-    holds one of ``markers`` (what a finished or interrupted ``what`` leaves there)."""
+    holds one of ``markers`` (what a finished or interrupted ``what`` leaves there). Every
+    command with ``--output-dir`` keeps this rule; one that cannot go on with an earlier run
+    (``resumable=False``) names ``--overwrite`` only."""
     if resume and overwrite:
         raise UserError(f"--resume and --overwrite exclude each other: --resume goes on with the {what} in "
                         f"{output_dir}, --overwrite starts a new one that replaces it")
     found = next((p for p in (os.path.join(output_dir, m) for m in markers) if os.path.lexists(p)), None)
     if found and not resume and not overwrite:
-        raise UserError(f"{output_dir} holds an earlier {what} ({found}); add --resume to go on with it, "
-                        f"--overwrite to replace it once this {what} completes, or choose another --output-dir")
+        go_on = "--resume to go on with it, " if resumable else ""
+        raise UserError(f"{output_dir} holds an earlier {what} ({found}); add {go_on}--overwrite to replace it once "
+                        f"this {what} completes, or choose another --output-dir")
 
 
 def staged_dir(checkpoint_dir: str | None, output_dir: str) -> str:
