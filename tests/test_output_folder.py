@@ -201,3 +201,48 @@ def test_overwrite_replaces_the_earlier_output_and_keeps_the_users_files(tmp_pat
     now = files_of(out)
     assert now[Path(marker)] == first[Path(marker)]  # the same deterministic output, written again
     assert now[Path("notes.md")] == b"mine"
+
+
+def test_publishing_a_sweeps_adapters_replaces_only_same_named_ones(tmp_path):
+    """What a sweep staged joins the output folder entry by entry: an earlier sweep's adapter of
+    the same name is replaced, every other entry stays; a link to a folder is followed; a file
+    of the user's where the folder should go is left alone (one-line refusal naming both)."""
+    from asymlora.errors import UserError
+
+    out = tmp_path / "d"
+    (out / "adapters" / "lora-seed0").mkdir(parents=True)
+    (out / "adapters" / "lora-seed0" / "w").write_text("earlier")
+    (out / "adapters" / "lora-seed9").mkdir()
+    (out / "adapters" / "lora-seed9" / "w").write_text("earlier, not run again")
+    (out / "adapters" / "mine.txt").write_text("mine")
+    folder = SweepFolder(str(out), None)
+    for name in ("lora-seed0", "lora-seed1"):
+        os.makedirs(os.path.join(folder.staged, "adapters", name))
+        Path(folder.staged, "adapters", name, "w").write_text("new")
+    staged = os.path.abspath(os.path.join(folder.staged, "adapters", "lora-seed0"))
+    results = folder.publish({"runs": [{"adapter_dir": staged}], "bench": {staged: 1}, "other": "text"})
+    assert results == {"runs": [{"adapter_dir": str(out / "adapters" / "lora-seed0")}],
+                       "bench": {str(out / "adapters" / "lora-seed0"): 1}, "other": "text"}
+    assert {str(k): v for k, v in files_of(out / "adapters").items()} == {
+        "lora-seed0/w": b"new", "lora-seed1/w": b"new", "lora-seed9/w": b"earlier, not run again",
+        "mine.txt": b"mine"}
+    assert not os.path.exists(folder.staged)
+    # a link to a folder: the adapters go into the folder it names
+    linked, target = tmp_path / "l", tmp_path / "elsewhere"
+    target.mkdir()
+    linked.mkdir()
+    (linked / "adapters").symlink_to(target)
+    folder = SweepFolder(str(linked), None)
+    os.makedirs(os.path.join(folder.staged, "adapters", "lora-seed0"))
+    folder.publish({})
+    assert (target / "lora-seed0").is_dir() and (linked / "adapters").is_symlink()
+    # a file of the user's named adapters
+    blocked = tmp_path / "b"
+    blocked.mkdir()
+    (blocked / "adapters").write_text("the user's file")
+    folder = SweepFolder(str(blocked), None)
+    os.makedirs(os.path.join(folder.staged, "adapters", "lora-seed0"))
+    with pytest.raises(UserError, match="is not a folder"):
+        folder.publish({})
+    assert (blocked / "adapters").read_text() == "the user's file"
+    assert os.path.isdir(os.path.join(folder.staged, "adapters", "lora-seed0"))

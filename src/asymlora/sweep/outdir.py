@@ -120,18 +120,22 @@ class SweepFolder:
         entries naming the published ones. A staged folder whose name is taken by a folder
         (``adapters/``) goes in entry by entry; an entry of the same name (an earlier sweep's
         adapter of the same run, replaced by ``--overwrite``) is replaced, nothing else is
-        removed."""
+        removed. A file of the user's where a staged folder goes is left alone: a UserError
+        says where the staged folder is."""
         staged = self.staged
         if not os.path.isdir(staged):
             return results
         for name in sorted(os.listdir(staged)):
             src, dst = os.path.join(staged, name), os.path.join(self.output_dir, name)
-            if os.path.isdir(src) and os.path.isdir(dst) and not os.path.islink(dst):
+            if os.path.isdir(src) and os.path.isdir(dst):  # (a link to a folder: into the folder it names)
                 for child in sorted(os.listdir(src)):
                     self._replace(os.path.join(src, child), os.path.join(dst, child))
                 os.rmdir(src)
+            elif os.path.lexists(dst):
+                raise UserError(f"{dst} is not a folder, so this sweep's {name}/ (in {src}) cannot go there; "
+                                "rename that file and add --resume to finish the sweep")
             else:
-                self._replace(src, dst)
+                os.rename(src, dst)
         os.rmdir(staged)
         return _relocated(results, os.path.abspath(staged), os.path.abspath(self.output_dir))
 
