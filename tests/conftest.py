@@ -19,10 +19,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import contextlib
 import importlib
 import random
+import subprocess
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -301,3 +303,16 @@ def perturb_trained_factors(model, seed: int = 1) -> None:
         for layer in lora_layers(model).values():
             for p in layer.parameters(recurse=False):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@contextlib.contextmanager
+def child_process(*args, **kwargs) -> Iterator[subprocess.Popen]:
+    """``subprocess.Popen(*args, **kwargs)``, SIGKILLed (if still running) and reaped when the
+    block ends: a kill test ends its child there, and a failing one leaves no process behind."""
+    child = subprocess.Popen(*args, **kwargs)
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=60)

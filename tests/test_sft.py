@@ -14,7 +14,7 @@ import torch
 from asymlora.sft import data as D
 from asymlora.sft.model import ResponseOnlyLM, exact_match_rate, response_nll
 from asymlora.sweep.schedule import select_lr
-from conftest import perturb_trained_factors, require
+from conftest import child_process, perturb_trained_factors, require
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -238,7 +238,6 @@ def test_an_interrupted_overwrite_leaves_the_earlier_sfts_adapters_and_the_compl
     adapters are byte for byte as they were; --resume completes it, and only then are the
     same-named adapters replaced (each record names the published folder, which loads to its
     test loss). The user's files stay."""
-    import signal
     import subprocess
     import sys
 
@@ -263,18 +262,12 @@ def test_an_interrupted_overwrite_leaves_the_earlier_sfts_adapters_and_the_compl
     src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(R.__file__))))  # what imports asymlora
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
     log = tmp_path / "child.err"
-    with open(log, "w") as err:
-        child = subprocess.Popen([sys.executable, "-c", SWEEP_CHILD, os.path.dirname(__file__), json.dumps(second)],
-                                 stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-    try:
+    with open(log, "w") as err, child_process([sys.executable, "-c", SWEEP_CHILD, os.path.dirname(__file__),
+                                               json.dumps(second)], stdout=subprocess.PIPE, stderr=err, text=True,
+                                              env=env) as child:
         assert "partial results saved\n" in iter(child.stdout.readline, ""), log.read_text()[-3000:]
         assert len(list((out / "runs").rglob("adapter_config.json"))) == 2  # the new sweep's adapters, aside
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    # SIGKILLed there, by the end of the block
     after = files_of(out)
     assert {k: v for k, v in after.items() if k in before} == before  # the earlier sweep and the user's files
     assert all(k.parts[0] == "runs" or k.name == "results.partial.json" for k in after.keys() - before.keys())

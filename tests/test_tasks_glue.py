@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from asymlora.cli.main import main  # noqa: E402
 from asymlora.recipes import glue  # noqa: E402
-from conftest import require  # noqa: E402
+from conftest import child_process, require  # noqa: E402
 
 WORDS = "the movie was good bad great awful plot actors fun boring a an is it not very".split()
 
@@ -280,3 +280,40 @@ def test_stsb_model_is_regression(tiny_roberta, glue_dir):
     out = model(**batch)
     assert out.logits.shape == (5, 1)
     assert float(out.loss) == pytest.approx(float(((out.logits[:, 0] - batch["labels"]) ** 2).mean()), rel=1e-6)
+
+
+def test_a_run_killed_while_overwriting_keeps_its_result_and_adapter_a_pair(tmp_path, tiny_roberta, glue_dir):
+    """run --overwrite SIGKILLed at the moment the new files are swapped in: the result.json and
+    adapter/ in the run's folder are both the earlier run's or both the new run's, never the
+    metrics of one with the weights of the other."""
+    import subprocess
+    import sys
+    import time
+
+    import asymlora
+    from asymlora.fileio import FAULT_ENV, FAULT_MARK_ENV
+
+    out = tmp_path / "runs"
+    argv = ["run", "glue-roberta-large", "--model", str(tiny_roberta), "--data", str(glue_dir), "--out", str(out),
+            "--tasks", "stsb", "--strategies", "b-only", "--rank", "4", "--seeds", "0", "--batch-size", "8",
+            "--no-progress"]
+    assert main([*argv, "--max-steps", "2"]) == 0
+    done = out / "stsb" / "b-only-r4" / "seed0"
+    files = (done / "result.json", done / "adapter" / "adapter_model.safetensors")
+    earlier = [p.read_bytes() for p in files]
+    mark = tmp_path / "mark"
+    src = str(Path(asymlora.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+               **{FAULT_ENV: "folder.swapped", FAULT_MARK_ENV: str(mark)})
+    with child_process([sys.executable, "-m", "asymlora.cli", *argv, "--max-steps", "4", "--overwrite"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env) as child:
+        end = time.monotonic() + 600
+        while not mark.exists() and child.poll() is None and time.monotonic() < end:
+            time.sleep(0.2)
+        if not mark.exists():
+            pytest.skip("this file system swaps no folders in one step (renameat2 RENAME_EXCHANGE)")
+    # SIGKILLed there, by the end of the block
+    now = [p.read_bytes() for p in files]
+    assert now[0] != earlier[0] or now[1] == earlier[1]  # the earlier result, so the earlier adapter
+    assert now[0] == earlier[0] or now[1] != earlier[1]  # a new result, so a new adapter
+    assert json.loads(now[0])["steps"] == 4  # the swap had happened: the new pair

@@ -490,6 +490,7 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> list[dict[str, Any]]:
         raise ImportError(f"the training engine asymlora.training.loop is not available: {err}") from err
     from asymlora.core.inject import parameter_report, wrap
     from asymlora.core.quant import check_scheme, quantize_model
+    from asymlora.fileio import atomic_folder
     from asymlora.formats.native import save_adapter
 
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -527,8 +528,6 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> list[dict[str, Any]]:
         with torch.no_grad():
             metrics = prep.evaluate(net)
         eval_time = time.time() - t0
-        if opts.save_adapter:
-            save_adapter(net, rdir / "adapter")
         record = {
             "recipe": recipe.name,
             "family": recipe.family,
@@ -558,7 +557,11 @@ def run_recipe(recipe: Recipe, opts: RunOptions) -> list[dict[str, Any]]:
             "train_args": {k: v for k, v in dataclasses.asdict(args).items() if _jsonable(v)},
             "info": prep.info,
         }
-        atomic_write_json(result_path, record)
+        # the run's adapter and result replace an earlier run's (--overwrite) together, in one step
+        with atomic_folder(rdir, owned=("result.json", "adapter") if opts.save_adapter else ("result.json",)) as tmp:
+            if opts.save_adapter:
+                save_adapter(net, Path(tmp) / "adapter")
+            atomic_write_json(Path(tmp) / "result.json", record)
         _log(f"[done] {task} {strategy.name} r={r} seed={seed}: "
              + ", ".join(f"{k}={v:.4f}" for k, v in record["columns"].items()))
         records.append(record)
