@@ -130,7 +130,8 @@ def test_train_resume_after_kill_matches_uninterrupted(assets, tmp_path, monkeyp
     monkeypatch.setattr(tc.PadCollator, "__call__", lambda self, items: (calls.__setitem__("n", calls["n"] + 1),
                                                                           real_call(self, items))[1])
     assert train(assets, tmp_path / "run", "--resume") == 0
-    assert calls["n"] == 4  # steps 5 and 6, validation at 6, test: not a fresh start (that makes 10)
+    # steps 5 and 6, validation at 6, test, the train sample (one batch each): not a fresh start (that makes 11)
+    assert calls["n"] == 5
     got = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in ("test_accuracy", "test_macro_f1", "val_accuracy", "final_train_loss", "steps"):
         assert got[key] == ref[key], key
