@@ -254,11 +254,11 @@ def test_train_killed_then_resumed_equals_uninterrupted(assets, uninterrupted, t
     assert json.loads(open(os.path.join(found, "trainer_state.json")).read())["step"] == resume_step
 
     # collate calls of the resumed run tell where it started: each step, each validation (every
-    # 2 steps) and the final test take one
+    # 2 steps), the final test and the train sample (the train - test gap) take one
     real_call, calls = tc.PadCollator.__call__, []
     monkeypatch.setattr(tc.PadCollator, "__call__", lambda self, items: (calls.append(1), real_call(self, items))[1])
     assert train(assets, out, "--resume") == 0
-    assert len(calls) == (6 - resume_step) + (6 - resume_step) // 2 + 1
+    assert len(calls) == (6 - resume_step) + (6 - resume_step) // 2 + 2
 
     ref, got = (json.loads((d / "metrics.json").read_text()) for d in (uninterrupted, out))
     for key in ("test_accuracy", "test_macro_f1", "val_accuracy", "best_step", "steps"):
