@@ -138,16 +138,21 @@ def test_a_signal_stops_every_worker_and_keeps_the_finished_runs(tmp_path, signu
     assert resumed.proc.wait(timeout=1800) == 0, "".join(resumed.stdout + resumed.stderr)
     a, b = json.loads((out / "results.json").read_text()), uninterrupted_quick
     assert a["complete"] is True and not (out / "runs").exists()
-    assert len(a["runs"]) == len(b["runs"]) > 0
-    for ra, rb in zip(a["runs"], b["runs"]):
-        assert without_timings(ra) == without_timings(rb), (ra["strategy"], ra["seed"])
-    assert without_timings(a["lr_selection"]) == without_timings(b["lr_selection"])
+    assert_same_records(a, b)
     assert a["verdict_lines"] == b["verdict_lines"]
 
 
 # ----------------------------------------------------------------------------- resume
 
 TIMINGS = ("wall_time_s", "eval_time_s", "peak_memory_bytes", "step_time_s")  # step_time_s: wall time per step
+
+
+def assert_same_records(a, b):
+    """Two sweeps' results hold the same runs and lr choices, timings and memory peaks aside."""
+    assert len(a["runs"]) == len(b["runs"]) > 0
+    for ra, rb in zip(a["runs"], b["runs"]):
+        assert without_timings(ra) == without_timings(rb), (ra["strategy"], ra["seed"])
+    assert without_timings(a["lr_selection"]) == without_timings(b["lr_selection"])
 
 
 def without_timings(obj):
@@ -196,10 +201,7 @@ def test_a_killed_compare_resumes_to_the_records_of_an_uninterrupted_one(tmp_pat
     assert f"resuming the sweep in {cut}: {len(kept['journal'])} finished job" in log
     a, b = json.loads((cut / "results.json").read_text()), uninterrupted_quick
     assert a["complete"] is True and not (cut / "runs").exists()
-    assert len(a["runs"]) == len(b["runs"]) > 0
-    for ra, rb in zip(a["runs"], b["runs"]):
-        assert without_timings(ra) == without_timings(rb), (ra["strategy"], ra["seed"])
-    assert without_timings(a["lr_selection"]) == without_timings(b["lr_selection"])
+    assert_same_records(a, b)
     assert a["verdict_lines"] == b["verdict_lines"]
 
 
@@ -316,10 +318,7 @@ def test_the_ray_backend_gives_the_records_of_the_local_one(tmp_path, uninterrup
     assert "Ray tasks on a local cluster, 1 CPU each" in "".join(on_ray.stdout)
     a = json.loads((tmp_path / "ray" / "results.json").read_text())
     b = uninterrupted_quick  # the local backend's records
-    assert len(a["runs"]) == len(b["runs"]) > 0
-    for ra, rb in zip(a["runs"], b["runs"]):
-        assert without_timings(ra) == without_timings(rb), (ra["strategy"], ra["seed"])
-    assert without_timings(a["lr_selection"]) == without_timings(b["lr_selection"])
+    assert_same_records(a, b)
 
 
 def test_jobs_run_in_this_process_take_the_thread_count_they_are_given():
